@@ -1,0 +1,29 @@
+//! Compiles every .proto under proto/ with protox (pure Rust, no protoc on
+//! the machine) and generates prost message types into OUT_DIR.
+
+use std::path::{Path, PathBuf};
+
+fn collect(dir: &Path, out: &mut Vec<PathBuf>) {
+    let mut entries: Vec<_> = std::fs::read_dir(dir)
+        .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
+        .map(|e| e.expect("dir entry").path())
+        .collect();
+    entries.sort();
+    for p in entries {
+        if p.is_dir() {
+            collect(&p, out);
+        } else if p.extension().map(|e| e == "proto").unwrap_or(false) {
+            out.push(p);
+        }
+    }
+}
+
+fn main() {
+    println!("cargo:rerun-if-changed=proto");
+    let mut files = Vec::new();
+    collect(Path::new("proto"), &mut files);
+    let fds = protox::compile(&files, ["proto"]).expect("proto files compile");
+    prost_build::Config::new()
+        .compile_fds(fds)
+        .expect("prost code generation");
+}

@@ -1,0 +1,557 @@
+//! The apply path: committed Raft entries become changes in the shards.
+//!
+//! The applier (a task on the raft core) takes committed entries in log
+//! order. An entry whose keys all live on one shard goes to that shard's
+//! queue whole, and the shard runs the Txn engine locally; the applier does
+//! not wait. An entry that spans shards (ranges, multi-key txns on several
+//! shards, compaction) is run by the applier itself, step by step, with
+//! every shard taking part; later entries wait behind it, so each shard
+//! still sees operations in log order.
+//!
+//! Shards report results back in order; the applier completes entries in
+//! log order, which gives the node its applied index and its current
+//! revision (the index of the newest entry that changed something), answers
+//! the waiting client, and releases linearizable reads.
+//!
+//! Every `checkpoint_every` entries the applier puts a checkpoint marker at
+//! the same log position in every shard's queue, so all shards checkpoint
+//! the same index and recovery replays the same suffix on every shard.
+//!
+//! *Architecture invariant:* shards are touched only by their own task;
+//! the applier and shards talk only through mailboxes.
+
+use crate::error::{self, Status};
+use crate::kv::{self, Access, CmpPartial, OpPartial, RangePartial};
+use crate::mailbox::Receiver;
+use crate::proto::etcdserverpb::{
+    Compare, RangeRequest, RequestOp, ResponseOp, TxnRequest, TxnResponse,
+};
+use crate::proto::keelson::{raft_command, RaftCommand};
+use crate::server::Router;
+use crate::store::shard::Shard;
+use crate::store::shard_of;
+use futures::channel::oneshot;
+use std::collections::VecDeque;
+use std::sync::Arc;
+
+/// The outcome of a write, as the client will see it.
+#[derive(Debug)]
+pub struct WriteResult {
+    pub txn: TxnResponse,
+    /// Header revision: the store's revision once this entry is applied.
+    pub revision: i64,
+}
+
+pub type Reply = oneshot::Sender<Result<WriteResult, Status>>;
+pub type ReadReply = oneshot::Sender<Result<i64, Status>>;
+
+pub enum ShardMsg {
+    /// A whole single-shard entry.
+    Txn {
+        index: u64,
+        txn: Box<TxnRequest>,
+    },
+    Compares {
+        cmps: Arc<Vec<Compare>>,
+        reply: oneshot::Sender<Vec<CmpPartial>>,
+    },
+    Ops {
+        index: u64,
+        ops: Arc<Vec<RequestOp>>,
+        reply: oneshot::Sender<(Vec<OpPartial>, bool)>,
+    },
+    /// The end of a multi-shard entry.
+    Applied {
+        index: u64,
+    },
+    Compact {
+        rev: i64,
+        reply: oneshot::Sender<()>,
+    },
+    Checkpoint {
+        index: u64,
+    },
+    Read {
+        rev: i64,
+        req: Arc<RangeRequest>,
+        reply: oneshot::Sender<Result<RangePartial, Status>>,
+    },
+    Stats {
+        reply: oneshot::Sender<ShardStats>,
+    },
+}
+
+#[derive(Debug, Default, Clone, Copy)]
+pub struct ShardStats {
+    pub keys: usize,
+    pub bytes: u64,
+}
+
+pub struct ShardDone {
+    pub index: u64,
+    pub result: Result<TxnResponse, Status>,
+    pub changed: bool,
+}
+
+pub struct Committed {
+    pub index: u64,
+    pub cmd: Option<RaftCommand>,
+    pub reply: Option<Reply>,
+}
+
+pub enum ApplierMsg {
+    Committed(Vec<Committed>),
+    /// Linearizable reads waiting for the applied index to reach `index`.
+    Reads {
+        index: u64,
+        replies: Vec<ReadReply>,
+    },
+    Done(Vec<ShardDone>),
+    /// The node lost leadership or is stopping: fail what waits.
+    FailReads(Status),
+}
+
+// ------------------------------------------------------------------ shards
+
+struct LocalAccess<'a> {
+    shard: &'a mut Shard,
+    rev: i64,
+    changed: bool,
+}
+
+impl Access for LocalAccess<'_> {
+    async fn compares(&mut self, cs: &[Compare]) -> Vec<bool> {
+        cs.iter()
+            .map(|c| kv::combine_compare(c, &[self.shard.compare(c)]))
+            .collect()
+    }
+    async fn ops(&mut self, ops: &[RequestOp]) -> Vec<ResponseOp> {
+        let (parts, changed) = self.shard.apply_ops(ops, self.rev);
+        self.changed |= changed;
+        ops.iter()
+            .zip(parts)
+            .map(|(op, p)| kv::merge_op(op, vec![p], self.rev))
+            .collect()
+    }
+    fn rev(&self) -> i64 {
+        self.rev
+    }
+    fn compact_rev(&self) -> i64 {
+        self.shard.compact_rev
+    }
+}
+
+/// The task that owns one shard. Runs until its mailbox closes.
+pub async fn run_shard(mut shard: Shard, rx: Receiver<ShardMsg>, router: Arc<Router>) {
+    let mut msgs = Vec::with_capacity(256);
+    let mut done = Vec::new();
+    while rx.recv_batch(&mut msgs, 256).await {
+        for m in msgs.drain(..) {
+            match m {
+                ShardMsg::Txn { index, txn } => {
+                    if index <= shard.applied {
+                        // Replayed after a restart, already in the segments.
+                        done.push(ShardDone {
+                            index,
+                            result: Ok(TxnResponse::default()),
+                            changed: false,
+                        });
+                        continue;
+                    }
+                    let rev = index as i64;
+                    let mut la = LocalAccess {
+                        shard: &mut shard,
+                        rev,
+                        changed: false,
+                    };
+                    let result = kv::run_txn(&mut la, &txn).await;
+                    let changed = la.changed;
+                    shard.applied = index;
+                    done.push(ShardDone {
+                        index,
+                        result,
+                        changed,
+                    });
+                }
+                ShardMsg::Compares { cmps, reply } => {
+                    let _ = reply.send(cmps.iter().map(|c| shard.compare(c)).collect());
+                }
+                ShardMsg::Ops { index, ops, reply } => {
+                    let _ = reply.send(shard.apply_ops(&ops, index as i64));
+                }
+                ShardMsg::Applied { index } => shard.applied = shard.applied.max(index),
+                ShardMsg::Compact { rev, reply } => {
+                    shard.compact(rev);
+                    let _ = reply.send(());
+                }
+                ShardMsg::Checkpoint { index } => {
+                    if let Err(e) = shard.checkpoint(index) {
+                        // The segment cannot be made durable: the WAL still
+                        // holds everything, so stop rather than go on.
+                        crate::error!("shard {}: {e}; stopping", shard.id);
+                        std::process::exit(1);
+                    }
+                    router.raft.send(crate::raftcore::RaftMsg::Checkpointed {
+                        shard: shard.id,
+                        index,
+                    });
+                }
+                ShardMsg::Read { rev, req, reply } => {
+                    let _ = reply.send(shard.range(&req, rev));
+                }
+                ShardMsg::Stats { reply } => {
+                    let _ = reply.send(ShardStats {
+                        keys: shard.key_count(),
+                        bytes: shard.disk_bytes(),
+                    });
+                }
+            }
+        }
+        if let Err(e) = shard.flush() {
+            crate::error!("shard {}: {e}; stopping", shard.id);
+            std::process::exit(1);
+        }
+        if !done.is_empty() {
+            router
+                .applier
+                .send(ApplierMsg::Done(std::mem::take(&mut done)));
+        }
+    }
+}
+
+// ----------------------------------------------------------------- applier
+
+struct RemoteAccess<'a> {
+    router: &'a Router,
+    index: u64,
+    compact_rev: i64,
+    changed: bool,
+}
+
+impl Access for RemoteAccess<'_> {
+    async fn compares(&mut self, cs: &[Compare]) -> Vec<bool> {
+        let cmps = Arc::new(cs.to_vec());
+        let mut waits = Vec::new();
+        for s in &self.router.shards {
+            let (tx, rx) = oneshot::channel();
+            s.send(ShardMsg::Compares {
+                cmps: cmps.clone(),
+                reply: tx,
+            });
+            waits.push(rx);
+        }
+        let mut per_shard = Vec::new();
+        for w in waits {
+            per_shard.push(w.await.unwrap_or_default());
+        }
+        cs.iter()
+            .enumerate()
+            .map(|(i, c)| {
+                let parts: Vec<CmpPartial> =
+                    per_shard.iter().filter_map(|p| p.get(i).copied()).collect();
+                kv::combine_compare(c, &parts)
+            })
+            .collect()
+    }
+    async fn ops(&mut self, ops: &[RequestOp]) -> Vec<ResponseOp> {
+        let shared = Arc::new(ops.to_vec());
+        let mut waits = Vec::new();
+        for s in &self.router.shards {
+            let (tx, rx) = oneshot::channel();
+            s.send(ShardMsg::Ops {
+                index: self.index,
+                ops: shared.clone(),
+                reply: tx,
+            });
+            waits.push(rx);
+        }
+        let mut per_op: Vec<Vec<OpPartial>> = (0..ops.len()).map(|_| Vec::new()).collect();
+        for w in waits {
+            if let Ok((parts, changed)) = w.await {
+                self.changed |= changed;
+                for (i, p) in parts.into_iter().enumerate() {
+                    if let Some(v) = per_op.get_mut(i) {
+                        v.push(p);
+                    }
+                }
+            }
+        }
+        ops.iter()
+            .zip(per_op)
+            .map(|(op, parts)| kv::merge_op(op, parts, self.index as i64))
+            .collect()
+    }
+    fn rev(&self) -> i64 {
+        self.index as i64
+    }
+    fn compact_rev(&self) -> i64 {
+        self.compact_rev
+    }
+}
+
+struct Pending {
+    index: u64,
+    done: bool,
+    result: Option<Result<TxnResponse, Status>>,
+    changed: bool,
+    reply: Option<Reply>,
+}
+
+pub struct ApplierState {
+    pub applied: u64,
+    pub current_rev: i64,
+    pub compact_rev: i64,
+    pub checkpoint_every: u64,
+}
+
+pub struct Applier {
+    router: Arc<Router>,
+    st: ApplierState,
+    pending: VecDeque<Pending>,
+    reads: Vec<(u64, ReadReply)>,
+    last_checkpoint: u64,
+    /// Committed entries not dispatched yet, in log order.
+    backlog: VecDeque<Committed>,
+}
+
+impl Applier {
+    pub fn new(router: Arc<Router>, st: ApplierState) -> Applier {
+        let last = st.applied;
+        Applier {
+            router,
+            st,
+            pending: VecDeque::new(),
+            reads: Vec::new(),
+            last_checkpoint: last,
+            backlog: VecDeque::new(),
+        }
+    }
+
+    pub async fn run(mut self, rx: Receiver<ApplierMsg>) {
+        self.publish();
+        let mut msgs = Vec::with_capacity(64);
+        while rx.recv_batch(&mut msgs, 64).await {
+            for m in std::mem::take(&mut msgs) {
+                match m {
+                    ApplierMsg::Committed(entries) => {
+                        self.backlog.extend(entries);
+                        while let Some(c) = self.backlog.pop_front() {
+                            self.dispatch(c, &rx).await;
+                        }
+                    }
+                    ApplierMsg::Done(results) => self.complete(results),
+                    ApplierMsg::Reads { index, replies } => {
+                        self.reads.extend(replies.into_iter().map(|r| (index, r)));
+                    }
+                    ApplierMsg::FailReads(st) => {
+                        for (_, r) in self.reads.drain(..) {
+                            let _ = r.send(Err(st.clone()));
+                        }
+                    }
+                }
+            }
+            self.advance();
+        }
+    }
+
+    fn single_shard(&self, txn: &TxnRequest) -> Option<usize> {
+        let mut keys = Vec::new();
+        kv::txn_keys(txn, &mut keys);
+        let n = self.router.shards.len();
+        let mut shard = None;
+        for k in keys {
+            let s = shard_of(k.as_deref()?, n);
+            match shard {
+                None => shard = Some(s),
+                Some(x) if x != s => return None,
+                _ => {}
+            }
+        }
+        Some(shard.unwrap_or(0))
+    }
+
+    async fn dispatch(&mut self, c: Committed, rx: &Receiver<ApplierMsg>) {
+        let index = c.index;
+        let mut p = Pending {
+            index,
+            done: false,
+            result: None,
+            changed: false,
+            reply: c.reply,
+        };
+        match c.cmd.and_then(|cmd| cmd.cmd) {
+            None => {
+                p.done = true;
+                p.result = Some(Ok(TxnResponse::default()));
+                self.pending.push_back(p);
+            }
+            Some(raft_command::Cmd::Txn(txn)) => {
+                if index <= self.st.applied {
+                    // Replay of an entry every shard already has.
+                    p.done = true;
+                    p.result = Some(Ok(TxnResponse::default()));
+                    self.pending.push_back(p);
+                } else if let Some(s) = self.single_shard(&txn) {
+                    self.pending.push_back(p);
+                    self.router.shards[s].send(ShardMsg::Txn {
+                        index,
+                        txn: Box::new(txn),
+                    });
+                } else {
+                    let mut ra = RemoteAccess {
+                        router: &self.router,
+                        index,
+                        compact_rev: self.st.compact_rev,
+                        changed: false,
+                    };
+                    let result = kv::run_txn(&mut ra, &txn).await;
+                    p.changed = ra.changed;
+                    p.result = Some(result);
+                    p.done = true;
+                    for s in &self.router.shards {
+                        s.send(ShardMsg::Applied { index });
+                    }
+                    self.pending.push_back(p);
+                }
+            }
+            Some(raft_command::Cmd::Compaction(req)) => {
+                // Compaction checks the revision against everything before
+                // it, so it waits for every earlier entry to finish.
+                self.drain_before(index, rx).await;
+                let result = if req.revision > self.st.current_rev {
+                    Err(error::future_rev())
+                } else if req.revision <= self.st.compact_rev {
+                    Err(error::compacted())
+                } else {
+                    let mut waits = Vec::new();
+                    for s in &self.router.shards {
+                        let (tx, rx) = oneshot::channel();
+                        s.send(ShardMsg::Compact {
+                            rev: req.revision,
+                            reply: tx,
+                        });
+                        waits.push(rx);
+                    }
+                    for w in waits {
+                        let _ = w.await;
+                    }
+                    self.st.compact_rev = req.revision;
+                    Ok(TxnResponse::default())
+                };
+                if index > self.st.applied {
+                    for s in &self.router.shards {
+                        s.send(ShardMsg::Applied { index });
+                    }
+                }
+                p.done = true;
+                p.result = Some(result);
+                self.pending.push_back(p);
+            }
+        }
+        if index >= self.last_checkpoint + self.st.checkpoint_every {
+            self.last_checkpoint = index;
+            for s in &self.router.shards {
+                s.send(ShardMsg::Checkpoint { index });
+            }
+        }
+    }
+
+    /// Waits until every entry before `index` has completed, processing
+    /// shard results meanwhile (other messages are kept for later).
+    async fn drain_before(&mut self, index: u64, rx: &Receiver<ApplierMsg>) {
+        let mut held = Vec::new();
+        loop {
+            self.advance();
+            if self.pending.iter().all(|p| p.index >= index) {
+                break;
+            }
+            let mut msgs = Vec::new();
+            if !rx.recv_batch(&mut msgs, 64).await {
+                return;
+            }
+            for m in msgs {
+                match m {
+                    ApplierMsg::Done(r) => self.complete(r),
+                    other => held.push(other),
+                }
+            }
+        }
+        // Put back what arrived meanwhile, in order.
+        for m in held {
+            match m {
+                ApplierMsg::Reads { index, replies } => {
+                    self.reads.extend(replies.into_iter().map(|r| (index, r)))
+                }
+                ApplierMsg::FailReads(st) => {
+                    for (_, r) in self.reads.drain(..) {
+                        let _ = r.send(Err(st.clone()));
+                    }
+                }
+                // Entries after the compaction: dispatched after it, in order.
+                ApplierMsg::Committed(entries) => self.backlog.extend(entries),
+                ApplierMsg::Done(r) => self.complete(r),
+            }
+        }
+    }
+
+    fn complete(&mut self, results: Vec<ShardDone>) {
+        for r in results {
+            // Pending is sorted by index; results come in order per shard.
+            if let Ok(i) = self.pending.binary_search_by_key(&r.index, |p| p.index) {
+                let p = &mut self.pending[i];
+                p.done = true;
+                p.changed = r.changed;
+                p.result = Some(r.result);
+            }
+        }
+    }
+
+    /// Completes finished entries in log order, answers clients and reads.
+    fn advance(&mut self) {
+        let before = (self.st.applied, self.st.current_rev, self.st.compact_rev);
+        while self.pending.front().map(|p| p.done).unwrap_or(false) {
+            let p = self.pending.pop_front().expect("front exists");
+            if p.changed {
+                self.st.current_rev = self.st.current_rev.max(p.index as i64);
+            }
+            self.st.applied = self.st.applied.max(p.index);
+            if let Some(reply) = p.reply {
+                let res = p
+                    .result
+                    .unwrap_or_else(|| Ok(TxnResponse::default()))
+                    .map(|txn| WriteResult {
+                        txn,
+                        revision: self.st.current_rev,
+                    });
+                let _ = reply.send(res);
+            }
+        }
+        if !self.reads.is_empty() {
+            let applied = self.st.applied;
+            let rev = self.st.current_rev;
+            let mut i = 0;
+            while i < self.reads.len() {
+                if self.reads[i].0 <= applied {
+                    let (_, r) = self.reads.swap_remove(i);
+                    let _ = r.send(Ok(rev));
+                } else {
+                    i += 1;
+                }
+            }
+        }
+        if before != (self.st.applied, self.st.current_rev, self.st.compact_rev) {
+            self.publish();
+        }
+    }
+
+    /// Tells every core the new applied index and revisions.
+    fn publish(&self) {
+        for c in &self.router.cores {
+            c.send(crate::server::CoreMsg::Applied {
+                applied: self.st.applied,
+                revision: self.st.current_rev,
+                compact_revision: self.st.compact_rev,
+            });
+        }
+    }
+}

@@ -1,0 +1,81 @@
+//! Errors as etcd sends them: a gRPC status code and etcd's exact message.
+//! Clients match on these strings (e.g. clientv3's `rpctypes`), so the text
+//! must never drift from etcd's.
+
+use std::fmt;
+
+/// gRPC status codes (the subset keelson sends).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Code {
+    Ok = 0,
+    Canceled = 1,
+    Unknown = 2,
+    InvalidArgument = 3,
+    DeadlineExceeded = 4,
+    NotFound = 5,
+    AlreadyExists = 6,
+    PermissionDenied = 7,
+    ResourceExhausted = 8,
+    FailedPrecondition = 9,
+    Aborted = 10,
+    OutOfRange = 11,
+    Unimplemented = 12,
+    Internal = 13,
+    Unavailable = 14,
+    DataLoss = 15,
+    Unauthenticated = 16,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Status {
+    pub code: Code,
+    pub message: String,
+}
+
+impl Status {
+    pub fn new(code: Code, message: impl Into<String>) -> Status {
+        Status {
+            code,
+            message: message.into(),
+        }
+    }
+}
+
+impl fmt::Display for Status {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:?}: {}", self.code, self.message)
+    }
+}
+
+macro_rules! etcd_errors {
+    ($($fn_name:ident => ($code:ident, $msg:expr);)*) => {
+        $(pub fn $fn_name() -> Status { Status::new(Code::$code, $msg) })*
+    };
+}
+
+etcd_errors! {
+    empty_key => (InvalidArgument, "etcdserver: key is not provided");
+    key_not_found => (InvalidArgument, "etcdserver: key not found");
+    value_provided => (InvalidArgument, "etcdserver: value is provided");
+    lease_provided => (InvalidArgument, "etcdserver: lease is provided");
+    too_many_ops => (InvalidArgument, "etcdserver: too many operations in txn request");
+    duplicate_key => (InvalidArgument, "etcdserver: duplicate key given in txn request");
+    compacted => (OutOfRange, "etcdserver: mvcc: required revision has been compacted");
+    future_rev => (OutOfRange, "etcdserver: mvcc: required revision is a future revision");
+    lease_not_found => (NotFound, "etcdserver: requested lease not found");
+    request_too_large => (InvalidArgument, "etcdserver: request is too large");
+    no_leader => (Unavailable, "etcdserver: no leader");
+    stopped => (Unavailable, "etcdserver: server stopped");
+    timeout => (Unavailable, "etcdserver: request timed out");
+    corrupt => (DataLoss, "etcdserver: corrupt cluster");
+}
+
+/// What grpc-go answers for a method the server does not have; keelson uses
+/// it for etcd methods it does not implement yet (listed in the README).
+pub fn unimplemented(service: &str, method: &str) -> Status {
+    Status::new(
+        Code::Unimplemented,
+        format!("unknown method {method} for service {service}"),
+    )
+}

@@ -1,0 +1,20 @@
+//! keelson: a distributed, strongly consistent key-value store that speaks
+//! the etcd v3 API. See ARCHITECTURE.md for the map of this crate.
+
+#[macro_use]
+pub mod logging;
+
+pub mod apply;
+pub mod config;
+pub mod error;
+pub mod kv;
+pub mod mailbox;
+pub mod proto;
+pub mod raftcore;
+pub mod server;
+pub mod store;
+pub mod wal;
+
+/// The etcd API version keelson reports in `Status` (clients gate features
+/// on it).
+pub const ETCD_VERSION: &str = "3.5.0";

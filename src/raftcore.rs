@@ -1,0 +1,343 @@
+//! The raft core: one raft-rs `RawNode`, the WAL, and the hand-off of
+//! committed entries to the applier. It runs as one task on core 0.
+//!
+//! Each turn of the loop: take every message that arrived (proposals, read
+//! requests, checkpoint reports) in one batch, tick if a heartbeat interval
+//! passed, then drain `Ready` in raft-rs's order:
+//! 1. messages to peers (none yet: one voter; the transport comes with the
+//!    cluster work),
+//! 2. committed entries → applier (already durable),
+//! 3. new entries and hard state → WAL, then **one fdatasync** for the whole
+//!    batch (group commit; proposals that arrive meanwhile form the next one),
+//! 4. read states → applier (linearizable reads wait there for apply),
+//! 5. advance; the light ready's commit index and committed entries.
+//!
+//! *Architecture invariant:* the raft core never touches shard data; it only
+//! orders operations. It MUST NOT hand an entry to the applier before raft
+//! reports it committed, and MUST NOT acknowledge anything itself.
+
+use crate::apply::{ApplierMsg, Committed, ReadReply, Reply};
+use crate::config::Config;
+use crate::error::{self, Status};
+use crate::mailbox::Receiver;
+use crate::proto::keelson::RaftCommand;
+use crate::server::{CoreMsg, Router};
+use crate::wal::{Recovered, Wal};
+use prost::Message as _;
+use raft::eraftpb::{ConfState, Entry, EntryType, Snapshot};
+use raft::storage::MemStorage;
+use raft::{RawNode, StateRole, Storage};
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+pub enum RaftMsg {
+    Propose { data: Vec<u8>, reply: Reply },
+    ReadIndex { reply: ReadReply },
+    Checkpointed { shard: usize, index: u64 },
+}
+
+pub struct RaftBoot {
+    pub id: u64,
+    pub recovered: Recovered,
+    /// Index every shard has durably applied (their common checkpoint).
+    pub applied: u64,
+    pub cfg: Config,
+}
+
+/// Entries kept in memory behind the applied index, for followers later.
+const LOG_KEEP_ENTRIES: u64 = 10_000;
+/// Proposals and reads taken per turn of the loop: bounds one batch.
+const BATCH_MAX: usize = 4096;
+
+fn fatal(what: &str) -> ! {
+    crate::error!("raft: {what}; stopping");
+    std::process::exit(1)
+}
+
+fn build_node(boot: &RaftBoot) -> Result<RawNode<MemStorage>, String> {
+    let rec = &boot.recovered;
+    let storage = MemStorage::new();
+    {
+        let mut w = storage.wl();
+        let cs = ConfState::from((vec![boot.id], vec![]));
+        if rec.base.0 > 0 {
+            let mut snap = Snapshot::default();
+            snap.mut_metadata().index = rec.base.0;
+            snap.mut_metadata().term = rec.base.1;
+            snap.mut_metadata().set_conf_state(cs);
+            w.apply_snapshot(snap).map_err(|e| e.to_string())?;
+        } else {
+            w.set_conf_state(cs);
+        }
+        w.append(&rec.entries).map_err(|e| e.to_string())?;
+        let last = rec.entries.last().map(|e| e.index).unwrap_or(rec.base.0);
+        let mut hs = rec.hard_state.clone();
+        // Shards only ever apply committed entries, so their checkpoint
+        // proves commitment even if the hard state record lagged.
+        hs.commit = hs.commit.max(boot.applied).max(rec.base.0).min(last);
+        w.set_hardstate(hs);
+    }
+    let applied = boot.applied.min(
+        storage
+            .initial_state()
+            .map_err(|e| e.to_string())?
+            .hard_state
+            .commit,
+    );
+    let heartbeat = boot.cfg.heartbeat_interval.as_millis().max(1) as u64;
+    let cfg = raft::Config {
+        id: boot.id,
+        election_tick: (boot.cfg.election_timeout.as_millis() as u64 / heartbeat).max(2) as usize,
+        heartbeat_tick: 1,
+        applied,
+        max_size_per_msg: 1024 * 1024,
+        max_inflight_msgs: 256,
+        check_quorum: true,
+        pre_vote: true,
+        ..Default::default()
+    };
+    cfg.validate().map_err(|e| e.to_string())?;
+    let logger = slog::Logger::root(slog::Discard, slog::o!());
+    RawNode::new(&cfg, storage, &logger).map_err(|e| e.to_string())
+}
+
+pub async fn run_raft(boot: RaftBoot, rx: Receiver<RaftMsg>, router: Arc<Router>) {
+    let mut node = match build_node(&boot) {
+        Ok(n) => n,
+        Err(e) => fatal(&format!("cannot start raft: {e}")),
+    };
+    let last = {
+        let s = node.store();
+        let li = s.last_index().unwrap_or(0);
+        (li, s.term(li).unwrap_or(0))
+    };
+    let data_dir = boot.cfg.data_dir.clone();
+    let mut wal = match Wal::open(&data_dir, &boot.recovered, last).await {
+        Ok(w) => w,
+        Err(e) => fatal(&e),
+    };
+    drop(boot.recovered);
+    // One voter: no need to wait an election timeout to lead.
+    if node.raft.prs().conf().voters().ids().len() == 1 {
+        let _ = node.campaign();
+    }
+
+    let tick = boot.cfg.heartbeat_interval;
+    let mut next_tick = Instant::now() + tick;
+    let mut next_id: u64 = 1;
+    let mut waiters: HashMap<u64, Reply> = HashMap::new();
+    let mut reads: Vec<ReadReply> = Vec::new();
+    let mut read_batches: HashMap<u64, Vec<ReadReply>> = HashMap::new();
+    let mut checkpoints = vec![0u64; router.shards.len()];
+    let mut published = (0u64, 0u64, 0u64);
+    let mut msgs = Vec::with_capacity(256);
+
+    loop {
+        let wait = next_tick.saturating_duration_since(Instant::now());
+        let recv = async { Some(rx.recv_batch(&mut msgs, BATCH_MAX).await) };
+        let timer = async {
+            glommio::timer::sleep(wait).await;
+            None
+        };
+        if let Some(false) = futures_lite::future::or(recv, timer).await {
+            return; // every sender is gone: shutting down
+        }
+        let leader = node.raft.state == StateRole::Leader;
+        for m in msgs.drain(..) {
+            match m {
+                RaftMsg::Propose { data, reply } => {
+                    if !leader {
+                        let _ = reply.send(Err(error::no_leader()));
+                        continue;
+                    }
+                    let id = next_id;
+                    next_id += 1;
+                    match node.propose(id.to_le_bytes().to_vec(), data) {
+                        Ok(()) => {
+                            waiters.insert(id, reply);
+                        }
+                        Err(e) => {
+                            let _ = reply.send(Err(Status::new(
+                                error::Code::Unavailable,
+                                format!("etcdserver: {e}"),
+                            )));
+                        }
+                    }
+                }
+                RaftMsg::ReadIndex { reply } => reads.push(reply),
+                RaftMsg::Checkpointed { shard, index } => {
+                    if let Some(c) = checkpoints.get_mut(shard) {
+                        *c = (*c).max(index);
+                    }
+                    let common = checkpoints.iter().copied().min().unwrap_or(0);
+                    if wal.release_to(common) > 0 {
+                        crate::debug!("wal: released segments up to index {common}");
+                    }
+                }
+            }
+        }
+        if Instant::now() >= next_tick {
+            node.tick();
+            next_tick = Instant::now() + tick;
+        }
+        if !reads.is_empty() {
+            if node.raft.state == StateRole::Leader {
+                let id = next_id;
+                next_id += 1;
+                read_batches.insert(id, std::mem::take(&mut reads));
+                node.read_index(id.to_le_bytes().to_vec());
+            } else {
+                for r in reads.drain(..) {
+                    let _ = r.send(Err(error::no_leader()));
+                }
+            }
+        }
+        if !node.has_ready() {
+            continue;
+        }
+        let mut ready = node.ready();
+        // 1. Messages to peers: none with one voter.
+        let _ = ready.take_messages();
+        // 2. Committed entries (durable since an earlier turn).
+        hand_off(
+            &mut node,
+            ready.take_committed_entries(),
+            &mut waiters,
+            &router,
+        );
+        // 3. Append and hard state, then one fdatasync.
+        if !ready.entries().is_empty() {
+            wal.push_entries(ready.entries());
+            if let Err(e) = node.mut_store().wl().append(ready.entries()) {
+                fatal(&format!("append to log: {e}"));
+            }
+        }
+        if let Some(hs) = ready.hs() {
+            wal.push_hard_state(hs);
+            node.mut_store().wl().set_hardstate(hs.clone());
+        }
+        // 4. Read states: released by the applier once applied reaches them.
+        for rs in ready.take_read_states() {
+            let id = u64::from_le_bytes(<[u8; 8]>::try_from(&rs.request_ctx[..]).unwrap_or([0; 8]));
+            if let Some(replies) = read_batches.remove(&id) {
+                router.applier.send(ApplierMsg::Reads {
+                    index: rs.index,
+                    replies,
+                });
+            }
+        }
+        if wal.has_pending() {
+            let li = node.store().last_index().unwrap_or(0);
+            let last = (li, node.store().term(li).unwrap_or(0));
+            let hs = node.raft.hard_state();
+            if let Err(e) = wal.sync(last, &hs).await {
+                fatal(&e);
+            }
+        }
+        let _ = ready.take_persisted_messages();
+        // 5. Advance.
+        let mut light = node.advance(ready);
+        if let Some(commit) = light.commit_index() {
+            node.mut_store().wl().mut_hard_state().set_commit(commit);
+            // Recorded with the next batch; recovery does not depend on it
+            // (see build_node), it only shortens replay.
+            let hs = node.raft.hard_state();
+            wal.push_hard_state(&hs);
+        }
+        let _ = light.take_messages();
+        hand_off(
+            &mut node,
+            light.take_committed_entries(),
+            &mut waiters,
+            &router,
+        );
+        node.advance_apply();
+
+        // Keep the in-memory log bounded.
+        let applied = node.raft.raft_log.applied;
+        if applied > 2 * LOG_KEEP_ENTRIES {
+            let first = node.store().first_index().unwrap_or(1);
+            if applied - first > 2 * LOG_KEEP_ENTRIES {
+                let _ = node.mut_store().wl().compact(applied - LOG_KEEP_ENTRIES);
+            }
+        }
+        let state = (
+            node.raft.term,
+            node.raft.leader_id,
+            node.raft.raft_log.committed,
+        );
+        if state != published {
+            published = state;
+            for c in &router.cores {
+                c.send(CoreMsg::Raft {
+                    term: state.0,
+                    leader: state.1,
+                    commit: state.2,
+                });
+            }
+        }
+        if node.raft.state != StateRole::Leader && !waiters.is_empty() {
+            // Lost leadership: what was proposed may or may not commit.
+            for (_, w) in waiters.drain() {
+                let _ = w.send(Err(error::no_leader()));
+            }
+        }
+    }
+}
+
+fn hand_off(
+    node: &mut RawNode<MemStorage>,
+    entries: Vec<Entry>,
+    waiters: &mut HashMap<u64, Reply>,
+    router: &Router,
+) {
+    if entries.is_empty() {
+        return;
+    }
+    let mut out = Vec::with_capacity(entries.len());
+    for e in entries {
+        let reply = if e.context.len() == 8 {
+            waiters.remove(&u64::from_le_bytes(
+                e.context.as_ref().try_into().expect("8 bytes"),
+            ))
+        } else {
+            None
+        };
+        let cmd = match e.get_entry_type() {
+            EntryType::EntryNormal if e.data.is_empty() => None,
+            EntryType::EntryNormal => match RaftCommand::decode(e.data.as_ref()) {
+                Ok(c) => Some(c),
+                Err(err) => {
+                    // Only keelson writes entries; an undecodable one means a
+                    // bug or a damaged log that passed its checksum.
+                    crate::error!(
+                        "raft: entry {} does not decode ({err}); skipping it",
+                        e.index
+                    );
+                    None
+                }
+            },
+            EntryType::EntryConfChange | EntryType::EntryConfChangeV2 => {
+                let mut cc = raft::eraftpb::ConfChange::default();
+                if protobuf::Message::merge_from_bytes(&mut cc, e.data.as_ref()).is_ok() {
+                    if let Ok(cs) = node.apply_conf_change(&cc) {
+                        node.mut_store().wl().set_conf_state(cs);
+                    }
+                }
+                None
+            }
+        };
+        out.push(Committed {
+            index: e.index,
+            cmd,
+            reply,
+        });
+    }
+    router.applier.send(ApplierMsg::Committed(out));
+}
+
+/// etcd's default request timeout: 5s plus two election timeouts.
+pub fn request_timeout(cfg: &Config) -> Duration {
+    Duration::from_secs(5) + 2 * cfg.election_timeout
+}

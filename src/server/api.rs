@@ -1,0 +1,321 @@
+//! The etcd services: one function per unary method, taking the decoded
+//! request and returning the response to encode.
+//!
+//! Writes become a `RaftCommand` proposed to the raft core; the answer comes
+//! back once the entry is applied. Reads pick a revision (a ReadIndex from
+//! raft for linearizable reads, the core's view for serializable ones) and
+//! scatter to the shards that may hold the keys, then merge.
+
+use super::Core;
+use crate::apply::{ShardMsg, WriteResult};
+use crate::error::{self, Code, Status};
+use crate::kv;
+use crate::proto::etcdserverpb::*;
+use crate::proto::keelson::{raft_command, RaftCommand};
+use crate::raftcore::RaftMsg;
+use crate::store::shard_of;
+use futures::channel::oneshot;
+use prost::Message;
+use std::future::Future;
+use std::sync::Arc;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Method {
+    Range,
+    Put,
+    DeleteRange,
+    Txn,
+    Compact,
+    Status,
+    Alarm,
+    MemberList,
+    HealthCheck,
+}
+
+const SERVICES: &[&str] = &[
+    "etcdserverpb.KV",
+    "etcdserverpb.Watch",
+    "etcdserverpb.Lease",
+    "etcdserverpb.Cluster",
+    "etcdserverpb.Maintenance",
+    "etcdserverpb.Auth",
+    "v3lockpb.Lock",
+    "v3electionpb.Election",
+    "grpc.health.v1.Health",
+];
+
+pub fn known_service(s: &str) -> bool {
+    SERVICES.contains(&s)
+}
+
+pub fn lookup(path: &str) -> Option<Method> {
+    Some(match path {
+        "/etcdserverpb.KV/Range" => Method::Range,
+        "/etcdserverpb.KV/Put" => Method::Put,
+        "/etcdserverpb.KV/DeleteRange" => Method::DeleteRange,
+        "/etcdserverpb.KV/Txn" => Method::Txn,
+        "/etcdserverpb.KV/Compact" => Method::Compact,
+        "/etcdserverpb.Maintenance/Status" => Method::Status,
+        "/etcdserverpb.Maintenance/Alarm" => Method::Alarm,
+        "/etcdserverpb.Cluster/MemberList" => Method::MemberList,
+        "/grpc.health.v1.Health/Check" => Method::HealthCheck,
+        _ => return None,
+    })
+}
+
+fn decode<M: Message + Default>(body: &[u8]) -> Result<M, Status> {
+    M::decode(body).map_err(|e| {
+        Status::new(
+            Code::Internal,
+            format!("grpc: error unmarshalling request: {e}"),
+        )
+    })
+}
+
+pub async fn call(m: Method, body: &[u8], core: &Core) -> Result<Vec<u8>, Status> {
+    Ok(match m {
+        Method::Range => range(core, decode(body)?).await?.encode_to_vec(),
+        Method::Put => put(core, decode(body)?).await?.encode_to_vec(),
+        Method::DeleteRange => delete_range(core, decode(body)?).await?.encode_to_vec(),
+        Method::Txn => txn(core, decode(body)?).await?.encode_to_vec(),
+        Method::Compact => compact(core, decode(body)?).await?.encode_to_vec(),
+        Method::Status => status(core, decode(body)?).await?.encode_to_vec(),
+        Method::Alarm => alarm(core, decode(body)?)?.encode_to_vec(),
+        Method::MemberList => member_list(core, decode(body)?)?.encode_to_vec(),
+        Method::HealthCheck => {
+            let _: crate::proto::health::HealthCheckRequest = decode(body)?;
+            crate::proto::health::HealthCheckResponse {
+                status: crate::proto::health::health_check_response::ServingStatus::Serving as i32,
+            }
+            .encode_to_vec()
+        }
+    })
+}
+
+fn header(core: &Core, revision: i64) -> Option<ResponseHeader> {
+    Some(ResponseHeader {
+        cluster_id: core.router.member.cluster_id,
+        member_id: core.router.member.id,
+        revision,
+        raft_term: core.view.term.get(),
+    })
+}
+
+async fn with_timeout<T>(
+    core: &Core,
+    f: impl Future<Output = Result<T, oneshot::Canceled>>,
+) -> Result<T, Status> {
+    let d = core.router.member.request_timeout;
+    let timed = async {
+        glommio::timer::sleep(d).await;
+        Err(error::timeout())
+    };
+    let work = async { f.await.map_err(|_| error::stopped()) };
+    futures_lite::future::or(work, timed).await
+}
+
+/// Proposes a command and waits until it is applied.
+async fn propose(core: &Core, cmd: RaftCommand) -> Result<WriteResult, Status> {
+    let data = cmd.encode_to_vec();
+    if data.len() > core.router.member.max_request_bytes {
+        return Err(error::request_too_large());
+    }
+    let (tx, rx) = oneshot::channel();
+    core.router.raft.send(RaftMsg::Propose { data, reply: tx });
+    let res = with_timeout(core, rx).await??;
+    core.view
+        .revision
+        .set(core.view.revision.get().max(res.revision));
+    Ok(res)
+}
+
+fn single_op_txn(op: request_op::Request) -> RaftCommand {
+    RaftCommand {
+        cmd: Some(raft_command::Cmd::Txn(TxnRequest {
+            compare: vec![],
+            success: vec![RequestOp { request: Some(op) }],
+            failure: vec![],
+        })),
+    }
+}
+
+async fn put(core: &Core, req: PutRequest) -> Result<PutResponse, Status> {
+    kv::check_put(&req)?;
+    let res = propose(core, single_op_txn(request_op::Request::RequestPut(req))).await?;
+    let prev_kv = match res
+        .txn
+        .responses
+        .into_iter()
+        .next()
+        .and_then(|r| r.response)
+    {
+        Some(response_op::Response::ResponsePut(p)) => p.prev_kv,
+        _ => None,
+    };
+    Ok(PutResponse {
+        header: header(core, res.revision),
+        prev_kv,
+    })
+}
+
+async fn delete_range(core: &Core, req: DeleteRangeRequest) -> Result<DeleteRangeResponse, Status> {
+    kv::check_delete(&req)?;
+    let res = propose(
+        core,
+        single_op_txn(request_op::Request::RequestDeleteRange(req)),
+    )
+    .await?;
+    let mut out = match res
+        .txn
+        .responses
+        .into_iter()
+        .next()
+        .and_then(|r| r.response)
+    {
+        Some(response_op::Response::ResponseDeleteRange(d)) => d,
+        _ => DeleteRangeResponse::default(),
+    };
+    out.header = header(core, res.revision);
+    Ok(out)
+}
+
+async fn txn(core: &Core, req: TxnRequest) -> Result<TxnResponse, Status> {
+    kv::check_txn(&req)?;
+    let res = propose(
+        core,
+        RaftCommand {
+            cmd: Some(raft_command::Cmd::Txn(req)),
+        },
+    )
+    .await?;
+    let mut out = res.txn;
+    out.header = header(core, res.revision);
+    Ok(out)
+}
+
+async fn compact(core: &Core, req: CompactionRequest) -> Result<CompactionResponse, Status> {
+    let res = propose(
+        core,
+        RaftCommand {
+            cmd: Some(raft_command::Cmd::Compaction(req)),
+        },
+    )
+    .await?;
+    Ok(CompactionResponse {
+        header: header(core, res.revision),
+    })
+}
+
+/// The revision a read runs at: linearizable reads ask raft for a read
+/// index and wait until it is applied; serializable ones use this core's
+/// view.
+async fn read_revision(core: &Core, serializable: bool) -> Result<i64, Status> {
+    if serializable {
+        return Ok(core.view.revision.get());
+    }
+    let (tx, rx) = oneshot::channel();
+    core.router.raft.send(RaftMsg::ReadIndex { reply: tx });
+    let rev = with_timeout(core, rx).await??;
+    core.view.revision.set(core.view.revision.get().max(rev));
+    Ok(rev)
+}
+
+async fn range(core: &Core, req: RangeRequest) -> Result<RangeResponse, Status> {
+    kv::check_range(&req)?;
+    let current = read_revision(core, req.serializable).await?;
+    if req.revision > current {
+        return Err(error::future_rev());
+    }
+    let at = if req.revision > 0 {
+        req.revision
+    } else {
+        current
+    };
+    let shards = &core.router.shards;
+    let targets: Vec<usize> = if req.range_end.is_empty() {
+        vec![shard_of(&req.key, shards.len())]
+    } else {
+        (0..shards.len()).collect()
+    };
+    let req = Arc::new(req);
+    let mut waits = Vec::with_capacity(targets.len());
+    for s in targets {
+        let (tx, rx) = oneshot::channel();
+        shards[s].send(ShardMsg::Read {
+            rev: at,
+            req: req.clone(),
+            reply: tx,
+        });
+        waits.push(rx);
+    }
+    let mut parts = Vec::with_capacity(waits.len());
+    for w in waits {
+        parts.push(w.await.map_err(|_| error::stopped())??);
+    }
+    let mut out = kv::merge_range(&req, parts);
+    out.header = header(core, current);
+    Ok(out)
+}
+
+async fn status(core: &Core, _req: StatusRequest) -> Result<StatusResponse, Status> {
+    let mut waits = Vec::new();
+    for s in &core.router.shards {
+        let (tx, rx) = oneshot::channel();
+        s.send(ShardMsg::Stats { reply: tx });
+        waits.push(rx);
+    }
+    let mut db_size = 0i64;
+    for w in waits {
+        if let Ok(st) = w.await {
+            db_size += st.bytes as i64;
+        }
+    }
+    let v = &core.view;
+    let leader = v.leader.get();
+    let mut errors = Vec::new();
+    if leader == 0 {
+        errors.push("etcdserver: no leader".to_string());
+    }
+    Ok(StatusResponse {
+        header: header(core, v.revision.get()),
+        version: crate::ETCD_VERSION.to_string(),
+        db_size,
+        leader,
+        raft_index: v.commit.get(),
+        raft_term: v.term.get(),
+        raft_applied_index: v.applied.get(),
+        errors,
+        db_size_in_use: db_size,
+        is_learner: false,
+        ..Default::default()
+    })
+}
+
+fn alarm(core: &Core, req: AlarmRequest) -> Result<AlarmResponse, Status> {
+    // keelson raises no alarms yet (no quota enforcement, no corruption
+    // check): GET lists none; activating one by hand is not supported.
+    if req.action != alarm_request::AlarmAction::Get as i32 {
+        return Err(crate::error::unimplemented(
+            "etcdserverpb.Maintenance",
+            "Alarm(ACTIVATE/DEACTIVATE)",
+        ));
+    }
+    Ok(AlarmResponse {
+        header: header(core, core.view.revision.get()),
+        alarms: vec![],
+    })
+}
+
+fn member_list(core: &Core, _req: MemberListRequest) -> Result<MemberListResponse, Status> {
+    let m = &core.router.member;
+    Ok(MemberListResponse {
+        header: header(core, core.view.revision.get()),
+        members: vec![Member {
+            id: m.id,
+            name: m.name.clone(),
+            peer_ur_ls: m.peer_urls.clone(),
+            client_ur_ls: m.client_urls.clone(),
+            is_learner: false,
+        }],
+    })
+}

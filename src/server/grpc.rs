@@ -1,0 +1,187 @@
+//! gRPC over HTTP/2 (h2) on a glommio socket: framing, status trailers and
+//! the method table. Unary methods only; streaming methods answer
+//! Unimplemented until they exist.
+//!
+//! *Architecture invariant:* only `server` knows HTTP/2 and gRPC framing;
+//! handlers take and return prost messages (as bytes here).
+
+use super::api;
+use super::Core;
+use crate::config::GRPC_OVERHEAD_BYTES;
+use crate::error::{Code, Status};
+use bytes::{BufMut, Bytes, BytesMut};
+use http::{HeaderMap, HeaderValue, Response};
+use std::rc::Rc;
+use tokio_util::compat::FuturesAsyncReadCompatExt;
+
+/// Concurrent streams one connection may have open.
+const STREAMS_PER_CONN_MAX: u32 = 4096;
+
+pub async fn serve_conn(stream: glommio::net::TcpStream, core: Rc<Core>) {
+    let _ = stream.set_nodelay(true);
+    let peer = stream.peer_addr().ok();
+    let io = stream.compat();
+    let mut conn = match h2::server::Builder::new()
+        .initial_window_size(1 << 20)
+        .initial_connection_window_size(16 << 20)
+        .max_concurrent_streams(STREAMS_PER_CONN_MAX)
+        .max_frame_size(1 << 20)
+        .max_header_list_size(64 << 10)
+        .handshake::<_, Bytes>(io)
+        .await
+    {
+        Ok(c) => c,
+        Err(e) => {
+            crate::debug!("h2 handshake with {peer:?} failed: {e}");
+            return;
+        }
+    };
+    while let Some(next) = conn.accept().await {
+        match next {
+            Ok((req, respond)) => {
+                glommio::spawn_local(handle_stream(req, respond, core.clone())).detach();
+            }
+            Err(e) => {
+                if !e.is_io() && !e.is_go_away() {
+                    crate::debug!("h2 connection from {peer:?}: {e}");
+                }
+                break;
+            }
+        }
+    }
+}
+
+async fn handle_stream(
+    req: http::Request<h2::RecvStream>,
+    mut respond: h2::server::SendResponse<Bytes>,
+    core: Rc<Core>,
+) {
+    let path = req.uri().path().to_string();
+    let Some(method) = api::lookup(&path) else {
+        let st = match path.trim_start_matches('/').split_once('/') {
+            Some((svc, m)) if api::known_service(svc) => crate::error::unimplemented(svc, m),
+            Some((svc, _)) => Status::new(Code::Unimplemented, format!("unknown service {svc}")),
+            None => Status::new(
+                Code::Unimplemented,
+                format!("malformed method name: {path:?}"),
+            ),
+        };
+        send_status(&mut respond, &st);
+        return;
+    };
+    if let Some(enc) = req.headers().get("grpc-encoding") {
+        if enc != "identity" {
+            let st = Status::new(
+                Code::Unimplemented,
+                format!(
+                    "grpc: Decompressor is not installed for grpc-encoding {:?}",
+                    enc.to_str().unwrap_or("?")
+                ),
+            );
+            send_status(&mut respond, &st);
+            return;
+        }
+    }
+    let limit = core.router.member.max_request_bytes + GRPC_OVERHEAD_BYTES;
+    let body = match read_message(req.into_body(), limit).await {
+        Ok(b) => b,
+        Err(st) => {
+            send_status(&mut respond, &st);
+            return;
+        }
+    };
+    match api::call(method, &body, &core).await {
+        Ok(reply) => send_ok(&mut respond, reply),
+        Err(st) => send_status(&mut respond, &st),
+    }
+}
+
+/// Reads one length-prefixed gRPC message and the end of the stream.
+async fn read_message(mut body: h2::RecvStream, limit: usize) -> Result<Bytes, Status> {
+    let mut buf = BytesMut::new();
+    while let Some(chunk) = body.data().await {
+        let chunk =
+            chunk.map_err(|e| Status::new(Code::Internal, format!("reading request: {e}")))?;
+        let _ = body.flow_control().release_capacity(chunk.len());
+        buf.extend_from_slice(&chunk);
+        if buf.len() >= 5 {
+            let len = u32::from_be_bytes([buf[1], buf[2], buf[3], buf[4]]) as usize;
+            if len > limit {
+                return Err(Status::new(
+                    Code::ResourceExhausted,
+                    format!("grpc: received message larger than max ({len} vs. {limit})"),
+                ));
+            }
+        }
+    }
+    if buf.len() < 5 {
+        return Err(Status::new(
+            Code::Internal,
+            "grpc: request has no complete message",
+        ));
+    }
+    if buf[0] != 0 {
+        return Err(Status::new(
+            Code::Internal,
+            "grpc: compressed message without grpc-encoding",
+        ));
+    }
+    let len = u32::from_be_bytes([buf[1], buf[2], buf[3], buf[4]]) as usize;
+    if buf.len() != 5 + len {
+        return Err(Status::new(
+            Code::Internal,
+            format!(
+                "grpc: request frame says {len} bytes but carries {}",
+                buf.len() - 5
+            ),
+        ));
+    }
+    Ok(buf.freeze().slice(5..))
+}
+
+fn send_ok(respond: &mut h2::server::SendResponse<Bytes>, msg: Vec<u8>) {
+    let resp = Response::builder()
+        .status(200)
+        .header("content-type", "application/grpc")
+        .body(())
+        .expect("static response head");
+    let Ok(mut send) = respond.send_response(resp, false) else {
+        return;
+    };
+    let mut framed = BytesMut::with_capacity(5 + msg.len());
+    framed.put_u8(0);
+    framed.put_u32(msg.len() as u32);
+    framed.extend_from_slice(&msg);
+    if send.send_data(framed.freeze(), false).is_err() {
+        return;
+    }
+    let mut trailers = HeaderMap::new();
+    trailers.insert("grpc-status", HeaderValue::from_static("0"));
+    let _ = send.send_trailers(trailers);
+}
+
+/// A trailers-only response carrying a non-OK status.
+pub fn send_status(respond: &mut h2::server::SendResponse<Bytes>, st: &Status) {
+    let mut b = Response::builder()
+        .status(200)
+        .header("content-type", "application/grpc")
+        .header("grpc-status", (st.code as u8).to_string());
+    if let Ok(v) = HeaderValue::from_str(&percent_encode(&st.message)) {
+        b = b.header("grpc-message", v);
+    }
+    let resp = b.body(()).expect("valid status head");
+    let _ = respond.send_response(resp, true);
+}
+
+/// gRPC's grpc-message encoding: printable ASCII except '%' as is.
+fn percent_encode(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if (0x20..=0x7e).contains(&b) && b != b'%' {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}

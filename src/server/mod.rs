@@ -1,0 +1,426 @@
+//! Process startup and the per-core runtime.
+//!
+//! `run` reads the data dir (meta, shard checkpoints, WAL), then starts one
+//! glommio executor per core. Every core accepts client connections on its
+//! own SO_REUSEPORT socket and serves gRPC; shard s runs on core s mod N;
+//! core 0 also runs the raft core and the applier. Cores share only the
+//! `Router` (mailbox senders, immutable after start) and talk by messages.
+
+pub mod api;
+pub mod grpc;
+
+use crate::apply::{self, ApplierMsg, ShardMsg};
+use crate::config::Config;
+use crate::mailbox::{mailbox, Receiver, Sender};
+use crate::raftcore::{self, RaftBoot, RaftMsg};
+use crate::store::shard::Shard;
+use crate::wal;
+use glommio::{LocalExecutorBuilder, Placement};
+use std::cell::Cell;
+use std::fs;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::rc::Rc;
+use std::sync::Arc;
+
+/// What every core may read: the mailboxes of every task, and the facts
+/// about this member that never change while it runs.
+pub struct Router {
+    pub raft: Sender<RaftMsg>,
+    pub applier: Sender<ApplierMsg>,
+    pub shards: Vec<Sender<ShardMsg>>,
+    pub cores: Vec<Sender<CoreMsg>>,
+    pub member: Member,
+}
+
+#[derive(Debug, Clone)]
+pub struct Member {
+    pub id: u64,
+    pub cluster_id: u64,
+    pub name: String,
+    pub peer_urls: Vec<String>,
+    pub client_urls: Vec<String>,
+    pub max_request_bytes: usize,
+    pub request_timeout: std::time::Duration,
+}
+
+/// News for every core: the applied index and revisions, and raft state.
+pub enum CoreMsg {
+    Applied {
+        applied: u64,
+        revision: i64,
+        compact_revision: i64,
+    },
+    Raft {
+        term: u64,
+        leader: u64,
+        commit: u64,
+    },
+}
+
+/// A core's view of the node, refreshed by `CoreMsg`s. Serializable reads
+/// and response headers use it without asking another core.
+#[derive(Default)]
+pub struct View {
+    pub applied: Cell<u64>,
+    pub revision: Cell<i64>,
+    pub compact_revision: Cell<i64>,
+    pub term: Cell<u64>,
+    pub leader: Cell<u64>,
+    pub commit: Cell<u64>,
+}
+
+impl View {
+    fn apply(&self, m: CoreMsg) {
+        match m {
+            CoreMsg::Applied {
+                applied,
+                revision,
+                compact_revision,
+            } => {
+                self.applied.set(self.applied.get().max(applied));
+                self.revision.set(self.revision.get().max(revision));
+                self.compact_revision
+                    .set(self.compact_revision.get().max(compact_revision));
+            }
+            CoreMsg::Raft {
+                term,
+                leader,
+                commit,
+            } => {
+                self.term.set(term);
+                self.leader.set(leader);
+                self.commit.set(commit);
+            }
+        }
+    }
+}
+
+/// Per-core context handed to every connection on that core.
+pub struct Core {
+    pub id: usize,
+    pub router: Arc<Router>,
+    pub view: View,
+}
+
+fn hash64(parts: &[&str]) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for p in parts {
+        for b in p.as_bytes().iter().chain(b"\0") {
+            h ^= *b as u64;
+            h = h.wrapping_mul(0x0000_0100_0000_01b3);
+        }
+    }
+    if h == 0 {
+        1
+    } else {
+        h
+    }
+}
+
+/// `data-dir/meta`: the facts fixed when the data dir was created.
+struct Meta {
+    shards: usize,
+    member_id: u64,
+    cluster_id: u64,
+}
+
+fn load_or_create_meta(cfg: &Config) -> Result<Meta, String> {
+    let path = cfg.data_dir.join("meta");
+    match fs::read_to_string(&path) {
+        Ok(text) => {
+            let mut shards = None;
+            let mut member_id = None;
+            let mut cluster_id = None;
+            let mut format_ok = false;
+            for line in text.lines() {
+                match line.split_once('=') {
+                    Some(("format", "keelson-1")) => format_ok = true,
+                    Some(("shards", v)) => shards = v.parse::<usize>().ok(),
+                    Some(("member_id", v)) => member_id = u64::from_str_radix(v, 16).ok(),
+                    Some(("cluster_id", v)) => cluster_id = u64::from_str_radix(v, 16).ok(),
+                    _ => {}
+                }
+            }
+            match (format_ok, shards, member_id, cluster_id) {
+                (true, Some(s), Some(m), Some(c)) if s >= 1 => {
+                    if let Some(want) = cfg.shards {
+                        if want != s {
+                            crate::warn!(
+                                "--shards={want} ignored: the data dir was created with {s} shards"
+                            );
+                        }
+                    }
+                    Ok(Meta {
+                        shards: s,
+                        member_id: m,
+                        cluster_id: c,
+                    })
+                }
+                _ => Err(format!("{}: not a valid keelson meta file", path.display())),
+            }
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let shards = cfg.shards.unwrap_or(cfg.cores).max(1);
+            let mut peers: Vec<&str> = cfg
+                .initial_advertise_peer_urls
+                .iter()
+                .map(|s| s.as_str())
+                .collect();
+            peers.sort_unstable();
+            let mut id_parts = peers.clone();
+            id_parts.push(&cfg.initial_cluster_token);
+            let member_id = hash64(&id_parts);
+            let members = cfg.initial_members()?;
+            let mut all: Vec<String> = members.iter().map(|(_, u)| u.clone()).collect();
+            all.sort();
+            let mut cl_parts: Vec<&str> = all.iter().map(|s| s.as_str()).collect();
+            cl_parts.push(&cfg.initial_cluster_token);
+            let cluster_id = hash64(&cl_parts);
+            let text = format!("format=keelson-1\nshards={shards}\nmember_id={member_id:x}\ncluster_id={cluster_id:x}\n");
+            let tmp = cfg.data_dir.join("meta.tmp");
+            fs::write(&tmp, text)
+                .and_then(|_| fs::File::open(&tmp)?.sync_all())
+                .and_then(|_| fs::rename(&tmp, &path))
+                .map_err(|e| format!("{}: {e}", path.display()))?;
+            Ok(Meta {
+                shards,
+                member_id,
+                cluster_id,
+            })
+        }
+        Err(e) => Err(format!("{}: {e}", path.display())),
+    }
+}
+
+/// The newest checkpoint index every shard has (0: none).
+fn common_checkpoint(data_dir: &Path, shards: usize) -> Result<u64, String> {
+    let mut common: Option<Vec<u64>> = None;
+    for s in 0..shards {
+        let mine = Shard::checkpoints(data_dir, s)?;
+        common = Some(match common {
+            None => mine,
+            Some(c) => c.into_iter().filter(|i| mine.contains(i)).collect(),
+        });
+    }
+    Ok(common.and_then(|c| c.into_iter().max()).unwrap_or(0))
+}
+
+/// Starts the member and blocks until it stops.
+pub fn run(cfg: Config) -> Result<(), String> {
+    let members = cfg.initial_members()?;
+    if members.len() > 1 {
+        return Err(format!(
+            "--initial-cluster names {} members; keelson runs a single member for now (clustering is not implemented yet)",
+            members.len()
+        ));
+    }
+    if cfg.initial_cluster_state == "existing" {
+        return Err(
+            "--initial-cluster-state=existing: joining a cluster is not implemented yet".into(),
+        );
+    }
+    let client_addrs: Vec<SocketAddr> = cfg
+        .listen_client_urls
+        .iter()
+        .map(|u| crate::config::parse_url(u))
+        .collect::<Result<Vec<_>, _>>()?
+        .into_iter()
+        .flatten()
+        .collect();
+    let peer_addrs: Vec<SocketAddr> = cfg
+        .listen_peer_urls
+        .iter()
+        .map(|u| crate::config::parse_url(u))
+        .collect::<Result<Vec<_>, _>>()?
+        .into_iter()
+        .flatten()
+        .collect();
+
+    fs::create_dir_all(&cfg.data_dir).map_err(|e| format!("{}: {e}", cfg.data_dir.display()))?;
+    let meta = load_or_create_meta(&cfg)?;
+    let common = common_checkpoint(&cfg.data_dir, meta.shards)?;
+    let recovered = wal::read_all(&cfg.data_dir)?;
+    if recovered.base.0 > common {
+        return Err(format!(
+            "the WAL starts after index {} but the shards are only durable to {common}: refusing to start (data would be missing)",
+            recovered.base.0
+        ));
+    }
+    let mut shards = Vec::with_capacity(meta.shards);
+    for s in 0..meta.shards {
+        shards.push(Shard::open(&cfg.data_dir, s, meta.shards, common)?);
+    }
+    let current_rev = shards.iter().map(|s| s.last_rev).max().unwrap_or(0).max(1);
+    let compact_rev = shards.iter().map(|s| s.compact_rev).max().unwrap_or(0);
+    crate::info!(
+        "starting member {:x} in cluster {:x}: {} shards on {} cores, data dir {}, revision {current_rev}, {} WAL entries to replay",
+        meta.member_id,
+        meta.cluster_id,
+        meta.shards,
+        cfg.cores,
+        cfg.data_dir.display(),
+        recovered.entries.iter().filter(|e| e.index > common).count()
+    );
+
+    let (raft_tx, raft_rx) = mailbox();
+    let (applier_tx, applier_rx) = mailbox();
+    let mut shard_txs = Vec::new();
+    let mut shard_rxs = Vec::new();
+    for _ in 0..meta.shards {
+        let (t, r) = mailbox();
+        shard_txs.push(t);
+        shard_rxs.push(Some(r));
+    }
+    let mut core_txs = Vec::new();
+    let mut core_rxs = Vec::new();
+    for _ in 0..cfg.cores {
+        let (t, r) = mailbox();
+        core_txs.push(t);
+        core_rxs.push(Some(r));
+    }
+    let router = Arc::new(Router {
+        raft: raft_tx,
+        applier: applier_tx,
+        shards: shard_txs,
+        cores: core_txs,
+        member: Member {
+            id: meta.member_id,
+            cluster_id: meta.cluster_id,
+            name: cfg.name.clone(),
+            peer_urls: cfg.initial_advertise_peer_urls.clone(),
+            client_urls: cfg.advertise_client_urls.clone(),
+            max_request_bytes: cfg.max_request_bytes,
+            request_timeout: raftcore::request_timeout(&cfg),
+        },
+    });
+
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<(), String>>();
+    let mut shard_slots: Vec<Option<Shard>> = shards.into_iter().map(Some).collect();
+    let mut core0 = Some((
+        RaftBoot {
+            id: meta.member_id,
+            recovered,
+            applied: common,
+            cfg: cfg.clone(),
+        },
+        raft_rx,
+        applier_rx,
+        apply::ApplierState {
+            applied: common,
+            current_rev,
+            compact_rev,
+            checkpoint_every: cfg.snapshot_count.clamp(1, 10_000),
+        },
+    ));
+    let mut handles = Vec::new();
+    for core in 0..cfg.cores {
+        let mine: Vec<(Shard, Receiver<ShardMsg>)> = (0..meta.shards)
+            .filter(|s| s % cfg.cores == core)
+            .map(|s| {
+                (
+                    shard_slots[s].take().expect("each shard once"),
+                    shard_rxs[s].take().expect("each once"),
+                )
+            })
+            .collect();
+        let core_rx = core_rxs[core].take().expect("each core once");
+        let raft_part = if core == 0 { core0.take() } else { None };
+        let router = router.clone();
+        let ready = ready_tx.clone();
+        let client_addrs = client_addrs.clone();
+        let peer_addrs = if core == 0 {
+            peer_addrs.clone()
+        } else {
+            Vec::new()
+        };
+        let h = LocalExecutorBuilder::new(Placement::Unbound)
+            .name(&format!("keelson-core-{core}"))
+            .spawn(move || async move {
+                let ctx = Rc::new(Core {
+                    id: core,
+                    router: router.clone(),
+                    view: View::default(),
+                });
+                // Listeners first, so a port in use is reported before
+                // anything else starts.
+                let mut listeners = Vec::new();
+                for a in client_addrs.iter().chain(&peer_addrs) {
+                    match glommio::net::TcpListener::bind(a) {
+                        Ok(l) => listeners.push((l, client_addrs.contains(a))),
+                        Err(e) => {
+                            let _ = ready.send(Err(format!("listen on {a}: {e}")));
+                            return;
+                        }
+                    }
+                }
+                for (shard, rx) in mine {
+                    glommio::spawn_local(apply::run_shard(shard, rx, router.clone())).detach();
+                }
+                if let Some((boot, raft_rx, applier_rx, st)) = raft_part {
+                    glommio::spawn_local(apply::Applier::new(router.clone(), st).run(applier_rx))
+                        .detach();
+                    glommio::spawn_local(raftcore::run_raft(boot, raft_rx, router.clone()))
+                        .detach();
+                }
+                {
+                    let ctx = ctx.clone();
+                    glommio::spawn_local(async move {
+                        let mut msgs = Vec::new();
+                        while core_rx.recv_batch(&mut msgs, 64).await {
+                            for m in msgs.drain(..) {
+                                ctx.view.apply(m);
+                            }
+                        }
+                    })
+                    .detach();
+                }
+                let _ = ready.send(Ok(()));
+                let mut accepts = Vec::new();
+                for (l, is_client) in listeners {
+                    let ctx = ctx.clone();
+                    accepts.push(glommio::spawn_local(async move {
+                        loop {
+                            match l.accept().await {
+                                Ok(stream) => {
+                                    if is_client {
+                                        glommio::spawn_local(grpc::serve_conn(stream, ctx.clone()))
+                                            .detach();
+                                    } else {
+                                        // No peer transport yet: one member.
+                                        drop(stream);
+                                    }
+                                }
+                                Err(e) => {
+                                    crate::warn!("accept: {e}");
+                                    glommio::timer::sleep(std::time::Duration::from_millis(50))
+                                        .await;
+                                }
+                            }
+                        }
+                    }));
+                }
+                for a in accepts {
+                    a.await;
+                }
+            })
+            .map_err(|e| format!("cannot start executor {core}: {e}"))?;
+        handles.push(h);
+    }
+    drop(ready_tx);
+    for _ in 0..cfg.cores {
+        match ready_rx.recv() {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => return Err(e),
+            Err(_) => return Err("an executor stopped during startup".into()),
+        }
+    }
+    crate::info!(
+        "ready to serve client requests on {}",
+        cfg.listen_client_urls.join(",")
+    );
+    for h in handles {
+        let _ = h.join();
+    }
+    Ok(())
+}

@@ -1,0 +1,401 @@
+//! One shard: its index, its open segment, its checkpoint, and the shard-side
+//! halves of every KV operation (each returns a partial result that
+//! `kv::merge_*` combines across shards).
+
+use super::index::{End, Index, Version};
+use super::segment::{self, SegmentWriter};
+use crate::error::{self, Status};
+use crate::kv::{CmpPartial, OpPartial, RangePartial};
+use crate::proto::etcdserverpb::{
+    request_op, Compare, DeleteRangeResponse, PutResponse, RangeRequest, RequestOp,
+};
+use crate::proto::mvccpb::KeyValue;
+use std::fs::{self, File};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+const CHECKPOINT_MAGIC: &[u8; 8] = b"KLSNCKP1";
+
+/// What a checkpoint file says: everything up to `applied` is in the
+/// segments, durable up to (`seg_id`, `seg_offset`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Checkpoint {
+    pub applied: u64,
+    pub compact_rev: i64,
+    /// The newest revision at which this shard changed anything.
+    pub last_rev: i64,
+    pub seg_id: u64,
+    pub seg_offset: u64,
+}
+
+impl Checkpoint {
+    pub fn encode(&self) -> Vec<u8> {
+        let mut b = CHECKPOINT_MAGIC.to_vec();
+        b.extend_from_slice(&self.applied.to_le_bytes());
+        b.extend_from_slice(&self.compact_rev.to_le_bytes());
+        b.extend_from_slice(&self.last_rev.to_le_bytes());
+        b.extend_from_slice(&self.seg_id.to_le_bytes());
+        b.extend_from_slice(&self.seg_offset.to_le_bytes());
+        let crc = crc32c::crc32c(&b);
+        b.extend_from_slice(&crc.to_le_bytes());
+        b
+    }
+
+    pub fn decode(b: &[u8]) -> Result<Checkpoint, String> {
+        if b.len() != 8 + 40 + 4 || &b[..8] != CHECKPOINT_MAGIC {
+            return Err("bad checkpoint header".into());
+        }
+        let crc = u32::from_le_bytes(b[48..52].try_into().expect("4 bytes"));
+        if crc32c::crc32c(&b[..48]) != crc {
+            return Err("checkpoint checksum mismatch".into());
+        }
+        let u = |o: usize| u64::from_le_bytes(b[o..o + 8].try_into().expect("8 bytes"));
+        Ok(Checkpoint {
+            applied: u(8),
+            compact_rev: u(16) as i64,
+            last_rev: u(24) as i64,
+            seg_id: u(32),
+            seg_offset: u(40),
+        })
+    }
+}
+
+pub struct Shard {
+    pub id: usize,
+    pub shards: usize,
+    dir: PathBuf,
+    index: Index,
+    seg: SegmentWriter,
+    /// Highest Raft index this shard has applied (or was told is globally
+    /// applied, which covers entries that did not touch it).
+    pub applied: u64,
+    pub compact_rev: i64,
+    /// The newest revision at which this shard changed anything.
+    pub last_rev: i64,
+    pub checkpointed: Checkpoint,
+}
+
+impl Shard {
+    pub fn dir_for(data_dir: &Path, id: usize) -> PathBuf {
+        data_dir.join(format!("shard-{id:03}"))
+    }
+
+    /// Indexes of the checkpoints this shard has, ascending. Checkpoints
+    /// are taken by every shard at the same log index (the applier puts a
+    /// marker in every shard's queue), so recovery picks the newest index
+    /// that all shards have.
+    pub fn checkpoints(data_dir: &Path, id: usize) -> Result<Vec<u64>, String> {
+        list_checkpoints(&Shard::dir_for(data_dir, id))
+    }
+
+    /// Opens (or creates) a shard at checkpoint `at` (0: none). Segments are
+    /// trusted up to the checkpoint; bytes after it are cut, since the WAL
+    /// replays them.
+    pub fn open(data_dir: &Path, id: usize, shards: usize, at: u64) -> Result<Shard, String> {
+        let dir = Shard::dir_for(data_dir, id);
+        fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+        let ckpt = if at == 0 {
+            Checkpoint::default()
+        } else {
+            let path = dir.join(format!("checkpoint-{at:020}"));
+            let b = fs::read(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+            Checkpoint::decode(&b).map_err(|e| format!("{}: {e}", path.display()))?
+        };
+        // Checkpoints newer than the one chosen are not shared by every
+        // shard: drop them with the segment bytes they cover.
+        for i in Shard::checkpoints(data_dir, id)? {
+            if i > at {
+                let _ = fs::remove_file(dir.join(format!("checkpoint-{i:020}")));
+            }
+        }
+        let ids = segment::list_segments(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+        let mut index = Index::new();
+        let mut loaded = 0usize;
+        for &sid in &ids {
+            let path = segment::segment_path(&dir, sid);
+            if ckpt.seg_id == 0 || sid > ckpt.seg_id {
+                // Not covered by the checkpoint: the WAL holds these entries.
+                fs::remove_file(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+                continue;
+            }
+            let limit = if sid == ckpt.seg_id {
+                Some(ckpt.seg_offset)
+            } else {
+                None
+            };
+            segment::read_segment(&path, limit, |k, v| {
+                loaded += 1;
+                index.restore(&k, v)
+            })?;
+        }
+        if ckpt.seg_id != 0 && !ids.contains(&ckpt.seg_id) {
+            return Err(format!(
+                "{}: checkpoint names segment {} which is missing",
+                dir.display(),
+                ckpt.seg_id
+            ));
+        }
+        if ckpt.compact_rev > 0 {
+            index.compact(ckpt.compact_rev);
+        }
+        let (seg_id, offset) = if ckpt.seg_id == 0 {
+            (1, 0)
+        } else {
+            (ckpt.seg_id, ckpt.seg_offset)
+        };
+        let seg = SegmentWriter::open(&dir, seg_id, offset)
+            .map_err(|e| format!("{}: {e}", dir.display()))?;
+        if loaded > 0 {
+            crate::info!(
+                "shard {id}: loaded {loaded} records, {} keys, checkpoint at index {}",
+                index.key_count(),
+                ckpt.applied
+            );
+        }
+        Ok(Shard {
+            id,
+            shards,
+            dir,
+            index,
+            seg,
+            applied: ckpt.applied,
+            compact_rev: ckpt.compact_rev,
+            last_rev: ckpt.last_rev,
+            checkpointed: ckpt,
+        })
+    }
+
+    pub fn owns(&self, key: &[u8]) -> bool {
+        super::shard_of(key, self.shards) == self.id
+    }
+
+    pub fn key_count(&self) -> usize {
+        self.index.key_count()
+    }
+
+    /// This shard's part of a Range at `rev` (etcd's mvcc Range plus the
+    /// pruning of `applyRange`, which are per key and so shard-local).
+    pub fn range(&self, r: &RangeRequest, rev: i64) -> Result<RangePartial, Status> {
+        if rev < self.compact_rev {
+            return Err(error::compacted());
+        }
+        let end = End::from_range_end(&r.range_end);
+        let fetch = crate::kv::fetch_limit(r);
+        let mut kvs = Vec::new();
+        let mut count = 0i64;
+        self.index.range(&r.key, end, rev, |k, v| {
+            count += 1;
+            if r.count_only || (fetch > 0 && kvs.len() as i64 >= fetch) {
+                return true;
+            }
+            if !crate::kv::passes_filters(r, v) {
+                return true;
+            }
+            kvs.push(to_kv(k, v, r.keys_only));
+            true
+        });
+        Ok(RangePartial { kvs, count })
+    }
+
+    /// This shard's part of a Compare, against the latest state.
+    pub fn compare(&self, c: &Compare) -> CmpPartial {
+        let end = End::from_range_end(&c.range_end);
+        let mut p = CmpPartial {
+            count: 0,
+            all_ok: true,
+        };
+        self.index.range(&c.key, end, i64::MAX, |k, v| {
+            p.count += 1;
+            if !crate::kv::compare_kv(c, &to_kv(k, v, false)) {
+                p.all_ok = false;
+                return false;
+            }
+            true
+        });
+        p
+    }
+
+    /// Applies a run of non-txn ops at revision `rev` (this shard's keys
+    /// only). Returns the partial results and whether anything changed.
+    pub fn apply_ops(&mut self, ops: &[RequestOp], rev: i64) -> (Vec<OpPartial>, bool) {
+        let mut out = Vec::with_capacity(ops.len());
+        let mut changed = false;
+        for op in ops {
+            let p = match &op.request {
+                Some(request_op::Request::RequestPut(p)) => {
+                    if !self.owns(&p.key) {
+                        OpPartial::Put(None)
+                    } else {
+                        let prev = self.index.latest(&p.key).cloned();
+                        let value: Box<[u8]> = if p.ignore_value {
+                            prev.as_ref()
+                                .and_then(|v| v.value.clone())
+                                .unwrap_or_default()
+                        } else {
+                            p.value.as_slice().into()
+                        };
+                        let lease = if p.ignore_lease {
+                            prev.as_ref().map(|v| v.lease).unwrap_or(0)
+                        } else {
+                            p.lease
+                        };
+                        let v = self.index.put(&p.key, rev, value, lease).clone();
+                        self.last_rev = rev;
+                        self.seg.append(&p.key, &v);
+                        changed = true;
+                        OpPartial::Put(Some(PutResponse {
+                            header: None,
+                            prev_kv: if p.prev_kv {
+                                prev.map(|v| to_kv(&p.key, &v, false))
+                            } else {
+                                None
+                            },
+                        }))
+                    }
+                }
+                Some(request_op::Request::RequestDeleteRange(d)) => {
+                    let end = End::from_range_end(&d.range_end);
+                    let mut victims: Vec<(Vec<u8>, Version)> = Vec::new();
+                    self.index.range(&d.key, end, i64::MAX, |k, v| {
+                        victims.push((k.to_vec(), v.clone()));
+                        true
+                    });
+                    let mut prev_kvs = Vec::new();
+                    for (k, v) in &victims {
+                        self.index.tombstone(k, rev);
+                        let tomb = Version {
+                            mod_rev: rev,
+                            create_rev: 0,
+                            version: 0,
+                            lease: 0,
+                            value: None,
+                        };
+                        self.seg.append(k, &tomb);
+                        if d.prev_kv {
+                            prev_kvs.push(to_kv(k, v, false));
+                        }
+                    }
+                    if !victims.is_empty() {
+                        changed = true;
+                        self.last_rev = rev;
+                    }
+                    OpPartial::Delete(DeleteRangeResponse {
+                        header: None,
+                        deleted: victims.len() as i64,
+                        prev_kvs,
+                    })
+                }
+                Some(request_op::Request::RequestRange(r)) => {
+                    // Reads inside a txn see the txn's own earlier writes
+                    // (etcd's write view reads at rev+1 once it has changes).
+                    let at = if r.revision > 0 { r.revision } else { rev };
+                    match self.range(r, at) {
+                        Ok(p) => OpPartial::Range(p),
+                        // Checked before the txn started; cannot happen here.
+                        Err(_) => OpPartial::Range(RangePartial::default()),
+                    }
+                }
+                Some(request_op::Request::RequestTxn(_)) | None => OpPartial::None,
+            };
+            out.push(p);
+        }
+        (out, changed)
+    }
+
+    /// Bytes of segment files on disk (what Status reports as dbSize).
+    pub fn disk_bytes(&self) -> u64 {
+        segment::list_segments(&self.dir)
+            .unwrap_or_default()
+            .iter()
+            .filter_map(|id| fs::metadata(segment::segment_path(&self.dir, *id)).ok())
+            .map(|m| m.len())
+            .sum()
+    }
+
+    pub fn compact(&mut self, rev: i64) {
+        if rev > self.compact_rev {
+            self.index.compact(rev);
+            self.compact_rev = rev;
+        }
+    }
+
+    /// Writes buffered segment records to the file (no fsync).
+    pub fn flush(&mut self) -> Result<(), String> {
+        self.seg
+            .flush()
+            .map_err(|e| format!("{}: segment write failed: {e}", self.dir.display()))
+    }
+
+    /// Makes everything applied up to `index` durable in the segments and
+    /// records a checkpoint there: flush, fsync the segment, write the
+    /// checkpoint file atomically, keep the previous one (recovery may need
+    /// it if another shard did not finish this round). Blocking.
+    pub fn checkpoint(&mut self, index: u64) -> Result<Checkpoint, String> {
+        self.applied = self.applied.max(index);
+        self.flush()?;
+        let (seg_id, seg_offset) = self.seg.position();
+        let ck = Checkpoint {
+            applied: index,
+            compact_rev: self.compact_rev,
+            last_rev: self.last_rev,
+            seg_id,
+            seg_offset,
+        };
+        let dir = self.dir.clone();
+        let io = |e: std::io::Error| format!("{}: checkpoint failed: {e}", dir.display());
+        self.seg
+            .sync_handle()
+            .and_then(|f| f.sync_data())
+            .map_err(io)?;
+        let tmp = dir.join("checkpoint.tmp");
+        let mut f = File::create(&tmp).map_err(io)?;
+        f.write_all(&ck.encode()).map_err(io)?;
+        f.sync_all().map_err(io)?;
+        fs::rename(&tmp, dir.join(format!("checkpoint-{index:020}"))).map_err(io)?;
+        File::open(&dir).and_then(|d| d.sync_all()).map_err(io)?;
+        let mine = list_checkpoints(&dir).unwrap_or_default();
+        if mine.len() > 2 {
+            for i in &mine[..mine.len() - 2] {
+                let _ = fs::remove_file(dir.join(format!("checkpoint-{i:020}")));
+            }
+        }
+        self.checkpointed = ck;
+        Ok(ck)
+    }
+}
+
+fn list_checkpoints(dir: &Path) -> Result<Vec<u64>, String> {
+    let mut v = Vec::new();
+    let rd = match fs::read_dir(&dir) {
+        Ok(rd) => rd,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(v),
+        Err(e) => return Err(format!("{}: {e}", dir.display())),
+    };
+    for e in rd {
+        let name = e.map_err(|e| e.to_string())?.file_name();
+        if let Some(i) = name
+            .to_string_lossy()
+            .strip_prefix("checkpoint-")
+            .and_then(|s| s.parse::<u64>().ok())
+        {
+            v.push(i);
+        }
+    }
+    v.sort_unstable();
+    Ok(v)
+}
+
+pub fn to_kv(key: &[u8], v: &Version, keys_only: bool) -> KeyValue {
+    KeyValue {
+        key: key.to_vec(),
+        create_revision: v.create_rev,
+        mod_revision: v.mod_rev,
+        version: v.version,
+        value: if keys_only {
+            Vec::new()
+        } else {
+            v.value.as_deref().unwrap_or(&[]).to_vec()
+        },
+        lease: v.lease,
+    }
+}

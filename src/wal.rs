@@ -1,0 +1,472 @@
+//! The write-ahead log of Raft entries and hard state.
+//!
+//! `data-dir/wal/` holds segment files named `{seq:016}.wal`, each starting
+//! with an 8-byte magic and a `Base` record (index and term of the entry just
+//! before the segment's first), then records:
+//!
+//! ```text
+//! record := len:u32le | crc32c(body):u32le | body[len]
+//! body   := type:u8 | payload
+//! type 1 = Entry (eraftpb::Entry, protobuf), 2 = HardState (protobuf),
+//! type 3 = Base (index:u64le, term:u64le)
+//! ```
+//!
+//! An Entry whose index is at or below the last one read replaces the tail
+//! from that index (Raft overwrote it). Writes go through io_uring
+//! (glommio's `BufferedFile`), one `write_at` and one `fdatasync` per batch:
+//! that is the group commit.
+//!
+//! Recovery (`read_all`) cuts a torn or corrupt tail of the last segment with
+//! a log line; damage followed by intact data, or in an older segment, is
+//! refused with a clear error, because it would drop acknowledged writes.
+
+use protobuf::Message;
+use raft::eraftpb::{Entry, HardState};
+use std::fs::{self, File, OpenOptions};
+use std::io::Read;
+use std::path::{Path, PathBuf};
+
+pub const MAGIC: &[u8; 8] = b"KLSNWAL1";
+pub const SEGMENT_BYTES_MAX: u64 = 64 * 1024 * 1024;
+const HEADER_BYTES: usize = 8;
+const RECORD_BYTES_MAX: usize = 512 * 1024 * 1024;
+
+const T_ENTRY: u8 = 1;
+const T_HARDSTATE: u8 = 2;
+const T_BASE: u8 = 3;
+
+/// What recovery found.
+#[derive(Debug, Default)]
+pub struct Recovered {
+    /// (index, term) just before the first entry kept.
+    pub base: (u64, u64),
+    pub hard_state: HardState,
+    pub entries: Vec<Entry>,
+    /// Next segment sequence number and the byte offset to append at.
+    pub tail: Option<(u64, u64)>,
+    /// Segments present, oldest first, with their base index.
+    pub segments: Vec<(u64, u64)>,
+}
+
+pub fn wal_dir(data_dir: &Path) -> PathBuf {
+    data_dir.join("wal")
+}
+
+fn seg_path(dir: &Path, seq: u64) -> PathBuf {
+    dir.join(format!("{seq:016}.wal"))
+}
+
+fn list(dir: &Path) -> Result<Vec<u64>, String> {
+    let mut v = Vec::new();
+    let rd = match fs::read_dir(dir) {
+        Ok(rd) => rd,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(v),
+        Err(e) => return Err(format!("{}: {e}", dir.display())),
+    };
+    for e in rd {
+        let name = e.map_err(|e| e.to_string())?.file_name();
+        let name = name.to_string_lossy();
+        if let Some(seq) = name
+            .strip_suffix(".wal")
+            .and_then(|s| s.parse::<u64>().ok())
+        {
+            v.push(seq);
+        }
+    }
+    v.sort_unstable();
+    Ok(v)
+}
+
+pub fn encode_record(out: &mut Vec<u8>, kind: u8, payload: &[u8]) {
+    let len = 1 + payload.len();
+    out.extend_from_slice(&(len as u32).to_le_bytes());
+    let crc_at = out.len();
+    out.extend_from_slice(&[0; 4]);
+    let body_at = out.len();
+    out.push(kind);
+    out.extend_from_slice(payload);
+    let crc = crc32c::crc32c(&out[body_at..]);
+    out[crc_at..crc_at + 4].copy_from_slice(&crc.to_le_bytes());
+}
+
+enum Rec<'a> {
+    Ok(u8, &'a [u8], usize),
+    Short,
+    Bad(String),
+}
+
+fn decode(buf: &[u8]) -> Rec<'_> {
+    if buf.len() < HEADER_BYTES {
+        return Rec::Short;
+    }
+    let len = u32::from_le_bytes(buf[0..4].try_into().expect("4")) as usize;
+    let crc = u32::from_le_bytes(buf[4..8].try_into().expect("4"));
+    if len == 0 || len > RECORD_BYTES_MAX {
+        return Rec::Bad(format!("record length {len} out of bounds"));
+    }
+    if buf.len() < HEADER_BYTES + len {
+        return Rec::Short;
+    }
+    let body = &buf[HEADER_BYTES..HEADER_BYTES + len];
+    if crc32c::crc32c(body) != crc {
+        return Rec::Bad("checksum mismatch".into());
+    }
+    Rec::Ok(body[0], &body[1..], HEADER_BYTES + len)
+}
+
+/// Reads every segment. See the module doc for what is cut and what refused.
+pub fn read_all(data_dir: &Path) -> Result<Recovered, String> {
+    let dir = wal_dir(data_dir);
+    let seqs = list(&dir)?;
+    let mut rec = Recovered::default();
+    let mut last_index = 0u64;
+    for (i, &seq) in seqs.iter().enumerate() {
+        let last_seg = i + 1 == seqs.len();
+        let path = seg_path(&dir, seq);
+        let mut data = Vec::new();
+        File::open(&path)
+            .and_then(|mut f| f.read_to_end(&mut data))
+            .map_err(|e| format!("{}: {e}", path.display()))?;
+        if data.len() < MAGIC.len() || &data[..MAGIC.len()] != MAGIC {
+            if last_seg && data.iter().all(|b| *b == 0) {
+                // Created but never written: a crash right after creation.
+                crate::warn!("wal: {} is empty, removing it", path.display());
+                fs::remove_file(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+                continue;
+            }
+            return Err(format!(
+                "{}: not a keelson WAL segment (bad magic)",
+                path.display()
+            ));
+        }
+        let mut off = MAGIC.len();
+        let mut seg_base = None;
+        loop {
+            if off >= data.len() {
+                break;
+            }
+            let problem = match decode(&data[off..]) {
+                Rec::Ok(kind, payload, n) => {
+                    match kind {
+                        T_BASE if payload.len() == 16 => {
+                            let idx = u64::from_le_bytes(payload[0..8].try_into().expect("8"));
+                            let term = u64::from_le_bytes(payload[8..16].try_into().expect("8"));
+                            seg_base = Some(idx);
+                            if rec.entries.is_empty() && last_index == 0 {
+                                rec.base = (idx, term);
+                                last_index = idx;
+                            }
+                        }
+                        T_ENTRY => {
+                            let e = Entry::parse_from_bytes(payload).map_err(|e| {
+                                format!("{}: entry at offset {off}: {e}", path.display())
+                            })?;
+                            if e.index <= rec.base.0 {
+                                return Err(format!(
+                                    "{}: entry {} at offset {off} is below the log's base {}",
+                                    path.display(),
+                                    e.index,
+                                    rec.base.0
+                                ));
+                            }
+                            if e.index > last_index + 1 {
+                                return Err(format!(
+                                    "{}: entry {} at offset {off} leaves a gap after {last_index}",
+                                    path.display(),
+                                    e.index
+                                ));
+                            }
+                            let keep = (e.index - rec.base.0 - 1) as usize;
+                            rec.entries.truncate(keep);
+                            last_index = e.index;
+                            rec.entries.push(e);
+                        }
+                        T_HARDSTATE => {
+                            rec.hard_state = HardState::parse_from_bytes(payload).map_err(|e| {
+                                format!("{}: hard state at offset {off}: {e}", path.display())
+                            })?;
+                        }
+                        other => {
+                            return Err(format!(
+                                "{}: unknown record type {other} at offset {off}",
+                                path.display()
+                            ))
+                        }
+                    }
+                    off += n;
+                    continue;
+                }
+                Rec::Short => "a truncated record".to_string(),
+                Rec::Bad(why) => why,
+            };
+            // A damaged record. Only the tail of the last segment may be cut:
+            // data there was never acknowledged (a write is acknowledged only
+            // after its batch's fdatasync, and batches are appended in order).
+            let rest_is_blank =
+                data[off..].iter().all(|b| *b == 0) || !has_valid_record_after(&data, off);
+            if !last_seg || !rest_is_blank {
+                return Err(format!(
+                    "{}: corrupt record at offset {off} ({problem}) followed by intact data; refusing to start (this would lose acknowledged writes)",
+                    path.display()
+                ));
+            }
+            crate::warn!(
+                "wal: {}: cutting a torn tail at offset {off} ({problem}, {} bytes dropped)",
+                path.display(),
+                data.len() - off
+            );
+            let f = OpenOptions::new()
+                .write(true)
+                .open(&path)
+                .map_err(|e| format!("{}: {e}", path.display()))?;
+            f.set_len(off as u64)
+                .and_then(|_| f.sync_all())
+                .map_err(|e| format!("{}: {e}", path.display()))?;
+            data.truncate(off);
+            break;
+        }
+        rec.segments.push((seq, seg_base.unwrap_or(0)));
+        if last_seg {
+            rec.tail = Some((seq, data.len() as u64));
+        }
+    }
+    Ok(rec)
+}
+
+/// Whether any intact record starts after the damaged one at `off`.
+fn has_valid_record_after(data: &[u8], off: usize) -> bool {
+    (off + 1..data.len().saturating_sub(HEADER_BYTES))
+        .any(|o| matches!(decode(&data[o..]), Rec::Ok(k, _, _) if (1..=3).contains(&k)))
+}
+
+/// Appends batches to the tail segment. Lives on the raft core.
+pub struct Wal {
+    dir: PathBuf,
+    seq: u64,
+    file: glommio::io::BufferedFile,
+    pos: u64,
+    /// (seq, base index) of every segment, oldest first.
+    segments: Vec<(u64, u64)>,
+    buf: Vec<u8>,
+}
+
+impl Wal {
+    /// Opens the WAL after `read_all`, appending to its tail or creating the
+    /// first segment.
+    pub async fn open(data_dir: &Path, rec: &Recovered, last: (u64, u64)) -> Result<Wal, String> {
+        let dir = wal_dir(data_dir);
+        fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+        match rec.tail {
+            Some((seq, pos)) => {
+                let file = glommio::io::BufferedFile::open(seg_path(&dir, seq))
+                    .await
+                    .map_err(|e| format!("wal open: {e}"))?;
+                Ok(Wal {
+                    dir,
+                    seq,
+                    file,
+                    pos,
+                    segments: rec.segments.clone(),
+                    buf: Vec::new(),
+                })
+            }
+            None => Wal::create(dir, 1, last, Vec::new()).await,
+        }
+    }
+
+    async fn create(
+        dir: PathBuf,
+        seq: u64,
+        base: (u64, u64),
+        mut segments: Vec<(u64, u64)>,
+    ) -> Result<Wal, String> {
+        let path = seg_path(&dir, seq);
+        let file = glommio::io::BufferedFile::create(&path)
+            .await
+            .map_err(|e| format!("{}: {e}", path.display()))?;
+        let mut head = MAGIC.to_vec();
+        let mut payload = base.0.to_le_bytes().to_vec();
+        payload.extend_from_slice(&base.1.to_le_bytes());
+        encode_record(&mut head, T_BASE, &payload);
+        let n = head.len() as u64;
+        file.write_at(head, 0)
+            .await
+            .map_err(|e| format!("{}: {e}", path.display()))?;
+        file.fdatasync()
+            .await
+            .map_err(|e| format!("{}: {e}", path.display()))?;
+        File::open(&dir)
+            .and_then(|d| d.sync_all())
+            .map_err(|e| format!("{}: {e}", dir.display()))?;
+        segments.push((seq, base.0));
+        Ok(Wal {
+            dir,
+            seq,
+            file,
+            pos: n,
+            segments,
+            buf: Vec::new(),
+        })
+    }
+
+    pub fn push_entries(&mut self, entries: &[Entry]) {
+        for e in entries {
+            let bytes = e.write_to_bytes().expect("entry encodes");
+            encode_record(&mut self.buf, T_ENTRY, &bytes);
+        }
+    }
+
+    pub fn push_hard_state(&mut self, hs: &HardState) {
+        let bytes = hs.write_to_bytes().expect("hard state encodes");
+        encode_record(&mut self.buf, T_HARDSTATE, &bytes);
+    }
+
+    pub fn has_pending(&self) -> bool {
+        !self.buf.is_empty()
+    }
+
+    /// Writes what was pushed and fdatasyncs it: one batch, one sync.
+    /// `last` is (index, term) of the last entry in the log afterwards,
+    /// used as the base of the next segment when this one is full.
+    pub async fn sync(&mut self, last: (u64, u64), hs: &HardState) -> Result<(), String> {
+        if self.buf.is_empty() {
+            return Ok(());
+        }
+        let buf = std::mem::take(&mut self.buf);
+        let n = buf.len() as u64;
+        let written = self
+            .file
+            .write_at(buf, self.pos)
+            .await
+            .map_err(|e| format!("wal write: {e}"))?;
+        if written as u64 != n {
+            return Err(format!("wal write: short write {written} of {n}"));
+        }
+        self.pos += n;
+        self.file
+            .fdatasync()
+            .await
+            .map_err(|e| format!("wal fdatasync: {e}"))?;
+        if self.pos >= SEGMENT_BYTES_MAX {
+            let segments = std::mem::take(&mut self.segments);
+            let next = Wal::create(self.dir.clone(), self.seq + 1, last, segments).await?;
+            let old = std::mem::replace(self, next);
+            // The new segment must carry the hard state too, or dropping the
+            // old one later would lose it.
+            self.push_hard_state(hs);
+            let _ = old.file.close().await;
+        }
+        Ok(())
+    }
+
+    /// Deletes segments whose entries all lie at or below `index` (every
+    /// shard has checkpointed past them). The tail segment always stays.
+    pub fn release_to(&mut self, index: u64) -> usize {
+        let mut removed = 0;
+        while self.segments.len() >= 2 && self.segments[1].1 <= index {
+            let (seq, _) = self.segments.remove(0);
+            let path = seg_path(&self.dir, seq);
+            match fs::remove_file(&path) {
+                Ok(()) => removed += 1,
+                Err(e) => {
+                    crate::warn!("wal: could not remove {}: {e}", path.display());
+                    break;
+                }
+            }
+        }
+        removed
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(index: u64, term: u64, data: &[u8]) -> Entry {
+        let mut e = Entry::default();
+        e.index = index;
+        e.term = term;
+        e.data = data.to_vec().into();
+        e
+    }
+
+    fn write_segment(dir: &Path, seq: u64, base: (u64, u64), recs: &[(u8, Vec<u8>)]) -> PathBuf {
+        fs::create_dir_all(wal_dir(dir)).unwrap();
+        let mut buf = MAGIC.to_vec();
+        let mut p = base.0.to_le_bytes().to_vec();
+        p.extend_from_slice(&base.1.to_le_bytes());
+        encode_record(&mut buf, T_BASE, &p);
+        for (k, payload) in recs {
+            encode_record(&mut buf, *k, payload);
+        }
+        let path = seg_path(&wal_dir(dir), seq);
+        fs::write(&path, buf).unwrap();
+        path
+    }
+
+    fn e(index: u64, term: u64) -> (u8, Vec<u8>) {
+        (T_ENTRY, entry(index, term, b"x").write_to_bytes().unwrap())
+    }
+
+    #[test]
+    fn overwrite_and_base() {
+        let d = tempfile::tempdir().unwrap();
+        write_segment(d.path(), 1, (0, 0), &[e(1, 1), e(2, 1), e(3, 1), e(2, 2)]);
+        write_segment(d.path(), 2, (2, 2), &[e(3, 2)]);
+        let r = read_all(d.path()).unwrap();
+        let got: Vec<(u64, u64)> = r.entries.iter().map(|e| (e.index, e.term)).collect();
+        assert_eq!(got, vec![(1, 1), (2, 2), (3, 2)]);
+        assert_eq!(r.segments, vec![(1, 0), (2, 2)]);
+    }
+
+    #[test]
+    fn torn_tail_is_cut_every_length() {
+        let d = tempfile::tempdir().unwrap();
+        let path = write_segment(d.path(), 1, (0, 0), &[e(1, 1), e(2, 1), e(3, 1)]);
+        let full = fs::read(&path).unwrap();
+        let two = {
+            let mut b = MAGIC.to_vec();
+            let mut p = 0u64.to_le_bytes().to_vec();
+            p.extend_from_slice(&0u64.to_le_bytes());
+            encode_record(&mut b, T_BASE, &p);
+            encode_record(&mut b, T_ENTRY, &e(1, 1).1);
+            encode_record(&mut b, T_ENTRY, &e(2, 1).1);
+            b.len()
+        };
+        for cut in two..full.len() {
+            fs::write(&path, &full[..cut]).unwrap();
+            let r = read_all(d.path()).unwrap();
+            let want = if cut == full.len() { 3 } else { 2 };
+            assert_eq!(r.entries.len(), want, "cut at {cut}");
+            assert_eq!(
+                fs::metadata(&path).unwrap().len() as usize,
+                two,
+                "file cut back at {cut}"
+            );
+        }
+    }
+
+    #[test]
+    fn corruption_before_intact_data_is_refused() {
+        let d = tempfile::tempdir().unwrap();
+        let path = write_segment(d.path(), 1, (0, 0), &[e(1, 1), e(2, 1), e(3, 1)]);
+        let mut data = fs::read(&path).unwrap();
+        let at = MAGIC.len() + 30; // inside the first entry record
+        data[at] ^= 0xff;
+        fs::write(&path, &data).unwrap();
+        let err = read_all(d.path()).unwrap_err();
+        assert!(err.contains("refusing to start"), "{err}");
+    }
+
+    #[test]
+    fn damage_in_older_segment_is_refused() {
+        let d = tempfile::tempdir().unwrap();
+        let p1 = write_segment(d.path(), 1, (0, 0), &[e(1, 1), e(2, 1)]);
+        write_segment(d.path(), 2, (2, 1), &[e(3, 1)]);
+        let mut data = fs::read(&p1).unwrap();
+        let n = data.len();
+        data.truncate(n - 3);
+        fs::write(&p1, &data).unwrap();
+        assert!(read_all(d.path()).is_err());
+    }
+}
