@@ -258,7 +258,10 @@ impl Wal {
         fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
         match rec.tail {
             Some((seq, pos)) => {
-                let file = glommio::io::BufferedFile::open(seg_path(&dir, seq))
+                let file = glommio::io::OpenOptions::new()
+                    .read(true)
+                    .write(true)
+                    .buffered_open(seg_path(&dir, seq))
                     .await
                     .map_err(|e| format!("wal open: {e}"))?;
                 Ok(Wal {
