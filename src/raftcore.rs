@@ -134,7 +134,15 @@ pub async fn run_raft(boot: RaftBoot, rx: Receiver<RaftMsg>, router: Arc<Router>
     let mut msgs = Vec::with_capacity(256);
 
     loop {
-        let wait = next_tick.saturating_duration_since(Instant::now());
+        // Reads held back for the leader's first commit go as soon as it lands.
+        let reads_due = !reads.is_empty()
+            && node.raft.state == StateRole::Leader
+            && node.raft.commit_to_current_term();
+        let wait = if reads_due {
+            Duration::ZERO
+        } else {
+            next_tick.saturating_duration_since(Instant::now())
+        };
         let recv = async { Some(rx.recv_batch(&mut msgs, BATCH_MAX).await) };
         let timer = async {
             glommio::timer::sleep(wait).await;
@@ -183,10 +191,16 @@ pub async fn run_raft(boot: RaftBoot, rx: Receiver<RaftMsg>, router: Arc<Router>
         }
         if !reads.is_empty() {
             if node.raft.state == StateRole::Leader {
-                let id = next_id;
-                next_id += 1;
-                read_batches.insert(id, std::mem::take(&mut reads));
-                node.read_index(id.to_le_bytes().to_vec());
+                // raft-rs drops a ReadIndex until the leader has committed an
+                // entry of its own term: hold reads until then.
+                if !node.raft.commit_to_current_term() {
+                    // fall through to Ready handling; retried next turn
+                } else {
+                    let id = next_id;
+                    next_id += 1;
+                    read_batches.insert(id, std::mem::take(&mut reads));
+                    node.read_index(id.to_le_bytes().to_vec());
+                }
             } else {
                 for r in reads.drain(..) {
                     let _ = r.send(Err(error::no_leader()));

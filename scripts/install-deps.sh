@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# Installs what the test suite and perf scripts need on a fresh Debian machine,
+# only when missing: protoc (the etcd-client crate compiles its protos at build
+# time), etcdctl and etcd 3.4 (a real client and a real server to compare with).
+set -euo pipefail
+need=()
+command -v protoc >/dev/null 2>&1 || need+=(protobuf-compiler)
+command -v etcdctl >/dev/null 2>&1 || need+=(etcd-client)
+command -v etcd >/dev/null 2>&1 || need+=(etcd-server)
+if [ ${#need[@]} -eq 0 ]; then
+  exit 0
+fi
+if [ "$(id -u)" != 0 ]; then
+  echo "install-deps: need root to install: ${need[*]}" >&2
+  exit 1
+fi
+export DEBIAN_FRONTEND=noninteractive
+# Keep package scripts from starting an etcd service on 2379.
+policy=/usr/sbin/policy-rc.d
+created_policy=0
+if [ ! -e "$policy" ]; then
+  printf '#!/bin/sh\nexit 101\n' > "$policy"
+  chmod +x "$policy"
+  created_policy=1
+fi
+apt-get update -qq
+apt-get install -y -qq --no-install-recommends "${need[@]}"
+if [ "$created_policy" = 1 ]; then rm -f "$policy"; fi
+# If a service started anyway, stop it: tests want their own servers.
+if command -v systemctl >/dev/null 2>&1; then systemctl stop etcd >/dev/null 2>&1 || true; fi
+pkill -x etcd >/dev/null 2>&1 || true

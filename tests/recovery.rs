@@ -1,0 +1,341 @@
+//! Recovery from damaged data files, and hostile input on the client port,
+//! against the real binary.
+
+use etcd_client::{Client, GetOptions};
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+struct Member {
+    dir: tempfile::TempDir,
+    port: u16,
+    peer: u16,
+    extra: Vec<String>,
+    child: Option<Child>,
+    /// "ready" lines in the (appended) log from earlier runs.
+    readies: usize,
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+impl Member {
+    fn new(extra: &[&str]) -> Member {
+        Member {
+            dir: tempfile::tempdir().unwrap(),
+            port: free_port(),
+            peer: free_port(),
+            extra: extra.iter().map(|s| s.to_string()).collect(),
+            child: None,
+            readies: 0,
+        }
+    }
+    fn data(&self) -> PathBuf {
+        self.dir.path().join("data")
+    }
+    fn log_text(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("log")).unwrap_or_default()
+    }
+    fn endpoint(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+    /// Starts the binary and waits until it serves; returns the exit status
+    /// instead if it stops first.
+    fn start(&mut self) -> Option<ExitStatus> {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join("log"))
+            .unwrap();
+        let c = format!("http://127.0.0.1:{}", self.port);
+        let p = format!("http://127.0.0.1:{}", self.peer);
+        let mut child = Command::new(env!("CARGO_BIN_EXE_keelson"))
+            .args([
+                "--data-dir",
+                self.data().to_str().unwrap(),
+                "--listen-client-urls",
+                &c,
+                "--advertise-client-urls",
+                &c,
+            ])
+            .args([
+                "--listen-peer-urls",
+                &p,
+                "--initial-advertise-peer-urls",
+                &p,
+            ])
+            .args(["--initial-cluster", &format!("default={p}")])
+            .args(&self.extra)
+            .stdout(Stdio::from(log.try_clone().unwrap()))
+            .stderr(Stdio::from(log))
+            .spawn()
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < deadline {
+            if let Some(st) = child.try_wait().unwrap() {
+                return Some(st);
+            }
+            if self.log_text().matches("ready to serve").count() > self.readies {
+                self.readies += 1;
+                self.child = Some(child);
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = child.kill();
+        panic!("server did not become ready:\n{}", self.log_text());
+    }
+    fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            c.kill().unwrap();
+            c.wait().unwrap();
+        }
+    }
+    async fn client(&self) -> Client {
+        Client::connect([self.endpoint()], None).await.unwrap()
+    }
+}
+
+impl Drop for Member {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        if std::thread::panicking() {
+            eprintln!("--- server log ---\n{}", self.log_text());
+        }
+    }
+}
+
+fn files(dir: &Path, ext: &str) -> Vec<PathBuf> {
+    let mut v: Vec<PathBuf> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().map(|e| e == ext).unwrap_or(false))
+        .collect();
+    v.sort();
+    v
+}
+
+/// Puts `n` keys and returns (key, value, mod_revision) for each.
+async fn put_keys(c: &mut Client, prefix: &str, n: usize) -> Vec<(String, String, i64)> {
+    let mut out = Vec::new();
+    for i in 0..n {
+        let (k, v) = (format!("{prefix}{i:05}"), format!("value-{i}"));
+        let r = c.put(k.clone(), v.clone(), None).await.unwrap();
+        out.push((k, v, r.header().unwrap().revision()));
+    }
+    out
+}
+
+async fn check_keys(c: &mut Client, want: &[(String, String, i64)]) {
+    for (k, v, rev) in want {
+        let r = c.get(k.clone(), None).await.unwrap();
+        let kv = r.kvs().first().unwrap_or_else(|| panic!("{k} missing"));
+        assert_eq!(
+            (kv.value_str().unwrap(), kv.mod_revision()),
+            (v.as_str(), *rev),
+            "{k}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn replays_wal_after_checkpoints() {
+    // A checkpoint every 10 entries: recovery loads segments and replays
+    // only the WAL tail, across several checkpoints and a WAL release.
+    let mut m = Member::new(&["--snapshot-count", "10"]);
+    assert!(m.start().is_none());
+    let want = put_keys(&mut m.client().await, "k", 300).await;
+    m.kill9();
+    assert!(m.start().is_none());
+    let mut c = m.client().await;
+    check_keys(&mut c, &want).await;
+    let r = c
+        .get("k", Some(GetOptions::new().with_prefix().with_count_only()))
+        .await
+        .unwrap();
+    assert_eq!(r.count(), 300);
+    // And it keeps going after the restart.
+    let more = put_keys(&mut c, "after", 5).await;
+    assert!(more[0].2 > want.last().unwrap().2);
+}
+
+#[tokio::test]
+async fn torn_wal_tail_is_cut_with_a_log_line() {
+    let mut m = Member::new(&[]);
+    assert!(m.start().is_none());
+    let want = put_keys(&mut m.client().await, "t", 20).await;
+    m.kill9();
+    let wal = files(&m.data().join("wal"), "wal").pop().unwrap();
+    let len = std::fs::metadata(&wal).unwrap().len();
+    // The file ends with the last batch's hard state record (the last entry
+    // precedes it): cutting a few bytes tears that record only.
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&wal)
+        .unwrap()
+        .set_len(len - 3)
+        .unwrap();
+    assert!(m.start().is_none());
+    assert!(
+        m.log_text().contains("cutting a torn tail"),
+        "{}",
+        m.log_text()
+    );
+    check_keys(&mut m.client().await, &want).await;
+}
+
+#[tokio::test]
+async fn corrupt_wal_record_refuses_to_start() {
+    let mut m = Member::new(&[]);
+    assert!(m.start().is_none());
+    put_keys(&mut m.client().await, "c", 20).await;
+    m.kill9();
+    let wal = files(&m.data().join("wal"), "wal").pop().unwrap();
+    let mut data = std::fs::read(&wal).unwrap();
+    let mid = data.len() / 3;
+    data[mid] ^= 0x5a;
+    std::fs::write(&wal, &data).unwrap();
+    let st = m.start().expect("must refuse to start");
+    assert!(!st.success());
+    let log = m.log_text();
+    assert!(
+        log.contains("refusing to start") && log.contains(".wal"),
+        "{log}"
+    );
+    assert!(!log.contains("panicked"), "{log}");
+}
+
+#[tokio::test]
+async fn corrupt_segment_refuses_to_start_and_truncated_tail_recovers() {
+    let mut m = Member::new(&["--snapshot-count", "10", "--shards", "1", "--cores", "1"]);
+    assert!(m.start().is_none());
+    let want = put_keys(&mut m.client().await, "s", 50).await;
+    m.kill9();
+    let seg = files(&m.data().join("shard-000"), "seg").pop().unwrap();
+    let orig = std::fs::read(&seg).unwrap();
+
+    // Bytes past the last checkpoint are cut and replayed from the WAL.
+    std::fs::write(&seg, &orig[..orig.len() - 7]).unwrap();
+    assert!(m.start().is_none(), "{}", m.log_text());
+    check_keys(&mut m.client().await, &want).await;
+    m.kill9();
+
+    // A flipped byte inside checkpointed data is corruption: refuse.
+    let mut bad = std::fs::read(&seg).unwrap();
+    bad[20] ^= 0xff;
+    std::fs::write(&seg, &bad).unwrap();
+    let st = m.start().expect("must refuse to start");
+    assert!(!st.success());
+    let log = m.log_text();
+    assert!(log.contains(".seg") && log.contains("offset"), "{log}");
+    assert!(!log.contains("panicked"), "{log}");
+}
+
+/// Sends raw bytes and reads until the server closes or 2 s pass.
+fn poke(ep: &str, bytes: &[u8]) {
+    let mut s = TcpStream::connect(ep).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+    let _ = s.write_all(bytes);
+    let mut buf = [0u8; 4096];
+    let _ = s.read(&mut buf);
+}
+
+/// An HTTP/2 client sending one gRPC request with an arbitrary body;
+/// returns (grpc-status, grpc-message).
+async fn raw_grpc(ep: &str, path: &str, body: Vec<u8>) -> (String, String) {
+    let tcp = tokio::net::TcpStream::connect(ep).await.unwrap();
+    let (mut h2c, conn) = h2::client::handshake(tcp).await.unwrap();
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    let req = http::Request::builder()
+        .method("POST")
+        .uri(format!("http://{ep}{path}"))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .body(())
+        .unwrap();
+    let (resp, mut send) = h2c.send_request(req, false).unwrap();
+    send.send_data(body.into(), true).unwrap();
+    let resp = resp.await.unwrap();
+    let head = resp.headers().clone();
+    let mut recv = resp.into_body();
+    while let Some(d) = recv.data().await {
+        let _ = d;
+    }
+    let trailers = recv.trailers().await.unwrap().unwrap_or(head);
+    let get = |k: &str| {
+        trailers
+            .get(k)
+            .map(|v| v.to_str().unwrap().to_string())
+            .unwrap_or_default()
+    };
+    (get("grpc-status"), get("grpc-message"))
+}
+
+fn frame(msg: &[u8]) -> Vec<u8> {
+    let mut b = vec![0u8];
+    b.extend_from_slice(&(msg.len() as u32).to_be_bytes());
+    b.extend_from_slice(msg);
+    b
+}
+
+#[tokio::test]
+async fn hostile_input_never_crashes_the_server() {
+    let mut m = Member::new(&[]);
+    assert!(m.start().is_none());
+    let ep = m.endpoint();
+    // Not HTTP/2 at all, a bad preface, HTTP/1.
+    poke(&ep, b"\x00\x01\x02garbage\xff\xfe");
+    poke(
+        &ep,
+        b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\xff\xff\xff\xff\xff\xff\xff\xff\xff",
+    );
+    poke(&ep, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n");
+    // (path, body, expected grpc-status)
+    let too_big = u32::MAX.to_be_bytes();
+    let cases: Vec<(&str, Vec<u8>, &str)> = vec![
+        ("/etcdserverpb.KV/Put", frame(&[0xff, 0xff, 0xff]), "13"),
+        ("/etcdserverpb.KV/Range", frame(&[0x0a, 0x50, 0x01]), "13"),
+        ("/etcdserverpb.KV/Txn", vec![0, 0, 0], "13"),
+        (
+            "/etcdserverpb.KV/Put",
+            [&[0u8][..], &too_big[..], b"x"].concat(),
+            "8",
+        ),
+        (
+            "/etcdserverpb.KV/Put",
+            [&[1u8][..], &[0, 0, 0, 1][..], b"x"].concat(),
+            "13",
+        ),
+        ("/etcdserverpb.KV/Nope", frame(&[]), "12"),
+        ("/no.Such/Service", frame(&[]), "12"),
+        ("/etcdserverpb.Watch/Watch", frame(&[]), "12"),
+        // An empty key is etcd's InvalidArgument.
+        ("/etcdserverpb.KV/Put", frame(&[0x12, 0x01, b'v']), "3"),
+    ];
+    for (path, body, want) in cases {
+        let (code, msg) = raw_grpc(&ep, path, body).await;
+        assert_eq!(code, want, "{path}: {msg}");
+    }
+    // Still alive and serving.
+    let mut c = m.client().await;
+    c.put("alive", "yes", None).await.unwrap();
+    assert_eq!(
+        c.get("alive", None).await.unwrap().kvs()[0]
+            .value_str()
+            .unwrap(),
+        "yes"
+    );
+    assert!(m.child.as_mut().unwrap().try_wait().unwrap().is_none());
+}
