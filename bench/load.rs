@@ -1,1 +1,431 @@
-fn main() {}
+//! keelson-bench: an etcd v3 load generator that speaks gRPC over HTTP/2
+//! directly (h2 on glommio sockets, prost messages), so that on a small
+//! machine the load generator, not the server, is the cheap side.
+//!
+//! Closed loop: `--clients` requests in flight in total, spread over
+//! `--conns` HTTP/2 connections and `--threads` executors. Stops after
+//! `--total` requests or `--duration-secs`, whichever comes first. Reports
+//! throughput, latency percentiles (hdrhistogram), and CPU time per
+//! operation of the server (`--server-pid`) and of the bench itself.
+
+use bytes::{BufMut, Bytes, BytesMut};
+use hdrhistogram::Histogram;
+use keelson::proto::etcdserverpb::{request_op, PutRequest, RangeRequest, RequestOp, TxnRequest};
+use prost::Message;
+use std::cell::RefCell;
+use std::rc::Rc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio_util::compat::FuturesAsyncReadCompatExt;
+
+#[derive(Clone, Debug)]
+struct Opts {
+    endpoints: Vec<String>,
+    conns: usize,
+    clients: usize,
+    total: u64,
+    duration: Duration,
+    key_size: usize,
+    val_size: usize,
+    key_space: u64,
+    workload: String,
+    threads: usize,
+    server_pid: Option<u32>,
+    prefill: u64,
+    sequential_keys: bool,
+    json: bool,
+}
+
+fn usage() -> ! {
+    eprintln!(
+        "usage: keelson-bench [--endpoints 127.0.0.1:2379] [--conns 8] [--clients 64] [--total 100000]\n\
+         [--duration-secs 60] [--key-size 8] [--val-size 256] [--key-space 100000]\n\
+         [--workload put|range|range-serializable|txn-put|mixed] [--threads 1] [--server-pid PID]\n\
+         [--prefill N] [--sequential-keys] [--json]"
+    );
+    std::process::exit(2)
+}
+
+fn parse() -> Opts {
+    let mut o = Opts {
+        endpoints: vec!["127.0.0.1:2379".into()],
+        conns: 8,
+        clients: 64,
+        total: 100_000,
+        duration: Duration::from_secs(60),
+        key_size: 8,
+        val_size: 256,
+        key_space: 100_000,
+        workload: "put".into(),
+        threads: 1,
+        server_pid: None,
+        prefill: 0,
+        sequential_keys: false,
+        json: false,
+    };
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let mut i = 0;
+    while i < args.len() {
+        let (name, inline) = match args[i].split_once('=') {
+            Some((n, v)) => (n.to_string(), Some(v.to_string())),
+            None => (args[i].clone(), None),
+        };
+        let name = name.trim_start_matches('-').to_string();
+        if name == "json" || name == "sequential-keys" {
+            if name == "json" {
+                o.json = true
+            } else {
+                o.sequential_keys = true
+            }
+            i += 1;
+            continue;
+        }
+        let v = match inline {
+            Some(v) => v,
+            None => {
+                i += 1;
+                args.get(i).cloned().unwrap_or_else(|| usage())
+            }
+        };
+        let num = |v: &str| v.parse::<u64>().unwrap_or_else(|_| usage());
+        match name.as_str() {
+            "endpoints" => {
+                o.endpoints = v
+                    .split(',')
+                    .map(|s| s.trim_start_matches("http://").to_string())
+                    .collect()
+            }
+            "conns" => o.conns = num(&v).max(1) as usize,
+            "clients" => o.clients = num(&v).max(1) as usize,
+            "total" => o.total = num(&v),
+            "duration-secs" => o.duration = Duration::from_secs(num(&v)),
+            "key-size" => o.key_size = num(&v).max(1) as usize,
+            "val-size" => o.val_size = num(&v) as usize,
+            "key-space" => o.key_space = num(&v).max(1),
+            "workload" => o.workload = v,
+            "threads" => o.threads = num(&v).clamp(1, 64) as usize,
+            "server-pid" => o.server_pid = Some(num(&v) as u32),
+            "prefill" => o.prefill = num(&v),
+            _ => usage(),
+        }
+        i += 1;
+    }
+    if !["put", "range", "range-serializable", "txn-put", "mixed"].contains(&o.workload.as_str()) {
+        usage();
+    }
+    o.conns = o.conns.max(o.threads);
+    o.clients = o.clients.max(o.conns);
+    o
+}
+
+/// utime + stime of a process, in microseconds.
+fn cpu_us(pid: &str) -> Option<u64> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let rest = &s[s.rfind(')')? + 2..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?;
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as u64;
+    Some(ticks * 1_000_000 / hz.max(1))
+}
+
+fn key(o: &Opts, n: u64) -> Vec<u8> {
+    let idx = if o.sequential_keys {
+        n
+    } else {
+        // xorshift of the op number: cheap and spread over the key space.
+        let mut x = n.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        x % o.key_space
+    };
+    let s = format!("{idx:0width$}", width = o.key_size);
+    s.as_bytes()[s.len() - o.key_size..].to_vec()
+}
+
+fn grpc_frame(msg: &impl Message) -> Bytes {
+    let mut b = BytesMut::with_capacity(5 + msg.encoded_len());
+    b.put_u8(0);
+    b.put_u32(msg.encoded_len() as u32);
+    msg.encode(&mut b).expect("buffer has room");
+    b.freeze()
+}
+
+/// (gRPC path, framed request) for op number `n`.
+fn request(o: &Opts, workload: &str, n: u64, value: &[u8]) -> (&'static str, Bytes) {
+    let put = |k: Vec<u8>| PutRequest {
+        key: k,
+        value: value.to_vec(),
+        ..Default::default()
+    };
+    match workload {
+        "put" => ("/etcdserverpb.KV/Put", grpc_frame(&put(key(o, n)))),
+        "range" | "range-serializable" => (
+            "/etcdserverpb.KV/Range",
+            grpc_frame(&RangeRequest {
+                key: key(o, n),
+                serializable: workload == "range-serializable",
+                ..Default::default()
+            }),
+        ),
+        "txn-put" => (
+            "/etcdserverpb.KV/Txn",
+            grpc_frame(&TxnRequest {
+                compare: vec![],
+                success: vec![RequestOp {
+                    request: Some(request_op::Request::RequestPut(put(key(o, n)))),
+                }],
+                failure: vec![],
+            }),
+        ),
+        _ => {
+            if n % 2 == 0 {
+                request(o, "put", n, value)
+            } else {
+                request(o, "range-serializable", n, value)
+            }
+        }
+    }
+}
+
+struct ThreadResult {
+    hist: Histogram<u64>,
+    errors: u64,
+    first_error: Option<String>,
+}
+
+async fn one_call(
+    sr: &mut h2::client::SendRequest<Bytes>,
+    authority: &str,
+    path: &str,
+    body: Bytes,
+) -> Result<(), String> {
+    let req = http::Request::builder()
+        .method("POST")
+        .uri(format!("http://{authority}{path}"))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .body(())
+        .map_err(|e| e.to_string())?;
+    let mut ready = sr.clone().ready().await.map_err(|e| e.to_string())?;
+    let (resp, mut send) = ready.send_request(req, false).map_err(|e| e.to_string())?;
+    send.send_data(body, true).map_err(|e| e.to_string())?;
+    let resp = resp.await.map_err(|e| e.to_string())?;
+    let head_status = resp
+        .headers()
+        .get("grpc-status")
+        .map(|v| v.to_str().unwrap_or("?").to_string());
+    let mut body = resp.into_body();
+    while let Some(chunk) = body.data().await {
+        let chunk = chunk.map_err(|e| e.to_string())?;
+        let _ = body.flow_control().release_capacity(chunk.len());
+    }
+    let status = match head_status {
+        Some(s) => s,
+        None => body
+            .trailers()
+            .await
+            .map_err(|e| e.to_string())?
+            .and_then(|t| {
+                t.get("grpc-status")
+                    .map(|v| v.to_str().unwrap_or("?").to_string())
+            })
+            .unwrap_or_else(|| "missing".into()),
+    };
+    if status == "0" {
+        Ok(())
+    } else {
+        Err(format!("grpc-status {status}"))
+    }
+}
+
+/// Runs `count` ops (claimed from `next`) on one executor.
+fn run_thread(
+    o: Opts,
+    t: usize,
+    workload: String,
+    next: Arc<AtomicU64>,
+    limit: u64,
+    deadline: Instant,
+) -> ThreadResult {
+    let ex = glommio::LocalExecutorBuilder::new(glommio::Placement::Unbound)
+        .name(&format!("bench-{t}"))
+        .make()
+        .expect("executor");
+    ex.run(async move {
+        let conns = (o.conns / o.threads).max(1);
+        let clients = (o.clients / o.threads).max(conns);
+        let result = Rc::new(RefCell::new(ThreadResult {
+            hist: Histogram::new_with_bounds(1, 60_000_000, 3).expect("histogram bounds"),
+            errors: 0,
+            first_error: None,
+        }));
+        let value: Rc<Vec<u8>> = Rc::new(vec![b'v'; o.val_size]);
+        let mut tasks = Vec::new();
+        for c in 0..conns {
+            let ep = o.endpoints[(t * conns + c) % o.endpoints.len()].clone();
+            let stream = glommio::net::TcpStream::connect(ep.as_str())
+                .await
+                .unwrap_or_else(|e| {
+                    eprintln!("connect {ep}: {e}");
+                    std::process::exit(1)
+                });
+            let _ = stream.set_nodelay(true);
+            let (sr, conn) = h2::client::Builder::new()
+                .initial_window_size(1 << 20)
+                .initial_connection_window_size(16 << 20)
+                .handshake::<_, Bytes>(stream.compat())
+                .await
+                .unwrap_or_else(|e| {
+                    eprintln!("h2 handshake with {ep}: {e}");
+                    std::process::exit(1)
+                });
+            glommio::spawn_local(async move {
+                let _ = conn.await;
+            })
+            .detach();
+            let per_conn = clients / conns + usize::from(c < clients % conns);
+            for _ in 0..per_conn {
+                let mut sr = sr.clone();
+                let (o, ep, workload, next, result, value) = (
+                    o.clone(),
+                    ep.clone(),
+                    workload.clone(),
+                    next.clone(),
+                    result.clone(),
+                    value.clone(),
+                );
+                tasks.push(glommio::spawn_local(async move {
+                    loop {
+                        let n = next.fetch_add(1, Ordering::Relaxed);
+                        if n >= limit || Instant::now() >= deadline {
+                            break;
+                        }
+                        let (path, body) = request(&o, &workload, n, &value);
+                        let t0 = Instant::now();
+                        let r = one_call(&mut sr, &ep, path, body).await;
+                        let us = t0.elapsed().as_micros() as u64;
+                        let mut res = result.borrow_mut();
+                        match r {
+                            Ok(()) => {
+                                let _ = res.hist.record(us.max(1));
+                            }
+                            Err(e) => {
+                                res.errors += 1;
+                                if res.first_error.is_none() {
+                                    res.first_error = Some(e);
+                                }
+                            }
+                        }
+                    }
+                }));
+            }
+        }
+        for t in tasks {
+            t.await;
+        }
+        Rc::try_unwrap(result)
+            .ok()
+            .expect("all tasks done")
+            .into_inner()
+    })
+}
+
+/// Runs one phase over all threads; returns merged results and wall time.
+fn phase(o: &Opts, workload: &str, count: u64) -> (ThreadResult, Duration) {
+    let next = Arc::new(AtomicU64::new(0));
+    let deadline = Instant::now() + o.duration;
+    let start = Instant::now();
+    let handles: Vec<_> = (0..o.threads)
+        .map(|t| {
+            let (o, w, next) = (o.clone(), workload.to_string(), next.clone());
+            std::thread::spawn(move || run_thread(o, t, w, next, count, deadline))
+        })
+        .collect();
+    let mut total = ThreadResult {
+        hist: Histogram::new_with_bounds(1, 60_000_000, 3).expect("bounds"),
+        errors: 0,
+        first_error: None,
+    };
+    for h in handles {
+        let r = h.join().expect("bench thread");
+        total.hist.add(&r.hist).expect("same bounds");
+        total.errors += r.errors;
+        if total.first_error.is_none() {
+            total.first_error = r.first_error;
+        }
+    }
+    (total, start.elapsed())
+}
+
+fn main() {
+    let o = parse();
+    if o.prefill > 0 {
+        let mut p = o.clone();
+        p.sequential_keys = true;
+        p.duration = p.duration.max(Duration::from_secs(120));
+        let (r, el) = phase(&p, "put", o.prefill.min(o.key_space));
+        eprintln!(
+            "prefill: {} keys in {:.1}s ({} errors)",
+            r.hist.len(),
+            el.as_secs_f64(),
+            r.errors
+        );
+    }
+    let pid = o.server_pid.map(|p| p.to_string());
+    let server_before = pid.as_deref().and_then(cpu_us);
+    let self_before = cpu_us("self");
+    let (r, elapsed) = phase(&o, &o.workload, o.total);
+    let server_cpu = match (pid.as_deref().and_then(cpu_us), server_before) {
+        (Some(a), Some(b)) => Some(a - b),
+        _ => None,
+    };
+    let self_cpu = cpu_us("self").zip(self_before).map(|(a, b)| a - b);
+    let ops = r.hist.len();
+    let secs = elapsed.as_secs_f64();
+    let per_op = |c: Option<u64>| c.map(|c| c as f64 / ops.max(1) as f64);
+    let (p50, p99, p999, max) = (
+        r.hist.value_at_quantile(0.50),
+        r.hist.value_at_quantile(0.99),
+        r.hist.value_at_quantile(0.999),
+        r.hist.max(),
+    );
+    println!(
+        "workload={} ops={} errors={} elapsed={:.2}s throughput={:.0} ops/s",
+        o.workload,
+        ops,
+        r.errors,
+        secs,
+        ops as f64 / secs
+    );
+    println!("latency_us p50={p50} p99={p99} p999={p999} max={max}");
+    if let Some(c) = per_op(server_cpu) {
+        println!("server_cpu_us_per_op={c:.1}");
+    }
+    if let Some(c) = per_op(self_cpu) {
+        println!("bench_cpu_us_per_op={c:.1}");
+    }
+    if let Some(e) = &r.first_error {
+        println!("first_error={e}");
+    }
+    if o.json {
+        println!(
+            "{{\"workload\":\"{}\",\"ops\":{},\"errors\":{},\"elapsed_s\":{:.3},\"ops_per_s\":{:.1},\"p50_us\":{},\"p99_us\":{},\"p999_us\":{},\"max_us\":{},\"server_cpu_us_per_op\":{},\"bench_cpu_us_per_op\":{}}}",
+            o.workload,
+            ops,
+            r.errors,
+            secs,
+            ops as f64 / secs,
+            p50,
+            p99,
+            p999,
+            max,
+            per_op(server_cpu).map(|c| format!("{c:.2}")).unwrap_or_else(|| "null".into()),
+            per_op(self_cpu).map(|c| format!("{c:.2}")).unwrap_or_else(|| "null".into()),
+        );
+    }
+    if ops == 0 {
+        std::process::exit(1);
+    }
+}

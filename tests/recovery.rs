@@ -179,7 +179,8 @@ async fn torn_wal_tail_is_cut_with_a_log_line() {
     // leaves part of a record after the last synced one.
     let wal = files(&m.data().join("wal"), "wal").pop().unwrap();
     let mut f = std::fs::OpenOptions::new().append(true).open(&wal).unwrap();
-    f.write_all(&[0x40, 0, 0, 0, 0x12, 0x34, 0x56, 0x78, 1, 8, 1]).unwrap();
+    f.write_all(&[0x40, 0, 0, 0, 0x12, 0x34, 0x56, 0x78, 1, 8, 1])
+        .unwrap();
     drop(f);
     assert!(m.start().is_none());
     assert!(
