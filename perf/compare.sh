@@ -1,0 +1,117 @@
+#!/usr/bin/env bash
+# Runs the same workloads against a single-member keelson and a single-member
+# etcd 3.4 (Debian's etcd-server) on this machine, one server at a time, and
+# appends a table to perf/RESULTS.md.
+#
+#   perf/compare.sh [--total N] [--duration-secs S] [--memory] [--memory-keys N]
+#
+# Workload: 64 clients over 8 HTTP/2 connections, 8-byte keys, 256-byte
+# values (the issue's target shape). CPU per op is utime+stime of the server
+# process over the measured phase divided by operations.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+total=200000
+duration=60
+memory=0
+memory_keys=1000000
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --total) total=$2; shift 2 ;;
+    --duration-secs) duration=$2; shift 2 ;;
+    --memory) memory=1; shift ;;
+    --memory-keys) memory_keys=$2; shift 2 ;;
+    *) echo "unknown argument $1" >&2; exit 2 ;;
+  esac
+done
+bash scripts/install-deps.sh
+cargo build --release --bins -q
+ulimit -l unlimited 2>/dev/null || true
+bench=target/release/keelson-bench
+tmp=$(mktemp -d)
+pids=()
+cleanup() { for p in "${pids[@]:-}"; do kill -9 "$p" 2>/dev/null || true; done; rm -rf "$tmp"; }
+trap cleanup EXIT
+workloads="put range-serializable range txn-put mixed"
+
+start_server() { # kind port -> sets server_pid
+  local kind=$1 port=$2 peer=$(( $2 + 1 ))
+  local dir="$tmp/$kind-data"
+  rm -rf "$dir"
+  local args=(--name default --data-dir "$dir"
+    --listen-client-urls "http://127.0.0.1:$port" --advertise-client-urls "http://127.0.0.1:$port"
+    --listen-peer-urls "http://127.0.0.1:$peer" --initial-advertise-peer-urls "http://127.0.0.1:$peer"
+    --initial-cluster "default=http://127.0.0.1:$peer")
+  if [ "$kind" = etcd ]; then
+    etcd "${args[@]}" >"$tmp/$kind.log" 2>&1 &
+  else
+    target/release/keelson "${args[@]}" >"$tmp/$kind.log" 2>&1 &
+  fi
+  server_pid=$!
+  pids+=("$server_pid")
+  for _ in $(seq 1 100); do
+    if ETCDCTL_API=3 etcdctl --endpoints="127.0.0.1:$port" --command-timeout=1s endpoint health >/dev/null 2>&1; then return 0; fi
+    sleep 0.1
+  done
+  echo "$kind did not start:" >&2; cat "$tmp/$kind.log" >&2; exit 1
+}
+
+run_all() { # kind port
+  local kind=$1 port=$2
+  start_server "$kind" "$port"
+  for w in $workloads; do
+    local extra=()
+    case $w in range*|mixed) extra=(--prefill 100000) ;; esac
+    "$bench" --endpoints "127.0.0.1:$port" --workload "$w" --clients 64 --conns 8 \
+      --key-size 8 --val-size 256 --key-space 100000 --total "$total" --duration-secs "$duration" \
+      --server-pid "$server_pid" --json "${extra[@]}" 2>/dev/null | grep '^{' > "$tmp/$kind-$w.json"
+    echo "$kind $w: $(cat "$tmp/$kind-$w.json")" >&2
+  done
+  kill -9 "$server_pid"; wait "$server_pid" 2>/dev/null || true
+}
+
+field() { # file key
+  sed -e "s/.*\"$2\":\([^,}]*\).*/\1/" "$1"
+}
+
+rss_after_keys() { # kind port -> prints VmRSS in MiB
+  local kind=$1 port=$2
+  start_server "$kind" "$port"
+  "$bench" --endpoints "127.0.0.1:$port" --workload put --sequential-keys --key-space "$memory_keys" \
+    --total "$memory_keys" --clients 64 --conns 8 --key-size 8 --val-size 256 --duration-secs 600 >/dev/null
+  sleep 2
+  awk '/VmRSS/ {printf "%.0f", $2/1024}' "/proc/$server_pid/status"
+  kill -9 "$server_pid"; wait "$server_pid" 2>/dev/null || true
+}
+
+run_all etcd 42379
+run_all keelson 43379
+
+{
+  echo
+  echo "## $(date -u +%Y-%m-%d) single member: keelson vs etcd $(etcd --version | awk '/etcd Version/ {print $3}')"
+  echo
+  echo "Command: \`perf/compare.sh --total $total --duration-secs $duration$([ $memory = 1 ] && echo " --memory --memory-keys $memory_keys")\`"
+  echo "Machine: $(nproc) cores, $(uname -sr), $(awk '/MemTotal/ {printf "%.0f GiB", $2/1048576}' /proc/meminfo). Load: 64 clients over 8 connections, 8-byte keys, 256-byte values, 1 bench thread sharing the cores."
+  echo
+  echo "| workload | etcd ops/s | keelson ops/s | ratio | etcd p99 µs | keelson p99 µs | etcd server CPU µs/op | keelson server CPU µs/op | CPU ratio | bench CPU µs/op (etcd / keelson run) |"
+  echo "|---|---|---|---|---|---|---|---|---|---|"
+  for w in $workloads; do
+    e="$tmp/etcd-$w.json"; k="$tmp/keelson-$w.json"
+    eo=$(field "$e" ops_per_s); ko=$(field "$k" ops_per_s)
+    ep=$(field "$e" p99_us); kp=$(field "$k" p99_us)
+    ec=$(field "$e" server_cpu_us_per_op); kc=$(field "$k" server_cpu_us_per_op)
+    eb=$(field "$e" bench_cpu_us_per_op); kb=$(field "$k" bench_cpu_us_per_op)
+    ee=$(field "$e" errors); ke=$(field "$k" errors)
+    ratio=$(awk -v a="$ko" -v b="$eo" 'BEGIN { printf "%.2fx", a/b }')
+    cratio=$(awk -v a="$kc" -v b="$ec" 'BEGIN { printf "1/%.1f", b/a }')
+    note=""
+    if [ "$ee" != 0 ] || [ "$ke" != 0 ]; then note=" (errors: etcd $ee, keelson $ke)"; fi
+    echo "| $w$note | ${eo%.*} | ${ko%.*} | $ratio | $ep | $kp | $ec | $kc | $cratio | $eb / $kb |"
+  done
+  if [ "$memory" = 1 ]; then
+    em=$(rss_after_keys etcd 42379); km=$(rss_after_keys keelson 43379)
+    echo
+    echo "Memory after putting $memory_keys distinct 8-byte keys with 256-byte values: etcd RSS ${em} MiB, keelson RSS ${km} MiB (ratio $(awk -v a="$km" -v b="$em" 'BEGIN { printf "%.2f", a/b }'))."
+  fi
+} >> perf/RESULTS.md
+tail -20 perf/RESULTS.md
