@@ -1,5 +1,10 @@
 use keelson::config::{self, Parsed};
 
+// Many small allocations cross cores (requests, responses, entries):
+// mimalloc's per-thread heaps free them without glibc's consolidation work.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() {
     let args = std::env::args().skip(1);
     match config::parse(args, |k| std::env::var(k).ok()) {

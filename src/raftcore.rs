@@ -29,12 +29,22 @@ use raft::storage::MemStorage;
 use raft::{RawNode, StateRole, Storage};
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 pub enum RaftMsg {
-    Propose { data: Vec<u8>, reply: Reply },
-    ReadIndex { reply: ReadReply },
-    Checkpointed { shard: usize, index: u64 },
+    /// A heartbeat interval passed (from the ticker task).
+    Tick,
+    Propose {
+        data: Vec<u8>,
+        reply: Reply,
+    },
+    ReadIndex {
+        reply: ReadReply,
+    },
+    Checkpointed {
+        shard: usize,
+        index: u64,
+    },
 }
 
 pub struct RaftBoot {
@@ -124,7 +134,6 @@ pub async fn run_raft(boot: RaftBoot, rx: Receiver<RaftMsg>, router: Arc<Router>
     }
 
     let tick = boot.cfg.heartbeat_interval;
-    let mut next_tick = Instant::now() + tick;
     let mut next_id: u64 = 1;
     let mut waiters: HashMap<u64, Reply> = HashMap::new();
     let mut reads: Vec<ReadReply> = Vec::new();
@@ -133,27 +142,40 @@ pub async fn run_raft(boot: RaftBoot, rx: Receiver<RaftMsg>, router: Arc<Router>
     let mut published = (0u64, 0u64, 0u64);
     let mut msgs = Vec::with_capacity(256);
 
+    // Ticks arrive as messages, so the loop sleeps only on its mailbox and
+    // never re-arms a timer per turn.
+    {
+        let tx = router.raft.clone();
+        glommio::spawn_local(async move {
+            loop {
+                glommio::timer::sleep(tick).await;
+                if !tx.send(RaftMsg::Tick) {
+                    return;
+                }
+            }
+        })
+        .detach();
+    }
     loop {
-        // Reads held back for the leader's first commit go as soon as it lands.
+        // Reads held back for the leader's first commit go as soon as it
+        // lands: don't sleep while there are some and they are due.
         let reads_due = !reads.is_empty()
             && node.raft.state == StateRole::Leader
             && node.raft.commit_to_current_term();
-        let wait = if reads_due {
-            Duration::ZERO
-        } else {
-            next_tick.saturating_duration_since(Instant::now())
-        };
-        let recv = async { Some(rx.recv_batch(&mut msgs, BATCH_MAX).await) };
-        let timer = async {
-            glommio::timer::sleep(wait).await;
-            None
-        };
-        if let Some(false) = futures_lite::future::or(recv, timer).await {
+        if !reads_due && !rx.recv_batch(&mut msgs, BATCH_MAX).await {
             return; // every sender is gone: shutting down
+        }
+        if reads_due {
+            while let Some(m) = rx.try_recv() {
+                msgs.push(m);
+            }
         }
         let leader = node.raft.state == StateRole::Leader;
         for m in msgs.drain(..) {
             match m {
+                RaftMsg::Tick => {
+                    node.tick();
+                }
                 RaftMsg::Propose { data, reply } => {
                     if !leader {
                         let _ = reply.send(Err(error::no_leader()));
@@ -184,10 +206,6 @@ pub async fn run_raft(boot: RaftBoot, rx: Receiver<RaftMsg>, router: Arc<Router>
                     }
                 }
             }
-        }
-        if Instant::now() >= next_tick {
-            node.tick();
-            next_tick = Instant::now() + tick;
         }
         if !reads.is_empty() {
             if node.raft.state == StateRole::Leader {
