@@ -1,119 +1,14 @@
 //! Recovery from damaged data files, and hostile input on the client port,
 //! against the real binary.
 
+mod support;
+
 use etcd_client::{Client, GetOptions};
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
-use std::time::{Duration, Instant};
-
-struct Member {
-    dir: tempfile::TempDir,
-    port: u16,
-    peer: u16,
-    extra: Vec<String>,
-    child: Option<Child>,
-    /// "ready" lines in the (appended) log from earlier runs.
-    readies: usize,
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-impl Member {
-    fn new(extra: &[&str]) -> Member {
-        Member {
-            dir: tempfile::tempdir().unwrap(),
-            port: free_port(),
-            peer: free_port(),
-            extra: extra.iter().map(|s| s.to_string()).collect(),
-            child: None,
-            readies: 0,
-        }
-    }
-    fn data(&self) -> PathBuf {
-        self.dir.path().join("data")
-    }
-    fn log_text(&self) -> String {
-        std::fs::read_to_string(self.dir.path().join("log")).unwrap_or_default()
-    }
-    fn endpoint(&self) -> String {
-        format!("127.0.0.1:{}", self.port)
-    }
-    /// Starts the binary and waits until it serves; returns the exit status
-    /// instead if it stops first.
-    fn start(&mut self) -> Option<ExitStatus> {
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(self.dir.path().join("log"))
-            .unwrap();
-        let c = format!("http://127.0.0.1:{}", self.port);
-        let p = format!("http://127.0.0.1:{}", self.peer);
-        let mut child = Command::new(env!("CARGO_BIN_EXE_keelson"))
-            .args([
-                "--data-dir",
-                self.data().to_str().unwrap(),
-                "--listen-client-urls",
-                &c,
-                "--advertise-client-urls",
-                &c,
-            ])
-            .args([
-                "--listen-peer-urls",
-                &p,
-                "--initial-advertise-peer-urls",
-                &p,
-            ])
-            .args(["--initial-cluster", &format!("default={p}")])
-            .args(&self.extra)
-            .stdout(Stdio::from(log.try_clone().unwrap()))
-            .stderr(Stdio::from(log))
-            .spawn()
-            .unwrap();
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while Instant::now() < deadline {
-            if let Some(st) = child.try_wait().unwrap() {
-                return Some(st);
-            }
-            if self.log_text().matches("ready to serve").count() > self.readies {
-                self.readies += 1;
-                self.child = Some(child);
-                return None;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        let _ = child.kill();
-        panic!("server did not become ready:\n{}", self.log_text());
-    }
-    fn kill9(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            c.kill().unwrap();
-            c.wait().unwrap();
-        }
-    }
-    async fn client(&self) -> Client {
-        Client::connect([self.endpoint()], None).await.unwrap()
-    }
-}
-
-impl Drop for Member {
-    fn drop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-        if std::thread::panicking() {
-            eprintln!("--- server log ---\n{}", self.log_text());
-        }
-    }
-}
+use std::time::Duration;
+use support::Member;
 
 fn files(dir: &Path, ext: &str) -> Vec<PathBuf> {
     let mut v: Vec<PathBuf> = std::fs::read_dir(dir)

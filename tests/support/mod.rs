@@ -1,0 +1,167 @@
+//! The test harness: starts a real server on free loopback ports with a
+//! temporary data dir. `KEELSON_TEST_SERVER=etcd` runs Debian's etcd with
+//! the same flags instead, so every expectation can be checked against the
+//! real thing.
+#![allow(dead_code)]
+
+use etcd_client::Client;
+use std::path::PathBuf;
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+pub fn is_etcd() -> bool {
+    std::env::var("KEELSON_TEST_SERVER").as_deref() == Ok("etcd")
+}
+
+pub struct Member {
+    dir: tempfile::TempDir,
+    port: u16,
+    peer: u16,
+    extra: Vec<String>,
+    pub child: Option<Child>,
+    /// "ready" lines in the (appended) log from earlier runs.
+    readies: usize,
+}
+
+impl Member {
+    pub fn new(extra: &[&str]) -> Member {
+        Member {
+            dir: tempfile::tempdir().unwrap(),
+            port: free_port(),
+            peer: free_port(),
+            extra: extra.iter().map(|s| s.to_string()).collect(),
+            child: None,
+            readies: 0,
+        }
+    }
+    pub fn data(&self) -> PathBuf {
+        self.dir.path().join("data")
+    }
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("log")).unwrap_or_default()
+    }
+    pub fn endpoint(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+    /// Starts the binary and waits until it serves; returns the exit status
+    /// instead if it stops first.
+    pub fn start(&mut self) -> Option<ExitStatus> {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join("log"))
+            .unwrap();
+        let c = format!("http://127.0.0.1:{}", self.port);
+        let p = format!("http://127.0.0.1:{}", self.peer);
+        let bin = if is_etcd() {
+            "etcd"
+        } else {
+            env!("CARGO_BIN_EXE_keelson")
+        };
+        let mut child = Command::new(bin)
+            .args([
+                "--data-dir",
+                self.data().to_str().unwrap(),
+                "--listen-client-urls",
+                &c,
+                "--advertise-client-urls",
+                &c,
+            ])
+            .args([
+                "--listen-peer-urls",
+                &p,
+                "--initial-advertise-peer-urls",
+                &p,
+            ])
+            .args(["--initial-cluster", &format!("default={p}")])
+            .args(&self.extra)
+            .stdout(Stdio::from(log.try_clone().unwrap()))
+            .stderr(Stdio::from(log))
+            .spawn()
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < deadline {
+            if let Some(st) = child.try_wait().unwrap() {
+                return Some(st);
+            }
+            if self.log_text().matches("ready to serve").count() > self.readies {
+                self.readies += 1;
+                self.child = Some(child);
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = child.kill();
+        panic!("server did not become ready:\n{}", self.log_text());
+    }
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            c.kill().unwrap();
+            c.wait().unwrap();
+        }
+    }
+    pub async fn client(&self) -> Client {
+        Client::connect([self.endpoint()], None).await.unwrap()
+    }
+}
+
+impl Drop for Member {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        if std::thread::panicking() {
+            eprintln!("--- server log ---\n{}", self.log_text());
+        }
+    }
+}
+
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Starts a fresh member and connects a client to it.
+pub async fn started(extra: &[&str]) -> (Member, Client) {
+    let mut m = Member::new(extra);
+    if let Some(st) = m.start() {
+        panic!("server exited at start ({st}):\n{}", m.log_text());
+    }
+    let c = m.client().await;
+    (m, c)
+}
+
+/// Runs etcdctl (v3 API) against `ep`; returns (success, stdout, stderr).
+pub fn etcdctl(ep: &str, args: &[&str], stdin: Option<&str>) -> (bool, String, String) {
+    use std::io::Write;
+    let mut cmd = Command::new("etcdctl");
+    cmd.env("ETCDCTL_API", "3")
+        .arg(format!("--endpoints={ep}"))
+        .arg("--command-timeout=5s")
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = cmd
+        .spawn()
+        .expect("etcdctl is installed (scripts/install-deps.sh)");
+    if let Some(input) = stdin {
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(input.as_bytes())
+            .unwrap();
+    }
+    drop(child.stdin.take());
+    let out = child.wait_with_output().unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
