@@ -1,0 +1,67 @@
+//! Criterion benches for the segment format: encoding a record, appending
+//! records through `SegmentWriter` (buffered, flushed every 64 records as the
+//! shard does per apply batch; no fsync), and reading a segment back as
+//! recovery does. Run: `cargo bench --bench segment`.
+
+use criterion::{black_box, criterion_group, criterion_main, Criterion, Throughput};
+use keelson::store::index::Version;
+use keelson::store::segment::{encode_record, read_segment, segment_path, SegmentWriter};
+
+fn version(rev: i64) -> Version {
+    Version { mod_rev: rev, create_rev: 1, version: rev, lease: 0, value: Some(vec![7u8; 256].into_boxed_slice()) }
+}
+
+fn bench_segment(c: &mut Criterion) {
+    let mut g = c.benchmark_group("segment");
+    g.throughput(Throughput::Elements(1));
+
+    let v = version(42);
+    let mut out = Vec::with_capacity(1024);
+    g.bench_function("encode_record_256b", |b| {
+        b.iter(|| {
+            out.clear();
+            encode_record(&mut out, b"k0000042", black_box(&v));
+            black_box(out.len());
+        })
+    });
+
+    let dir = tempfile::tempdir().unwrap();
+    let mut w = SegmentWriter::open(dir.path(), 1, 0).unwrap();
+    let mut rev = 1i64;
+    g.bench_function("append_256b_flush_every_64", |b| {
+        b.iter(|| {
+            let mut v = version(rev);
+            v.mod_rev = rev;
+            w.append(format!("k{:07}", rev % 100_000).as_bytes(), &v);
+            if rev % 64 == 0 {
+                w.flush().unwrap();
+            }
+            rev += 1;
+        })
+    });
+    w.flush().unwrap();
+    drop(w);
+
+    // Recovery read of one segment of 20k records.
+    let rdir = tempfile::tempdir().unwrap();
+    let mut w = SegmentWriter::open(rdir.path(), 1, 0).unwrap();
+    for r in 1..=20_000 {
+        w.append(format!("k{:07}", r).as_bytes(), &version(r));
+    }
+    w.flush().unwrap();
+    drop(w);
+    let path = segment_path(rdir.path(), 1);
+    g.throughput(Throughput::Elements(20_000));
+    g.sample_size(20);
+    g.bench_function("read_segment_20k_records", |b| {
+        b.iter(|| {
+            let mut n = 0u32;
+            read_segment(&path, None, |_, _| n += 1).unwrap();
+            assert_eq!(n, 20_000);
+        })
+    });
+    g.finish();
+}
+
+criterion_group!(benches, bench_segment);
+criterion_main!(benches);
