@@ -6,6 +6,7 @@
 //! raft for linearizable reads, the core's view for serializable ones) and
 //! scatter to the shards that may hold the keys, then merge.
 
+use super::grpc::{Metadata, MsgSink, MsgStream};
 use super::Core;
 use crate::apply::{ShardMsg, WriteResult};
 use crate::error::{self, Code, Status};
@@ -61,6 +62,28 @@ pub fn lookup(path: &str) -> Option<Method> {
         "/grpc.health.v1.Health/Check" => Method::HealthCheck,
         _ => return None,
     })
+}
+
+/// Bidirectional streaming methods.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StreamMethod {}
+
+pub fn lookup_stream(path: &str) -> Option<StreamMethod> {
+    match path {
+        _ => None,
+    }
+}
+
+/// Serves one stream until the client half-closes or goes away; `Err` ends
+/// it with that status.
+pub async fn call_stream(
+    m: StreamMethod,
+    _input: MsgStream,
+    _sink: &mut MsgSink,
+    _meta: Metadata,
+    _core: &Core,
+) -> Result<(), Status> {
+    match m {}
 }
 
 fn decode<M: Message + Default>(body: &[u8]) -> Result<M, Status> {

@@ -1,6 +1,8 @@
 //! gRPC over HTTP/2 (h2) on a glommio socket: framing, status trailers and
-//! the method table. Unary methods only; streaming methods answer
-//! Unimplemented until they exist.
+//! the method table. Unary methods go to `api::call`; bidirectional streams
+//! (`api::lookup_stream`) get a `MsgStream` of requests and a `MsgSink` for
+//! responses that honours HTTP/2 flow control, so a slow reader holds back
+//! its sender instead of growing a buffer.
 //!
 //! *Architecture invariant:* only `server` knows HTTP/2 and gRPC framing;
 //! handlers take and return prost messages (as bytes here).
@@ -57,6 +59,38 @@ async fn handle_stream(
     core: Rc<Core>,
 ) {
     let path = req.uri().path().to_string();
+    if let Some(sm) = api::lookup_stream(&path) {
+        if let Some(st) = bad_encoding(req.headers()) {
+            send_status(&mut respond, &st);
+            return;
+        }
+        let meta = Metadata {
+            require_leader: req
+                .headers()
+                .get("hasleader")
+                .map(|v| v.as_bytes() == b"true")
+                .unwrap_or(false),
+        };
+        let limit = core.router.member.max_request_bytes + GRPC_OVERHEAD_BYTES;
+        let resp = Response::builder()
+            .status(200)
+            .header("content-type", "application/grpc")
+            .body(())
+            .expect("static response head");
+        let Ok(send) = respond.send_response(resp, false) else {
+            return;
+        };
+        let input = MsgStream {
+            body: req.into_body(),
+            buf: BytesMut::new(),
+            limit,
+            ended: false,
+        };
+        let mut sink = MsgSink { send };
+        let end = api::call_stream(sm, input, &mut sink, meta, &core).await;
+        sink.finish(end.err().as_ref());
+        return;
+    }
     let Some(method) = api::lookup(&path) else {
         let st = match path.trim_start_matches('/').split_once('/') {
             Some((svc, m)) if api::known_service(svc) => crate::error::unimplemented(svc, m),
@@ -69,18 +103,9 @@ async fn handle_stream(
         send_status(&mut respond, &st);
         return;
     };
-    if let Some(enc) = req.headers().get("grpc-encoding") {
-        if enc != "identity" {
-            let st = Status::new(
-                Code::Unimplemented,
-                format!(
-                    "grpc: Decompressor is not installed for grpc-encoding {:?}",
-                    enc.to_str().unwrap_or("?")
-                ),
-            );
-            send_status(&mut respond, &st);
-            return;
-        }
+    if let Some(st) = bad_encoding(req.headers()) {
+        send_status(&mut respond, &st);
+        return;
     }
     let limit = core.router.member.max_request_bytes + GRPC_OVERHEAD_BYTES;
     let body = match read_message(req.into_body(), limit).await {
@@ -93,6 +118,142 @@ async fn handle_stream(
     match api::call(method, &body, &core).await {
         Ok(reply) => send_ok(&mut respond, reply),
         Err(st) => send_status(&mut respond, &st),
+    }
+}
+
+fn bad_encoding(h: &HeaderMap) -> Option<Status> {
+    let enc = h.get("grpc-encoding")?;
+    if enc == "identity" {
+        return None;
+    }
+    Some(Status::new(
+        Code::Unimplemented,
+        format!(
+            "grpc: Decompressor is not installed for grpc-encoding {:?}",
+            enc.to_str().unwrap_or("?")
+        ),
+    ))
+}
+
+/// Request metadata a streaming handler may need.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Metadata {
+    /// `hasleader: true` (clientv3's `WithRequireLeader`).
+    pub require_leader: bool,
+}
+
+/// The requests of a client stream, one gRPC message at a time.
+pub struct MsgStream {
+    body: h2::RecvStream,
+    buf: BytesMut,
+    limit: usize,
+    ended: bool,
+}
+
+impl MsgStream {
+    /// The next message's bytes; `None` when the client half-closed (or the
+    /// stream is gone), `Some(Err)` for a frame that breaks the rules.
+    pub async fn next(&mut self) -> Option<Result<Bytes, Status>> {
+        loop {
+            if self.buf.len() >= 5 {
+                if self.buf[0] != 0 {
+                    return Some(Err(Status::new(
+                        Code::Internal,
+                        "grpc: compressed message without grpc-encoding",
+                    )));
+                }
+                let len =
+                    u32::from_be_bytes([self.buf[1], self.buf[2], self.buf[3], self.buf[4]])
+                        as usize;
+                if len > self.limit {
+                    return Some(Err(Status::new(
+                        Code::ResourceExhausted,
+                        format!("grpc: received message larger than max ({len} vs. {})", self.limit),
+                    )));
+                }
+                if self.buf.len() >= 5 + len {
+                    let mut m = self.buf.split_to(5 + len);
+                    let _ = m.split_to(5);
+                    return Some(Ok(m.freeze()));
+                }
+            }
+            if self.ended {
+                if self.buf.is_empty() {
+                    return None;
+                }
+                return Some(Err(Status::new(
+                    Code::Internal,
+                    "grpc: stream ended inside a message",
+                )));
+            }
+            match self.body.data().await {
+                Some(Ok(chunk)) => {
+                    let _ = self.body.flow_control().release_capacity(chunk.len());
+                    self.buf.extend_from_slice(&chunk);
+                }
+                Some(Err(e)) => {
+                    if e.is_reset() || e.is_io() || e.is_go_away() {
+                        return None;
+                    }
+                    return Some(Err(Status::new(Code::Internal, format!("reading request: {e}"))));
+                }
+                None => self.ended = true,
+            }
+        }
+    }
+}
+
+/// The responses of a stream. `send` waits for HTTP/2 send window, so what
+/// a slow client has not read stays with the handler, bounded by the window.
+pub struct MsgSink {
+    send: h2::SendStream<Bytes>,
+}
+
+/// The client went away (reset or connection closed).
+#[derive(Debug)]
+pub struct Gone;
+
+impl MsgSink {
+    pub async fn send(&mut self, msg: &[u8]) -> Result<(), Gone> {
+        let mut framed = BytesMut::with_capacity(5 + msg.len());
+        framed.put_u8(0);
+        framed.put_u32(msg.len() as u32);
+        framed.extend_from_slice(msg);
+        let mut data = framed.freeze();
+        while !data.is_empty() {
+            self.send.reserve_capacity(data.len());
+            let cap = match futures::future::poll_fn(|cx| self.send.poll_capacity(cx)).await {
+                Some(Ok(n)) if n > 0 => n,
+                Some(Ok(_)) => continue,
+                _ => return Err(Gone),
+            };
+            let chunk = data.split_to(cap.min(data.len()));
+            self.send.send_data(chunk, false).map_err(|_| Gone)?;
+        }
+        Ok(())
+    }
+
+    /// Resolves when the client resets the stream or the connection closes.
+    pub async fn closed(&mut self) {
+        let _ = futures::future::poll_fn(|cx| self.send.poll_reset(cx)).await;
+    }
+
+    fn finish(mut self, st: Option<&Status>) {
+        let mut trailers = HeaderMap::new();
+        match st {
+            None => {
+                trailers.insert("grpc-status", HeaderValue::from_static("0"));
+            }
+            Some(st) => {
+                if let Ok(v) = HeaderValue::from_str(&(st.code as u8).to_string()) {
+                    trailers.insert("grpc-status", v);
+                }
+                if let Ok(v) = HeaderValue::from_str(&percent_encode(&st.message)) {
+                    trailers.insert("grpc-message", v);
+                }
+            }
+        }
+        let _ = self.send.send_trailers(trailers);
     }
 }
 
