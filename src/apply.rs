@@ -22,9 +22,10 @@
 
 use crate::error::{self, Status};
 use crate::kv::{self, Access, CmpPartial, OpPartial, RangePartial};
+use crate::lease::{self, Lessor};
 use crate::mailbox::Receiver;
 use crate::proto::etcdserverpb::{
-    Compare, RangeRequest, RequestOp, ResponseOp, TxnRequest, TxnResponse,
+    Compare, LeaseRevokeRequest, RangeRequest, RequestOp, ResponseOp, TxnRequest, TxnResponse,
 };
 use crate::proto::keelson::{raft_command, RaftCommand};
 use crate::server::Router;
@@ -40,6 +41,8 @@ pub struct WriteResult {
     pub txn: TxnResponse,
     /// Header revision: the store's revision once this entry is applied.
     pub revision: i64,
+    /// The ID of a lease this entry granted.
+    pub lease_id: i64,
 }
 
 pub type Reply = oneshot::Sender<Result<WriteResult, Status>>;
@@ -79,6 +82,24 @@ pub enum ShardMsg {
     Stats {
         reply: oneshot::Sender<ShardStats>,
     },
+    /// A lease was granted (every shard keeps the table).
+    LeaseGrant {
+        index: u64,
+        id: i64,
+        ttl: i64,
+    },
+    /// A lease was revoked: delete its keys at revision `index`. Replies
+    /// with the number of keys deleted.
+    LeaseRevoke {
+        index: u64,
+        id: i64,
+        reply: oneshot::Sender<usize>,
+    },
+    /// This shard's keys attached to a lease.
+    LeaseKeys {
+        id: i64,
+        reply: oneshot::Sender<Vec<Vec<u8>>>,
+    },
 }
 
 #[derive(Debug, Default, Clone, Copy)]
@@ -109,6 +130,21 @@ pub enum ApplierMsg {
     Done(Vec<ShardDone>),
     /// The node lost leadership or is stopping: fail what waits.
     FailReads(Status),
+    /// A lease keep-alive: replies with the TTL, 0 if there is no lease.
+    KeepAlive {
+        id: i64,
+        reply: oneshot::Sender<i64>,
+    },
+    /// (granted TTL, remaining seconds) of a lease, if it exists.
+    LeaseTimeToLive {
+        id: i64,
+        reply: oneshot::Sender<Option<(i64, i64)>>,
+    },
+    LeaseList {
+        reply: oneshot::Sender<Vec<i64>>,
+    },
+    /// Time to look for expired leases.
+    LeaseTick,
 }
 
 // ------------------------------------------------------------------ shards
@@ -138,6 +174,9 @@ impl Access for LocalAccess<'_> {
     }
     fn compact_rev(&self) -> i64 {
         self.shard.compact_rev
+    }
+    fn lease_exists(&self, id: i64) -> bool {
+        self.shard.lease_exists(id)
     }
 }
 
@@ -205,6 +244,24 @@ pub async fn run_shard(mut shard: Shard, rx: Receiver<ShardMsg>, router: Arc<Rou
                         bytes: shard.disk_bytes(),
                     });
                 }
+                ShardMsg::LeaseGrant { index, id, ttl } => {
+                    if index > shard.applied {
+                        shard.lease_grant(id, ttl);
+                        shard.applied = index;
+                    }
+                }
+                ShardMsg::LeaseRevoke { index, id, reply } => {
+                    let n = if index > shard.applied {
+                        shard.applied = index;
+                        shard.lease_revoke(id, index as i64)
+                    } else {
+                        0
+                    };
+                    let _ = reply.send(n);
+                }
+                ShardMsg::LeaseKeys { id, reply } => {
+                    let _ = reply.send(shard.lease_keys(id));
+                }
             }
         }
         if let Err(e) = shard.flush() {
@@ -223,6 +280,7 @@ pub async fn run_shard(mut shard: Shard, rx: Receiver<ShardMsg>, router: Arc<Rou
 
 struct RemoteAccess<'a> {
     router: &'a Router,
+    lessor: &'a Lessor,
     index: u64,
     compact_rev: i64,
     changed: bool,
@@ -287,6 +345,9 @@ impl Access for RemoteAccess<'_> {
     fn compact_rev(&self) -> i64 {
         self.compact_rev
     }
+    fn lease_exists(&self, id: i64) -> bool {
+        self.lessor.exists(id)
+    }
 }
 
 struct Pending {
@@ -295,6 +356,7 @@ struct Pending {
     result: Option<Result<TxnResponse, Status>>,
     changed: bool,
     reply: Option<Reply>,
+    lease_id: i64,
 }
 
 pub struct ApplierState {
@@ -302,6 +364,8 @@ pub struct ApplierState {
     pub current_rev: i64,
     pub compact_rev: i64,
     pub checkpoint_every: u64,
+    /// Leases at `applied` (ID → TTL), from the shards' checkpoint.
+    pub leases: std::collections::BTreeMap<i64, i64>,
 }
 
 pub struct Applier {
@@ -312,11 +376,13 @@ pub struct Applier {
     last_checkpoint: u64,
     /// Committed entries not dispatched yet, in log order.
     backlog: VecDeque<Committed>,
+    lessor: Lessor,
 }
 
 impl Applier {
     pub fn new(router: Arc<Router>, st: ApplierState) -> Applier {
         let last = st.applied;
+        let lessor = Lessor::new(&st.leases);
         Applier {
             router,
             st,
@@ -324,11 +390,24 @@ impl Applier {
             reads: Vec::new(),
             last_checkpoint: last,
             backlog: VecDeque::new(),
+            lessor,
         }
     }
 
     pub async fn run(mut self, rx: Receiver<ApplierMsg>) {
         self.publish();
+        {
+            let tx = self.router.applier.clone();
+            glommio::spawn_local(async move {
+                loop {
+                    glommio::timer::sleep(lease::EXPIRY_CHECK).await;
+                    if !tx.send(ApplierMsg::LeaseTick) {
+                        return;
+                    }
+                }
+            })
+            .detach();
+        }
         let mut msgs = Vec::with_capacity(64);
         while rx.recv_batch(&mut msgs, 64).await {
             for m in std::mem::take(&mut msgs) {
@@ -348,9 +427,46 @@ impl Applier {
                             let _ = r.send(Err(st.clone()));
                         }
                     }
+                    other => self.lease_msg(other),
                 }
             }
             self.advance();
+        }
+    }
+
+    /// Lease queries and expiry; answered from the lessor, no log write.
+    fn lease_msg(&mut self, m: ApplierMsg) {
+        match m {
+            ApplierMsg::KeepAlive { id, reply } => {
+                let _ = reply.send(self.lessor.renew(id));
+            }
+            ApplierMsg::LeaseTimeToLive { id, reply } => {
+                let _ = reply.send(self.lessor.time_to_live(id));
+            }
+            ApplierMsg::LeaseList { reply } => {
+                let _ = reply.send(self.lessor.ids());
+            }
+            ApplierMsg::LeaseTick => {
+                // One member is always the leader; with a cluster only the
+                // leader's lessor may propose revokes.
+                let per_tick =
+                    lease::REVOKES_PER_SEC * lease::EXPIRY_CHECK.as_millis() as usize / 1000;
+                let retry = self.router.member.request_timeout;
+                for id in self.lessor.expired(per_tick.max(1), retry) {
+                    crate::debug!("lease {id:x} expired; proposing its revoke");
+                    let cmd = RaftCommand {
+                        cmd: Some(raft_command::Cmd::LeaseRevoke(LeaseRevokeRequest { id })),
+                    };
+                    // Nobody waits for the answer: if the revoke is lost it
+                    // is proposed again after `retry`.
+                    let (tx, _rx) = oneshot::channel();
+                    self.router.raft.send(crate::raftcore::RaftMsg::Propose {
+                        data: prost::Message::encode_to_vec(&cmd),
+                        reply: tx,
+                    });
+                }
+            }
+            _ => {}
         }
     }
 
@@ -378,6 +494,7 @@ impl Applier {
             result: None,
             changed: false,
             reply: c.reply,
+            lease_id: 0,
         };
         match c.cmd.and_then(|cmd| cmd.cmd) {
             None => {
@@ -400,6 +517,7 @@ impl Applier {
                 } else {
                     let mut ra = RemoteAccess {
                         router: &self.router,
+                        lessor: &self.lessor,
                         index,
                         compact_rev: self.st.compact_rev,
                         changed: false,
@@ -447,6 +565,63 @@ impl Applier {
                 p.result = Some(result);
                 self.pending.push_back(p);
             }
+            Some(raft_command::Cmd::LeaseGrant(req)) => {
+                p.done = true;
+                if index <= self.st.applied {
+                    // Replayed: the checkpointed lease table has it.
+                    p.result = Some(Ok(TxnResponse::default()));
+                } else {
+                    let id = if req.id == 0 {
+                        self.lessor.pick_id(index, self.router.member.cluster_id)
+                    } else {
+                        req.id
+                    };
+                    if self.lessor.grant(id, req.ttl) {
+                        for s in &self.router.shards {
+                            s.send(ShardMsg::LeaseGrant {
+                                index,
+                                id,
+                                ttl: req.ttl,
+                            });
+                        }
+                        p.lease_id = id;
+                        p.result = Some(Ok(TxnResponse::default()));
+                    } else {
+                        for s in &self.router.shards {
+                            s.send(ShardMsg::Applied { index });
+                        }
+                        p.result = Some(Err(error::lease_exist()));
+                    }
+                }
+                self.pending.push_back(p);
+            }
+            Some(raft_command::Cmd::LeaseRevoke(req)) => {
+                p.done = true;
+                if index <= self.st.applied {
+                    p.result = Some(Ok(TxnResponse::default()));
+                } else if self.lessor.revoke(req.id) {
+                    let mut waits = Vec::new();
+                    for s in &self.router.shards {
+                        let (tx, rx) = oneshot::channel();
+                        s.send(ShardMsg::LeaseRevoke {
+                            index,
+                            id: req.id,
+                            reply: tx,
+                        });
+                        waits.push(rx);
+                    }
+                    for w in waits {
+                        p.changed |= w.await.unwrap_or(0) > 0;
+                    }
+                    p.result = Some(Ok(TxnResponse::default()));
+                } else {
+                    for s in &self.router.shards {
+                        s.send(ShardMsg::Applied { index });
+                    }
+                    p.result = Some(Err(error::lease_not_found()));
+                }
+                self.pending.push_back(p);
+            }
         }
         if index >= self.last_checkpoint + self.st.checkpoint_every {
             self.last_checkpoint = index;
@@ -490,6 +665,7 @@ impl Applier {
                 // Entries after the compaction: dispatched after it, in order.
                 ApplierMsg::Committed(entries) => self.backlog.extend(entries),
                 ApplierMsg::Done(r) => self.complete(r),
+                other => self.lease_msg(other),
             }
         }
     }
@@ -522,6 +698,7 @@ impl Applier {
                     .map(|txn| WriteResult {
                         txn,
                         revision: self.st.current_rev,
+                        lease_id: p.lease_id,
                     });
                 let _ = reply.send(res);
             }

@@ -64,6 +64,8 @@ etcd_errors! {
     compacted => (OutOfRange, "etcdserver: mvcc: required revision has been compacted");
     future_rev => (OutOfRange, "etcdserver: mvcc: required revision is a future revision");
     lease_not_found => (NotFound, "etcdserver: requested lease not found");
+    lease_exist => (FailedPrecondition, "etcdserver: lease already exists");
+    lease_ttl_too_large => (OutOfRange, "etcdserver: too large lease TTL");
     request_too_large => (InvalidArgument, "etcdserver: request is too large");
     no_leader => (Unavailable, "etcdserver: no leader");
     stopped => (Unavailable, "etcdserver: server stopped");

@@ -52,10 +52,6 @@ pub fn check_put(p: &crate::proto::etcdserverpb::PutRequest) -> Result<(), Statu
     if p.ignore_lease && p.lease != 0 {
         return Err(error::lease_provided());
     }
-    if p.lease != 0 {
-        // Leases are not implemented yet, so no lease ID exists.
-        return Err(error::lease_not_found());
-    }
     Ok(())
 }
 
@@ -432,6 +428,16 @@ pub trait Access {
     fn rev(&self) -> i64;
     /// The compaction revision in force.
     fn compact_rev(&self) -> i64;
+    /// Whether lease `id` exists at this point of the log.
+    fn lease_exists(&self, id: i64) -> bool;
+}
+
+/// A precondition of the taken path, checked in op order as etcd's
+/// `checkRequestPut` does: the key of a put that ignores its value or lease
+/// must exist, and a put's lease must exist.
+enum Check {
+    KeyExists(Compare),
+    Lease(i64),
 }
 
 /// Which branch every txn of the tree takes. etcd decides the whole path
@@ -480,20 +486,25 @@ fn path_checks(
     p: &Path,
     compact_rev: i64,
     current_rev: i64,
-    must_exist: &mut Vec<Compare>,
+    checks: &mut Vec<Check>,
 ) -> Result<(), Status> {
     let branch = if p.succeeded { &t.success } else { &t.failure };
     let mut nested = p.nested.iter();
     for op in branch {
         match &op.request {
-            Some(request_op::Request::RequestPut(put)) if put.ignore_value || put.ignore_lease => {
-                must_exist.push(Compare {
-                    result: compare::CompareResult::Greater as i32,
-                    target: compare::CompareTarget::Create as i32,
-                    key: put.key.clone(),
-                    range_end: vec![],
-                    target_union: Some(compare::TargetUnion::CreateRevision(0)),
-                });
+            Some(request_op::Request::RequestPut(put)) => {
+                if put.ignore_value || put.ignore_lease {
+                    checks.push(Check::KeyExists(Compare {
+                        result: compare::CompareResult::Greater as i32,
+                        target: compare::CompareTarget::Create as i32,
+                        key: put.key.clone(),
+                        range_end: vec![],
+                        target_union: Some(compare::TargetUnion::CreateRevision(0)),
+                    }));
+                }
+                if put.lease != 0 {
+                    checks.push(Check::Lease(put.lease));
+                }
             }
             Some(request_op::Request::RequestRange(r)) if r.revision > 0 => {
                 if r.revision > current_rev {
@@ -505,7 +516,7 @@ fn path_checks(
             }
             Some(request_op::Request::RequestTxn(n)) => {
                 if let Some(np) = nested.next() {
-                    path_checks(n, np, compact_rev, current_rev, must_exist)?;
+                    path_checks(n, np, compact_rev, current_rev, checks)?;
                 }
             }
             _ => {}
@@ -525,11 +536,37 @@ pub async fn run_txn<A: Access>(a: &mut A, t: &TxnRequest) -> Result<TxnResponse
         a.compares(&cmps).await
     };
     let path = decide(t, &mut results.iter());
-    let mut must_exist = Vec::new();
+    let mut checks = Vec::new();
     // Reads inside the txn may name any revision up to the one it writes.
-    path_checks(t, &path, a.compact_rev(), a.rev(), &mut must_exist)?;
-    if !must_exist.is_empty() && !a.compares(&must_exist).await.into_iter().all(|b| b) {
-        return Err(error::key_not_found());
+    path_checks(t, &path, a.compact_rev(), a.rev(), &mut checks)?;
+    if !checks.is_empty() {
+        let exists: Vec<Compare> = checks
+            .iter()
+            .filter_map(|c| match c {
+                Check::KeyExists(c) => Some(c.clone()),
+                Check::Lease(_) => None,
+            })
+            .collect();
+        let mut found = if exists.is_empty() {
+            Vec::new()
+        } else {
+            a.compares(&exists).await
+        }
+        .into_iter();
+        for c in &checks {
+            match c {
+                Check::KeyExists(_) => {
+                    if !found.next().unwrap_or(false) {
+                        return Err(error::key_not_found());
+                    }
+                }
+                Check::Lease(id) => {
+                    if !a.lease_exists(*id) {
+                        return Err(error::lease_not_found());
+                    }
+                }
+            }
+        }
     }
     Ok(apply_path(a, t, &path).await)
 }

@@ -8,6 +8,7 @@ pub mod apply;
 pub mod config;
 pub mod error;
 pub mod kv;
+pub mod lease;
 pub mod mailbox;
 pub mod proto;
 pub mod raftcore;

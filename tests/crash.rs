@@ -18,13 +18,19 @@ async fn writers(ep: String, round: usize, acked: Acked, stop_after: Duration) {
     for w in 0..8 {
         let (ep, acked) = (ep.clone(), acked.clone());
         tasks.push(tokio::spawn(async move {
-            let Ok(mut c) = Client::connect([ep], None).await else { return };
+            let Ok(mut c) = Client::connect([ep], None).await else {
+                return;
+            };
             let start = Instant::now();
             for i in 0..5000 {
                 if start.elapsed() > stop_after {
                     return;
                 }
-                let key = if i % 10 == 0 { format!("shared-{}", i % 3) } else { format!("r{round}-w{w}-{i:05}") };
+                let key = if i % 10 == 0 {
+                    format!("shared-{}", i % 3)
+                } else {
+                    format!("r{round}-w{w}-{i:05}")
+                };
                 let val = format!("r{round}-w{w}-{i}");
                 match c.put(key.clone(), val.clone(), None).await {
                     Ok(r) => {
@@ -47,18 +53,31 @@ async fn writers(ep: String, round: usize, acked: Acked, stop_after: Duration) {
 
 async fn verify(c: &mut Client, acked: &Acked) -> i64 {
     let want = acked.lock().unwrap().clone();
-    let all = c.get("", Some(GetOptions::new().with_all_keys())).await.unwrap();
+    let all = c
+        .get("", Some(GetOptions::new().with_all_keys()))
+        .await
+        .unwrap();
     let got: HashMap<String, (String, i64)> = all
         .kvs()
         .iter()
-        .map(|kv| (kv.key_str().unwrap().to_string(), (kv.value_str().unwrap().to_string(), kv.mod_revision())))
+        .map(|kv| {
+            (
+                kv.key_str().unwrap().to_string(),
+                (kv.value_str().unwrap().to_string(), kv.mod_revision()),
+            )
+        })
         .collect();
     let mut max_rev = 0;
     for (k, (v, rev)) in &want {
-        let (gv, grev) = got.get(k).unwrap_or_else(|| panic!("acknowledged key {k} lost"));
+        let (gv, grev) = got
+            .get(k)
+            .unwrap_or_else(|| panic!("acknowledged key {k} lost"));
         if k.starts_with("shared-") {
             // A later unacknowledged write to a shared key may have landed.
-            assert!(*grev >= *rev, "{k}: revision went back from {rev} to {grev}");
+            assert!(
+                *grev >= *rev,
+                "{k}: revision went back from {rev} to {grev}"
+            );
         } else {
             assert_eq!((gv, grev), (v, rev), "{k}");
         }
@@ -73,7 +92,12 @@ async fn crash_rounds(extra: &[&str]) {
     assert!(m.start().is_none());
     let acked: Acked = Arc::default();
     for round in 0..3 {
-        let load = tokio::spawn(writers(m.endpoint(), round, acked.clone(), Duration::from_secs(3)));
+        let load = tokio::spawn(writers(
+            m.endpoint(),
+            round,
+            acked.clone(),
+            Duration::from_secs(3),
+        ));
         tokio::time::sleep(Duration::from_millis(300 + 250 * round as u64)).await;
         m.kill9();
         load.await.unwrap();

@@ -8,23 +8,66 @@ mod support;
 use support::{etcdctl, started};
 
 /// (args, stdin, Ok(stdout) or Err(substring of stderr))
-type Row = (&'static [&'static str], Option<&'static str>, Result<&'static str, &'static str>);
+type Row = (
+    &'static [&'static str],
+    Option<&'static str>,
+    Result<&'static str, &'static str>,
+);
 
 const TABLE: &[Row] = &[
     (&["put", "foo", "bar"], None, Ok("OK\n")),
     (&["get", "foo"], None, Ok("foo\nbar\n")),
-    (&["put", "foo", "baz", "--prev-kv"], None, Ok("OK\nfoo\nbar\n")),
+    (
+        &["put", "foo", "baz", "--prev-kv"],
+        None,
+        Ok("OK\nfoo\nbar\n"),
+    ),
     (&["get", "foo", "--print-value-only"], None, Ok("baz\n")),
     (&["put", "a/1", "x"], None, Ok("OK\n")),
     (&["put", "a/2", "y"], None, Ok("OK\n")),
     (&["put", "a/3", "z"], None, Ok("OK\n")),
     (&["put", "b", "w"], None, Ok("OK\n")),
-    (&["get", "a/", "--prefix", "--keys-only"], None, Ok("a/1\n\na/2\n\na/3\n\n")),
+    (
+        &["get", "a/", "--prefix", "--keys-only"],
+        None,
+        Ok("a/1\n\na/2\n\na/3\n\n"),
+    ),
     (&["get", "a/1", "a/3"], None, Ok("a/1\nx\na/2\ny\n")),
-    (&["get", "a/", "--prefix", "--limit", "2"], None, Ok("a/1\nx\na/2\ny\n")),
-    (&["get", "a/", "--prefix", "--sort-by", "VALUE", "--order", "DESCEND"], None, Ok("a/3\nz\na/2\ny\na/1\nx\n")),
-    (&["get", "a/2", "--from-key", "--keys-only"], None, Ok("a/2\n\na/3\n\nb\n\nfoo\n\n")),
-    (&["get", "a/", "--prefix", "--consistency", "s", "--print-value-only"], None, Ok("x\ny\nz\n")),
+    (
+        &["get", "a/", "--prefix", "--limit", "2"],
+        None,
+        Ok("a/1\nx\na/2\ny\n"),
+    ),
+    (
+        &[
+            "get",
+            "a/",
+            "--prefix",
+            "--sort-by",
+            "VALUE",
+            "--order",
+            "DESCEND",
+        ],
+        None,
+        Ok("a/3\nz\na/2\ny\na/1\nx\n"),
+    ),
+    (
+        &["get", "a/2", "--from-key", "--keys-only"],
+        None,
+        Ok("a/2\n\na/3\n\nb\n\nfoo\n\n"),
+    ),
+    (
+        &[
+            "get",
+            "a/",
+            "--prefix",
+            "--consistency",
+            "s",
+            "--print-value-only",
+        ],
+        None,
+        Ok("x\ny\nz\n"),
+    ),
     (&["del", "a/1", "--prev-kv"], None, Ok("1\na/1\nx\n")),
     (&["del", "a/", "--prefix"], None, Ok("2\n")),
     (&["del", "nothing"], None, Ok("0\n")),
@@ -40,9 +83,21 @@ const TABLE: &[Row] = &[
     ),
     (&["get", "t1", "--print-value-only"], None, Ok("yes\n")),
     (&["get", "t2", "--print-value-only"], None, Ok("no\n")),
-    (&["put", "", "v"], None, Err("etcdserver: key is not provided")),
-    (&["get", "foo", "--rev", "100000"], None, Err("etcdserver: mvcc: required revision is a future revision")),
-    (&["put", "l", "v", "--lease", "1234"], None, Err("etcdserver: requested lease not found")),
+    (
+        &["put", "", "v"],
+        None,
+        Err("etcdserver: key is not provided"),
+    ),
+    (
+        &["get", "foo", "--rev", "100000"],
+        None,
+        Err("etcdserver: mvcc: required revision is a future revision"),
+    ),
+    (
+        &["put", "l", "v", "--lease", "1234"],
+        None,
+        Err("etcdserver: requested lease not found"),
+    ),
 ];
 
 #[test]
@@ -70,26 +125,68 @@ fn etcdctl_compaction_and_endpoint_commands() {
     let rt = tokio::runtime::Runtime::new().unwrap();
     let (m, mut c) = rt.block_on(started(&[]));
     let ep = m.endpoint();
-    let r1 = rt.block_on(c.put("k", "1", None)).unwrap().header().unwrap().revision();
-    let r2 = rt.block_on(c.put("k", "2", None)).unwrap().header().unwrap().revision();
+    let r1 = rt
+        .block_on(c.put("k", "1", None))
+        .unwrap()
+        .header()
+        .unwrap()
+        .revision();
+    let r2 = rt
+        .block_on(c.put("k", "2", None))
+        .unwrap()
+        .header()
+        .unwrap()
+        .revision();
     let (ok, out, err) = etcdctl(&ep, &["compact", &r2.to_string()], None);
     assert!(ok, "{err}");
     assert_eq!(out, format!("compacted revision {r2}\n"));
     let (ok, _, err) = etcdctl(&ep, &["get", "k", "--rev", &r1.to_string()], None);
-    assert!(!ok && err.contains("etcdserver: mvcc: required revision has been compacted"), "{err}");
+    assert!(
+        !ok && err.contains("etcdserver: mvcc: required revision has been compacted"),
+        "{err}"
+    );
 
     let (ok, out, err) = etcdctl(&ep, &["endpoint", "health"], None);
     assert!(ok, "{err}");
-    assert!(out.contains("is healthy") || err.contains("is healthy"), "{out}{err}");
+    assert!(
+        out.contains("is healthy") || err.contains("is healthy"),
+        "{out}{err}"
+    );
     let (ok, out, err) = etcdctl(&ep, &["endpoint", "status", "-w", "fields"], None);
     assert!(ok, "{err}");
-    for field in ["\"ClusterID\"", "\"MemberID\"", "\"Revision\"", "\"RaftTerm\"", "\"Leader\"", "\"RaftIndex\""] {
+    for field in [
+        "\"ClusterID\"",
+        "\"MemberID\"",
+        "\"Revision\"",
+        "\"RaftTerm\"",
+        "\"Leader\"",
+        "\"RaftIndex\"",
+    ] {
         assert!(out.contains(field), "{field} missing in {out}");
     }
-    let member = out.lines().find(|l| l.starts_with("\"MemberID\"")).unwrap().split(':').nth(1).unwrap().trim().to_string();
-    let leader = out.lines().find(|l| l.starts_with("\"Leader\"")).unwrap().split(':').nth(1).unwrap().trim().to_string();
+    let member = out
+        .lines()
+        .find(|l| l.starts_with("\"MemberID\""))
+        .unwrap()
+        .split(':')
+        .nth(1)
+        .unwrap()
+        .trim()
+        .to_string();
+    let leader = out
+        .lines()
+        .find(|l| l.starts_with("\"Leader\""))
+        .unwrap()
+        .split(':')
+        .nth(1)
+        .unwrap()
+        .trim()
+        .to_string();
     assert_eq!(member, leader, "one member leads itself");
     let (ok, out, err) = etcdctl(&ep, &["member", "list"], None);
     assert!(ok, "{err}");
-    assert!(out.contains(&format!("started, default, http://127.0.0.1:")) && out.contains(&ep), "{out}");
+    assert!(
+        out.contains(&format!("started, default, http://127.0.0.1:")) && out.contains(&ep),
+        "{out}"
+    );
 }

@@ -31,6 +31,10 @@ pub enum Method {
     Alarm,
     MemberList,
     HealthCheck,
+    LeaseGrant,
+    LeaseRevoke,
+    LeaseTimeToLive,
+    LeaseLeases,
 }
 
 const SERVICES: &[&str] = &[
@@ -60,16 +64,23 @@ pub fn lookup(path: &str) -> Option<Method> {
         "/etcdserverpb.Maintenance/Alarm" => Method::Alarm,
         "/etcdserverpb.Cluster/MemberList" => Method::MemberList,
         "/grpc.health.v1.Health/Check" => Method::HealthCheck,
+        "/etcdserverpb.Lease/LeaseGrant" => Method::LeaseGrant,
+        "/etcdserverpb.Lease/LeaseRevoke" => Method::LeaseRevoke,
+        "/etcdserverpb.Lease/LeaseTimeToLive" => Method::LeaseTimeToLive,
+        "/etcdserverpb.Lease/LeaseLeases" => Method::LeaseLeases,
         _ => return None,
     })
 }
 
 /// Bidirectional streaming methods.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum StreamMethod {}
+pub enum StreamMethod {
+    LeaseKeepAlive,
+}
 
 pub fn lookup_stream(path: &str) -> Option<StreamMethod> {
     match path {
+        "/etcdserverpb.Lease/LeaseKeepAlive" => Some(StreamMethod::LeaseKeepAlive),
         _ => None,
     }
 }
@@ -78,12 +89,14 @@ pub fn lookup_stream(path: &str) -> Option<StreamMethod> {
 /// it with that status.
 pub async fn call_stream(
     m: StreamMethod,
-    _input: MsgStream,
-    _sink: &mut MsgSink,
+    input: MsgStream,
+    sink: &mut MsgSink,
     _meta: Metadata,
-    _core: &Core,
+    core: &Core,
 ) -> Result<(), Status> {
-    match m {}
+    match m {
+        StreamMethod::LeaseKeepAlive => lease_keep_alive(core, input, sink).await,
+    }
 }
 
 fn decode<M: Message + Default>(body: &[u8]) -> Result<M, Status> {
@@ -105,6 +118,12 @@ pub async fn call(m: Method, body: &[u8], core: &Core) -> Result<Vec<u8>, Status
         Method::Status => status(core, decode(body)?).await?.encode_to_vec(),
         Method::Alarm => alarm(core, decode(body)?)?.encode_to_vec(),
         Method::MemberList => member_list(core, decode(body)?)?.encode_to_vec(),
+        Method::LeaseGrant => lease_grant(core, decode(body)?).await?.encode_to_vec(),
+        Method::LeaseRevoke => lease_revoke(core, decode(body)?).await?.encode_to_vec(),
+        Method::LeaseTimeToLive => lease_time_to_live(core, decode(body)?)
+            .await?
+            .encode_to_vec(),
+        Method::LeaseLeases => lease_leases(core, decode(body)?).await?.encode_to_vec(),
         Method::HealthCheck => {
             let _: crate::proto::health::HealthCheckRequest = decode(body)?;
             crate::proto::health::HealthCheckResponse {
@@ -341,4 +360,136 @@ fn member_list(core: &Core, _req: MemberListRequest) -> Result<MemberListRespons
             is_learner: false,
         }],
     })
+}
+
+// ------------------------------------------------------------------ leases
+
+async fn lease_grant(core: &Core, req: LeaseGrantRequest) -> Result<LeaseGrantResponse, Status> {
+    if req.ttl > crate::lease::MAX_LEASE_TTL {
+        return Err(error::lease_ttl_too_large());
+    }
+    let ttl = req.ttl.max(core.router.member.min_lease_ttl);
+    let res = propose(
+        core,
+        RaftCommand {
+            cmd: Some(raft_command::Cmd::LeaseGrant(LeaseGrantRequest {
+                ttl,
+                id: req.id,
+            })),
+        },
+    )
+    .await?;
+    Ok(LeaseGrantResponse {
+        header: header(core, res.revision),
+        id: res.lease_id,
+        ttl,
+        error: String::new(),
+    })
+}
+
+async fn lease_revoke(core: &Core, req: LeaseRevokeRequest) -> Result<LeaseRevokeResponse, Status> {
+    let res = propose(
+        core,
+        RaftCommand {
+            cmd: Some(raft_command::Cmd::LeaseRevoke(req)),
+        },
+    )
+    .await?;
+    Ok(LeaseRevokeResponse {
+        header: header(core, res.revision),
+    })
+}
+
+async fn ask_applier<T>(
+    core: &Core,
+    msg: impl FnOnce(oneshot::Sender<T>) -> crate::apply::ApplierMsg,
+) -> Result<T, Status> {
+    let (tx, rx) = oneshot::channel();
+    core.router.applier.send(msg(tx));
+    with_timeout(core, rx).await
+}
+
+async fn lease_time_to_live(
+    core: &Core,
+    req: LeaseTimeToLiveRequest,
+) -> Result<LeaseTimeToLiveResponse, Status> {
+    let id = req.id;
+    // Like a linearizable read: answer only once everything committed
+    // before the request is applied (a revoke just acknowledged, or
+    // replayed after a restart, must be visible).
+    read_revision(core, false).await?;
+    let info = ask_applier(core, |reply| crate::apply::ApplierMsg::LeaseTimeToLive {
+        id,
+        reply,
+    })
+    .await?;
+    let Some((granted, remaining)) = info else {
+        // etcd answers an unknown lease with TTL -1, not an error.
+        return Ok(LeaseTimeToLiveResponse {
+            header: header(core, core.view.revision.get()),
+            id,
+            ttl: -1,
+            granted_ttl: 0,
+            keys: vec![],
+        });
+    };
+    let mut keys = Vec::new();
+    if req.keys {
+        let mut waits = Vec::new();
+        for s in &core.router.shards {
+            let (tx, rx) = oneshot::channel();
+            s.send(ShardMsg::LeaseKeys { id, reply: tx });
+            waits.push(rx);
+        }
+        for w in waits {
+            keys.extend(w.await.map_err(|_| error::stopped())?);
+        }
+        keys.sort_unstable();
+    }
+    Ok(LeaseTimeToLiveResponse {
+        header: header(core, core.view.revision.get()),
+        id,
+        ttl: remaining,
+        granted_ttl: granted,
+        keys,
+    })
+}
+
+async fn lease_leases(
+    core: &Core,
+    _req: LeaseLeasesRequest,
+) -> Result<LeaseLeasesResponse, Status> {
+    read_revision(core, false).await?;
+    let ids = ask_applier(core, |reply| crate::apply::ApplierMsg::LeaseList { reply }).await?;
+    Ok(LeaseLeasesResponse {
+        header: header(core, core.view.revision.get()),
+        leases: ids.into_iter().map(|id| LeaseStatus { id }).collect(),
+    })
+}
+
+/// The keep-alive stream: one response per request, in order, answered by
+/// the lessor without a log write.
+async fn lease_keep_alive(
+    core: &Core,
+    mut input: MsgStream,
+    sink: &mut MsgSink,
+) -> Result<(), Status> {
+    while let Some(msg) = input.next().await {
+        let req: LeaseKeepAliveRequest = decode(&msg?)?;
+        let id = req.id;
+        let ttl = ask_applier(core, |reply| crate::apply::ApplierMsg::KeepAlive {
+            id,
+            reply,
+        })
+        .await?;
+        let resp = LeaseKeepAliveResponse {
+            header: header(core, core.view.revision.get()),
+            id,
+            ttl,
+        };
+        if sink.send(&resp.encode_to_vec()).await.is_err() {
+            return Ok(());
+        }
+    }
+    Ok(())
 }

@@ -162,13 +162,15 @@ impl MsgStream {
                         "grpc: compressed message without grpc-encoding",
                     )));
                 }
-                let len =
-                    u32::from_be_bytes([self.buf[1], self.buf[2], self.buf[3], self.buf[4]])
-                        as usize;
+                let len = u32::from_be_bytes([self.buf[1], self.buf[2], self.buf[3], self.buf[4]])
+                    as usize;
                 if len > self.limit {
                     return Some(Err(Status::new(
                         Code::ResourceExhausted,
-                        format!("grpc: received message larger than max ({len} vs. {})", self.limit),
+                        format!(
+                            "grpc: received message larger than max ({len} vs. {})",
+                            self.limit
+                        ),
                     )));
                 }
                 if self.buf.len() >= 5 + len {
@@ -195,7 +197,10 @@ impl MsgStream {
                     if e.is_reset() || e.is_io() || e.is_go_away() {
                         return None;
                     }
-                    return Some(Err(Status::new(Code::Internal, format!("reading request: {e}"))));
+                    return Some(Err(Status::new(
+                        Code::Internal,
+                        format!("reading request: {e}"),
+                    )));
                 }
                 None => self.ended = true,
             }

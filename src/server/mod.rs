@@ -42,6 +42,8 @@ pub struct Member {
     pub client_urls: Vec<String>,
     pub max_request_bytes: usize,
     pub request_timeout: std::time::Duration,
+    /// etcd's minimum lease TTL in seconds (1.5 election timeouts).
+    pub min_lease_ttl: i64,
 }
 
 /// News for every core: the applied index and revisions, and raft state.
@@ -292,9 +294,12 @@ pub fn run(cfg: Config) -> Result<(), String> {
             client_urls: cfg.advertise_client_urls.clone(),
             max_request_bytes: cfg.max_request_bytes,
             request_timeout: raftcore::request_timeout(&cfg),
+            min_lease_ttl: crate::lease::min_ttl(cfg.election_timeout),
         },
     });
 
+    // Every shard checkpoints the whole lease table at the same index.
+    let leases_at_start = shards.first().map(|s| s.leases.clone()).unwrap_or_default();
     let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<(), String>>();
     let mut shard_slots: Vec<Option<Shard>> = shards.into_iter().map(Some).collect();
     let mut core0 = Some((
@@ -311,6 +316,7 @@ pub fn run(cfg: Config) -> Result<(), String> {
             current_rev,
             compact_rev,
             checkpoint_every: cfg.snapshot_count.clamp(1, 10_000),
+            leases: leases_at_start,
         },
     ));
     let mut handles = Vec::new();

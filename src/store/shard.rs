@@ -10,15 +10,21 @@ use crate::proto::etcdserverpb::{
     request_op, Compare, DeleteRangeResponse, PutResponse, RangeRequest, RequestOp,
 };
 use crate::proto::mvccpb::KeyValue;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fs::{self, File};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
-const CHECKPOINT_MAGIC: &[u8; 8] = b"KLSNCKP1";
+/// Version 1: the fixed fields. Version 2 adds the lease table.
+const CHECKPOINT_MAGIC_V1: &[u8; 8] = b"KLSNCKP1";
+const CHECKPOINT_MAGIC: &[u8; 8] = b"KLSNCKP2";
+const CHECKPOINT_LEASES_MAX: usize = 64 << 20;
 
 /// What a checkpoint file says: everything up to `applied` is in the
-/// segments, durable up to (`seg_id`, `seg_offset`).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+/// segments, durable up to (`seg_id`, `seg_offset`), and the leases that
+/// existed at `applied` (every shard keeps the whole table, so the applier
+/// can rebuild its lessor from any shard's checkpoint).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Checkpoint {
     pub applied: u64,
     pub compact_rev: i64,
@@ -26,6 +32,8 @@ pub struct Checkpoint {
     pub last_rev: i64,
     pub seg_id: u64,
     pub seg_offset: u64,
+    /// Lease ID → granted TTL in seconds.
+    pub leases: BTreeMap<i64, i64>,
 }
 
 impl Checkpoint {
@@ -36,27 +44,59 @@ impl Checkpoint {
         b.extend_from_slice(&self.last_rev.to_le_bytes());
         b.extend_from_slice(&self.seg_id.to_le_bytes());
         b.extend_from_slice(&self.seg_offset.to_le_bytes());
+        b.extend_from_slice(&(self.leases.len() as u64).to_le_bytes());
+        for (id, ttl) in &self.leases {
+            b.extend_from_slice(&id.to_le_bytes());
+            b.extend_from_slice(&ttl.to_le_bytes());
+        }
         let crc = crc32c::crc32c(&b);
         b.extend_from_slice(&crc.to_le_bytes());
         b
     }
 
     pub fn decode(b: &[u8]) -> Result<Checkpoint, String> {
-        if b.len() != 8 + 40 + 4 || &b[..8] != CHECKPOINT_MAGIC {
-            return Err("bad checkpoint header".into());
+        if b.len() < 8 + 40 + 4 {
+            return Err("checkpoint file is truncated".into());
         }
-        let crc = u32::from_le_bytes(b[48..52].try_into().expect("4 bytes"));
-        if crc32c::crc32c(&b[..48]) != crc {
+        let v2 = match &b[..8] {
+            m if m == CHECKPOINT_MAGIC => true,
+            m if m == CHECKPOINT_MAGIC_V1 => false,
+            _ => return Err("bad checkpoint header".into()),
+        };
+        let body = &b[..b.len() - 4];
+        let crc = u32::from_le_bytes(b[b.len() - 4..].try_into().expect("4 bytes"));
+        if crc32c::crc32c(body) != crc {
             return Err("checkpoint checksum mismatch".into());
         }
-        let u = |o: usize| u64::from_le_bytes(b[o..o + 8].try_into().expect("8 bytes"));
-        Ok(Checkpoint {
+        let u = |o: usize| u64::from_le_bytes(body[o..o + 8].try_into().expect("8 bytes"));
+        let mut ck = Checkpoint {
             applied: u(8),
             compact_rev: u(16) as i64,
             last_rev: u(24) as i64,
             seg_id: u(32),
             seg_offset: u(40),
-        })
+            leases: BTreeMap::new(),
+        };
+        if !v2 {
+            if body.len() != 48 {
+                return Err("checkpoint has trailing bytes".into());
+            }
+            return Ok(ck);
+        }
+        if body.len() < 56 {
+            return Err("checkpoint file is truncated".into());
+        }
+        let n = u(48) as usize;
+        if n > CHECKPOINT_LEASES_MAX || body.len() != 56 + 16 * n {
+            return Err(format!(
+                "checkpoint lease table does not match its length ({n} leases)"
+            ));
+        }
+        for i in 0..n {
+            let o = 56 + 16 * i;
+            ck.leases.insert(u(o) as i64, u(o + 8) as i64);
+        }
+        Ok(ck)
     }
 }
 
@@ -73,6 +113,12 @@ pub struct Shard {
     /// The newest revision at which this shard changed anything.
     pub last_rev: i64,
     pub checkpointed: Checkpoint,
+    /// Every lease that exists (the whole table, kept in log order like the
+    /// keys): ID → granted TTL. Lets this shard check a put's lease itself.
+    pub leases: BTreeMap<i64, i64>,
+    /// This shard's keys attached to each lease (from the keys' latest
+    /// versions).
+    lease_keys: HashMap<i64, BTreeSet<Box<[u8]>>>,
 }
 
 impl Shard {
@@ -152,6 +198,13 @@ impl Shard {
                 ckpt.applied
             );
         }
+        let mut lease_keys: HashMap<i64, BTreeSet<Box<[u8]>>> = HashMap::new();
+        index.range(&[], End::Unbounded, i64::MAX, |k, v| {
+            if v.lease != 0 {
+                lease_keys.entry(v.lease).or_default().insert(k.into());
+            }
+            true
+        });
         Ok(Shard {
             id,
             shards,
@@ -161,8 +214,72 @@ impl Shard {
             applied: ckpt.applied,
             compact_rev: ckpt.compact_rev,
             last_rev: ckpt.last_rev,
+            leases: ckpt.leases.clone(),
             checkpointed: ckpt,
+            lease_keys,
         })
+    }
+
+    pub fn lease_exists(&self, id: i64) -> bool {
+        self.leases.contains_key(&id)
+    }
+
+    /// Records a granted lease (an entry every shard sees).
+    pub fn lease_grant(&mut self, id: i64, ttl: i64) {
+        self.leases.insert(id, ttl);
+    }
+
+    /// Revokes a lease: deletes this shard's keys attached to it at `rev`.
+    /// Returns how many keys were deleted.
+    pub fn lease_revoke(&mut self, id: i64, rev: i64) -> usize {
+        self.leases.remove(&id);
+        let keys = self.lease_keys.remove(&id).unwrap_or_default();
+        for k in &keys {
+            self.delete_key(k, rev);
+        }
+        if !keys.is_empty() {
+            self.last_rev = rev;
+        }
+        keys.len()
+    }
+
+    /// This shard's keys attached to lease `id`, sorted.
+    pub fn lease_keys(&self, id: i64) -> Vec<Vec<u8>> {
+        self.lease_keys
+            .get(&id)
+            .map(|s| s.iter().map(|k| k.to_vec()).collect())
+            .unwrap_or_default()
+    }
+
+    fn attach(&mut self, key: &[u8], old: i64, new: i64) {
+        if old == new {
+            return;
+        }
+        if old != 0 {
+            if let Some(set) = self.lease_keys.get_mut(&old) {
+                set.remove(key);
+                if set.is_empty() {
+                    self.lease_keys.remove(&old);
+                }
+            }
+        }
+        if new != 0 {
+            self.lease_keys.entry(new).or_default().insert(key.into());
+        }
+    }
+
+    fn delete_key(&mut self, key: &[u8], rev: i64) {
+        let old = self.index.latest(key).map(|v| v.lease).unwrap_or(0);
+        self.attach(key, old, 0);
+        self.index.tombstone(key, rev);
+        let tomb = Version {
+            mod_rev: rev,
+            create_rev: 0,
+            version: 0,
+            lease: 0,
+            value: None,
+        };
+        self.seg.append(key, &tomb);
     }
 
     pub fn owns(&self, key: &[u8]) -> bool {
@@ -239,6 +356,8 @@ impl Shard {
                         } else {
                             p.lease
                         };
+                        let old = prev.as_ref().map(|v| v.lease).unwrap_or(0);
+                        self.attach(&p.key, old, lease);
                         let v = self.index.put(&p.key, rev, value, lease).clone();
                         self.last_rev = rev;
                         self.seg.append(&p.key, &v);
@@ -262,15 +381,7 @@ impl Shard {
                     });
                     let mut prev_kvs = Vec::new();
                     for (k, v) in &victims {
-                        self.index.tombstone(k, rev);
-                        let tomb = Version {
-                            mod_rev: rev,
-                            create_rev: 0,
-                            version: 0,
-                            lease: 0,
-                            value: None,
-                        };
-                        self.seg.append(k, &tomb);
+                        self.delete_key(k, rev);
                         if d.prev_kv {
                             prev_kvs.push(to_kv(k, v, false));
                         }
@@ -340,6 +451,7 @@ impl Shard {
             last_rev: self.last_rev,
             seg_id,
             seg_offset,
+            leases: self.leases.clone(),
         };
         let dir = self.dir.clone();
         let io = |e: std::io::Error| format!("{}: checkpoint failed: {e}", dir.display());
@@ -359,7 +471,7 @@ impl Shard {
                 let _ = fs::remove_file(dir.join(format!("checkpoint-{i:020}")));
             }
         }
-        self.checkpointed = ck;
+        self.checkpointed = ck.clone();
         Ok(ck)
     }
 }
@@ -397,5 +509,48 @@ pub fn to_kv(key: &[u8], v: &Version, keys_only: bool) -> KeyValue {
             v.value.as_deref().unwrap_or(&[]).to_vec()
         },
         lease: v.lease,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn checkpoint_round_trips_with_leases() {
+        let mut ck = Checkpoint {
+            applied: 42,
+            compact_rev: 7,
+            last_rev: 40,
+            seg_id: 3,
+            seg_offset: 4096,
+            leases: BTreeMap::new(),
+        };
+        assert_eq!(Checkpoint::decode(&ck.encode()).unwrap(), ck);
+        ck.leases.insert(5, 60);
+        ck.leases.insert(i64::MAX, 9_000_000_000);
+        let b = ck.encode();
+        assert_eq!(Checkpoint::decode(&b).unwrap(), ck);
+        // Any flipped byte or a cut is refused, never misread.
+        for i in 0..b.len() {
+            let mut bad = b.clone();
+            bad[i] ^= 0x40;
+            assert!(Checkpoint::decode(&bad).is_err(), "flip at {i}");
+        }
+        for n in 0..b.len() {
+            assert!(Checkpoint::decode(&b[..n]).is_err(), "cut at {n}");
+        }
+    }
+
+    #[test]
+    fn version_1_checkpoints_still_read() {
+        let mut b = CHECKPOINT_MAGIC_V1.to_vec();
+        for v in [9u64, 2, 8, 1, 100] {
+            b.extend_from_slice(&v.to_le_bytes());
+        }
+        let crc = crc32c::crc32c(&b);
+        b.extend_from_slice(&crc.to_le_bytes());
+        let ck = Checkpoint::decode(&b).unwrap();
+        assert_eq!((ck.applied, ck.seg_offset, ck.leases.len()), (9, 100, 0));
     }
 }
