@@ -64,6 +64,20 @@ async fn replays_wal_after_checkpoints() {
     assert!(more[0].2 > want.last().unwrap().2);
 }
 
+/// Where a WAL segment's records end (segments are zero-filled ahead):
+/// walks the 8-byte magic, then records of `len:u32le | crc:u32le | body`.
+fn records_end(data: &[u8]) -> usize {
+    let mut off = 8;
+    while off + 8 <= data.len() {
+        let len = u32::from_le_bytes(data[off..off + 4].try_into().unwrap()) as usize;
+        if len == 0 {
+            break;
+        }
+        off += 8 + len;
+    }
+    off
+}
+
 #[tokio::test]
 async fn torn_wal_tail_is_cut_with_a_log_line() {
     let mut m = Member::new(&[]);
@@ -71,12 +85,17 @@ async fn torn_wal_tail_is_cut_with_a_log_line() {
     let want = put_keys(&mut m.client().await, "t", 20).await;
     m.kill9();
     // A crash in the middle of writing the next (unacknowledged) batch
-    // leaves part of a record after the last synced one.
+    // leaves part of a record after the last synced one (over the
+    // zero-filled space ahead of it).
     let wal = files(&m.data().join("wal"), "wal").pop().unwrap();
-    let mut f = std::fs::OpenOptions::new().append(true).open(&wal).unwrap();
-    f.write_all(&[0x40, 0, 0, 0, 0x12, 0x34, 0x56, 0x78, 1, 8, 1])
-        .unwrap();
-    drop(f);
+    let mut data = std::fs::read(&wal).unwrap();
+    let end = records_end(&data);
+    let partial = [0x40, 0, 0, 0, 0x12, 0x34, 0x56, 0x78, 1, 8, 1];
+    if data.len() < end + partial.len() {
+        data.resize(end + partial.len(), 0);
+    }
+    data[end..end + partial.len()].copy_from_slice(&partial);
+    std::fs::write(&wal, &data).unwrap();
     assert!(m.start().is_none());
     assert!(
         m.log_text().contains("cutting a torn tail"),
@@ -94,7 +113,7 @@ async fn corrupt_wal_record_refuses_to_start() {
     m.kill9();
     let wal = files(&m.data().join("wal"), "wal").pop().unwrap();
     let mut data = std::fs::read(&wal).unwrap();
-    let mid = data.len() / 3;
+    let mid = records_end(&data) / 3;
     data[mid] ^= 0x5a;
     std::fs::write(&wal, &data).unwrap();
     let st = m.start().expect("must refuse to start");
