@@ -89,7 +89,11 @@ fn bench_index(c: &mut Criterion) {
     g.sample_size(10);
     g.throughput(Throughput::Elements(KEYS as u64));
     g.bench_function("compact_100k_keys_4_versions", |b| {
-        b.iter_batched(|| filled(4), |mut ix| ix.compact(3 * KEYS as i64), BatchSize::PerIteration)
+        b.iter_batched(
+            || filled(4),
+            |mut ix| ix.compact(3 * KEYS as i64),
+            BatchSize::PerIteration,
+        )
     });
     g.finish();
 }

@@ -8,7 +8,13 @@ use keelson::store::index::Version;
 use keelson::store::segment::{encode_record, read_segment, segment_path, SegmentWriter};
 
 fn version(rev: i64) -> Version {
-    Version { mod_rev: rev, create_rev: 1, version: rev, lease: 0, value: Some(vec![7u8; 256].into_boxed_slice()) }
+    Version {
+        mod_rev: rev,
+        create_rev: 1,
+        version: rev,
+        lease: 0,
+        value: Some(vec![7u8; 256].into_boxed_slice()),
+    }
 }
 
 fn bench_segment(c: &mut Criterion) {
