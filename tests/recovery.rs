@@ -234,6 +234,34 @@ async fn hostile_input_never_crashes_the_server() {
         ("/etcdserverpb.Watch/Watch", frame(&[]), "12"),
         // An empty key is etcd's InvalidArgument.
         ("/etcdserverpb.KV/Put", frame(&[0x12, 0x01, b'v']), "3"),
+        // The keep-alive stream: bad protobuf, a huge length prefix, a
+        // compressed flag, a stream that ends inside a message, and two
+        // valid requests (for a lease that does not exist) closed cleanly.
+        (
+            "/etcdserverpb.Lease/LeaseKeepAlive",
+            frame(&[0xff, 0xff, 0xff]),
+            "13",
+        ),
+        (
+            "/etcdserverpb.Lease/LeaseKeepAlive",
+            [&[0u8][..], &too_big[..], b"x"].concat(),
+            "8",
+        ),
+        (
+            "/etcdserverpb.Lease/LeaseKeepAlive",
+            [&[1u8][..], &[0, 0, 0, 1][..], b"x"].concat(),
+            "13",
+        ),
+        (
+            "/etcdserverpb.Lease/LeaseKeepAlive",
+            vec![0, 0, 0, 0, 9, 8],
+            "13",
+        ),
+        (
+            "/etcdserverpb.Lease/LeaseKeepAlive",
+            [frame(&[0x08, 0x05]), frame(&[0x08, 0x06])].concat(),
+            "0",
+        ),
     ];
     for (path, body, want) in cases {
         let (code, msg) = raw_grpc(&ep, path, body).await;
