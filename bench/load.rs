@@ -10,7 +10,10 @@
 
 use bytes::{BufMut, Bytes, BytesMut};
 use hdrhistogram::Histogram;
-use keelson::proto::etcdserverpb::{request_op, PutRequest, RangeRequest, RequestOp, TxnRequest};
+use keelson::proto::etcdserverpb::{
+    request_op, LeaseGrantRequest, LeaseGrantResponse, LeaseKeepAliveRequest,
+    LeaseKeepAliveResponse, PutRequest, RangeRequest, RequestOp, TxnRequest,
+};
 use prost::Message;
 use std::cell::RefCell;
 use std::rc::Rc;
@@ -41,7 +44,7 @@ fn usage() -> ! {
     eprintln!(
         "usage: keelson-bench [--endpoints 127.0.0.1:2379] [--conns 8] [--clients 64] [--total 100000]\n\
          [--duration-secs 60] [--key-size 8] [--val-size 256] [--key-space 100000]\n\
-         [--workload put|range|range-serializable|txn-put|mixed] [--threads 1] [--server-pid PID]\n\
+         [--workload put|range|range-serializable|txn-put|mixed|lease-keepalive] [--threads 1] [--server-pid PID]\n\
          [--prefill N] [--sequential-keys] [--json]"
     );
     std::process::exit(2)
@@ -111,7 +114,16 @@ fn parse() -> Opts {
         }
         i += 1;
     }
-    if !["put", "range", "range-serializable", "txn-put", "mixed"].contains(&o.workload.as_str()) {
+    if ![
+        "put",
+        "range",
+        "range-serializable",
+        "txn-put",
+        "mixed",
+        "lease-keepalive",
+    ]
+    .contains(&o.workload.as_str())
+    {
         usage();
     }
     o.conns = o.conns.max(o.threads);
@@ -240,6 +252,130 @@ async fn one_call(
     }
 }
 
+/// The lease-keepalive workload for one client: grant a lease, then send
+/// keep-alives on one stream, one in flight at a time (as clientv3 does
+/// per lease), timing each request → response.
+async fn keepalive_client(
+    sr: &mut h2::client::SendRequest<Bytes>,
+    authority: &str,
+    next: &AtomicU64,
+    limit: u64,
+    deadline: Instant,
+    result: &RefCell<ThreadResult>,
+) {
+    let fail = |e: String| {
+        let mut res = result.borrow_mut();
+        res.errors += 1;
+        res.first_error.get_or_insert(e);
+    };
+    let grant = grpc_frame(&LeaseGrantRequest { ttl: 600, id: 0 });
+    let id = match unary(sr, authority, "/etcdserverpb.Lease/LeaseGrant", grant).await {
+        Ok(body) => match LeaseGrantResponse::decode(&body[..]) {
+            Ok(r) => r.id,
+            Err(e) => return fail(format!("grant response: {e}")),
+        },
+        Err(e) => return fail(e),
+    };
+    let req = match http::Request::builder()
+        .method("POST")
+        .uri(format!(
+            "http://{authority}/etcdserverpb.Lease/LeaseKeepAlive"
+        ))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .body(())
+    {
+        Ok(r) => r,
+        Err(e) => return fail(e.to_string()),
+    };
+    let mut ready = match sr.clone().ready().await {
+        Ok(r) => r,
+        Err(e) => return fail(e.to_string()),
+    };
+    let (resp, mut send) = match ready.send_request(req, false) {
+        Ok(x) => x,
+        Err(e) => return fail(e.to_string()),
+    };
+    let frame = grpc_frame(&LeaseKeepAliveRequest { id });
+    // The response head comes with the first message.
+    let mut recv: Option<h2::RecvStream> = None;
+    let mut resp = Some(resp);
+    let mut buf = BytesMut::new();
+    loop {
+        let n = next.fetch_add(1, Ordering::Relaxed);
+        if n >= limit || Instant::now() >= deadline {
+            break;
+        }
+        let t0 = Instant::now();
+        if let Err(e) = send.send_data(frame.clone(), false) {
+            return fail(e.to_string());
+        }
+        if recv.is_none() {
+            match resp.take().expect("once").await {
+                Ok(r) => recv = Some(r.into_body()),
+                Err(e) => return fail(e.to_string()),
+            }
+        }
+        let body = recv.as_mut().expect("set above");
+        // Read until one whole message is buffered.
+        loop {
+            if buf.len() >= 5 {
+                let len = u32::from_be_bytes([buf[1], buf[2], buf[3], buf[4]]) as usize;
+                if buf.len() >= 5 + len {
+                    let msg = buf.split_to(5 + len);
+                    match LeaseKeepAliveResponse::decode(&msg[5..]) {
+                        Ok(r) if r.ttl > 0 => {}
+                        Ok(r) => return fail(format!("keep-alive answered TTL {}", r.ttl)),
+                        Err(e) => return fail(format!("keep-alive response: {e}")),
+                    }
+                    break;
+                }
+            }
+            match body.data().await {
+                Some(Ok(chunk)) => {
+                    let _ = body.flow_control().release_capacity(chunk.len());
+                    buf.extend_from_slice(&chunk);
+                }
+                Some(Err(e)) => return fail(e.to_string()),
+                None => return fail("keep-alive stream ended".into()),
+            }
+        }
+        let us = t0.elapsed().as_micros() as u64;
+        let _ = result.borrow_mut().hist.record(us.max(1));
+    }
+    let _ = send.send_data(Bytes::new(), true);
+}
+
+/// One unary call returning the response message's bytes.
+async fn unary(
+    sr: &mut h2::client::SendRequest<Bytes>,
+    authority: &str,
+    path: &str,
+    body: Bytes,
+) -> Result<Vec<u8>, String> {
+    let req = http::Request::builder()
+        .method("POST")
+        .uri(format!("http://{authority}{path}"))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .body(())
+        .map_err(|e| e.to_string())?;
+    let mut ready = sr.clone().ready().await.map_err(|e| e.to_string())?;
+    let (resp, mut send) = ready.send_request(req, false).map_err(|e| e.to_string())?;
+    send.send_data(body, true).map_err(|e| e.to_string())?;
+    let mut body = resp.await.map_err(|e| e.to_string())?.into_body();
+    let mut out = Vec::new();
+    while let Some(chunk) = body.data().await {
+        let chunk = chunk.map_err(|e| e.to_string())?;
+        let _ = body.flow_control().release_capacity(chunk.len());
+        out.extend_from_slice(&chunk);
+    }
+    if out.len() < 5 {
+        return Err(format!("{path}: no response message"));
+    }
+    Ok(out.split_off(5))
+}
+
 /// Runs `count` ops (claimed from `next`) on one executor.
 fn run_thread(
     o: Opts,
@@ -297,6 +433,10 @@ fn run_thread(
                     value.clone(),
                 );
                 tasks.push(glommio::spawn_local(async move {
+                    if workload == "lease-keepalive" {
+                        keepalive_client(&mut sr, &ep, &next, limit, deadline, &result).await;
+                        return;
+                    }
                     loop {
                         let n = next.fetch_add(1, Ordering::Relaxed);
                         if n >= limit || Instant::now() >= deadline {

@@ -31,7 +31,7 @@ tmp=$(mktemp -d)
 pids=()
 cleanup() { for p in "${pids[@]:-}"; do kill -9 "$p" 2>/dev/null || true; done; rm -rf "$tmp"; }
 trap cleanup EXIT
-workloads="put range-serializable range txn-put mixed"
+workloads="put range-serializable range txn-put mixed lease-keepalive"
 
 start_server() { # kind port -> sets server_pid
   local kind=$1 port=$2 peer=$(( $2 + 1 ))
