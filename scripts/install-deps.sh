@@ -1,10 +1,13 @@
 #!/usr/bin/env bash
 # Installs what the test suite and perf scripts need on a fresh Debian machine,
 # only when missing: protoc (the etcd-client crate compiles its protos at build
-# time), etcdctl and etcd 3.4 (a real client and a real server to compare with).
+# time, with the well-known types), etcdctl and etcd 3.4 (a real client and a real server to compare with).
 set -euo pipefail
 need=()
 command -v protoc >/dev/null 2>&1 || need+=(protobuf-compiler)
+# protoc's well-known types (google/protobuf/*.proto), which etcd-client's
+# protos import; --no-install-recommends leaves them out.
+[ -f /usr/include/google/protobuf/descriptor.proto ] || need+=(libprotobuf-dev)
 command -v etcdctl >/dev/null 2>&1 || need+=(etcd-client)
 command -v etcd >/dev/null 2>&1 || need+=(etcd-server)
 if [ ${#need[@]} -eq 0 ]; then
