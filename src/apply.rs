@@ -60,6 +60,8 @@ pub enum ShardMsg {
     },
     Ops {
         index: u64,
+        /// Position of `ops[0]` among the ops the entry has run so far.
+        op_base: u32,
         ops: Arc<Vec<RequestOp>>,
         reply: oneshot::Sender<(Vec<OpPartial>, bool)>,
     },
@@ -99,6 +101,27 @@ pub enum ShardMsg {
     LeaseKeys {
         id: i64,
         reply: oneshot::Sender<Vec<Vec<u8>>>,
+    },
+    /// A watcher on `core` wants the changes in a range from `from` on.
+    /// `register`: also start sending that core live events for the range
+    /// (once per watcher; undone by `Unwatch`). Answered with a
+    /// `CoreMsg::WatchHistory` on the core's mailbox, after the live events
+    /// sent before it.
+    WatchHistory {
+        core: usize,
+        watcher: u64,
+        epoch: u32,
+        key: Vec<u8>,
+        range_end: Vec<u8>,
+        from: i64,
+        prev_kv: bool,
+        register: bool,
+    },
+    Unwatch {
+        core: usize,
+        key: Vec<u8>,
+        range_end: Vec<u8>,
+        prev_kv: bool,
     },
 }
 
@@ -153,6 +176,7 @@ struct LocalAccess<'a> {
     shard: &'a mut Shard,
     rev: i64,
     changed: bool,
+    ops_run: u32,
 }
 
 impl Access for LocalAccess<'_> {
@@ -162,7 +186,8 @@ impl Access for LocalAccess<'_> {
             .collect()
     }
     async fn ops(&mut self, ops: &[RequestOp]) -> Vec<ResponseOp> {
-        let (parts, changed) = self.shard.apply_ops(ops, self.rev);
+        let (parts, changed) = self.shard.apply_ops(ops, self.rev, self.ops_run);
+        self.ops_run += ops.len() as u32;
         self.changed |= changed;
         ops.iter()
             .zip(parts)
@@ -202,6 +227,7 @@ pub async fn run_shard(mut shard: Shard, rx: Receiver<ShardMsg>, router: Arc<Rou
                         shard: &mut shard,
                         rev,
                         changed: false,
+                        ops_run: 0,
                     };
                     let result = kv::run_txn(&mut la, &txn).await;
                     let changed = la.changed;
@@ -215,8 +241,15 @@ pub async fn run_shard(mut shard: Shard, rx: Receiver<ShardMsg>, router: Arc<Rou
                 ShardMsg::Compares { cmps, reply } => {
                     let _ = reply.send(cmps.iter().map(|c| shard.compare(c)).collect());
                 }
-                ShardMsg::Ops { index, ops, reply } => {
-                    let _ = reply.send(shard.apply_ops(&ops, index as i64));
+                ShardMsg::Ops {
+                    index,
+                    op_base,
+                    ops,
+                    reply,
+                } => {
+                    let res = shard.apply_ops(&ops, index as i64, op_base);
+                    send_watch_events(&mut shard, &router);
+                    let _ = reply.send(res);
                 }
                 ShardMsg::Applied { index } => shard.applied = shard.applied.max(index),
                 ShardMsg::Compact { rev, reply } => {
@@ -257,12 +290,46 @@ pub async fn run_shard(mut shard: Shard, rx: Receiver<ShardMsg>, router: Arc<Rou
                     } else {
                         0
                     };
+                    send_watch_events(&mut shard, &router);
                     let _ = reply.send(n);
                 }
                 ShardMsg::LeaseKeys { id, reply } => {
                     let _ = reply.send(shard.lease_keys(id));
                 }
+                ShardMsg::WatchHistory {
+                    core,
+                    watcher,
+                    epoch,
+                    key,
+                    range_end,
+                    from,
+                    prev_kv,
+                    register,
+                } => {
+                    // Live events already produced go first (ordering
+                    // contract), then the history that covers them.
+                    send_watch_events(&mut shard, &router);
+                    if register {
+                        shard.watch_register(core, &key, &range_end, prev_kv);
+                    }
+                    let history = shard.watch_history(&key, &range_end, from, prev_kv);
+                    if let Some(c) = router.cores.get(core) {
+                        c.send(crate::server::CoreMsg::WatchHistory {
+                            shard: shard.id,
+                            watcher,
+                            epoch,
+                            history,
+                        });
+                    }
+                }
+                ShardMsg::Unwatch {
+                    core,
+                    key,
+                    range_end,
+                    prev_kv,
+                } => shard.watch_unregister(core, &key, &range_end, prev_kv),
             }
+            send_watch_events(&mut shard, &router);
         }
         if let Err(e) = shard.flush() {
             crate::error!("shard {}: {e}; stopping", shard.id);
@@ -276,6 +343,21 @@ pub async fn run_shard(mut shard: Shard, rx: Receiver<ShardMsg>, router: Arc<Rou
     }
 }
 
+/// Sends the shard's pending watch events to the cores that watch them.
+fn send_watch_events(shard: &mut Shard, router: &Router) {
+    if shard.watch_out.is_empty() {
+        return;
+    }
+    for (core, events) in shard.watch_out.take() {
+        if let Some(c) = router.cores.get(core) {
+            c.send(crate::server::CoreMsg::WatchEvents {
+                shard: shard.id,
+                events,
+            });
+        }
+    }
+}
+
 // ----------------------------------------------------------------- applier
 
 struct RemoteAccess<'a> {
@@ -284,6 +366,7 @@ struct RemoteAccess<'a> {
     index: u64,
     compact_rev: i64,
     changed: bool,
+    ops_run: u32,
 }
 
 impl Access for RemoteAccess<'_> {
@@ -318,11 +401,13 @@ impl Access for RemoteAccess<'_> {
             let (tx, rx) = oneshot::channel();
             s.send(ShardMsg::Ops {
                 index: self.index,
+                op_base: self.ops_run,
                 ops: shared.clone(),
                 reply: tx,
             });
             waits.push(rx);
         }
+        self.ops_run += ops.len() as u32;
         let mut per_op: Vec<Vec<OpPartial>> = (0..ops.len()).map(|_| Vec::new()).collect();
         for w in waits {
             if let Ok((parts, changed)) = w.await {
@@ -521,6 +606,7 @@ impl Applier {
                         index,
                         compact_rev: self.st.compact_rev,
                         changed: false,
+                        ops_run: 0,
                     };
                     let result = kv::run_txn(&mut ra, &txn).await;
                     p.changed = ra.changed;

@@ -31,6 +31,8 @@ pub struct Config {
     /// Keyspace shards; fixed when the data dir is created.
     pub shards: Option<usize>,
     pub log_level: u8,
+    /// etcd's `--experimental-watch-progress-notify-interval` (10m).
+    pub watch_progress_notify_interval: Duration,
 }
 
 /// gRPC adds this much room above `--max-request-bytes` before the transport
@@ -65,6 +67,7 @@ const FLAGS: &[FlagSpec] = &[
     FlagSpec { name: "heartbeat-interval", help: "time (in milliseconds) of a heartbeat interval (default 100)" },
     FlagSpec { name: "election-timeout", help: "time (in milliseconds) for an election to timeout (default 1000)" },
     FlagSpec { name: "log-level", help: "configures log level: debug, info, warn, error (default info)" },
+    FlagSpec { name: "experimental-watch-progress-notify-interval", help: "duration of periodic watch progress notifications (default 10m0s)" },
     FlagSpec { name: "cores", help: "keelson: number of executor threads, one per core (default: all cores)" },
     FlagSpec { name: "shards", help: "keelson: number of keyspace shards, fixed when the data dir is created (default: --cores)" },
 ];
@@ -216,9 +219,46 @@ where
         cores: cores.clamp(1, 256),
         shards,
         log_level,
+        watch_progress_notify_interval: match lookup("experimental-watch-progress-notify-interval") {
+            None => Duration::from_secs(600),
+            Some(v) => parse_duration(&v).ok_or_else(|| {
+                format!("invalid value {v:?} for flag -experimental-watch-progress-notify-interval: parse error")
+            })?,
+        },
     };
     cfg.validate()?;
     Ok(Parsed::Serve(Box::new(cfg)))
+}
+
+/// A Go duration (`10m0s`, `500ms`, `1h2m3.5s`); zero is refused.
+pub fn parse_duration(s: &str) -> Option<Duration> {
+    let mut total = 0f64;
+    let mut rest = s.trim();
+    if rest.is_empty() {
+        return None;
+    }
+    while !rest.is_empty() {
+        let n = rest
+            .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+            .unwrap_or(rest.len());
+        let num: f64 = rest[..n].parse().ok()?;
+        rest = &rest[n..];
+        let u = rest
+            .find(|c: char| c.is_ascii_digit())
+            .unwrap_or(rest.len());
+        let scale = match &rest[..u] {
+            "h" => 3600.0,
+            "m" => 60.0,
+            "s" => 1.0,
+            "ms" => 1e-3,
+            "us" | "µs" => 1e-6,
+            "ns" => 1e-9,
+            _ => return None,
+        };
+        rest = &rest[u..];
+        total += num * scale;
+    }
+    (total > 0.0 && total < 1e9).then(|| Duration::from_secs_f64(total))
 }
 
 impl Config {

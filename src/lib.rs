@@ -15,6 +15,7 @@ pub mod raftcore;
 pub mod server;
 pub mod store;
 pub mod wal;
+pub mod watch;
 
 /// The etcd API version keelson reports in `Status` (clients gate features
 /// on it).

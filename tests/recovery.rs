@@ -231,7 +231,25 @@ async fn hostile_input_never_crashes_the_server() {
         ),
         ("/etcdserverpb.KV/Nope", frame(&[]), "12"),
         ("/no.Such/Service", frame(&[]), "12"),
-        ("/etcdserverpb.Watch/Watch", frame(&[]), "12"),
+        ("/v3electionpb.Election/Nope", frame(&[]), "12"),
+        // The watch stream: bad protobuf, a huge length prefix, a
+        // compressed flag, a stream that ends inside a message.
+        (
+            "/etcdserverpb.Watch/Watch",
+            frame(&[0xff, 0xff, 0xff]),
+            "13",
+        ),
+        (
+            "/etcdserverpb.Watch/Watch",
+            [&[0u8][..], &too_big[..], b"x"].concat(),
+            "8",
+        ),
+        (
+            "/etcdserverpb.Watch/Watch",
+            [&[1u8][..], &[0, 0, 0, 1][..], b"x"].concat(),
+            "13",
+        ),
+        ("/etcdserverpb.Watch/Watch", vec![0, 0, 0, 0, 9, 8], "13"),
         // An empty key is etcd's InvalidArgument.
         ("/etcdserverpb.KV/Put", frame(&[0x12, 0x01, b'v']), "3"),
         // The keep-alive stream: bad protobuf, a huge length prefix, a

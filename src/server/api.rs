@@ -76,11 +76,13 @@ pub fn lookup(path: &str) -> Option<Method> {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum StreamMethod {
     LeaseKeepAlive,
+    Watch,
 }
 
 pub fn lookup_stream(path: &str) -> Option<StreamMethod> {
     match path {
         "/etcdserverpb.Lease/LeaseKeepAlive" => Some(StreamMethod::LeaseKeepAlive),
+        "/etcdserverpb.Watch/Watch" => Some(StreamMethod::Watch),
         _ => None,
     }
 }
@@ -91,11 +93,12 @@ pub async fn call_stream(
     m: StreamMethod,
     input: MsgStream,
     sink: &mut MsgSink,
-    _meta: Metadata,
+    meta: Metadata,
     core: &Core,
 ) -> Result<(), Status> {
     match m {
         StreamMethod::LeaseKeepAlive => lease_keep_alive(core, input, sink).await,
+        StreamMethod::Watch => super::watch::serve(core, input, sink, meta).await,
     }
 }
 
@@ -134,7 +137,7 @@ pub async fn call(m: Method, body: &[u8], core: &Core) -> Result<Vec<u8>, Status
     })
 }
 
-fn header(core: &Core, revision: i64) -> Option<ResponseHeader> {
+pub(crate) fn header(core: &Core, revision: i64) -> Option<ResponseHeader> {
     Some(ResponseHeader {
         cluster_id: core.router.member.cluster_id,
         member_id: core.router.member.id,

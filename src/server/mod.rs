@@ -8,6 +8,7 @@
 
 pub mod api;
 pub mod grpc;
+pub mod watch;
 
 use crate::apply::{self, ApplierMsg, ShardMsg};
 use crate::config::Config;
@@ -44,6 +45,8 @@ pub struct Member {
     pub request_timeout: std::time::Duration,
     /// etcd's minimum lease TTL in seconds (1.5 election timeouts).
     pub min_lease_ttl: i64,
+    /// How often watchers that asked for progress notifications get one.
+    pub watch_progress_notify_interval: std::time::Duration,
 }
 
 /// News for every core: the applied index and revisions, and raft state.
@@ -57,6 +60,18 @@ pub enum CoreMsg {
         term: u64,
         leader: u64,
         commit: u64,
+    },
+    /// Live changes from a shard for this core's watchers.
+    WatchEvents {
+        shard: usize,
+        events: Vec<crate::watch::ShardEvent>,
+    },
+    /// A shard's answer to a watcher's history request.
+    WatchHistory {
+        shard: usize,
+        watcher: u64,
+        epoch: u32,
+        history: crate::watch::History,
     },
 }
 
@@ -75,6 +90,7 @@ pub struct View {
 impl View {
     fn apply(&self, m: CoreMsg) {
         match m {
+            CoreMsg::WatchEvents { .. } | CoreMsg::WatchHistory { .. } => {}
             CoreMsg::Applied {
                 applied,
                 revision,
@@ -103,6 +119,39 @@ pub struct Core {
     pub id: usize,
     pub router: Arc<Router>,
     pub view: View,
+    pub watch: watch::Hub,
+    /// This core itself, for tasks it spawns.
+    pub me: std::rc::Weak<Core>,
+}
+
+impl Core {
+    /// Handles a batch of messages from other cores.
+    fn on_msgs(&self, msgs: &mut Vec<CoreMsg>) {
+        for m in msgs.drain(..) {
+            match m {
+                CoreMsg::WatchEvents { shard, events } => self.watch.on_events(shard, events),
+                CoreMsg::WatchHistory {
+                    shard,
+                    watcher,
+                    epoch,
+                    history,
+                } => self.watch.on_history(self, shard, watcher, epoch, history),
+                CoreMsg::Applied {
+                    applied, revision, ..
+                } => {
+                    self.watch.on_applied(applied, revision);
+                    self.view.apply(m);
+                }
+                CoreMsg::Raft { leader, .. } => {
+                    self.view.apply(m);
+                    if leader == 0 {
+                        self.watch.on_no_leader();
+                    }
+                }
+            }
+        }
+        self.watch.flush(self);
+    }
 }
 
 fn hash64(parts: &[&str]) -> u64 {
@@ -295,6 +344,7 @@ pub fn run(cfg: Config) -> Result<(), String> {
             max_request_bytes: cfg.max_request_bytes,
             request_timeout: raftcore::request_timeout(&cfg),
             min_lease_ttl: crate::lease::min_ttl(cfg.election_timeout),
+            watch_progress_notify_interval: cfg.watch_progress_notify_interval,
         },
     });
 
@@ -343,10 +393,12 @@ pub fn run(cfg: Config) -> Result<(), String> {
         let h = LocalExecutorBuilder::new(Placement::Unbound)
             .name(&format!("keelson-core-{core}"))
             .spawn(move || async move {
-                let ctx = Rc::new(Core {
+                let ctx = Rc::new_cyclic(|me| Core {
                     id: core,
                     router: router.clone(),
                     view: View::default(),
+                    watch: watch::Hub::default(),
+                    me: me.clone(),
                 });
                 // Listeners first, so a port in use is reported before
                 // anything else starts.
@@ -373,10 +425,8 @@ pub fn run(cfg: Config) -> Result<(), String> {
                     let ctx = ctx.clone();
                     glommio::spawn_local(async move {
                         let mut msgs = Vec::new();
-                        while core_rx.recv_batch(&mut msgs, 64).await {
-                            for m in msgs.drain(..) {
-                                ctx.view.apply(m);
-                            }
+                        while core_rx.recv_batch(&mut msgs, 256).await {
+                            ctx.on_msgs(&mut msgs);
                         }
                     })
                     .detach();

@@ -185,6 +185,56 @@ impl Index {
         });
     }
 
+    /// The version of `key` written at exactly `rev` and the live version
+    /// before it (for a watch event's prev_kv), if `rev` is still in the
+    /// index.
+    pub fn version_at(&self, key: &[u8], rev: Rev) -> Option<(&Version, Option<&Version>)> {
+        let hist = self.keys.get(key)?;
+        let i = hist.binary_search_by_key(&rev, |v| v.mod_rev).ok()?;
+        let prev = i
+            .checked_sub(1)
+            .map(|p| &hist[p])
+            .filter(|v| !v.is_tombstone());
+        Some((&hist[i], prev))
+    }
+
+    /// Calls `f(key, version, prev)` for every version with `mod_rev >=
+    /// from` of every key in `[key, end)`, in key order (tombstones
+    /// included); `prev` is the live version before it, if any.
+    pub fn versions_since<F>(&self, key: &[u8], end: End<'_>, from: Rev, mut f: F)
+    where
+        F: FnMut(&[u8], &Version, Option<&Version>),
+    {
+        let mut visit = |k: &[u8], hist: &[Version]| {
+            let i = hist.partition_point(|v| v.mod_rev < from);
+            for j in i..hist.len() {
+                let prev = j
+                    .checked_sub(1)
+                    .map(|p| &hist[p])
+                    .filter(|v| !v.is_tombstone());
+                f(k, &hist[j], prev);
+            }
+        };
+        let upper: Bound<&[u8]> = match end {
+            End::Single => {
+                if let Some(h) = self.keys.get(key) {
+                    visit(key, h);
+                }
+                return;
+            }
+            End::Unbounded => Bound::Unbounded,
+            End::Before(e) => {
+                if e <= key {
+                    return;
+                }
+                Bound::Excluded(e)
+            }
+        };
+        for (k, h) in self.keys.range::<[u8], _>((Bound::Included(key), upper)) {
+            visit(k, h);
+        }
+    }
+
     /// Every version of `key`, oldest first (tests and tools).
     pub fn history(&self, key: &[u8]) -> &[Version] {
         self.keys.get(key).map(|h| h.as_slice()).unwrap_or(&[])

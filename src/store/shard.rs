@@ -10,6 +10,7 @@ use crate::proto::etcdserverpb::{
     request_op, Compare, DeleteRangeResponse, PutResponse, RangeRequest, RequestOp,
 };
 use crate::proto::mvccpb::KeyValue;
+use crate::watch::{self, History, Interests, Outgoing, ShardEvent};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fs::{self, File};
 use std::io::Write;
@@ -119,6 +120,16 @@ pub struct Shard {
     /// This shard's keys attached to each lease (from the keys' latest
     /// versions).
     lease_keys: HashMap<i64, BTreeSet<Box<[u8]>>>,
+    /// The key ranges cores watch here.
+    interests: Interests,
+    /// Events for watching cores, sent by the shard task before it answers
+    /// anything else (see `watch`'s ordering contract).
+    pub watch_out: Outgoing,
+    match_buf: Vec<(usize, bool)>,
+    /// Position of the op being applied within its entry, and of the key
+    /// within the op: the order of events inside one revision.
+    op_seq: u32,
+    key_seq: u32,
 }
 
 impl Shard {
@@ -217,6 +228,11 @@ impl Shard {
             leases: ckpt.leases.clone(),
             checkpointed: ckpt,
             lease_keys,
+            interests: Interests::default(),
+            watch_out: Outgoing::default(),
+            match_buf: Vec::new(),
+            op_seq: 0,
+            key_seq: 0,
         })
     }
 
@@ -233,6 +249,9 @@ impl Shard {
     /// Returns how many keys were deleted.
     pub fn lease_revoke(&mut self, id: i64, rev: i64) -> usize {
         self.leases.remove(&id);
+        // Deleted in key order, as etcd's lessor does.
+        self.op_seq = 0;
+        self.key_seq = 0;
         let keys = self.lease_keys.remove(&id).unwrap_or_default();
         for k in &keys {
             self.delete_key(k, rev);
@@ -269,9 +288,11 @@ impl Shard {
     }
 
     fn delete_key(&mut self, key: &[u8], rev: i64) {
-        let old = self.index.latest(key).map(|v| v.lease).unwrap_or(0);
+        let prev = self.index.latest(key).cloned();
+        let old = prev.as_ref().map(|v| v.lease).unwrap_or(0);
         self.attach(key, old, 0);
         self.index.tombstone(key, rev);
+        self.emit(key, rev, None, prev.as_ref());
         let tomb = Version {
             mod_rev: rev,
             create_rev: 0,
@@ -280,6 +301,59 @@ impl Shard {
             value: None,
         };
         self.seg.append(key, &tomb);
+    }
+
+    /// Hands a change to the cores watching `key` (nothing to do when no
+    /// core watches this shard). `new` is `None` for a delete.
+    fn emit(&mut self, key: &[u8], rev: i64, new: Option<&Version>, prev: Option<&Version>) {
+        if self.interests.is_empty() {
+            return;
+        }
+        self.interests.matches(key, &mut self.match_buf);
+        if self.match_buf.is_empty() {
+            return;
+        }
+        let sub = ((self.op_seq as u64) << 32) | self.key_seq as u64;
+        self.key_seq += 1;
+        let ev = event(key, rev, sub, new, None);
+        for &(core, want_prev) in &self.match_buf {
+            let mut e = ev.clone();
+            if want_prev {
+                e.prev = prev.map(|p| to_kv(key, p, false));
+            }
+            self.watch_out.push(core, e);
+        }
+    }
+
+    /// Starts sending `core` the changes in a key range (counted: one
+    /// registration per watcher).
+    pub fn watch_register(&mut self, core: usize, key: &[u8], range_end: &[u8], prev_kv: bool) {
+        self.interests.add(core, key, range_end, prev_kv);
+    }
+
+    pub fn watch_unregister(&mut self, core: usize, key: &[u8], range_end: &[u8], prev_kv: bool) {
+        self.interests.remove(core, key, range_end, prev_kv);
+    }
+
+    /// The changes in a key range from revision `from` on, oldest first,
+    /// cut at a revision boundary by `watch`'s limits. Within a revision
+    /// the events are in key order.
+    pub fn watch_history(&self, key: &[u8], range_end: &[u8], from: i64, prev_kv: bool) -> History {
+        if from < self.compact_rev {
+            return History::Compacted(self.compact_rev);
+        }
+        let mut events = Vec::new();
+        if from <= self.last_rev {
+            self.index
+                .versions_since(key, End::from_range_end(range_end), from, |k, v, p| {
+                    let new = (!v.is_tombstone()).then_some(v);
+                    let prev = if prev_kv { p } else { None };
+                    events.push(event(k, v.mod_rev, 0, new, prev));
+                });
+            events.sort_by_key(|e| e.rev);
+        }
+        let more = watch::cut_history(&mut events);
+        History::Events { events, more }
     }
 
     pub fn owns(&self, key: &[u8]) -> bool {
@@ -334,10 +408,19 @@ impl Shard {
 
     /// Applies a run of non-txn ops at revision `rev` (this shard's keys
     /// only). Returns the partial results and whether anything changed.
-    pub fn apply_ops(&mut self, ops: &[RequestOp], rev: i64) -> (Vec<OpPartial>, bool) {
+    /// `op_base` is the position of `ops[0]` among all ops the entry has
+    /// run so far (it orders watch events within the revision).
+    pub fn apply_ops(
+        &mut self,
+        ops: &[RequestOp],
+        rev: i64,
+        op_base: u32,
+    ) -> (Vec<OpPartial>, bool) {
         let mut out = Vec::with_capacity(ops.len());
         let mut changed = false;
-        for op in ops {
+        for (i, op) in ops.iter().enumerate() {
+            self.op_seq = op_base + i as u32;
+            self.key_seq = 0;
             let p = match &op.request {
                 Some(request_op::Request::RequestPut(p)) => {
                     if !self.owns(&p.key) {
@@ -361,6 +444,7 @@ impl Shard {
                         let v = self.index.put(&p.key, rev, value, lease).clone();
                         self.last_rev = rev;
                         self.seg.append(&p.key, &v);
+                        self.emit(&p.key, rev, Some(&v), prev.as_ref());
                         changed = true;
                         OpPartial::Put(Some(PutResponse {
                             header: None,
@@ -495,6 +579,31 @@ fn list_checkpoints(dir: &Path) -> Result<Vec<u64>, String> {
     }
     v.sort_unstable();
     Ok(v)
+}
+
+/// A watch event for a change of `key` at `rev` (`new` is `None` for a
+/// delete, which carries only the key and revision, as on etcd).
+fn event(
+    key: &[u8],
+    rev: i64,
+    sub: u64,
+    new: Option<&Version>,
+    prev: Option<&Version>,
+) -> ShardEvent {
+    ShardEvent {
+        rev,
+        sub,
+        delete: new.is_none(),
+        kv: match new {
+            Some(v) => to_kv(key, v, false),
+            None => KeyValue {
+                key: key.to_vec(),
+                mod_revision: rev,
+                ..Default::default()
+            },
+        },
+        prev: prev.map(|p| to_kv(key, p, false)),
+    }
 }
 
 pub fn to_kv(key: &[u8], v: &Version, keys_only: bool) -> KeyValue {

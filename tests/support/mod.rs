@@ -74,7 +74,7 @@ impl Member {
                 &p,
             ])
             .args(["--initial-cluster", &format!("default={p}")])
-            .args(&self.extra)
+            .args(self.server_args())
             .stdout(Stdio::from(log.try_clone().unwrap()))
             .stderr(Stdio::from(log))
             .spawn()
@@ -93,6 +93,19 @@ impl Member {
         }
         let _ = child.kill();
         panic!("server did not become ready:\n{}", self.log_text());
+    }
+    /// The extra flags, less keelson's own when the server is etcd.
+    fn server_args(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        let mut it = self.extra.iter();
+        while let Some(a) = it.next() {
+            if is_etcd() && (a == "--shards" || a == "--cores") {
+                it.next();
+                continue;
+            }
+            out.push(a.clone());
+        }
+        out
     }
     pub fn kill9(&mut self) {
         if let Some(mut c) = self.child.take() {
