@@ -6,6 +6,7 @@
 //! raft for linearizable reads, the core's view for serializable ones) and
 //! scatter to the shards that may hold the keys, then merge.
 
+use super::coord;
 use super::grpc::{Metadata, MsgSink, MsgStream};
 use super::Core;
 use crate::apply::{ShardMsg, WriteResult};
@@ -35,6 +36,19 @@ pub enum Method {
     LeaseRevoke,
     LeaseTimeToLive,
     LeaseLeases,
+    Lock,
+    Unlock,
+    Campaign,
+    Proclaim,
+    Leader,
+    Resign,
+}
+
+impl Method {
+    /// Methods that may wait indefinitely for other clients.
+    pub fn may_wait(self) -> bool {
+        matches!(self, Method::Lock | Method::Campaign)
+    }
 }
 
 const SERVICES: &[&str] = &[
@@ -68,6 +82,12 @@ pub fn lookup(path: &str) -> Option<Method> {
         "/etcdserverpb.Lease/LeaseRevoke" => Method::LeaseRevoke,
         "/etcdserverpb.Lease/LeaseTimeToLive" => Method::LeaseTimeToLive,
         "/etcdserverpb.Lease/LeaseLeases" => Method::LeaseLeases,
+        "/v3lockpb.Lock/Lock" => Method::Lock,
+        "/v3lockpb.Lock/Unlock" => Method::Unlock,
+        "/v3electionpb.Election/Campaign" => Method::Campaign,
+        "/v3electionpb.Election/Proclaim" => Method::Proclaim,
+        "/v3electionpb.Election/Leader" => Method::Leader,
+        "/v3electionpb.Election/Resign" => Method::Resign,
         _ => return None,
     })
 }
@@ -77,12 +97,14 @@ pub fn lookup(path: &str) -> Option<Method> {
 pub enum StreamMethod {
     LeaseKeepAlive,
     Watch,
+    Observe,
 }
 
 pub fn lookup_stream(path: &str) -> Option<StreamMethod> {
     match path {
         "/etcdserverpb.Lease/LeaseKeepAlive" => Some(StreamMethod::LeaseKeepAlive),
         "/etcdserverpb.Watch/Watch" => Some(StreamMethod::Watch),
+        "/v3electionpb.Election/Observe" => Some(StreamMethod::Observe),
         _ => None,
     }
 }
@@ -99,6 +121,7 @@ pub async fn call_stream(
     match m {
         StreamMethod::LeaseKeepAlive => lease_keep_alive(core, input, sink).await,
         StreamMethod::Watch => super::watch::serve(core, input, sink, meta).await,
+        StreamMethod::Observe => super::coord::observe(core, input, sink).await,
     }
 }
 
@@ -127,6 +150,12 @@ pub async fn call(m: Method, body: &[u8], core: &Core) -> Result<Vec<u8>, Status
             .await?
             .encode_to_vec(),
         Method::LeaseLeases => lease_leases(core, decode(body)?).await?.encode_to_vec(),
+        Method::Lock => coord::lock(core, decode(body)?).await?.encode_to_vec(),
+        Method::Unlock => coord::unlock(core, decode(body)?).await?.encode_to_vec(),
+        Method::Campaign => coord::campaign(core, decode(body)?).await?.encode_to_vec(),
+        Method::Proclaim => coord::proclaim(core, decode(body)?).await?.encode_to_vec(),
+        Method::Leader => coord::leader(core, decode(body)?).await?.encode_to_vec(),
+        Method::Resign => coord::resign(core, decode(body)?).await?.encode_to_vec(),
         Method::HealthCheck => {
             let _: crate::proto::health::HealthCheckRequest = decode(body)?;
             crate::proto::health::HealthCheckResponse {
@@ -184,7 +213,7 @@ fn single_op_txn(op: request_op::Request) -> RaftCommand {
     }
 }
 
-async fn put(core: &Core, req: PutRequest) -> Result<PutResponse, Status> {
+pub(super) async fn put(core: &Core, req: PutRequest) -> Result<PutResponse, Status> {
     kv::check_put(&req)?;
     let res = propose(core, single_op_txn(request_op::Request::RequestPut(req))).await?;
     let prev_kv = match res
@@ -203,7 +232,10 @@ async fn put(core: &Core, req: PutRequest) -> Result<PutResponse, Status> {
     })
 }
 
-async fn delete_range(core: &Core, req: DeleteRangeRequest) -> Result<DeleteRangeResponse, Status> {
+pub(super) async fn delete_range(
+    core: &Core,
+    req: DeleteRangeRequest,
+) -> Result<DeleteRangeResponse, Status> {
     kv::check_delete(&req)?;
     let res = propose(
         core,
@@ -224,7 +256,7 @@ async fn delete_range(core: &Core, req: DeleteRangeRequest) -> Result<DeleteRang
     Ok(out)
 }
 
-async fn txn(core: &Core, req: TxnRequest) -> Result<TxnResponse, Status> {
+pub(super) async fn txn(core: &Core, req: TxnRequest) -> Result<TxnResponse, Status> {
     kv::check_txn(&req)?;
     let res = propose(
         core,
@@ -265,7 +297,7 @@ async fn read_revision(core: &Core, serializable: bool) -> Result<i64, Status> {
     Ok(rev)
 }
 
-async fn range(core: &Core, req: RangeRequest) -> Result<RangeResponse, Status> {
+pub(super) async fn range(core: &Core, req: RangeRequest) -> Result<RangeResponse, Status> {
     kv::check_range(&req)?;
     let current = read_revision(core, req.serializable).await?;
     if req.revision > current {
@@ -367,7 +399,10 @@ fn member_list(core: &Core, _req: MemberListRequest) -> Result<MemberListRespons
 
 // ------------------------------------------------------------------ leases
 
-async fn lease_grant(core: &Core, req: LeaseGrantRequest) -> Result<LeaseGrantResponse, Status> {
+pub(super) async fn lease_grant(
+    core: &Core,
+    req: LeaseGrantRequest,
+) -> Result<LeaseGrantResponse, Status> {
     if req.ttl > crate::lease::MAX_LEASE_TTL {
         return Err(error::lease_ttl_too_large());
     }

@@ -115,9 +115,22 @@ async fn handle_stream(
             return;
         }
     };
-    match api::call(method, &body, &core).await {
-        Ok(reply) => send_ok(&mut respond, reply),
-        Err(st) => send_status(&mut respond, &st),
+    // A call that waits (Lock, Campaign) is dropped when the client resets
+    // the stream or goes away; it cleans up after itself on drop.
+    let result = if !method.may_wait() {
+        Some(api::call(method, &body, &core).await)
+    } else {
+        let call = async { Some(api::call(method, &body, &core).await) };
+        let reset = async {
+            let _ = futures::future::poll_fn(|cx| respond.poll_reset(cx)).await;
+            None
+        };
+        futures_lite::future::or(call, reset).await
+    };
+    match result {
+        Some(Ok(reply)) => send_ok(&mut respond, reply),
+        Some(Err(st)) => send_status(&mut respond, &st),
+        None => {}
     }
 }
 

@@ -7,6 +7,7 @@
 //! `Router` (mailbox senders, immutable after start) and talk by messages.
 
 pub mod api;
+pub mod coord;
 pub mod grpc;
 pub mod watch;
 
