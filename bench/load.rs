@@ -207,12 +207,41 @@ struct ThreadResult {
     first_error: Option<String>,
 }
 
-async fn one_call(
-    sr: &mut h2::client::SendRequest<Bytes>,
+impl ThreadResult {
+    fn fail(&mut self, e: String) {
+        self.errors += 1;
+        self.first_error.get_or_insert(e);
+    }
+}
+
+/// The grpc-status in a header block (a trailers-only answer's head, or
+/// the trailers).
+fn header_status(h: &http::HeaderMap) -> Option<String> {
+    h.get("grpc-status")
+        .map(|v| v.to_str().unwrap_or("?").to_string())
+}
+
+/// The call's grpc-status once its body is read: from the head, else from
+/// the trailers.
+async fn final_status(head: Option<String>, body: &mut h2::RecvStream) -> Result<String, String> {
+    match head {
+        Some(s) => Ok(s),
+        None => Ok(body
+            .trailers()
+            .await
+            .map_err(|e| e.to_string())?
+            .as_ref()
+            .and_then(header_status)
+            .unwrap_or_else(|| "missing".into())),
+    }
+}
+
+/// Starts one gRPC call: (response future, request body sender).
+async fn open_call(
+    sr: &h2::client::SendRequest<Bytes>,
     authority: &str,
     path: &str,
-    body: Bytes,
-) -> Result<(), String> {
+) -> Result<(h2::client::ResponseFuture, h2::SendStream<Bytes>), String> {
     let req = http::Request::builder()
         .method("POST")
         .uri(format!("http://{authority}{path}"))
@@ -221,30 +250,26 @@ async fn one_call(
         .body(())
         .map_err(|e| e.to_string())?;
     let mut ready = sr.clone().ready().await.map_err(|e| e.to_string())?;
-    let (resp, mut send) = ready.send_request(req, false).map_err(|e| e.to_string())?;
+    ready.send_request(req, false).map_err(|e| e.to_string())
+}
+
+/// One unary call whose response is read and dropped; Ok if grpc-status 0.
+async fn one_call(
+    sr: &h2::client::SendRequest<Bytes>,
+    authority: &str,
+    path: &str,
+    body: Bytes,
+) -> Result<(), String> {
+    let (resp, mut send) = open_call(sr, authority, path).await?;
     send.send_data(body, true).map_err(|e| e.to_string())?;
     let resp = resp.await.map_err(|e| e.to_string())?;
-    let head_status = resp
-        .headers()
-        .get("grpc-status")
-        .map(|v| v.to_str().unwrap_or("?").to_string());
+    let head = header_status(resp.headers());
     let mut body = resp.into_body();
     while let Some(chunk) = body.data().await {
         let chunk = chunk.map_err(|e| e.to_string())?;
         let _ = body.flow_control().release_capacity(chunk.len());
     }
-    let status = match head_status {
-        Some(s) => s,
-        None => body
-            .trailers()
-            .await
-            .map_err(|e| e.to_string())?
-            .and_then(|t| {
-                t.get("grpc-status")
-                    .map(|v| v.to_str().unwrap_or("?").to_string())
-            })
-            .unwrap_or_else(|| "missing".into()),
-    };
+    let status = final_status(head, &mut body).await?;
     if status == "0" {
         Ok(())
     } else {
@@ -252,128 +277,157 @@ async fn one_call(
     }
 }
 
+/// One gRPC call read a message at a time (a bidirectional stream, or a
+/// unary call): a message may be split over DATA frames and one frame may
+/// hold several, so received bytes are buffered and cut at the 5-byte
+/// prefixes; flow-control capacity is released as data arrives.
+struct GrpcStream {
+    send: h2::SendStream<Bytes>,
+    resp: Option<h2::client::ResponseFuture>,
+    recv: Option<h2::RecvStream>,
+    head_status: Option<String>,
+    buf: BytesMut,
+}
+
+impl GrpcStream {
+    async fn open(
+        sr: &h2::client::SendRequest<Bytes>,
+        authority: &str,
+        path: &str,
+    ) -> Result<Self, String> {
+        let (resp, send) = open_call(sr, authority, path).await?;
+        Ok(GrpcStream {
+            send,
+            resp: Some(resp),
+            recv: None,
+            head_status: None,
+            buf: BytesMut::new(),
+        })
+    }
+
+    /// Queues framed message bytes (h2 buffers them until the window allows).
+    fn send(&mut self, framed: Bytes, last: bool) -> Result<(), String> {
+        self.send.send_data(framed, last).map_err(|e| e.to_string())
+    }
+
+    /// The next response message, without its prefix.
+    async fn next(&mut self) -> Result<Bytes, String> {
+        if self.recv.is_none() {
+            // The response head comes with (or before) the first message.
+            let resp = self.resp.take().ok_or("stream already ended")?;
+            let resp = resp.await.map_err(|e| e.to_string())?;
+            self.head_status = header_status(resp.headers());
+            self.recv = Some(resp.into_body());
+        }
+        let body = self.recv.as_mut().expect("set above");
+        loop {
+            if self.buf.len() >= 5 {
+                if self.buf[0] != 0 {
+                    return Err(format!("response message flag {}", self.buf[0]));
+                }
+                let len = u32::from_be_bytes([self.buf[1], self.buf[2], self.buf[3], self.buf[4]])
+                    as usize;
+                if len > MAX_MESSAGE {
+                    return Err(format!("response message of {len} bytes"));
+                }
+                if self.buf.len() >= 5 + len {
+                    let _ = self.buf.split_to(5);
+                    return Ok(self.buf.split_to(len).freeze());
+                }
+                self.buf.reserve(5 + len - self.buf.len());
+            }
+            match body.data().await {
+                Some(Ok(chunk)) => {
+                    let _ = body.flow_control().release_capacity(chunk.len());
+                    self.buf.extend_from_slice(&chunk);
+                }
+                Some(Err(e)) => return Err(e.to_string()),
+                None => {
+                    let status = final_status(self.head_status.take(), body).await?;
+                    return Err(format!("stream ended, grpc-status {status}"));
+                }
+            }
+        }
+    }
+}
+
+/// Largest response message accepted (etcd's default send limit is 2 GiB,
+/// but nothing this tool asks for comes near 64 MiB).
+const MAX_MESSAGE: usize = 64 << 20;
+
+/// One unary call returning the response message's bytes.
+async fn unary(
+    sr: &h2::client::SendRequest<Bytes>,
+    authority: &str,
+    path: &str,
+    body: Bytes,
+) -> Result<Bytes, String> {
+    let mut call = GrpcStream::open(sr, authority, path).await?;
+    call.send(body, true)?;
+    call.next().await.map_err(|e| format!("{path}: {e}"))
+}
+
 /// The lease-keepalive workload for one client: grant a lease, then send
 /// keep-alives on one stream, one in flight at a time (as clientv3 does
 /// per lease), timing each request → response.
 async fn keepalive_client(
-    sr: &mut h2::client::SendRequest<Bytes>,
+    sr: &h2::client::SendRequest<Bytes>,
     authority: &str,
     next: &AtomicU64,
     limit: u64,
     deadline: Instant,
     result: &RefCell<ThreadResult>,
-) {
-    let fail = |e: String| {
-        let mut res = result.borrow_mut();
-        res.errors += 1;
-        res.first_error.get_or_insert(e);
-    };
+) -> Result<(), String> {
     let grant = grpc_frame(&LeaseGrantRequest { ttl: 600, id: 0 });
-    let id = match unary(sr, authority, "/etcdserverpb.Lease/LeaseGrant", grant).await {
-        Ok(body) => match LeaseGrantResponse::decode(&body[..]) {
-            Ok(r) => r.id,
-            Err(e) => return fail(format!("grant response: {e}")),
-        },
-        Err(e) => return fail(e),
-    };
-    let req = match http::Request::builder()
-        .method("POST")
-        .uri(format!(
-            "http://{authority}/etcdserverpb.Lease/LeaseKeepAlive"
-        ))
-        .header("content-type", "application/grpc")
-        .header("te", "trailers")
-        .body(())
-    {
-        Ok(r) => r,
-        Err(e) => return fail(e.to_string()),
-    };
-    let mut ready = match sr.clone().ready().await {
-        Ok(r) => r,
-        Err(e) => return fail(e.to_string()),
-    };
-    let (resp, mut send) = match ready.send_request(req, false) {
-        Ok(x) => x,
-        Err(e) => return fail(e.to_string()),
-    };
+    let grant = unary(sr, authority, "/etcdserverpb.Lease/LeaseGrant", grant).await?;
+    let id = LeaseGrantResponse::decode(&grant[..])
+        .map_err(|e| format!("grant response: {e}"))?
+        .id;
+    let mut stream = GrpcStream::open(sr, authority, "/etcdserverpb.Lease/LeaseKeepAlive").await?;
     let frame = grpc_frame(&LeaseKeepAliveRequest { id });
-    // The response head comes with the first message.
-    let mut recv: Option<h2::RecvStream> = None;
-    let mut resp = Some(resp);
-    let mut buf = BytesMut::new();
     loop {
         let n = next.fetch_add(1, Ordering::Relaxed);
         if n >= limit || Instant::now() >= deadline {
             break;
         }
         let t0 = Instant::now();
-        if let Err(e) = send.send_data(frame.clone(), false) {
-            return fail(e.to_string());
-        }
-        if recv.is_none() {
-            match resp.take().expect("once").await {
-                Ok(r) => recv = Some(r.into_body()),
-                Err(e) => return fail(e.to_string()),
-            }
-        }
-        let body = recv.as_mut().expect("set above");
-        // Read until one whole message is buffered.
-        loop {
-            if buf.len() >= 5 {
-                let len = u32::from_be_bytes([buf[1], buf[2], buf[3], buf[4]]) as usize;
-                if buf.len() >= 5 + len {
-                    let msg = buf.split_to(5 + len);
-                    match LeaseKeepAliveResponse::decode(&msg[5..]) {
-                        Ok(r) if r.ttl > 0 => {}
-                        Ok(r) => return fail(format!("keep-alive answered TTL {}", r.ttl)),
-                        Err(e) => return fail(format!("keep-alive response: {e}")),
-                    }
-                    break;
-                }
-            }
-            match body.data().await {
-                Some(Ok(chunk)) => {
-                    let _ = body.flow_control().release_capacity(chunk.len());
-                    buf.extend_from_slice(&chunk);
-                }
-                Some(Err(e)) => return fail(e.to_string()),
-                None => return fail("keep-alive stream ended".into()),
-            }
+        stream.send(frame.clone(), false)?;
+        let msg = stream.next().await?;
+        let r = LeaseKeepAliveResponse::decode(&msg[..])
+            .map_err(|e| format!("keep-alive response: {e}"))?;
+        if r.ttl <= 0 {
+            return Err(format!("keep-alive answered TTL {}", r.ttl));
         }
         let us = t0.elapsed().as_micros() as u64;
         let _ = result.borrow_mut().hist.record(us.max(1));
     }
-    let _ = send.send_data(Bytes::new(), true);
+    stream.send(Bytes::new(), true)
 }
 
-/// One unary call returning the response message's bytes.
-async fn unary(
-    sr: &mut h2::client::SendRequest<Bytes>,
-    authority: &str,
-    path: &str,
-    body: Bytes,
-) -> Result<Vec<u8>, String> {
-    let req = http::Request::builder()
-        .method("POST")
-        .uri(format!("http://{authority}{path}"))
-        .header("content-type", "application/grpc")
-        .header("te", "trailers")
-        .body(())
-        .map_err(|e| e.to_string())?;
-    let mut ready = sr.clone().ready().await.map_err(|e| e.to_string())?;
-    let (resp, mut send) = ready.send_request(req, false).map_err(|e| e.to_string())?;
-    send.send_data(body, true).map_err(|e| e.to_string())?;
-    let mut body = resp.await.map_err(|e| e.to_string())?.into_body();
-    let mut out = Vec::new();
-    while let Some(chunk) = body.data().await {
-        let chunk = chunk.map_err(|e| e.to_string())?;
-        let _ = body.flow_control().release_capacity(chunk.len());
-        out.extend_from_slice(&chunk);
-    }
-    if out.len() < 5 {
-        return Err(format!("{path}: no response message"));
-    }
-    Ok(out.split_off(5))
+/// Connects one HTTP/2 connection and drives it on this executor; exits
+/// the process if the server cannot be reached.
+async fn connect(ep: &str) -> h2::client::SendRequest<Bytes> {
+    let stream = glommio::net::TcpStream::connect(ep)
+        .await
+        .unwrap_or_else(|e| {
+            eprintln!("connect {ep}: {e}");
+            std::process::exit(1)
+        });
+    let _ = stream.set_nodelay(true);
+    let (sr, conn) = h2::client::Builder::new()
+        .initial_window_size(1 << 20)
+        .initial_connection_window_size(16 << 20)
+        .handshake::<_, Bytes>(stream.compat())
+        .await
+        .unwrap_or_else(|e| {
+            eprintln!("h2 handshake with {ep}: {e}");
+            std::process::exit(1)
+        });
+    glommio::spawn_local(async move {
+        let _ = conn.await;
+    })
+    .detach();
+    sr
 }
 
 /// Runs `count` ops (claimed from `next`) on one executor.
@@ -401,29 +455,10 @@ fn run_thread(
         let mut tasks = Vec::new();
         for c in 0..conns {
             let ep = o.endpoints[(t * conns + c) % o.endpoints.len()].clone();
-            let stream = glommio::net::TcpStream::connect(ep.as_str())
-                .await
-                .unwrap_or_else(|e| {
-                    eprintln!("connect {ep}: {e}");
-                    std::process::exit(1)
-                });
-            let _ = stream.set_nodelay(true);
-            let (sr, conn) = h2::client::Builder::new()
-                .initial_window_size(1 << 20)
-                .initial_connection_window_size(16 << 20)
-                .handshake::<_, Bytes>(stream.compat())
-                .await
-                .unwrap_or_else(|e| {
-                    eprintln!("h2 handshake with {ep}: {e}");
-                    std::process::exit(1)
-                });
-            glommio::spawn_local(async move {
-                let _ = conn.await;
-            })
-            .detach();
+            let sr = connect(&ep).await;
             let per_conn = clients / conns + usize::from(c < clients % conns);
             for _ in 0..per_conn {
-                let mut sr = sr.clone();
+                let sr = sr.clone();
                 let (o, ep, workload, next, result, value) = (
                     o.clone(),
                     ep.clone(),
@@ -434,7 +469,10 @@ fn run_thread(
                 );
                 tasks.push(glommio::spawn_local(async move {
                     if workload == "lease-keepalive" {
-                        keepalive_client(&mut sr, &ep, &next, limit, deadline, &result).await;
+                        let r = keepalive_client(&sr, &ep, &next, limit, deadline, &result).await;
+                        if let Err(e) = r {
+                            result.borrow_mut().fail(e);
+                        }
                         return;
                     }
                     loop {
@@ -444,19 +482,14 @@ fn run_thread(
                         }
                         let (path, body) = request(&o, &workload, n, &value);
                         let t0 = Instant::now();
-                        let r = one_call(&mut sr, &ep, path, body).await;
+                        let r = one_call(&sr, &ep, path, body).await;
                         let us = t0.elapsed().as_micros() as u64;
                         let mut res = result.borrow_mut();
                         match r {
                             Ok(()) => {
                                 let _ = res.hist.record(us.max(1));
                             }
-                            Err(e) => {
-                                res.errors += 1;
-                                if res.first_error.is_none() {
-                                    res.first_error = Some(e);
-                                }
-                            }
+                            Err(e) => res.fail(e),
                         }
                     }
                 }));
