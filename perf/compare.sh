@@ -4,22 +4,45 @@
 # appends a table to perf/RESULTS.md.
 #
 #   perf/compare.sh [--total N] [--duration-secs S] [--memory] [--memory-keys N]
+#                   [--watch | --watch-only] [--watch-drain-secs S]
 #
 # Workload: 64 clients over 8 HTTP/2 connections, 8-byte keys, 256-byte
 # values (the issue's target shape). CPU per op is utime+stime of the server
 # process over the measured phase divided by operations.
+#
+# --watch adds a second table: the watch workload (watchers on one prefix,
+# puts under it, each event timed from the put's send) for each case in
+# $watch_cases, every case on a freshly started server so that the RSS
+# growth per watcher starts from a clean process. --watch-only runs just
+# that table. Each bench run is bounded: puts by --duration-secs, watcher
+# creation by the bench's 600 s, event drain by --watch-drain-secs, the
+# whole run by `timeout`; a run that fails or times out shows as "-".
 set -euo pipefail
 cd "$(dirname "$0")/.."
 total=200000
 duration=60
 memory=0
 memory_keys=1000000
+watch=0
+watch_only=0
+watch_drain=60
+# Watch cases, watchers:streams:conns:puts-in-flight:puts. The first
+# measures delivery latency at light load (etcd 3.4 keeps up with 100
+# watchers at one put in flight, not with 1000), the other two fan-out
+# under a closed-loop put load (the server falls behind; latency is then
+# the backlog). 100000 watchers x 200 puts = 20M events: etcd 3.4 on 2
+# cores creates the watchers in ~2.5 s and delivers the events in ~9 s.
+# WATCH_CASES in the environment replaces the list.
+watch_cases=${WATCH_CASES:-"100:8:1:1:2000 1000:8:8:64:10000 100000:100:8:64:200"}
 while [ $# -gt 0 ]; do
   case "$1" in
     --total) total=$2; shift 2 ;;
     --duration-secs) duration=$2; shift 2 ;;
     --memory) memory=1; shift ;;
     --memory-keys) memory_keys=$2; shift 2 ;;
+    --watch) watch=1; shift ;;
+    --watch-only) watch=1; watch_only=1; shift ;;
+    --watch-drain-secs) watch_drain=$2; shift 2 ;;
     *) echo "unknown argument $1" >&2; exit 2 ;;
   esac
 done
@@ -73,6 +96,30 @@ field() { # file key
   sed -e "s/.*\"$2\":\([^,}]*\).*/\1/" "$1"
 }
 
+run_watch() { # kind port
+  local kind=$1 port=$2 c nw ns nconn ncl np out
+  for c in $watch_cases; do
+    IFS=: read -r nw ns nconn ncl np <<<"$c"
+    out="$tmp/$kind-watch-$c"
+    start_server "$kind" "$port"
+    timeout $(( duration + watch_drain + 700 )) "$bench" --endpoints "127.0.0.1:$port" --workload watch \
+      --watchers "$nw" --watch-streams "$ns" --conns "$nconn" --clients "$ncl" --total "$np" \
+      --key-size 8 --val-size 256 --key-space 100000 --duration-secs "$duration" \
+      --drain-secs "$watch_drain" --server-pid "$server_pid" --json 2>"$out.err" \
+      | grep '^{' > "$out.json" || true
+    echo "$kind watch $c: $(cat "$out.json") $(cat "$out.err")" >&2
+    kill -9 "$server_pid"; wait "$server_pid" 2>/dev/null || true
+  done
+}
+
+wfield() { # file key -> the field, or - when the run left no result
+  if [ -s "$1" ]; then field "$1" "$2"; else echo -; fi
+}
+
+wratio() { # a b -> a/b, or - when either is missing
+  awk -v a="$1" -v b="$2" 'BEGIN { if (a ~ /^[0-9.]+$/ && b ~ /^[0-9.]+$/ && b > 0) printf "%.2f", a/b; else print "-" }'
+}
+
 rss_after_keys() { # kind port -> prints VmRSS in MiB
   local kind=$1 port=$2
   start_server "$kind" "$port"
@@ -83,35 +130,58 @@ rss_after_keys() { # kind port -> prints VmRSS in MiB
   kill -9 "$server_pid"; wait "$server_pid" 2>/dev/null || true
 }
 
-run_all etcd 42379
-run_all keelson 43379
+if [ "$watch_only" = 0 ]; then
+  run_all etcd 42379
+  run_all keelson 43379
+fi
+if [ "$watch" = 1 ]; then
+  run_watch etcd 42379
+  run_watch keelson 43379
+fi
 
 {
   echo
   echo "## $(date -u +%Y-%m-%d) single member: keelson vs etcd $(etcd --version | awk '/etcd Version/ {print $3}')"
   echo
-  echo "Command: \`perf/compare.sh --total $total --duration-secs $duration$([ $memory = 1 ] && echo " --memory --memory-keys $memory_keys")\`"
-  echo "Machine: $(nproc) cores, $(uname -sr), $(awk '/MemTotal/ {printf "%.0f GiB", $2/1048576}' /proc/meminfo). Load: 64 clients over 8 connections, 8-byte keys, 256-byte values, 1 bench thread sharing the cores."
-  echo
-  echo "| workload | etcd ops/s | keelson ops/s | ratio | etcd p99 µs | keelson p99 µs | etcd server CPU µs/op | keelson server CPU µs/op | CPU ratio | bench CPU µs/op (etcd / keelson run) |"
-  echo "|---|---|---|---|---|---|---|---|---|---|"
-  for w in $workloads; do
-    e="$tmp/etcd-$w.json"; k="$tmp/keelson-$w.json"
-    eo=$(field "$e" ops_per_s); ko=$(field "$k" ops_per_s)
-    ep=$(field "$e" p99_us); kp=$(field "$k" p99_us)
-    ec=$(field "$e" server_cpu_us_per_op); kc=$(field "$k" server_cpu_us_per_op)
-    eb=$(field "$e" bench_cpu_us_per_op); kb=$(field "$k" bench_cpu_us_per_op)
-    ee=$(field "$e" errors); ke=$(field "$k" errors)
-    ratio=$(awk -v a="$ko" -v b="$eo" 'BEGIN { printf "%.2fx", a/b }')
-    cratio=$(awk -v a="$kc" -v b="$ec" 'BEGIN { printf "1/%.1f", b/a }')
-    note=""
-    if [ "$ee" != 0 ] || [ "$ke" != 0 ]; then note=" (errors: etcd $ee, keelson $ke)"; fi
-    echo "| $w$note | ${eo%.*} | ${ko%.*} | $ratio | $ep | $kp | $ec | $kc | $cratio | $eb / $kb |"
-  done
-  if [ "$memory" = 1 ]; then
-    em=$(rss_after_keys etcd 42379); km=$(rss_after_keys keelson 43379)
+  echo "Command: \`perf/compare.sh --total $total --duration-secs $duration$([ $memory = 1 ] && echo " --memory --memory-keys $memory_keys")$([ $watch_only = 1 ] && echo " --watch-only" || { [ $watch = 1 ] && echo " --watch"; })$([ $watch = 1 ] && echo " --watch-drain-secs $watch_drain")\`"
+  echo "Machine: $(nproc) cores, $(uname -sr), $(awk '/MemTotal/ {printf "%.0f GiB", $2/1048576}' /proc/meminfo).$([ $watch_only = 0 ] && echo " Load: 64 clients over 8 connections, 8-byte keys, 256-byte values, 1 bench thread sharing the cores.")"
+  if [ "$watch_only" = 0 ]; then
     echo
-    echo "Memory after putting $memory_keys distinct 8-byte keys with 256-byte values: etcd RSS ${em} MiB, keelson RSS ${km} MiB (ratio $(awk -v a="$km" -v b="$em" 'BEGIN { printf "%.2f", a/b }'))."
+    echo "| workload | etcd ops/s | keelson ops/s | ratio | etcd p99 µs | keelson p99 µs | etcd server CPU µs/op | keelson server CPU µs/op | CPU ratio | bench CPU µs/op (etcd / keelson run) |"
+    echo "|---|---|---|---|---|---|---|---|---|---|"
+    for w in $workloads; do
+      e="$tmp/etcd-$w.json"; k="$tmp/keelson-$w.json"
+      eo=$(field "$e" ops_per_s); ko=$(field "$k" ops_per_s)
+      ep=$(field "$e" p99_us); kp=$(field "$k" p99_us)
+      ec=$(field "$e" server_cpu_us_per_op); kc=$(field "$k" server_cpu_us_per_op)
+      eb=$(field "$e" bench_cpu_us_per_op); kb=$(field "$k" bench_cpu_us_per_op)
+      ee=$(field "$e" errors); ke=$(field "$k" errors)
+      ratio=$(awk -v a="$ko" -v b="$eo" 'BEGIN { printf "%.2fx", a/b }')
+      cratio=$(awk -v a="$kc" -v b="$ec" 'BEGIN { printf "1/%.1f", b/a }')
+      note=""
+      if [ "$ee" != 0 ] || [ "$ke" != 0 ]; then note=" (errors: etcd $ee, keelson $ke)"; fi
+      echo "| $w$note | ${eo%.*} | ${ko%.*} | $ratio | $ep | $kp | $ec | $kc | $cratio | $eb / $kb |"
+    done
+    if [ "$memory" = 1 ]; then
+      em=$(rss_after_keys etcd 42379); km=$(rss_after_keys keelson 43379)
+      echo
+      echo "Memory after putting $memory_keys distinct 8-byte keys with 256-byte values: etcd RSS ${em} MiB, keelson RSS ${km} MiB (ratio $(awk -v a="$km" -v b="$em" 'BEGIN { printf "%.2f", a/b }'))."
+    fi
+  fi
+  if [ "$watch" = 1 ]; then
+    echo
+    echo "Watch: watchers on one prefix spread over Watch streams, then puts (8-byte keys under the prefix, 256-byte values carrying their send time); event latency is receive time minus send time, events/s is events received over the time from the first put to the last event. Bytes per watcher: server RSS after all watchers are created minus before, over the watchers, on a fresh server, measured after the connections are up and before the streams open, so it includes per-stream costs (which dominate at 1000 watchers; the 100000-watcher row is the per-watcher figure). Ratios are keelson / etcd. Drain bound ${watch_drain} s."
+    echo
+    echo "| watchers / streams / conns / puts in flight / puts | etcd events/s | keelson events/s | ratio | etcd event p50 µs | keelson event p50 µs | etcd event p99 µs | keelson event p99 µs | p99 ratio | etcd bytes/watcher | keelson bytes/watcher | memory ratio | events received of expected (etcd; keelson) | server CPU µs/event (etcd / keelson) | watcher setup s (etcd / keelson) |"
+    echo "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
+    for c in $watch_cases; do
+      e="$tmp/etcd-watch-$c.json"; k="$tmp/keelson-watch-$c.json"
+      eo=$(wfield "$e" events_per_s); ko=$(wfield "$k" events_per_s)
+      e50=$(wfield "$e" event_p50_us); k50=$(wfield "$k" event_p50_us)
+      e99=$(wfield "$e" event_p99_us); k99=$(wfield "$k" event_p99_us)
+      em=$(wfield "$e" bytes_per_watcher); km=$(wfield "$k" bytes_per_watcher)
+      echo "| ${c//:/ \/ } | ${eo%.*} | ${ko%.*} | $(wratio "$ko" "$eo") | $e50 | $k50 | $e99 | $k99 | $(wratio "$k99" "$e99") | $em | $km | $(wratio "$km" "$em") | $(wfield "$e" events_received) of $(wfield "$e" events_expected); $(wfield "$k" events_received) of $(wfield "$k" events_expected) | $(wfield "$e" server_cpu_us_per_event) / $(wfield "$k" server_cpu_us_per_event) | $(wfield "$e" watch_setup_s) / $(wfield "$k" watch_setup_s) |"
+    done
   fi
 } >> perf/RESULTS.md
 tail -20 perf/RESULTS.md
