@@ -111,16 +111,14 @@ pub enum ShardMsg {
         core: usize,
         watcher: u64,
         epoch: u32,
-        key: Vec<u8>,
-        range_end: Vec<u8>,
+        range: Arc<crate::watch::WatchRange>,
         from: i64,
         prev_kv: bool,
         register: bool,
     },
     Unwatch {
         core: usize,
-        key: Vec<u8>,
-        range_end: Vec<u8>,
+        range: Arc<crate::watch::WatchRange>,
         prev_kv: bool,
     },
 }
@@ -300,8 +298,7 @@ pub async fn run_shard(mut shard: Shard, rx: Receiver<ShardMsg>, router: Arc<Rou
                     core,
                     watcher,
                     epoch,
-                    key,
-                    range_end,
+                    range,
                     from,
                     prev_kv,
                     register,
@@ -310,9 +307,9 @@ pub async fn run_shard(mut shard: Shard, rx: Receiver<ShardMsg>, router: Arc<Rou
                     // contract), then the history that covers them.
                     send_watch_events(&mut shard, &router);
                     if register {
-                        shard.watch_register(core, &key, &range_end, prev_kv);
+                        shard.watch_register(core, &range, prev_kv);
                     }
-                    let history = shard.watch_history(&key, &range_end, from, prev_kv);
+                    let history = shard.watch_history(&range, from, prev_kv);
                     if let Some(c) = router.cores.get(core) {
                         c.send(crate::server::CoreMsg::WatchHistory {
                             shard: shard.id,
@@ -324,10 +321,9 @@ pub async fn run_shard(mut shard: Shard, rx: Receiver<ShardMsg>, router: Arc<Rou
                 }
                 ShardMsg::Unwatch {
                     core,
-                    key,
-                    range_end,
+                    range,
                     prev_kv,
-                } => shard.watch_unregister(core, &key, &range_end, prev_kv),
+                } => shard.watch_unregister(core, &range, prev_kv),
             }
             send_watch_events(&mut shard, &router);
         }

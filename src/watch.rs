@@ -18,6 +18,22 @@
 use crate::proto::mvccpb::KeyValue;
 use crate::store::index::End;
 use std::collections::HashMap;
+use std::sync::Arc;
+
+/// A watched key range in etcd's encoding (`range_end` empty: one key;
+/// `\0`: every key from `key` on). Shared by the watchers on it, their
+/// hub and the shards (an `Arc`, so registering a watcher copies no key).
+#[derive(Debug, PartialEq, Eq, Hash)]
+pub struct WatchRange {
+    pub key: Box<[u8]>,
+    pub range_end: Box<[u8]>,
+}
+
+impl WatchRange {
+    pub fn contains(&self, key: &[u8]) -> bool {
+        End::from_range_end(&self.range_end).contains(&self.key, key)
+    }
+}
 
 /// One change in a shard, as a watcher sees it.
 #[derive(Debug, Clone, PartialEq)]
@@ -58,7 +74,7 @@ pub const HISTORY_BYTES_MAX: usize = 512 << 10;
 /// (and how many of them want `prev_kv`) stand behind each.
 #[derive(Default)]
 pub struct Interests {
-    ranges: HashMap<(usize, Vec<u8>, Vec<u8>), (u32, u32)>,
+    ranges: HashMap<(usize, Arc<WatchRange>), (u32, u32)>,
 }
 
 impl Interests {
@@ -66,17 +82,14 @@ impl Interests {
         self.ranges.is_empty()
     }
 
-    pub fn add(&mut self, core: usize, key: &[u8], range_end: &[u8], prev_kv: bool) {
-        let e = self
-            .ranges
-            .entry((core, key.to_vec(), range_end.to_vec()))
-            .or_insert((0, 0));
+    pub fn add(&mut self, core: usize, range: &Arc<WatchRange>, prev_kv: bool) {
+        let e = self.ranges.entry((core, range.clone())).or_insert((0, 0));
         e.0 += 1;
         e.1 += prev_kv as u32;
     }
 
-    pub fn remove(&mut self, core: usize, key: &[u8], range_end: &[u8], prev_kv: bool) {
-        let k = (core, key.to_vec(), range_end.to_vec());
+    pub fn remove(&mut self, core: usize, range: &Arc<WatchRange>, prev_kv: bool) {
+        let k = (core, range.clone());
         if let Some(e) = self.ranges.get_mut(&k) {
             e.0 = e.0.saturating_sub(1);
             e.1 = e.1.saturating_sub(prev_kv as u32);
@@ -90,8 +103,8 @@ impl Interests {
     /// its watchers wants `prev_kv`. `out` is cleared first.
     pub fn matches(&self, key: &[u8], out: &mut Vec<(usize, bool)>) {
         out.clear();
-        for ((core, start, range_end), (_, prev)) in &self.ranges {
-            if !End::from_range_end(range_end).contains(start, key) {
+        for ((core, range), (_, prev)) in &self.ranges {
+            if !range.contains(key) {
                 continue;
             }
             match out.iter_mut().find(|(c, _)| c == core) {
@@ -177,13 +190,20 @@ mod tests {
         }
     }
 
+    fn r(key: &[u8], range_end: &[u8]) -> Arc<WatchRange> {
+        Arc::new(WatchRange {
+            key: key.into(),
+            range_end: range_end.into(),
+        })
+    }
+
     #[test]
     fn interests_count_and_match() {
         let mut i = Interests::default();
-        i.add(0, b"a", b"c", false);
-        i.add(0, b"a", b"c", true);
-        i.add(1, b"b", b"", false);
-        i.add(1, b"x", b"\0", false);
+        i.add(0, &r(b"a", b"c"), false);
+        i.add(0, &r(b"a", b"c"), true);
+        i.add(1, &r(b"b", b""), false);
+        i.add(1, &r(b"x", b"\0"), false);
         let mut out = Vec::new();
         // (key, expected cores with prev flag, sorted)
         let table: &[(&str, &[(usize, bool)])] = &[
@@ -197,14 +217,14 @@ mod tests {
             out.sort();
             assert_eq!(&out, want, "key {k}");
         }
-        i.remove(0, b"a", b"c", true);
+        i.remove(0, &r(b"a", b"c"), true);
         i.matches(b"a", &mut out);
         assert_eq!(out, vec![(0, false)]);
-        i.remove(0, b"a", b"c", false);
+        i.remove(0, &r(b"a", b"c"), false);
         i.matches(b"a", &mut out);
         assert!(out.is_empty());
-        i.remove(1, b"b", b"", false);
-        i.remove(1, b"x", b"\0", false);
+        i.remove(1, &r(b"b", b""), false);
+        i.remove(1, &r(b"x", b"\0"), false);
         assert!(i.is_empty());
     }
 

@@ -27,19 +27,19 @@ use crate::proto::etcdserverpb::{
     watch_request, ResponseHeader, WatchCreateRequest, WatchRequest, WatchResponse,
 };
 use crate::proto::mvccpb::{event::EventType, Event, KeyValue};
-use crate::store::index::End;
 use crate::store::shard_of;
-use crate::watch::{History, ShardEvent};
+use crate::watch::{History, ShardEvent, WatchRange};
 use bytes::{Bytes, BytesMut};
 use prost::Message;
 use std::cell::{Cell, OnceCell, RefCell};
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::future::poll_fn;
 use std::rc::Rc;
+use std::sync::Arc;
 use std::task::{Poll, Waker};
 
 /// Responses built for one stream and not yet written to its socket.
-pub const OUTBOX_BYTES_MAX: usize = 4 << 20;
+pub const OUTBOX_BYTES_MAX: usize = 512 << 10;
 /// Events (and their bytes, counted as if not shared) one watcher may hold
 /// unreleased before it falls back to history.
 pub const WATCHER_BUF_EVENTS_MAX: usize = 16 * 1024;
@@ -98,33 +98,34 @@ impl Ev {
 
 #[derive(Debug, Clone, Copy)]
 struct ShardSync {
-    shard: usize,
-    /// Live: every change of this shard after its last history answer
-    /// arrives as a live event. Otherwise history is still being read and
-    /// everything up to `progress` has been received.
-    live: bool,
+    /// Everything up to here has been received from this shard (while it
+    /// is not live).
     progress: i64,
+    shard: u32,
+    /// Live: every change of this shard after its last history answer
+    /// arrives as a live event. Otherwise history is still being read.
+    live: bool,
     /// A history request of the current epoch is on its way.
     inflight: bool,
 }
 
+/// Kept small: 100k watchers on one member are a design point.
 struct Watcher {
+    range: Arc<WatchRange>,
     stream: u64,
     /// The ID the client sees.
     id: i64,
-    key: Vec<u8>,
-    range_end: Vec<u8>,
     prev_kv: bool,
     noput: bool,
     nodelete: bool,
     fragment: bool,
     progress_notify: bool,
-    shards: Vec<ShardSync>,
+    shards: Box<[ShardSync]>,
     /// Bumped when the watcher drops its buffer; history answers of older
     /// epochs are ignored.
     epoch: u32,
+    buf_bytes: u32,
     buf: Vec<Rc<Ev>>,
-    buf_bytes: usize,
     /// Every event at or below this revision has been delivered.
     sent: i64,
 }
@@ -139,7 +140,7 @@ impl Watcher {
     }
 
     fn sync_mut(&mut self, shard: usize) -> Option<&mut ShardSync> {
-        self.shards.iter_mut().find(|s| s.shard == shard)
+        self.shards.iter_mut().find(|s| s.shard as usize == shard)
     }
 }
 
@@ -156,7 +157,6 @@ pub struct Stream {
     ended: RefCell<Option<Status>>,
     ids: RefCell<BTreeMap<i64, u64>>,
     next_id: Cell<i64>,
-    progress_wanted: Cell<bool>,
 }
 
 impl Stream {
@@ -174,7 +174,16 @@ impl Stream {
 
     /// The next built response, if any.
     pub fn pop(&self) -> Option<Bytes> {
-        let b = self.outbox.borrow_mut().pop_front()?;
+        let mut q = self.outbox.borrow_mut();
+        let Some(b) = q.pop_front() else {
+            // A burst (say a thousand created responses) leaves capacity
+            // behind; give it back.
+            if q.capacity() > 64 {
+                q.shrink_to(16);
+            }
+            return None;
+        };
+        drop(q);
         self.outbox_bytes
             .set(self.outbox_bytes.get().saturating_sub(b.len()));
         Some(b)
@@ -222,12 +231,15 @@ struct Inner {
     watchers: HashMap<u64, Watcher>,
     /// (key, range_end) → watchers on it: live events are matched per
     /// distinct range, not per watcher.
-    groups: HashMap<(Vec<u8>, Vec<u8>), Vec<u64>>,
+    groups: HashMap<Arc<WatchRange>, Vec<u64>>,
     streams: HashMap<u64, Rc<Stream>>,
     applied: u64,
     revision: i64,
-    /// Watchers with buffered events or history still to read.
+    /// Watchers with buffered events, or with history to ask for; not
+    /// those only waiting for a history answer (it wakes them).
     waiting: HashSet<u64>,
+    /// Streams with a progress request not answered yet.
+    progress_wanted: HashSet<u64>,
     progress_timer: bool,
 }
 
@@ -258,7 +270,6 @@ impl Hub {
             ended: RefCell::new(None),
             ids: RefCell::new(BTreeMap::new()),
             next_id: Cell::new(0),
-            progress_wanted: Cell::new(false),
         });
         g.streams.insert(s.id, s.clone());
         Ok(s)
@@ -273,6 +284,7 @@ impl Hub {
             remove_watcher(&mut g, core, gid);
         }
         g.streams.remove(&s.id);
+        g.progress_wanted.remove(&s.id);
     }
 
     /// A `WatchCreateRequest`, answered as etcd's `recvLoop` does.
@@ -328,13 +340,20 @@ impl Hub {
         let mut g = self.inner.borrow_mut();
         g.next_gid += 1;
         let gid = g.next_gid;
+        let range = WatchRange {
+            key: key.into(),
+            range_end: range_end.into(),
+        };
+        let range = match g.groups.get_key_value(&range) {
+            Some((r, _)) => r.clone(),
+            None => Arc::new(range),
+        };
         for &sh in &shards {
             core.router.shards[sh].send(ShardMsg::WatchHistory {
                 core: core.id,
                 watcher: gid,
                 epoch: 0,
-                key: key.clone(),
-                range_end: range_end.clone(),
+                range: range.clone(),
                 from: start,
                 prev_kv: req.prev_kv,
                 register: true,
@@ -351,7 +370,7 @@ impl Hub {
             shards: shards
                 .iter()
                 .map(|&shard| ShardSync {
-                    shard,
+                    shard: shard as u32,
                     live: false,
                     progress: start - 1,
                     inflight: true,
@@ -361,19 +380,15 @@ impl Hub {
             buf: Vec::new(),
             buf_bytes: 0,
             sent: start - 1,
-            key,
-            range_end,
+            range: range.clone(),
         };
-        g.groups
-            .entry((w.key.clone(), w.range_end.clone()))
-            .or_default()
-            .push(gid);
+        g.groups.entry(range).or_default().push(gid);
         if w.progress_notify && !g.progress_timer {
             g.progress_timer = true;
             start_progress_timer(core);
         }
+        // Not waiting yet: its history answers wake it.
         g.watchers.insert(gid, w);
-        g.waiting.insert(gid);
         s.ids.borrow_mut().insert(id, gid);
     }
 
@@ -395,9 +410,10 @@ impl Hub {
     /// A `WatchProgressRequest`: answered (watch ID -1) once every watcher
     /// of the stream has delivered everything up to the revision it names.
     pub fn request_progress(&self, core: &Core, s: &Stream) {
-        s.progress_wanted.set(true);
-        let g = self.inner.borrow();
-        check_progress(&g, core, s);
+        let mut g = self.inner.borrow_mut();
+        if !check_progress(&g, core, s) {
+            g.progress_wanted.insert(s.id);
+        }
     }
 
     /// The node's applied index moved.
@@ -428,8 +444,8 @@ impl Hub {
         } = &mut *g;
         for e in events {
             let ev = Rc::new(Ev::new(e));
-            for ((start, range_end), gids) in groups.iter() {
-                if !End::from_range_end(range_end).contains(start, &ev.kv.key) {
+            for (r, gids) in groups.iter() {
+                if !r.contains(&ev.kv.key) {
                     continue;
                 }
                 for gid in gids {
@@ -440,9 +456,11 @@ impl Hub {
                         continue;
                     }
                     w.buf.push(ev.clone());
-                    w.buf_bytes += ev.size;
+                    w.buf_bytes = w.buf_bytes.saturating_add(ev.size as u32);
                     waiting.insert(*gid);
-                    if w.buf.len() > WATCHER_BUF_EVENTS_MAX || w.buf_bytes > WATCHER_BUF_BYTES_MAX {
+                    if w.buf.len() > WATCHER_BUF_EVENTS_MAX
+                        || w.buf_bytes as usize > WATCHER_BUF_BYTES_MAX
+                    {
                         crate::debug!(
                             "watcher {} of stream {} fell behind at revision {}; catching up from history",
                             w.id,
@@ -494,7 +512,7 @@ impl Hub {
                 for e in events {
                     let ev = Ev::new(e);
                     if ev.rev > from && w.wants(&ev) {
-                        w.buf_bytes += ev.size;
+                        w.buf_bytes = w.buf_bytes.saturating_add(ev.size as u32);
                         w.buf.push(Rc::new(ev));
                     }
                 }
@@ -514,9 +532,16 @@ impl Hub {
                 g.waiting.insert(gid);
             }
         }
-        for s in g.streams.values() {
-            if s.progress_wanted.get() {
-                check_progress(&g, core, s);
+        if !g.progress_wanted.is_empty() {
+            let ids: Vec<u64> = g.progress_wanted.drain().collect();
+            for id in ids {
+                let done = match g.streams.get(&id) {
+                    Some(s) => check_progress(&g, core, s),
+                    None => true,
+                };
+                if !done {
+                    g.progress_wanted.insert(id);
+                }
             }
         }
     }
@@ -580,18 +605,16 @@ fn remove_watcher(g: &mut Inner, core: &Core, gid: u64) {
         return;
     };
     g.waiting.remove(&gid);
-    let gk = (w.key, w.range_end);
-    if let Some(v) = g.groups.get_mut(&gk) {
+    if let Some(v) = g.groups.get_mut(&w.range) {
         v.retain(|x| *x != gid);
         if v.is_empty() {
-            g.groups.remove(&gk);
+            g.groups.remove(&w.range);
         }
     }
     for ss in &w.shards {
-        core.router.shards[ss.shard].send(ShardMsg::Unwatch {
+        core.router.shards[ss.shard as usize].send(ShardMsg::Unwatch {
             core: core.id,
-            key: gk.0.clone(),
-            range_end: gk.1.clone(),
+            range: w.range.clone(),
             prev_kv: w.prev_kv,
         });
     }
@@ -603,7 +626,7 @@ fn fall_back_to_history(w: &mut Watcher) {
     w.buf = Vec::new();
     w.buf_bytes = 0;
     w.epoch = w.epoch.wrapping_add(1);
-    for s in &mut w.shards {
+    for s in w.shards.iter_mut() {
         *s = ShardSync {
             shard: s.shard,
             live: false,
@@ -625,8 +648,9 @@ fn flush_watcher(g: &mut Inner, core: &Core, gid: u64) -> bool {
         return false;
     };
     if s.full() {
+        // The stream's drain wakes it (`on_sent`).
         s.blocked.set(true);
-        return true;
+        return false;
     }
     let limit = w
         .shards
@@ -640,7 +664,8 @@ fn flush_watcher(g: &mut Inner, core: &Core, gid: u64) -> bool {
         let n = w.buf.partition_point(|e| e.rev <= limit);
         if n > 0 {
             let out: Vec<Rc<Ev>> = w.buf.drain(..n).collect();
-            w.buf_bytes -= out.iter().map(|e| e.size).sum::<usize>();
+            let freed: usize = out.iter().map(|e| e.size).sum();
+            w.buf_bytes = w.buf_bytes.saturating_sub(freed as u32);
             send_events(core, s, w, &out, revision.max(out[n - 1].rev));
         }
     }
@@ -650,16 +675,16 @@ fn flush_watcher(g: &mut Inner, core: &Core, gid: u64) -> bool {
     let wants_history = w.shards.iter().any(|ss| !ss.live && !ss.inflight);
     if wants_history && s.full() {
         s.blocked.set(true);
+        return !w.buf.is_empty();
     } else if wants_history {
-        for ss in &mut w.shards {
+        for ss in w.shards.iter_mut() {
             if !ss.live && !ss.inflight {
                 ss.inflight = true;
-                core.router.shards[ss.shard].send(ShardMsg::WatchHistory {
+                core.router.shards[ss.shard as usize].send(ShardMsg::WatchHistory {
                     core: core.id,
                     watcher: gid,
                     epoch: w.epoch,
-                    key: w.key.clone(),
-                    range_end: w.range_end.clone(),
+                    range: w.range.clone(),
                     from: ss.progress + 1,
                     prev_kv: w.prev_kv,
                     register: false,
@@ -667,7 +692,7 @@ fn flush_watcher(g: &mut Inner, core: &Core, gid: u64) -> bool {
             }
         }
     }
-    !w.synced()
+    !w.buf.is_empty()
 }
 
 /// Builds the responses for released events: cut at revision boundaries
@@ -748,20 +773,22 @@ fn encode(r: &WatchResponse) -> Bytes {
     r.encode_to_vec().into()
 }
 
-fn check_progress(g: &Inner, core: &Core, s: &Stream) {
+/// Answers a progress request if every watcher of the stream is synced;
+/// returns whether it did.
+fn check_progress(g: &Inner, core: &Core, s: &Stream) -> bool {
     let all_synced = s
         .ids
         .borrow()
         .values()
         .all(|gid| g.watchers.get(gid).map(|w| w.synced()).unwrap_or(true));
     if all_synced {
-        s.progress_wanted.set(false);
         s.push(encode(&WatchResponse {
             header: header(core, g.revision.max(core.view.revision.get())),
             watch_id: -1,
             ..Default::default()
         }));
     }
+    all_synced
 }
 
 /// Removes a stream's watchers when its handler ends, however it ends.
@@ -793,7 +820,6 @@ impl<'a> LocalWatch<'a> {
     pub fn watch(&self, req: WatchCreateRequest) {
         let g = &self.guard;
         g.core.watch.create(g.core, &g.stream, req);
-        g.core.watch.flush(g.core);
     }
 
     pub async fn next(&self) -> Result<WatchResponse, Status> {
@@ -866,8 +892,7 @@ pub async fn serve(
                 })?;
                 match req.request_union {
                     Some(watch_request::RequestUnion::CreateRequest(c)) => {
-                        core.watch.create(core, &stream, c);
-                        core.watch.flush(core);
+                        core.watch.create(core, &stream, c)
                     }
                     Some(watch_request::RequestUnion::CancelRequest(c)) => {
                         core.watch.cancel(core, &stream, c.watch_id)

@@ -10,11 +10,12 @@ use crate::proto::etcdserverpb::{
     request_op, Compare, DeleteRangeResponse, PutResponse, RangeRequest, RequestOp,
 };
 use crate::proto::mvccpb::KeyValue;
-use crate::watch::{self, History, Interests, Outgoing, ShardEvent};
+use crate::watch::{self, History, Interests, Outgoing, ShardEvent, WatchRange};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fs::{self, File};
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 /// Version 1: the fixed fields. Version 2 adds the lease table.
 const CHECKPOINT_MAGIC_V1: &[u8; 8] = b"KLSNCKP1";
@@ -327,29 +328,33 @@ impl Shard {
 
     /// Starts sending `core` the changes in a key range (counted: one
     /// registration per watcher).
-    pub fn watch_register(&mut self, core: usize, key: &[u8], range_end: &[u8], prev_kv: bool) {
-        self.interests.add(core, key, range_end, prev_kv);
+    pub fn watch_register(&mut self, core: usize, range: &Arc<WatchRange>, prev_kv: bool) {
+        self.interests.add(core, range, prev_kv);
     }
 
-    pub fn watch_unregister(&mut self, core: usize, key: &[u8], range_end: &[u8], prev_kv: bool) {
-        self.interests.remove(core, key, range_end, prev_kv);
+    pub fn watch_unregister(&mut self, core: usize, range: &Arc<WatchRange>, prev_kv: bool) {
+        self.interests.remove(core, range, prev_kv);
     }
 
     /// The changes in a key range from revision `from` on, oldest first,
     /// cut at a revision boundary by `watch`'s limits. Within a revision
     /// the events are in key order.
-    pub fn watch_history(&self, key: &[u8], range_end: &[u8], from: i64, prev_kv: bool) -> History {
+    pub fn watch_history(&self, range: &WatchRange, from: i64, prev_kv: bool) -> History {
         if from < self.compact_rev {
             return History::Compacted(self.compact_rev);
         }
         let mut events = Vec::new();
         if from <= self.last_rev {
-            self.index
-                .versions_since(key, End::from_range_end(range_end), from, |k, v, p| {
+            self.index.versions_since(
+                &range.key,
+                End::from_range_end(&range.range_end),
+                from,
+                |k, v, p| {
                     let new = (!v.is_tombstone()).then_some(v);
                     let prev = if prev_kv { p } else { None };
                     events.push(event(k, v.mod_rev, 0, new, prev));
-                });
+                },
+            );
             events.sort_by_key(|e| e.rev);
         }
         let more = watch::cut_history(&mut events);
