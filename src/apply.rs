@@ -43,6 +43,8 @@ pub struct WriteResult {
     pub revision: i64,
     /// The ID of a lease this entry granted.
     pub lease_id: i64,
+    /// The TTL a keep-alive entry renewed its lease to (0: no such lease).
+    pub lease_ttl: i64,
 }
 
 pub type Reply = oneshot::Sender<Result<WriteResult, Status>>;
@@ -164,8 +166,16 @@ pub enum ApplierMsg {
     LeaseList {
         reply: oneshot::Sender<Vec<i64>>,
     },
+    /// The members' published names and client URLs.
+    MemberAttrs {
+        reply: oneshot::Sender<MemberAttrs>,
+    },
     /// Time to look for expired leases.
     LeaseTick,
+    /// This member became the leader (or stopped being it).
+    Role {
+        leader: bool,
+    },
 }
 
 // ------------------------------------------------------------------ shards
@@ -438,6 +448,7 @@ struct Pending {
     changed: bool,
     reply: Option<Reply>,
     lease_id: i64,
+    lease_ttl: i64,
 }
 
 pub struct ApplierState {
@@ -447,6 +458,48 @@ pub struct ApplierState {
     pub checkpoint_every: u64,
     /// Leases at `applied` (ID → TTL), from the shards' checkpoint.
     pub leases: std::collections::BTreeMap<i64, i64>,
+    /// Members' published attributes, and the file that keeps them.
+    pub members: MemberAttrs,
+    pub members_file: std::path::PathBuf,
+}
+
+/// Member ID → (name, client URLs), as the members published them.
+pub type MemberAttrs = std::collections::BTreeMap<u64, (String, Vec<String>)>;
+
+/// `data-dir/members`: one line per member, `id-hex TAB name TAB urls`.
+/// Derived state (the log is the truth); written whole on each change.
+pub fn load_member_attrs(path: &std::path::Path) -> MemberAttrs {
+    let mut out = MemberAttrs::new();
+    let Ok(text) = std::fs::read_to_string(path) else {
+        return out;
+    };
+    for line in text.lines() {
+        let mut f = line.split('\t');
+        if let (Some(id), Some(name)) = (f.next(), f.next()) {
+            if let Ok(id) = u64::from_str_radix(id, 16) {
+                let urls = f
+                    .next()
+                    .unwrap_or("")
+                    .split(' ')
+                    .filter(|u| !u.is_empty())
+                    .map(|u| u.to_string())
+                    .collect();
+                out.insert(id, (name.to_string(), urls));
+            }
+        }
+    }
+    out
+}
+
+fn store_member_attrs(path: &std::path::Path, m: &MemberAttrs) {
+    let text: String = m
+        .iter()
+        .map(|(id, (name, urls))| format!("{id:x}\t{name}\t{}\n", urls.join(" ")))
+        .collect();
+    let tmp = path.with_extension("tmp");
+    if let Err(e) = std::fs::write(&tmp, text).and_then(|_| std::fs::rename(&tmp, path)) {
+        crate::warn!("{}: {e}", path.display());
+    }
 }
 
 pub struct Applier {
@@ -458,6 +511,8 @@ pub struct Applier {
     /// Committed entries not dispatched yet, in log order.
     backlog: VecDeque<Committed>,
     lessor: Lessor,
+    /// Only the leader proposes lease revokes.
+    is_leader: bool,
 }
 
 impl Applier {
@@ -472,6 +527,7 @@ impl Applier {
             last_checkpoint: last,
             backlog: VecDeque::new(),
             lessor,
+            is_leader: false,
         }
     }
 
@@ -527,9 +583,20 @@ impl Applier {
             ApplierMsg::LeaseList { reply } => {
                 let _ = reply.send(self.lessor.ids());
             }
+            ApplierMsg::MemberAttrs { reply } => {
+                let _ = reply.send(self.st.members.clone());
+            }
+            ApplierMsg::Role { leader } => {
+                if leader && !self.is_leader {
+                    self.lessor.refresh_all();
+                }
+                self.is_leader = leader;
+            }
             ApplierMsg::LeaseTick => {
-                // One member is always the leader; with a cluster only the
-                // leader's lessor may propose revokes.
+                // Only the leader's lessor decides expiry.
+                if !self.is_leader {
+                    return;
+                }
                 let per_tick =
                     lease::REVOKES_PER_SEC * lease::EXPIRY_CHECK.as_millis() as usize / 1000;
                 let retry = self.router.member.request_timeout;
@@ -576,6 +643,7 @@ impl Applier {
             changed: false,
             reply: c.reply,
             lease_id: 0,
+            lease_ttl: 0,
         };
         match c.cmd.and_then(|cmd| cmd.cmd) {
             None => {
@@ -675,6 +743,32 @@ impl Applier {
                         p.result = Some(Err(error::lease_exist()));
                     }
                 }
+                self.pending.push_back(p);
+            }
+            Some(raft_command::Cmd::MemberAttributes(a)) => {
+                p.done = true;
+                let v = (a.name, a.client_urls);
+                if self.st.members.get(&a.id) != Some(&v) {
+                    self.st.members.insert(a.id, v);
+                    store_member_attrs(&self.st.members_file, &self.st.members);
+                }
+                if index > self.st.applied {
+                    for s in &self.router.shards {
+                        s.send(ShardMsg::Applied { index });
+                    }
+                }
+                p.result = Some(Ok(TxnResponse::default()));
+                self.pending.push_back(p);
+            }
+            Some(raft_command::Cmd::LeaseKeepAlive(req)) => {
+                p.done = true;
+                p.lease_ttl = self.lessor.renew(req.id);
+                if index > self.st.applied {
+                    for s in &self.router.shards {
+                        s.send(ShardMsg::Applied { index });
+                    }
+                }
+                p.result = Some(Ok(TxnResponse::default()));
                 self.pending.push_back(p);
             }
             Some(raft_command::Cmd::LeaseRevoke(req)) => {
@@ -781,6 +875,7 @@ impl Applier {
                         txn,
                         revision: self.st.current_rev,
                         lease_id: p.lease_id,
+                        lease_ttl: p.lease_ttl,
                     });
                 let _ = reply.send(res);
             }

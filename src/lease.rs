@@ -107,6 +107,16 @@ impl Lessor {
         Some((l.ttl, remaining))
     }
 
+    /// A new leader gives every lease its whole TTL again from now (etcd's
+    /// `Promote`): deadlines kept by the old leader are not known here, and
+    /// no lease may expire just because leadership moved.
+    pub fn refresh_all(&mut self) {
+        let now = Instant::now();
+        for l in self.leases.values_mut() {
+            *l = Lease::fresh(l.ttl, now);
+        }
+    }
+
     pub fn ids(&self) -> Vec<i64> {
         self.leases.keys().copied().collect()
     }

@@ -4,17 +4,24 @@
 //! Each turn of the loop: take every message that arrived (proposals, read
 //! requests, checkpoint reports) in one batch, tick if a heartbeat interval
 //! passed, then drain `Ready` in raft-rs's order:
-//! 1. messages to peers (none yet: one voter; the transport comes with the
-//!    cluster work),
+//! 1. messages to peers (through `peer::Peers`; a full queue or a dead
+//!    connection is reported to raft as an unreachable peer),
 //! 2. committed entries → applier (already durable),
 //! 3. new entries and hard state → WAL, then **one fdatasync** for the whole
 //!    batch (group commit; proposals that arrive meanwhile form the next one),
 //! 4. read states → applier (linearizable reads wait there for apply),
 //! 5. advance; the light ready's commit index and committed entries.
 //!
+//! Proposals on a follower are forwarded to the leader by raft-rs; each
+//! carries a context (this process's nonce, a sequence number) so the member
+//! that proposed it answers its client when the entry commits, whoever led.
+//! Linearizable reads on a follower go through raft's ReadIndex too.
+//!
 //! *Architecture invariant:* the raft core never touches shard data; it only
 //! orders operations. It MUST NOT hand an entry to the applier before raft
 //! reports it committed, and MUST NOT acknowledge anything itself.
+//! Snapshots are not sent yet: a follower the leader's in-memory log no
+//! longer covers cannot catch up (logged), rather than receive an empty one.
 
 use crate::apply::{ApplierMsg, Committed, ReadReply, Reply};
 use crate::config::Config;
@@ -45,18 +52,25 @@ pub enum RaftMsg {
         shard: usize,
         index: u64,
     },
+    /// A raft message from a peer.
+    Step(Box<raft::eraftpb::Message>),
 }
 
 pub struct RaftBoot {
     pub id: u64,
+    /// Every voting member (this one included).
+    pub voters: Vec<u64>,
     pub recovered: Recovered,
     /// Index every shard has durably applied (their common checkpoint).
     pub applied: u64,
     pub cfg: Config,
 }
 
-/// Entries kept in memory behind the applied index, for followers later.
+/// Entries kept in memory behind the applied index, for followers.
 const LOG_KEEP_ENTRIES: u64 = 10_000;
+/// Entries kept at most for a follower that lags (then it needs a
+/// snapshot, which is not implemented yet).
+const LOG_KEEP_MAX: u64 = 200_000;
 /// Proposals and reads taken per turn of the loop: bounds one batch.
 const BATCH_MAX: usize = 4096;
 
@@ -70,7 +84,7 @@ fn build_node(boot: &RaftBoot) -> Result<RawNode<MemStorage>, String> {
     let storage = MemStorage::new();
     {
         let mut w = storage.wl();
-        let cs = ConfState::from((vec![boot.id], vec![]));
+        let cs = ConfState::from((boot.voters.clone(), vec![]));
         if rec.base.0 > 0 {
             let mut snap = Snapshot::default();
             snap.mut_metadata().index = rec.base.0;
@@ -112,7 +126,12 @@ fn build_node(boot: &RaftBoot) -> Result<RawNode<MemStorage>, String> {
     RawNode::new(&cfg, storage, &logger).map_err(|e| e.to_string())
 }
 
-pub async fn run_raft(boot: RaftBoot, rx: Receiver<RaftMsg>, router: Arc<Router>) {
+pub async fn run_raft(
+    boot: RaftBoot,
+    peers: std::rc::Rc<crate::peer::Peers>,
+    rx: Receiver<RaftMsg>,
+    router: Arc<Router>,
+) {
     let mut node = match build_node(&boot) {
         Ok(n) => n,
         Err(e) => fatal(&format!("cannot start raft: {e}")),
@@ -134,7 +153,14 @@ pub async fn run_raft(boot: RaftBoot, rx: Receiver<RaftMsg>, router: Arc<Router>
     }
 
     let tick = boot.cfg.heartbeat_interval;
+    let me = boot.id;
+    // Proposal contexts: (this process's nonce, sequence). The nonce keeps an
+    // entry proposed before a restart from answering a new request.
+    let nonce = process_nonce(me);
     let mut next_id: u64 = 1;
+    let mut ticks: u64 = 0;
+    let mut was_leader = false;
+    let mut snapshot_warned = 0u64;
     let mut waiters: HashMap<u64, Reply> = HashMap::new();
     let mut reads: Vec<ReadReply> = Vec::new();
     let mut read_batches: HashMap<u64, Vec<ReadReply>> = HashMap::new();
@@ -170,20 +196,40 @@ pub async fn run_raft(boot: RaftBoot, rx: Receiver<RaftMsg>, router: Arc<Router>
                 msgs.push(m);
             }
         }
-        let leader = node.raft.state == StateRole::Leader;
         for m in msgs.drain(..) {
             match m {
                 RaftMsg::Tick => {
                     node.tick();
+                    ticks += 1;
+                    if ticks % 16 == 0 {
+                        // Requests whose client gave up (timed out) while
+                        // their entry or read was lost in a leader change.
+                        waiters.retain(|_, r| !r.is_canceled());
+                        read_batches.retain(|_, rs| {
+                            rs.retain(|r| !r.is_canceled());
+                            !rs.is_empty()
+                        });
+                    }
+                }
+                RaftMsg::Step(m) => {
+                    if m.to != me {
+                        continue;
+                    }
+                    if let Err(e) = node.step(*m) {
+                        crate::debug!("raft: step: {e}");
+                    }
                 }
                 RaftMsg::Propose { data, reply } => {
-                    if !leader {
+                    if node.raft.leader_id == raft::INVALID_ID {
                         let _ = reply.send(Err(error::no_leader()));
                         continue;
                     }
                     let id = next_id;
                     next_id += 1;
-                    match node.propose(id.to_le_bytes().to_vec(), data) {
+                    let mut ctx = Vec::with_capacity(16);
+                    ctx.extend_from_slice(&nonce.to_le_bytes());
+                    ctx.extend_from_slice(&id.to_le_bytes());
+                    match node.propose(ctx, data) {
                         Ok(()) => {
                             waiters.insert(id, reply);
                         }
@@ -219,6 +265,12 @@ pub async fn run_raft(boot: RaftBoot, rx: Receiver<RaftMsg>, router: Arc<Router>
                     read_batches.insert(id, std::mem::take(&mut reads));
                     node.read_index(id.to_le_bytes().to_vec());
                 }
+            } else if node.raft.leader_id != raft::INVALID_ID {
+                // A follower asks the leader (raft-rs forwards it).
+                let id = next_id;
+                next_id += 1;
+                read_batches.insert(id, std::mem::take(&mut reads));
+                node.read_index(id.to_le_bytes().to_vec());
             } else {
                 for r in reads.drain(..) {
                     let _ = r.send(Err(error::no_leader()));
@@ -229,11 +281,12 @@ pub async fn run_raft(boot: RaftBoot, rx: Receiver<RaftMsg>, router: Arc<Router>
             continue;
         }
         let mut ready = node.ready();
-        // 1. Messages to peers: none with one voter.
-        let _ = ready.take_messages();
+        // 1. Messages to peers.
+        send_messages(&mut node, &peers, ready.take_messages(), &mut snapshot_warned);
         // 2. Committed entries (durable since an earlier turn).
         hand_off(
             &mut node,
+            nonce,
             ready.take_committed_entries(),
             &mut waiters,
             &router,
@@ -267,7 +320,12 @@ pub async fn run_raft(boot: RaftBoot, rx: Receiver<RaftMsg>, router: Arc<Router>
                 fatal(&e);
             }
         }
-        let _ = ready.take_persisted_messages();
+        send_messages(
+            &mut node,
+            &peers,
+            ready.take_persisted_messages(),
+            &mut snapshot_warned,
+        );
         // 5. Advance.
         let mut light = node.advance(ready);
         if let Some(commit) = light.commit_index() {
@@ -277,21 +335,35 @@ pub async fn run_raft(boot: RaftBoot, rx: Receiver<RaftMsg>, router: Arc<Router>
             let hs = node.raft.hard_state();
             wal.push_hard_state(&hs);
         }
-        let _ = light.take_messages();
+        send_messages(&mut node, &peers, light.take_messages(), &mut snapshot_warned);
         hand_off(
             &mut node,
+            nonce,
             light.take_committed_entries(),
             &mut waiters,
             &router,
         );
         node.advance_apply();
 
-        // Keep the in-memory log bounded.
+        // Keep the in-memory log bounded, but long enough for a follower
+        // that lags (up to LOG_KEEP_MAX): without snapshots it is how it
+        // catches up.
         let applied = node.raft.raft_log.applied;
         if applied > 2 * LOG_KEEP_ENTRIES {
             let first = node.store().first_index().unwrap_or(1);
-            if applied - first > 2 * LOG_KEEP_ENTRIES {
-                let _ = node.mut_store().wl().compact(applied - LOG_KEEP_ENTRIES);
+            let mut to = applied - LOG_KEEP_ENTRIES;
+            if node.raft.state == StateRole::Leader {
+                let slowest = node
+                    .raft
+                    .prs()
+                    .iter()
+                    .map(|(_, p)| p.matched)
+                    .min()
+                    .unwrap_or(applied);
+                to = to.min(slowest.max(applied.saturating_sub(LOG_KEEP_MAX)));
+            }
+            if to > first && to - first > LOG_KEEP_ENTRIES {
+                let _ = node.mut_store().wl().compact(to);
             }
         }
         let state = (
@@ -309,17 +381,62 @@ pub async fn run_raft(boot: RaftBoot, rx: Receiver<RaftMsg>, router: Arc<Router>
                 });
             }
         }
-        if node.raft.state != StateRole::Leader && !waiters.is_empty() {
-            // Lost leadership: what was proposed may or may not commit.
-            for (_, w) in waiters.drain() {
-                let _ = w.send(Err(error::no_leader()));
+        let is_leader = node.raft.state == StateRole::Leader;
+        if is_leader != was_leader {
+            was_leader = is_leader;
+            router.applier.send(ApplierMsg::Role { leader: is_leader });
+        }
+        // What was proposed before a leader change may or may not commit:
+        // its client waits until it applies or its request times out.
+    }
+}
+
+/// A number that differs between runs of this member.
+fn process_nonce(id: u64) -> u64 {
+    let t = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0);
+    (t ^ id.rotate_left(17) ^ (std::process::id() as u64).rotate_left(40)).max(1)
+}
+
+/// Sends raft messages to their peers. Snapshots are not implemented: one
+/// is reported as failed (the follower keeps asking) instead of sending an
+/// empty one, which would lose data on the follower.
+fn send_messages(
+    node: &mut RawNode<MemStorage>,
+    peers: &crate::peer::Peers,
+    msgs: Vec<raft::eraftpb::Message>,
+    snapshot_warned: &mut u64,
+) {
+    for m in msgs {
+        let to = m.to;
+        if m.get_msg_type() == raft::eraftpb::MessageType::MsgSnapshot {
+            if *snapshot_warned != to {
+                *snapshot_warned = to;
+                crate::warn!(
+                    "raft: member {to:x} is behind this leader's log and needs a snapshot, which keelson cannot send yet"
+                );
             }
+            node.report_snapshot(to, raft::SnapshotStatus::Failure);
+            continue;
+        }
+        let bytes = match protobuf::Message::write_to_bytes(&m) {
+            Ok(b) => b,
+            Err(e) => {
+                crate::error!("raft: cannot encode a message for {to:x}: {e}");
+                continue;
+            }
+        };
+        if !peers.send(to, bytes.into()) {
+            node.report_unreachable(to);
         }
     }
 }
 
 fn hand_off(
     node: &mut RawNode<MemStorage>,
+    nonce: u64,
     entries: Vec<Entry>,
     waiters: &mut HashMap<u64, Reply>,
     router: &Router,
@@ -329,12 +446,12 @@ fn hand_off(
     }
     let mut out = Vec::with_capacity(entries.len());
     for e in entries {
-        let reply = if e.context.len() == 8 {
-            waiters.remove(&u64::from_le_bytes(
-                e.context.as_ref().try_into().expect("8 bytes"),
-            ))
-        } else {
-            None
+        // Only the member (and process) that proposed an entry answers it.
+        let reply = match e.context.len() {
+            16 if e.context[..8] == nonce.to_le_bytes() => waiters.remove(&u64::from_le_bytes(
+                e.context[8..].try_into().expect("8 bytes"),
+            )),
+            _ => None,
         };
         let cmd = match e.get_entry_type() {
             EntryType::EntryNormal if e.data.is_empty() => None,

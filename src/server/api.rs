@@ -143,7 +143,7 @@ pub async fn call(m: Method, body: &[u8], core: &Core) -> Result<Vec<u8>, Status
         Method::Compact => compact(core, decode(body)?).await?.encode_to_vec(),
         Method::Status => status(core, decode(body)?).await?.encode_to_vec(),
         Method::Alarm => alarm(core, decode(body)?)?.encode_to_vec(),
-        Method::MemberList => member_list(core, decode(body)?)?.encode_to_vec(),
+        Method::MemberList => member_list(core, decode(body)?).await?.encode_to_vec(),
         Method::LeaseGrant => lease_grant(core, decode(body)?).await?.encode_to_vec(),
         Method::LeaseRevoke => lease_revoke(core, decode(body)?).await?.encode_to_vec(),
         Method::LeaseTimeToLive => lease_time_to_live(core, decode(body)?)
@@ -383,17 +383,34 @@ fn alarm(core: &Core, req: AlarmRequest) -> Result<AlarmResponse, Status> {
     })
 }
 
-fn member_list(core: &Core, _req: MemberListRequest) -> Result<MemberListResponse, Status> {
+async fn member_list(core: &Core, req: MemberListRequest) -> Result<MemberListResponse, Status> {
+    if req.linearizable {
+        read_revision(core, false).await?;
+    }
+    let attrs = ask_applier(core, |reply| crate::apply::ApplierMsg::MemberAttrs { reply }).await?;
     let m = &core.router.member;
     Ok(MemberListResponse {
         header: header(core, core.view.revision.get()),
-        members: vec![Member {
-            id: m.id,
-            name: m.name.clone(),
-            peer_ur_ls: m.peer_urls.clone(),
-            client_ur_ls: m.client_urls.clone(),
-            is_learner: false,
-        }],
+        members: m
+            .members
+            .iter()
+            .map(|p| {
+                // A member that has not published yet shows no name and no
+                // client URLs, as on etcd ("unstarted").
+                let (name, client_urls) = match attrs.get(&p.id) {
+                    Some((n, u)) => (n.clone(), u.clone()),
+                    None if p.id == m.id => (m.name.clone(), m.client_urls.clone()),
+                    None => (String::new(), Vec::new()),
+                };
+                Member {
+                    id: p.id,
+                    name,
+                    peer_ur_ls: p.peer_urls.clone(),
+                    client_ur_ls: client_urls,
+                    is_learner: false,
+                }
+            })
+            .collect(),
     })
 }
 
@@ -515,11 +532,20 @@ async fn lease_keep_alive(
     while let Some(msg) = input.next().await {
         let req: LeaseKeepAliveRequest = decode(&msg?)?;
         let id = req.id;
-        let ttl = ask_applier(core, |reply| crate::apply::ApplierMsg::KeepAlive {
-            id,
-            reply,
-        })
-        .await?;
+        let ttl = if core.view.leader.get() == core.router.member.id {
+            ask_applier(core, |reply| crate::apply::ApplierMsg::KeepAlive { id, reply }).await?
+        } else {
+            // A follower's lessor does not decide expiry: the keep-alive
+            // goes through the log so the leader's lessor renews it too.
+            propose(
+                core,
+                RaftCommand {
+                    cmd: Some(raft_command::Cmd::LeaseKeepAlive(req)),
+                },
+            )
+            .await?
+            .lease_ttl
+        };
         let resp = LeaseKeepAliveResponse {
             header: header(core, core.view.revision.get()),
             id,

@@ -48,6 +48,9 @@ pub struct Member {
     pub min_lease_ttl: i64,
     /// How often watchers that asked for progress notifications get one.
     pub watch_progress_notify_interval: std::time::Duration,
+    /// Every member of the cluster, this one included, as bootstrapped
+    /// (names and client URLs as published are the applier's).
+    pub members: Vec<PeerInfo>,
 }
 
 /// News for every core: the applied index and revisions, and raft state.
@@ -170,11 +173,51 @@ fn hash64(parts: &[&str]) -> u64 {
     }
 }
 
+/// A member of the cluster as bootstrapped: ID, name, peer URLs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PeerInfo {
+    pub id: u64,
+    pub name: String,
+    pub peer_urls: Vec<String>,
+}
+
 /// `data-dir/meta`: the facts fixed when the data dir was created.
 struct Meta {
     shards: usize,
     member_id: u64,
     cluster_id: u64,
+    /// Every member the cluster was bootstrapped with (this one included).
+    members: Vec<PeerInfo>,
+}
+
+/// The members named by `--initial-cluster` (a name listed several times
+/// has several peer URLs), each with its ID: a hash of its sorted peer URLs
+/// and the cluster token, so every member computes the same IDs.
+pub fn initial_peers(cfg: &Config) -> Result<Vec<PeerInfo>, String> {
+    let mut by_name: Vec<PeerInfo> = Vec::new();
+    for (name, url) in cfg.initial_members()? {
+        match by_name.iter_mut().find(|p| p.name == name) {
+            Some(p) => p.peer_urls.push(url),
+            None => by_name.push(PeerInfo {
+                id: 0,
+                name,
+                peer_urls: vec![url],
+            }),
+        }
+    }
+    for p in &mut by_name {
+        p.peer_urls.sort();
+        let mut parts: Vec<&str> = p.peer_urls.iter().map(|s| s.as_str()).collect();
+        parts.push(&cfg.initial_cluster_token);
+        p.id = hash64(&parts);
+    }
+    let mut ids: Vec<u64> = by_name.iter().map(|p| p.id).collect();
+    ids.sort_unstable();
+    ids.dedup();
+    if ids.len() != by_name.len() {
+        return Err("--initial-cluster: two members have the same peer URLs".into());
+    }
+    Ok(by_name)
 }
 
 fn load_or_create_meta(cfg: &Config) -> Result<Meta, String> {
@@ -185,12 +228,38 @@ fn load_or_create_meta(cfg: &Config) -> Result<Meta, String> {
             let mut member_id = None;
             let mut cluster_id = None;
             let mut format_ok = false;
+            let mut members = Vec::new();
             for line in text.lines() {
                 match line.split_once('=') {
                     Some(("format", "keelson-1")) => format_ok = true,
                     Some(("shards", v)) => shards = v.parse::<usize>().ok(),
                     Some(("member_id", v)) => member_id = u64::from_str_radix(v, 16).ok(),
                     Some(("cluster_id", v)) => cluster_id = u64::from_str_radix(v, 16).ok(),
+                    Some(("member", v)) => {
+                        let mut f = v.split('\t');
+                        let id = f.next().and_then(|x| u64::from_str_radix(x, 16).ok());
+                        let name = f.next().map(|x| x.to_string());
+                        let urls: Vec<String> = f
+                            .next()
+                            .unwrap_or("")
+                            .split(' ')
+                            .filter(|u| !u.is_empty())
+                            .map(|u| u.to_string())
+                            .collect();
+                        match (id, name) {
+                            (Some(id), Some(name)) if !urls.is_empty() => members.push(PeerInfo {
+                                id,
+                                name,
+                                peer_urls: urls,
+                            }),
+                            _ => {
+                                return Err(format!(
+                                    "{}: bad member line {line:?}",
+                                    path.display()
+                                ))
+                            }
+                        }
+                    }
                     _ => {}
                 }
             }
@@ -203,10 +272,22 @@ fn load_or_create_meta(cfg: &Config) -> Result<Meta, String> {
                             );
                         }
                     }
+                    if members.is_empty() {
+                        // Written before clusters: this member alone.
+                        members.push(PeerInfo {
+                            id: m,
+                            name: cfg.name.clone(),
+                            peer_urls: cfg.initial_advertise_peer_urls.clone(),
+                        });
+                    }
+                    if !members.iter().any(|p| p.id == m) {
+                        return Err(format!("{}: this member is not among its members", path.display()));
+                    }
                     Ok(Meta {
                         shards: s,
                         member_id: m,
                         cluster_id: c,
+                        members,
                     })
                 }
                 _ => Err(format!("{}: not a valid keelson meta file", path.display())),
@@ -214,22 +295,39 @@ fn load_or_create_meta(cfg: &Config) -> Result<Meta, String> {
         }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             let shards = cfg.shards.unwrap_or(cfg.cores).max(1);
-            let mut peers: Vec<&str> = cfg
-                .initial_advertise_peer_urls
-                .iter()
-                .map(|s| s.as_str())
-                .collect();
-            peers.sort_unstable();
-            let mut id_parts = peers.clone();
-            id_parts.push(&cfg.initial_cluster_token);
-            let member_id = hash64(&id_parts);
+            let peers = initial_peers(cfg)?;
+            let mut mine = cfg.initial_advertise_peer_urls.clone();
+            mine.sort();
+            let Some(me) = peers.iter().find(|p| p.name == cfg.name) else {
+                return Err(format!(
+                    "couldn't find local name {:?} in the initial cluster configuration",
+                    cfg.name
+                ));
+            };
+            if me.peer_urls != mine {
+                return Err(format!(
+                    "--initial-cluster has {}={} but missing from --initial-advertise-peer-urls={}",
+                    me.name,
+                    me.peer_urls.join(","),
+                    cfg.initial_advertise_peer_urls.join(",")
+                ));
+            }
+            let member_id = me.id;
             let members = cfg.initial_members()?;
             let mut all: Vec<String> = members.iter().map(|(_, u)| u.clone()).collect();
             all.sort();
             let mut cl_parts: Vec<&str> = all.iter().map(|s| s.as_str()).collect();
             cl_parts.push(&cfg.initial_cluster_token);
             let cluster_id = hash64(&cl_parts);
-            let text = format!("format=keelson-1\nshards={shards}\nmember_id={member_id:x}\ncluster_id={cluster_id:x}\n");
+            let mut text = format!("format=keelson-1\nshards={shards}\nmember_id={member_id:x}\ncluster_id={cluster_id:x}\n");
+            for p in &peers {
+                text.push_str(&format!(
+                    "member={:x}\t{}\t{}\n",
+                    p.id,
+                    p.name,
+                    p.peer_urls.join(" ")
+                ));
+            }
             let tmp = cfg.data_dir.join("meta.tmp");
             fs::write(&tmp, text)
                 .and_then(|_| fs::File::open(&tmp)?.sync_all())
@@ -239,6 +337,7 @@ fn load_or_create_meta(cfg: &Config) -> Result<Meta, String> {
                 shards,
                 member_id,
                 cluster_id,
+                members: peers,
             })
         }
         Err(e) => Err(format!("{}: {e}", path.display())),
@@ -258,15 +357,75 @@ fn common_checkpoint(data_dir: &Path, shards: usize) -> Result<u64, String> {
     Ok(common.and_then(|c| c.into_iter().max()).unwrap_or(0))
 }
 
+/// The raft peer transport (on the raft core): raft messages from peers go
+/// to the raft mailbox; a message whose sender does not match the
+/// connection's is dropped.
+fn start_peers(router: &Arc<Router>, members: &[PeerInfo]) -> Rc<crate::peer::Peers> {
+    let me = router.member.id;
+    let raft = router.raft.clone();
+    let deliver = Box::new(move |from: u64, payload: bytes::Bytes| {
+        match <raft::eraftpb::Message as protobuf::Message>::parse_from_bytes(&payload) {
+            Ok(m) if m.from == from && m.to == me => {
+                raft.send(RaftMsg::Step(Box::new(m)));
+            }
+            Ok(m) => crate::debug!(
+                "peer {from:x}: dropping a raft message from {:x} to {:x}",
+                m.from,
+                m.to
+            ),
+            Err(e) => crate::warn!("peer {from:x}: undecodable raft message: {e}"),
+        }
+    });
+    let peers = crate::peer::Peers::new(
+        crate::peer::PeerConfig::new(me, router.member.cluster_id),
+        deliver,
+    );
+    for p in members.iter().filter(|p| p.id != me) {
+        let addrs: Vec<SocketAddr> = p
+            .peer_urls
+            .iter()
+            .filter_map(|u| crate::config::parse_url(u).ok())
+            .flatten()
+            .collect();
+        if addrs.is_empty() {
+            crate::warn!("member {:x} ({}): no usable peer URL", p.id, p.name);
+        }
+        peers.set_peer(p.id, addrs);
+    }
+    peers
+}
+
+/// Publishes this member's name and client URLs through the log (etcd's
+/// `publish`), retrying until it is applied.
+async fn publish_attributes(router: Arc<Router>) {
+    use crate::proto::keelson::{raft_command, MemberAttributes, RaftCommand};
+    let m = &router.member;
+    let data = prost::Message::encode_to_vec(&RaftCommand {
+        cmd: Some(raft_command::Cmd::MemberAttributes(MemberAttributes {
+            id: m.id,
+            name: m.name.clone(),
+            client_urls: m.client_urls.clone(),
+        })),
+    });
+    loop {
+        let (tx, rx) = futures::channel::oneshot::channel();
+        router.raft.send(RaftMsg::Propose {
+            data: data.clone(),
+            reply: tx,
+        });
+        let timed = async {
+            glommio::timer::sleep(m.request_timeout).await;
+            None
+        };
+        match futures_lite::future::or(async { rx.await.ok() }, timed).await {
+            Some(Ok(_)) => return,
+            _ => glommio::timer::sleep(std::time::Duration::from_millis(500)).await,
+        }
+    }
+}
+
 /// Starts the member and blocks until it stops.
 pub fn run(cfg: Config) -> Result<(), String> {
-    let members = cfg.initial_members()?;
-    if members.len() > 1 {
-        return Err(format!(
-            "--initial-cluster names {} members; keelson runs a single member for now (clustering is not implemented yet)",
-            members.len()
-        ));
-    }
     if cfg.initial_cluster_state == "existing" {
         return Err(
             "--initial-cluster-state=existing: joining a cluster is not implemented yet".into(),
@@ -346,6 +505,7 @@ pub fn run(cfg: Config) -> Result<(), String> {
             request_timeout: raftcore::request_timeout(&cfg),
             min_lease_ttl: crate::lease::min_ttl(cfg.election_timeout),
             watch_progress_notify_interval: cfg.watch_progress_notify_interval,
+            members: meta.members.clone(),
         },
     });
 
@@ -356,6 +516,7 @@ pub fn run(cfg: Config) -> Result<(), String> {
     let mut core0 = Some((
         RaftBoot {
             id: meta.member_id,
+            voters: meta.members.iter().map(|p| p.id).collect(),
             recovered,
             applied: common,
             cfg: cfg.clone(),
@@ -368,6 +529,8 @@ pub fn run(cfg: Config) -> Result<(), String> {
             compact_rev,
             checkpoint_every: cfg.snapshot_count.clamp(1, 10_000),
             leases: leases_at_start,
+            members: apply::load_member_attrs(&cfg.data_dir.join("members")),
+            members_file: cfg.data_dir.join("members"),
         },
     ));
     let mut handles = Vec::new();
@@ -383,6 +546,7 @@ pub fn run(cfg: Config) -> Result<(), String> {
             .collect();
         let core_rx = core_rxs[core].take().expect("each core once");
         let raft_part = if core == 0 { core0.take() } else { None };
+        let members = meta.members.clone();
         let router = router.clone();
         let ready = ready_tx.clone();
         let client_addrs = client_addrs.clone();
@@ -416,11 +580,15 @@ pub fn run(cfg: Config) -> Result<(), String> {
                 for (shard, rx) in mine {
                     glommio::spawn_local(apply::run_shard(shard, rx, router.clone())).detach();
                 }
+                let mut peer_transport = None;
                 if let Some((boot, raft_rx, applier_rx, st)) = raft_part {
+                    let peers = start_peers(&router, &members);
+                    peer_transport = Some(peers.clone());
                     glommio::spawn_local(apply::Applier::new(router.clone(), st).run(applier_rx))
                         .detach();
-                    glommio::spawn_local(raftcore::run_raft(boot, raft_rx, router.clone()))
+                    glommio::spawn_local(raftcore::run_raft(boot, peers, raft_rx, router.clone()))
                         .detach();
+                    glommio::spawn_local(publish_attributes(router.clone())).detach();
                 }
                 {
                     let ctx = ctx.clone();
@@ -436,6 +604,7 @@ pub fn run(cfg: Config) -> Result<(), String> {
                 let mut accepts = Vec::new();
                 for (l, is_client) in listeners {
                     let ctx = ctx.clone();
+                    let peers = peer_transport.clone();
                     accepts.push(glommio::spawn_local(async move {
                         loop {
                             match l.accept().await {
@@ -443,9 +612,12 @@ pub fn run(cfg: Config) -> Result<(), String> {
                                     if is_client {
                                         glommio::spawn_local(grpc::serve_conn(stream, ctx.clone()))
                                             .detach();
-                                    } else {
-                                        // No peer transport yet: one member.
-                                        drop(stream);
+                                    } else if let Some(p) = &peers {
+                                        glommio::spawn_local(crate::peer::serve_inbound(
+                                            p.clone(),
+                                            stream,
+                                        ))
+                                        .detach();
                                     }
                                 }
                                 Err(e) => {

@@ -17,6 +17,8 @@ pub struct Member {
     dir: tempfile::TempDir,
     port: u16,
     peer: u16,
+    /// (name, --initial-cluster) when part of a cluster.
+    cluster: Option<(String, String)>,
     extra: Vec<String>,
     pub child: Option<Child>,
     /// "ready" lines in the (appended) log from earlier runs.
@@ -29,6 +31,7 @@ impl Member {
             dir: tempfile::tempdir().unwrap(),
             port: free_port(),
             peer: free_port(),
+            cluster: None,
             extra: extra.iter().map(|s| s.to_string()).collect(),
             child: None,
             readies: 0,
@@ -46,6 +49,10 @@ impl Member {
     /// Starts the binary and waits until it serves; returns the exit status
     /// instead if it stops first.
     pub fn start(&mut self) -> Option<ExitStatus> {
+        self.spawn();
+        self.wait_ready()
+    }
+    fn spawn(&mut self) {
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -58,7 +65,7 @@ impl Member {
         } else {
             env!("CARGO_BIN_EXE_keelson")
         };
-        let mut child = Command::new(bin)
+        let child = Command::new(bin)
             .args([
                 "--data-dir",
                 self.data().to_str().unwrap(),
@@ -73,13 +80,27 @@ impl Member {
                 "--initial-advertise-peer-urls",
                 &p,
             ])
-            .args(["--initial-cluster", &format!("default={p}")])
+            .args(match &self.cluster {
+                None => vec!["--initial-cluster".to_string(), format!("default={p}")],
+                Some((name, ic)) => vec![
+                    "--name".to_string(),
+                    name.clone(),
+                    "--initial-cluster".to_string(),
+                    ic.clone(),
+                    "--initial-cluster-token".to_string(),
+                    "keelson-test".to_string(),
+                ],
+            })
             .args(self.server_args())
             .stdout(Stdio::from(log.try_clone().unwrap()))
             .stderr(Stdio::from(log))
             .spawn()
             .unwrap();
+        self.child = Some(child);
+    }
+    fn wait_ready(&mut self) -> Option<ExitStatus> {
         let deadline = Instant::now() + Duration::from_secs(20);
+        let mut child = self.child.take().expect("spawned");
         while Instant::now() < deadline {
             if let Some(st) = child.try_wait().unwrap() {
                 return Some(st);
@@ -136,6 +157,34 @@ pub fn free_port() -> u16 {
         .local_addr()
         .unwrap()
         .port()
+}
+
+/// `n` members of one cluster (not started yet), on free loopback ports.
+pub fn cluster(n: usize, extra: &[&str]) -> Vec<Member> {
+    let mut ms: Vec<Member> = (0..n).map(|_| Member::new(extra)).collect();
+    let ic: Vec<String> = ms
+        .iter()
+        .enumerate()
+        .map(|(i, m)| format!("m{i}=http://127.0.0.1:{}", m.peer))
+        .collect();
+    let ic = ic.join(",");
+    for (i, m) in ms.iter_mut().enumerate() {
+        m.cluster = Some((format!("m{i}"), ic.clone()));
+    }
+    ms
+}
+
+/// Starts every member without waiting for each in turn (a member of a new
+/// cluster serves only once a quorum runs).
+pub fn start_all(ms: &mut [Member]) {
+    for m in ms.iter_mut() {
+        m.spawn();
+    }
+    for m in ms.iter_mut() {
+        if let Some(st) = m.wait_ready() {
+            panic!("member exited at start ({st}):\n{}", m.log_text());
+        }
+    }
 }
 
 /// Starts a fresh member and connects a client to it.
