@@ -106,7 +106,8 @@ pub struct PeerConfig {
     pub my_id: u64,
     pub cluster_id: u64,
     /// Bytes one peer's outgoing queue may hold (payloads plus 8-byte frame
-    /// headers); `send` refuses beyond it.
+    /// headers); `send` refuses beyond it (an empty queue takes one frame
+    /// of any allowed size).
     pub queue_bytes_max: usize,
     /// The largest payload sent or accepted.
     pub frame_bytes_max: usize,
@@ -204,28 +205,35 @@ impl Peers {
         }
     }
 
-    /// Queues `payload` for `to` and wakes its writer. Never blocks. Returns
-    /// false, dropping the payload, if `to` is unknown, the payload is over
-    /// `frame_bytes_max`, or the queue would exceed `queue_bytes_max`.
+    /// Queues `payload` for `to` and wakes its writer. Never blocks, never
+    /// awaits. Returns false, dropping the payload, if `to` is unknown, the
+    /// payload is over `frame_bytes_max`, or the queue is not empty and the
+    /// payload would take it over `queue_bytes_max`. An empty queue takes
+    /// any payload within `frame_bytes_max`, so a peer's queue holds at most
+    /// `max(queue_bytes_max, frame_bytes_max + 8)` bytes.
     pub fn send(&self, to: u64, payload: Bytes) -> bool {
         let Some(p) = self.peers.borrow().get(&to).cloned() else {
             return false;
         };
+        if payload.len() > self.cfg.frame_bytes_max.min(u32::MAX as usize) {
+            crate::warn!(
+                "peer {to:x}: dropping a {} byte message, over the {} byte frame limit",
+                payload.len(),
+                self.cfg.frame_bytes_max
+            );
+            return false;
+        }
         let cost = payload.len() + FRAME_HEADER_BYTES;
-        if payload.len() > self.cfg.frame_bytes_max.min(u32::MAX as usize)
-            || p.queued_bytes.get() + cost > self.cfg.queue_bytes_max
-        {
+        let queued = p.queued_bytes.get();
+        if queued > 0 && queued + cost > self.cfg.queue_bytes_max {
             if p.refused.get() == 0 {
-                crate::debug!(
-                    "peer {to:x}: queue full ({} bytes queued), dropping messages",
-                    p.queued_bytes.get()
-                );
+                crate::debug!("peer {to:x}: queue full ({queued} bytes), dropping messages");
             }
             p.refused.set(p.refused.get() + 1);
             return false;
         }
         p.refused.set(0);
-        p.queued_bytes.set(p.queued_bytes.get() + cost);
+        p.queued_bytes.set(queued + cost);
         p.queue.borrow_mut().push_back(payload);
         if p.writer.borrow().is_none() {
             self.spawn_writer(&p);
@@ -1245,6 +1253,18 @@ mod tests {
             })
             .await;
             assert!(a.send(2, p.clone()));
+
+            // An empty queue takes one frame of any allowed size, even one
+            // over queue_bytes_max; nothing more until it drains.
+            let mut c = cfg(1);
+            c.queue_bytes_max = 1000;
+            c.frame_bytes_max = 4096;
+            let tiny = Peers::new(c, recorder(&got));
+            tiny.set_peer(2, vec![dead]);
+            assert!(tiny.send(2, Bytes::from(vec![0u8; 4096])));
+            assert!(!tiny.send(2, Bytes::from_static(b"x")));
+            assert_eq!(tiny.queued_bytes(2), Some(4096 + FRAME_HEADER_BYTES));
+            drop(tiny);
 
             // A receiver that accepts and never reads: the socket fills, the
             // writer waits, the queue fills, sends are refused.
