@@ -310,7 +310,7 @@ async fn dial(addrs: &[SocketAddr], timeout: Duration) -> io::Result<TcpStream> 
                 let _ = s.set_nodelay(true);
                 return Ok(s);
             }
-            Err(e) => last = io::Error::new(io::ErrorKind::Other, format!("{a}: {e}")),
+            Err(e) => last = io::Error::other(format!("{a}: {e}")),
         }
     }
     Err(last)
@@ -1300,6 +1300,48 @@ mod tests {
             let mut s = held.borrow_mut().take().expect("accepted");
             assert!(closed_by_remote(&mut s, Duration::from_secs(10)).await);
             assert!(got.borrow().is_empty());
+        });
+    }
+
+    /// CPU time this thread has used.
+    fn thread_cpu() -> Duration {
+        let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+        // SAFETY: getrusage only writes the struct it is given.
+        let rc = unsafe { libc::getrusage(libc::RUSAGE_THREAD, &mut ru) };
+        assert_eq!(rc, 0);
+        let us = |t: libc::timeval| t.tv_sec as u64 * 1_000_000 + t.tv_usec as u64;
+        Duration::from_micros(us(ru.ru_utime) + us(ru.ru_stime))
+    }
+
+    #[test]
+    fn idle_members_do_not_spin() {
+        run(Duration::from_secs(30), || async {
+            let a = node(cfg(1));
+            let b = node(cfg(2));
+            // A dead peer: one failed dial, then nothing queued, no dialing.
+            let dead = TcpListener::bind("127.0.0.1:0")
+                .unwrap()
+                .local_addr()
+                .unwrap();
+            a.peers.set_peer(2, vec![b.addr]);
+            a.peers.set_peer(3, vec![dead]);
+            b.peers.set_peer(1, vec![a.addr]);
+            assert!(a.peers.send(2, payload(1, 0, 100)));
+            assert!(b.peers.send(1, payload(2, 0, 100)));
+            assert!(a.peers.send(3, payload(1, 0, 100)));
+            wait_until("frames", Duration::from_secs(5), || {
+                a.got.borrow().len() == 1 && b.got.borrow().len() == 1
+            })
+            .await;
+            glommio::timer::sleep(Duration::from_millis(500)).await;
+            let before = thread_cpu();
+            glommio::timer::sleep(Duration::from_secs(1)).await;
+            let used = thread_cpu() - before;
+            assert!(
+                used < Duration::from_millis(50),
+                "idle for 1 s used {used:?} of CPU"
+            );
+            assert!(a.peers.reachable(2) && b.peers.reachable(1));
         });
     }
 
