@@ -15,9 +15,10 @@
 //!
 //! - `Peers::send` never blocks: it appends the payload to the peer's queue
 //!   and wakes the peer's writer task. The queue holds at most
-//!   `queue_bytes_max` bytes (payloads plus their frame headers); beyond that
-//!   `send` refuses and the payload is dropped. Raft tolerates lost messages,
-//!   so the bounded queue is the whole back-pressure rule.
+//!   `queue_bytes_max` bytes (payloads plus their frame headers; an empty
+//!   queue takes one frame of any allowed size); beyond that `send` refuses
+//!   and the payload is dropped. Raft tolerates lost messages, so the
+//!   bounded queue is the whole back-pressure rule.
 //! - The writer task is spawned on the first send. It dials only while its
 //!   queue is non-empty, writes the handshake, then drains the queue into one
 //!   buffer per batch (at most `BATCH_BYTES_MAX`, or one larger frame) and
@@ -32,7 +33,9 @@
 //! - The accepting side keeps one connection per remote member: a newer
 //!   handshake from the same member closes the older connection before the
 //!   newer one delivers anything, so `deliver` sees each member's frames in
-//!   the order that member sent them.
+//!   the order that member sent them (with gaps where a connection failed).
+//!   `remove_peer` closes the member's inbound connection too; a member not
+//!   (yet) known is still accepted.
 //! - Bad input (wrong magic, version, cluster or member id, a checksum
 //!   mismatch, a length over `frame_bytes_max`, a truncated frame) closes
 //!   that connection with one log line; nothing is delivered from a frame
@@ -58,7 +61,9 @@
 //! ```
 //!
 //! The accepting side never writes. A clean end of a connection is EOF at a
-//! frame boundary.
+//! frame boundary. The handshake guards against misrouting (another
+//! cluster, another member, a stray client) and corruption; it is not
+//! authentication, and there is no encryption (no peer TLS yet).
 //!
 //! # Socket seam
 //!
@@ -242,8 +247,9 @@ impl Peers {
         true
     }
 
-    /// Whether the connection to `id` is up and its socket accepted the last
-    /// write without waiting. False before the first connection.
+    /// Whether the connection to `id` is up and no write is waiting on a
+    /// full socket buffer. False before the first connection, while dialing
+    /// and while backing off.
     pub fn reachable(&self, id: u64) -> bool {
         self.peers
             .borrow()
