@@ -282,7 +282,12 @@ pub async fn run_raft(
         }
         let mut ready = node.ready();
         // 1. Messages to peers.
-        send_messages(&mut node, &peers, ready.take_messages(), &mut snapshot_warned);
+        send_messages(
+            &mut node,
+            &peers,
+            ready.take_messages(),
+            &mut snapshot_warned,
+        );
         // 2. Committed entries (durable since an earlier turn).
         hand_off(
             &mut node,
@@ -335,7 +340,12 @@ pub async fn run_raft(
             let hs = node.raft.hard_state();
             wal.push_hard_state(&hs);
         }
-        send_messages(&mut node, &peers, light.take_messages(), &mut snapshot_warned);
+        send_messages(
+            &mut node,
+            &peers,
+            light.take_messages(),
+            &mut snapshot_warned,
+        );
         hand_off(
             &mut node,
             nonce,

@@ -54,7 +54,13 @@ async fn three_members_replicate_and_forward() {
     let f = (l + 1) % 3;
     let mut cf = connect(&ms[f]).await;
     // A write through a follower, read back linearizably on every member.
-    let rev = cf.put("k", "v", None).await.unwrap().header().unwrap().revision();
+    let rev = cf
+        .put("k", "v", None)
+        .await
+        .unwrap()
+        .header()
+        .unwrap()
+        .revision();
     for m in &ms {
         let mut c = connect(m).await;
         let r = c.get("k", None).await.unwrap();
@@ -92,7 +98,11 @@ async fn three_members_replicate_and_forward() {
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
             let ml = cf.member_list().await.unwrap();
-            if ml.members().iter().any(|x| x.client_urls() == [url.clone()]) {
+            if ml
+                .members()
+                .iter()
+                .any(|x| x.client_urls() == [url.clone()])
+            {
                 break;
             }
             assert!(Instant::now() < deadline, "{url} never published");
@@ -107,15 +117,42 @@ async fn three_members_replicate_and_forward() {
         None,
     );
     assert!(ok, "{err}");
-    assert_eq!(out.matches("\"IsLeader\" : true").count(), 1, "{out}");
-    assert_eq!(out.matches("\"Endpoint\"").count(), 3, "{out}");
-    let (ok, out, err) = support::etcdctl(&ms[f].endpoint(), &["endpoint", "health", "--cluster"], None);
+    let field = |name: &str| -> Vec<String> {
+        out.lines()
+            .filter_map(|l| l.strip_prefix(&format!("\"{name}\" : ")))
+            .map(|v| v.to_string())
+            .collect()
+    };
+    assert_eq!(field("Endpoint").len(), 3, "{out}");
+    let leaders = field("Leader");
+    assert!(leaders.iter().all(|l| *l == leaders[0]), "{out}");
+    assert_eq!(
+        field("MemberID")
+            .iter()
+            .filter(|m| **m == leaders[0])
+            .count(),
+        1,
+        "{out}"
+    );
+    let (ok, out, err) = support::etcdctl(
+        &ms[f].endpoint(),
+        &["endpoint", "health", "--cluster"],
+        None,
+    );
     assert!(ok, "{err}");
-    assert_eq!(out.matches("is healthy").count(), 3, "{out}");
+    // (etcdctl 3.4 prints health to stderr.)
+    let all = out + &err;
+    assert_eq!(all.matches("is healthy").count(), 3, "{all}");
     // A watch on a follower sees a write made through the leader.
     let mut ws = cf.watch("wk", None).await.unwrap();
     assert!(ws.message().await.unwrap().unwrap().created());
-    let wrev = cl.put("wk", "1", None).await.unwrap().header().unwrap().revision();
+    let wrev = cl
+        .put("wk", "1", None)
+        .await
+        .unwrap()
+        .header()
+        .unwrap()
+        .revision();
     let r = tokio::time::timeout(Duration::from_secs(5), ws.message())
         .await
         .unwrap()
@@ -183,7 +220,10 @@ async fn leader_killed_under_load_loses_nothing_acknowledged() {
         if c.put("after", "failover", None).await.is_ok() {
             break;
         }
-        assert!(killed_at.elapsed() < Duration::from_secs(10), "no write within 10 s of the kill");
+        assert!(
+            killed_at.elapsed() < Duration::from_secs(10),
+            "no write within 10 s of the kill"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let mut acked = Vec::new();

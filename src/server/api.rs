@@ -387,7 +387,10 @@ async fn member_list(core: &Core, req: MemberListRequest) -> Result<MemberListRe
     if req.linearizable {
         read_revision(core, false).await?;
     }
-    let attrs = ask_applier(core, |reply| crate::apply::ApplierMsg::MemberAttrs { reply }).await?;
+    let attrs = ask_applier(core, |reply| crate::apply::ApplierMsg::MemberAttrs {
+        reply,
+    })
+    .await?;
     let m = &core.router.member;
     Ok(MemberListResponse {
         header: header(core, core.view.revision.get()),
@@ -533,7 +536,11 @@ async fn lease_keep_alive(
         let req: LeaseKeepAliveRequest = decode(&msg?)?;
         let id = req.id;
         let ttl = if core.view.leader.get() == core.router.member.id {
-            ask_applier(core, |reply| crate::apply::ApplierMsg::KeepAlive { id, reply }).await?
+            ask_applier(core, |reply| crate::apply::ApplierMsg::KeepAlive {
+                id,
+                reply,
+            })
+            .await?
         } else {
             // A follower's lessor does not decide expiry: the keep-alive
             // goes through the log so the leader's lessor renews it too.

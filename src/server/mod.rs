@@ -253,10 +253,7 @@ fn load_or_create_meta(cfg: &Config) -> Result<Meta, String> {
                                 peer_urls: urls,
                             }),
                             _ => {
-                                return Err(format!(
-                                    "{}: bad member line {line:?}",
-                                    path.display()
-                                ))
+                                return Err(format!("{}: bad member line {line:?}", path.display()))
                             }
                         }
                     }
@@ -281,7 +278,10 @@ fn load_or_create_meta(cfg: &Config) -> Result<Meta, String> {
                         });
                     }
                     if !members.iter().any(|p| p.id == m) {
-                        return Err(format!("{}: this member is not among its members", path.display()));
+                        return Err(format!(
+                            "{}: this member is not among its members",
+                            path.display()
+                        ));
                     }
                     Ok(Meta {
                         shards: s,
