@@ -292,3 +292,304 @@ async fn a_minority_cannot_write() {
         .unwrap();
     assert_eq!(r.kvs()[0].value(), b"1");
 }
+
+/// A lease whose keep-alives stopped, across a leader kill: the new leader
+/// gives it its whole TTL again (no mass expiry on failover), then expires
+/// it through the log, deleting its key.
+#[tokio::test]
+async fn leases_survive_a_leader_change_then_expire_under_the_new_leader() {
+    let mut ms = cluster(3, &[]);
+    start_all(&mut ms);
+    let l = leader(&ms, &[0, 1, 2]).await;
+    let f = (l + 1) % 3;
+    let mut c = connect(&ms[f]).await;
+    let id = c.lease_grant(6, None).await.unwrap().id();
+    c.put("leased", "v", Some(PutOptions::new().with_lease(id)))
+        .await
+        .unwrap();
+    let granted = Instant::now();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    ms[l].kill9();
+    let up: Vec<usize> = (0..3).filter(|&i| i != l).collect();
+    leader(&ms, &up).await;
+    // Past the lease's original deadline: still there.
+    tokio::time::sleep_until((granted + Duration::from_secs(7)).into()).await;
+    let r = c.get("leased", None).await.unwrap();
+    assert_eq!(r.kvs().len(), 1, "the lease expired on failover");
+    // Then the new leader expires it.
+    loop {
+        let r = c.get("leased", None).await.unwrap();
+        if r.kvs().is_empty() {
+            break;
+        }
+        assert!(
+            granted.elapsed() < Duration::from_secs(25),
+            "the lease never expired under the new leader"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let ttl = c.lease_time_to_live(id, None).await.unwrap();
+    assert_eq!(ttl.ttl(), -1);
+}
+
+#[test]
+fn linearizability_checker_table() {
+    use support::linearizable::{check, Event, Op, Outcome};
+    let t0 = Instant::now();
+    let ev = |client: usize, op: Op, outcome: Outcome, call: u64, ret: u64| Event {
+        client,
+        key: "k".into(),
+        op,
+        call: t0 + Duration::from_millis(call),
+        ret: t0 + Duration::from_millis(ret),
+        outcome,
+    };
+    let w = |v: &str| Op::Write(v.into());
+    let r = |v: Option<&str>| Outcome::Read(v.map(|s| s.to_string()));
+    let cas = |a: &str, b: &str| Op::Cas(a.into(), b.into());
+    // (history, linearizable?)
+    let cases: Vec<(Vec<Event>, bool)> = vec![
+        // A read after a write returned must see it.
+        (
+            vec![
+                ev(0, w("a"), Outcome::Written, 0, 10),
+                ev(1, Op::Read, r(None), 20, 30),
+            ],
+            false,
+        ),
+        (
+            vec![
+                ev(0, w("a"), Outcome::Written, 0, 10),
+                ev(1, Op::Read, r(Some("a")), 20, 30),
+            ],
+            true,
+        ),
+        // Concurrent: either order.
+        (
+            vec![
+                ev(0, w("a"), Outcome::Written, 0, 30),
+                ev(1, Op::Read, r(None), 10, 20),
+            ],
+            true,
+        ),
+        // A stale read after a newer value was read.
+        (
+            vec![
+                ev(0, w("a"), Outcome::Written, 0, 10),
+                ev(0, w("b"), Outcome::Written, 20, 30),
+                ev(1, Op::Read, r(Some("b")), 40, 50),
+                ev(2, Op::Read, r(Some("a")), 60, 70),
+            ],
+            false,
+        ),
+        // An unknown write may or may not have happened.
+        (
+            vec![
+                ev(0, w("x"), Outcome::Unknown, 0, 10),
+                ev(1, Op::Read, r(None), 20, 30),
+            ],
+            true,
+        ),
+        (
+            vec![
+                ev(0, w("x"), Outcome::Unknown, 0, 10),
+                ev(1, Op::Read, r(Some("x")), 20, 30),
+            ],
+            true,
+        ),
+        // Two CAS from the same value cannot both win.
+        (
+            vec![
+                ev(0, w("a"), Outcome::Written, 0, 10),
+                ev(1, cas("a", "b"), Outcome::Cas(true), 20, 30),
+                ev(2, cas("a", "c"), Outcome::Cas(true), 40, 50),
+            ],
+            false,
+        ),
+        (
+            vec![
+                ev(0, w("a"), Outcome::Written, 0, 10),
+                ev(1, cas("a", "b"), Outcome::Cas(true), 20, 50),
+                ev(2, cas("a", "c"), Outcome::Cas(false), 30, 60),
+                ev(3, Op::Read, r(Some("b")), 70, 80),
+            ],
+            true,
+        ),
+    ];
+    for (i, (h, want)) in cases.iter().enumerate() {
+        assert_eq!(check(h).is_ok(), *want, "case {i}");
+    }
+}
+
+/// Concurrent clients read, write and compare-and-swap two keys through
+/// every member while a nemesis isolates the leader from its peers (a
+/// network partition through `PeerProxy`), heals, and kills -9 and restarts
+/// members; every key's history must be linearizable. The seed is printed;
+/// `KEELSON_SEED=n` replays the same choices.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn histories_stay_linearizable_through_partitions_and_kills() {
+    use support::linearizable::{check, Event, Op, Outcome};
+    let seed: u64 = std::env::var("KEELSON_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_nanos() as u64
+        });
+    eprintln!("linearizability test seed: KEELSON_SEED={seed}");
+    if support::is_etcd() {
+        // The proxy reads keelson's peer handshake; etcd's peers speak HTTP.
+        eprintln!("skipped against etcd: the fault proxy speaks keelson's peer protocol");
+        return;
+    }
+    fn rng(s: &mut u64) -> u64 {
+        *s ^= *s << 13;
+        *s ^= *s >> 7;
+        *s ^= *s << 17;
+        *s
+    }
+    let (mut ms, proxy) = support::cluster_with_proxy(3, &[]).await;
+    start_all(&mut ms);
+    leader(&ms, &[0, 1, 2]).await;
+    let mut ids = Vec::new();
+    for m in &ms {
+        let mut c = connect(m).await;
+        ids.push(c.status().await.unwrap().header().unwrap().member_id());
+    }
+    let eps: Vec<String> = ms.iter().map(|m| m.endpoint()).collect();
+    let stop = Instant::now() + Duration::from_secs(12);
+    let mut clients = Vec::new();
+    for ci in 0..6usize {
+        let ep = eps[ci % 3].clone();
+        let mut s = seed ^ (ci as u64 + 1).wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+        clients.push(tokio::spawn(async move {
+            let mut hist = Vec::new();
+            let mut last: [Option<String>; 2] = [None, None];
+            let mut c: Option<Client> = None;
+            let mut n = 0;
+            while Instant::now() < stop {
+                if c.is_none() {
+                    c = Client::connect(
+                        [ep.clone()],
+                        Some(
+                            ConnectOptions::new()
+                                .with_timeout(Duration::from_secs(2))
+                                .with_connect_timeout(Duration::from_millis(500)),
+                        ),
+                    )
+                    .await
+                    .ok();
+                    if c.is_none() {
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        continue;
+                    }
+                }
+                let cl = c.as_mut().unwrap();
+                let ki = (rng(&mut s) % 2) as usize;
+                let key = ["x", "y"][ki];
+                n += 1;
+                let value = format!("c{ci}-{n}");
+                let pick = rng(&mut s) % 10;
+                let call = Instant::now();
+                let (op, outcome) = if pick < 4 {
+                    let r = cl.get(key, None).await;
+                    (
+                        Op::Read,
+                        match r {
+                            Ok(r) => {
+                                let v = r
+                                    .kvs()
+                                    .first()
+                                    .map(|kv| kv.value_str().unwrap().to_string());
+                                last[ki] = v.clone();
+                                Outcome::Read(v)
+                            }
+                            Err(_) => Outcome::Unknown,
+                        },
+                    )
+                } else if pick < 7 {
+                    let r = cl.put(key, value.as_str(), None).await;
+                    (
+                        Op::Write(value.clone()),
+                        if r.is_ok() {
+                            Outcome::Written
+                        } else {
+                            Outcome::Unknown
+                        },
+                    )
+                } else {
+                    let exp = last[ki].clone().unwrap_or_default();
+                    let r = cl
+                        .txn(
+                            Txn::new()
+                                .when([Compare::value(key, CompareOp::Equal, exp.as_str())])
+                                .and_then([TxnOp::put(key, value.as_str(), None)]),
+                        )
+                        .await;
+                    (
+                        Op::Cas(exp, value.clone()),
+                        match r {
+                            Ok(r) => Outcome::Cas(r.succeeded()),
+                            Err(_) => Outcome::Unknown,
+                        },
+                    )
+                };
+                let failed = outcome == Outcome::Unknown;
+                hist.push(Event {
+                    client: ci,
+                    key: key.to_string(),
+                    op,
+                    call,
+                    ret: Instant::now(),
+                    outcome,
+                });
+                if failed {
+                    c = None;
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                } else {
+                    // Keeps histories to a size the checker finishes
+                    // quickly in CI.
+                    tokio::time::sleep(Duration::from_millis(3)).await;
+                }
+            }
+            hist
+        }));
+    }
+    let mut s = seed | 1;
+    while Instant::now() + Duration::from_secs(3) < stop {
+        tokio::time::sleep(Duration::from_millis(800)).await;
+        let up: Vec<usize> = (0..3).filter(|&i| ms[i].child.is_some()).collect();
+        let l = leader(&ms, &up).await;
+        if rng(&mut s) % 2 == 0 {
+            eprintln!("nemesis: isolating the leader m{l}");
+            proxy.isolate(ids[l]);
+            tokio::time::sleep(Duration::from_millis(2500)).await;
+            proxy.heal();
+            eprintln!("nemesis: healed");
+        } else {
+            let victim = (rng(&mut s) % 3) as usize;
+            eprintln!("nemesis: kill -9 m{victim}");
+            ms[victim].kill9();
+            tokio::time::sleep(Duration::from_millis(1500)).await;
+            let m = &mut ms[victim];
+            let restarted = tokio::task::block_in_place(|| m.start());
+            assert!(restarted.is_none(), "m{victim} did not restart");
+            eprintln!("nemesis: restarted m{victim}");
+        }
+    }
+    let mut history = Vec::new();
+    for c in clients {
+        history.extend(c.await.unwrap());
+    }
+    let ok = history
+        .iter()
+        .filter(|e| e.outcome != Outcome::Unknown)
+        .count();
+    eprintln!("{} operations, {ok} with known outcomes", history.len());
+    assert!(ok > 200, "too few operations completed: {ok}");
+    if let Err(e) = check(&history) {
+        panic!("seed {seed}: {e}");
+    }
+}

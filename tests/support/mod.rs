@@ -4,6 +4,9 @@
 //! real thing.
 #![allow(dead_code)]
 
+pub mod faults;
+pub mod linearizable;
+
 use etcd_client::Client;
 use std::path::PathBuf;
 use std::process::{Child, Command, ExitStatus, Stdio};
@@ -16,7 +19,10 @@ pub fn is_etcd() -> bool {
 pub struct Member {
     dir: tempfile::TempDir,
     port: u16,
+    /// The peer port other members dial (a proxy's, with faults).
     peer: u16,
+    /// The port this member listens on for peers.
+    peer_listen: u16,
     /// (name, --initial-cluster) when part of a cluster.
     cluster: Option<(String, String)>,
     extra: Vec<String>,
@@ -27,10 +33,12 @@ pub struct Member {
 
 impl Member {
     pub fn new(extra: &[&str]) -> Member {
+        let peer = free_port();
         Member {
+            peer,
             dir: tempfile::tempdir().unwrap(),
             port: free_port(),
-            peer: free_port(),
+            peer_listen: peer,
             cluster: None,
             extra: extra.iter().map(|s| s.to_string()).collect(),
             child: None,
@@ -60,6 +68,7 @@ impl Member {
             .unwrap();
         let c = format!("http://127.0.0.1:{}", self.port);
         let p = format!("http://127.0.0.1:{}", self.peer);
+        let pl = format!("http://127.0.0.1:{}", self.peer_listen);
         let bin = if is_etcd() {
             "etcd"
         } else {
@@ -76,7 +85,7 @@ impl Member {
             ])
             .args([
                 "--listen-peer-urls",
-                &p,
+                &pl,
                 "--initial-advertise-peer-urls",
                 &p,
             ])
@@ -172,6 +181,17 @@ pub fn cluster(n: usize, extra: &[&str]) -> Vec<Member> {
         m.cluster = Some((format!("m{i}"), ic.clone()));
     }
     ms
+}
+
+/// Like `cluster`, with every member's peer traffic through `PeerProxy`.
+pub async fn cluster_with_proxy(n: usize, extra: &[&str]) -> (Vec<Member>, faults::PeerProxy) {
+    let mut ms = cluster(n, extra);
+    let proxy = faults::PeerProxy::default();
+    for m in ms.iter_mut() {
+        m.peer_listen = free_port();
+        proxy.forward(m.peer, m.peer_listen).await;
+    }
+    (ms, proxy)
 }
 
 /// Starts every member without waiting for each in turn (a member of a new
