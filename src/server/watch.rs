@@ -40,10 +40,20 @@ use std::task::{Poll, Waker};
 
 /// Responses built for one stream and not yet written to its socket.
 pub const OUTBOX_BYTES_MAX: usize = 512 << 10;
+/// Watchers build responses only while their stream's outbox holds less
+/// than this: under load, events gather in the watchers' buffers and go
+/// out in fewer, larger responses once the socket has drained.
+pub const OUTBOX_BYTES_LOW: usize = 64 << 10;
 /// Events (and their bytes, counted as if not shared) one watcher may hold
 /// unreleased before it falls back to history.
 pub const WATCHER_BUF_EVENTS_MAX: usize = 16 * 1024;
-pub const WATCHER_BUF_BYTES_MAX: usize = 1 << 20;
+pub const WATCHER_BUF_BYTES_MAX: usize = 64 << 20;
+/// What all watchers of a core may hold together: buffered event pointers,
+/// and bytes of the (shared) events they point to. Past either, a watcher
+/// holding more than `WATCHER_BUF_PRESSURED` events falls back to history.
+pub const HUB_BUFFERED_MAX: usize = 8 << 20;
+pub const HUB_EVENT_BYTES_MAX: usize = 256 << 20;
+pub const WATCHER_BUF_PRESSURED: usize = 256;
 /// Responses are cut at a revision boundary past this size.
 const RESPONSE_BYTES_SOFT: usize = 1 << 20;
 /// etcd's filter types (`WatchCreateRequest.FilterType`).
@@ -61,12 +71,23 @@ struct Ev {
     prev: Option<KeyValue>,
     plain: OnceCell<Bytes>,
     with_prev: OnceCell<Bytes>,
+    /// The hub's count of bytes in live events.
+    acct: Rc<Cell<usize>>,
+}
+
+impl Drop for Ev {
+    fn drop(&mut self) {
+        self.acct.set(self.acct.get().saturating_sub(self.size));
+    }
 }
 
 impl Ev {
-    fn new(e: ShardEvent) -> Ev {
+    fn new(e: ShardEvent, acct: &Rc<Cell<usize>>) -> Ev {
+        let size = crate::watch::event_bytes(&e);
+        acct.set(acct.get() + size);
         Ev {
-            size: crate::watch::event_bytes(&e),
+            acct: acct.clone(),
+            size,
             rev: e.rev,
             sub: e.sub,
             delete: e.delete,
@@ -240,6 +261,10 @@ struct Inner {
     waiting: HashSet<u64>,
     /// Streams with a progress request not answered yet.
     progress_wanted: HashSet<u64>,
+    /// Event pointers in all watchers' buffers.
+    buffered: usize,
+    /// Bytes of events alive (shared by the buffers that hold them).
+    ev_bytes: Rc<Cell<usize>>,
     progress_timer: bool,
 }
 
@@ -440,10 +465,12 @@ impl Hub {
             groups,
             watchers,
             waiting,
+            buffered,
+            ev_bytes,
             ..
         } = &mut *g;
         for e in events {
-            let ev = Rc::new(Ev::new(e));
+            let ev = Rc::new(Ev::new(e, ev_bytes));
             for (r, gids) in groups.iter() {
                 if !r.contains(&ev.kv.key) {
                     continue;
@@ -456,10 +483,14 @@ impl Hub {
                         continue;
                     }
                     w.buf.push(ev.clone());
+                    *buffered += 1;
                     w.buf_bytes = w.buf_bytes.saturating_add(ev.size as u32);
                     waiting.insert(*gid);
+                    let pressed =
+                        *buffered > HUB_BUFFERED_MAX || ev_bytes.get() > HUB_EVENT_BYTES_MAX;
                     if w.buf.len() > WATCHER_BUF_EVENTS_MAX
                         || w.buf_bytes as usize > WATCHER_BUF_BYTES_MAX
+                        || (pressed && w.buf.len() > WATCHER_BUF_PRESSURED)
                     {
                         crate::debug!(
                             "watcher {} of stream {} fell behind at revision {}; catching up from history",
@@ -467,6 +498,7 @@ impl Hub {
                             w.stream,
                             w.sent
                         );
+                        *buffered -= w.buf.len();
                         fall_back_to_history(w);
                     }
                 }
@@ -477,6 +509,8 @@ impl Hub {
     /// A shard's answer to a history request.
     pub fn on_history(&self, core: &Core, shard: usize, gid: u64, epoch: u32, h: History) {
         let mut g = self.inner.borrow_mut();
+        let acct = g.ev_bytes.clone();
+        let mut added = 0;
         let Some(w) = g.watchers.get_mut(&gid) else {
             return;
         };
@@ -510,12 +544,14 @@ impl Hub {
                     None => ss.live = true,
                 }
                 for e in events {
-                    let ev = Ev::new(e);
+                    let ev = Ev::new(e, &acct);
                     if ev.rev > from && w.wants(&ev) {
                         w.buf_bytes = w.buf_bytes.saturating_add(ev.size as u32);
                         w.buf.push(Rc::new(ev));
+                        added += 1;
                     }
                 }
+                g.buffered += added;
                 g.waiting.insert(gid);
             }
         }
@@ -549,7 +585,7 @@ impl Hub {
     /// A stream wrote responses out: if it had blocked its watchers and now
     /// has room, let them go on.
     pub fn on_sent(&self, core: &Core, s: &Stream) {
-        if s.blocked.get() && s.outbox_bytes.get() < OUTBOX_BYTES_MAX / 2 {
+        if s.blocked.get() && s.outbox_bytes.get() < OUTBOX_BYTES_LOW {
             s.blocked.set(false);
             {
                 let mut g = self.inner.borrow_mut();
@@ -604,6 +640,7 @@ fn remove_watcher(g: &mut Inner, core: &Core, gid: u64) {
     let Some(w) = g.watchers.remove(&gid) else {
         return;
     };
+    g.buffered -= w.buf.len();
     g.waiting.remove(&gid);
     if let Some(v) = g.groups.get_mut(&w.range) {
         v.retain(|x| *x != gid);
@@ -647,7 +684,8 @@ fn flush_watcher(g: &mut Inner, core: &Core, gid: u64) -> bool {
     let Some(s) = g.streams.get(&w.stream) else {
         return false;
     };
-    if s.full() {
+    let buffered = &mut g.buffered;
+    if s.outbox_bytes.get() >= OUTBOX_BYTES_LOW {
         // The stream's drain wakes it (`on_sent`).
         s.blocked.set(true);
         return false;
@@ -664,6 +702,7 @@ fn flush_watcher(g: &mut Inner, core: &Core, gid: u64) -> bool {
         let n = w.buf.partition_point(|e| e.rev <= limit);
         if n > 0 {
             let out: Vec<Rc<Ev>> = w.buf.drain(..n).collect();
+            *buffered -= n;
             let freed: usize = out.iter().map(|e| e.size).sum();
             w.buf_bytes = w.buf_bytes.saturating_sub(freed as u32);
             send_events(core, s, w, &out, revision.max(out[n - 1].rev));
