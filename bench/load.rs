@@ -43,7 +43,8 @@ struct Opts {
     key_space: u64,
     workload: String,
     threads: usize,
-    server_pid: Option<u32>,
+    /// Server processes (a cluster's members): CPU and RSS are summed.
+    server_pids: Vec<u32>,
     prefill: u64,
     sequential_keys: bool,
     json: bool,
@@ -56,7 +57,7 @@ fn usage() -> ! {
     eprintln!(
         "usage: keelson-bench [--endpoints 127.0.0.1:2379] [--conns 8] [--clients 64] [--total 100000]\n\
          [--duration-secs 60] [--key-size 8] [--val-size 256] [--key-space 100000]\n\
-         [--workload put|range|range-serializable|txn-put|mixed|lease-keepalive|watch] [--threads 1] [--server-pid PID]\n\
+         [--workload put|range|range-serializable|txn-put|mixed|lease-keepalive|watch] [--threads 1] [--server-pid PID[,PID...]]\n\
          [--prefill N] [--sequential-keys] [--json]\n\
          watch workload: --workload watch [--watchers 1000] [--watch-streams 8] [--drain-secs 10]"
     );
@@ -75,7 +76,7 @@ fn parse() -> Opts {
         key_space: 100_000,
         workload: "put".into(),
         threads: 1,
-        server_pid: None,
+        server_pids: Vec::new(),
         prefill: 0,
         sequential_keys: false,
         json: false,
@@ -124,7 +125,7 @@ fn parse() -> Opts {
             "key-space" => o.key_space = num(&v).max(1),
             "workload" => o.workload = v,
             "threads" => o.threads = num(&v).clamp(1, 64) as usize,
-            "server-pid" => o.server_pid = Some(num(&v) as u32),
+            "server-pid" => o.server_pids = v.split(',').map(|p| num(p) as u32).collect(),
             "prefill" => o.prefill = num(&v),
             "watchers" => o.watchers = num(&v).max(1),
             "watch-streams" => o.watch_streams = num(&v).max(1) as usize,
@@ -172,6 +173,22 @@ fn rss_bytes(pid: u32) -> Option<u64> {
     let line = s.lines().find(|l| l.starts_with("VmRSS:"))?;
     let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
     Some(kib * 1024)
+}
+
+/// Summed over the server processes; `None` if there are none or one is
+/// gone.
+fn servers_rss(pids: &[u32]) -> Option<u64> {
+    if pids.is_empty() {
+        return None;
+    }
+    pids.iter().map(|&p| rss_bytes(p)).sum()
+}
+
+fn servers_cpu_us(pids: &[u32]) -> Option<u64> {
+    if pids.is_empty() {
+        return None;
+    }
+    pids.iter().map(|p| cpu_us(&p.to_string())).sum()
 }
 
 /// utime + stime of a process, in microseconds.
@@ -602,7 +619,7 @@ fn run_watchers(
             first_error: None,
             live: 0,
         }));
-        let rss_before = o.server_pid.and_then(rss_bytes);
+        let rss_before = servers_rss(&o.server_pids);
         let t0 = Instant::now();
         let streams = o.watch_streams as u64;
         let mut tasks = Vec::new();
@@ -630,7 +647,7 @@ fn run_watchers(
         let report = if created && r.errors == 0 {
             Ok(WatchSetup {
                 rss_before,
-                rss_after: o.server_pid.and_then(rss_bytes),
+                rss_after: servers_rss(&o.server_pids),
                 secs: t0.elapsed().as_secs_f64(),
             })
         } else {
@@ -829,14 +846,13 @@ fn main() {
         );
     }
     let watchers = (o.workload == "watch").then(|| Watchers::start(&o));
-    let pid = o.server_pid.map(|p| p.to_string());
-    let server_before = pid.as_deref().and_then(cpu_us);
+    let server_before = servers_cpu_us(&o.server_pids);
     let self_before = cpu_us("self");
     let put_start_ns = now_ns();
     let (r, elapsed) = phase(&o, &o.workload, o.total);
     // For watch, CPU counts until the events are drained.
     let watch = watchers.map(|w| w.finish(r.hist.len()));
-    let server_cpu = match (pid.as_deref().and_then(cpu_us), server_before) {
+    let server_cpu = match (servers_cpu_us(&o.server_pids), server_before) {
         (Some(a), Some(b)) => Some(a - b),
         _ => None,
     };

@@ -4,7 +4,10 @@
 # appends a table to perf/RESULTS.md.
 #
 #   perf/compare.sh [--total N] [--duration-secs S] [--memory] [--memory-keys N]
-#                   [--watch | --watch-only] [--watch-drain-secs S]
+#                   [--watch | --watch-only] [--watch-drain-secs S] [--members N]
+#
+# --members 3 runs every server as a cluster of 3 members on loopback (the
+# load spread over all members' client ports; CPU is the sum over members).
 #
 # Workload: 64 clients over 8 HTTP/2 connections, 8-byte keys, 256-byte
 # values (the issue's target shape). CPU per op is utime+stime of the server
@@ -26,6 +29,7 @@ memory_keys=1000000
 watch=0
 watch_only=0
 watch_drain=60
+members=1
 # Watch cases, watchers:streams:conns:puts-in-flight:puts. The first
 # measures delivery latency at light load (etcd 3.4 keeps up with 100
 # watchers at one put in flight, not with 1000), the other two fan-out
@@ -43,6 +47,7 @@ while [ $# -gt 0 ]; do
     --watch) watch=1; shift ;;
     --watch-only) watch=1; watch_only=1; shift ;;
     --watch-drain-secs) watch_drain=$2; shift 2 ;;
+    --members) members=$2; shift 2 ;;
     *) echo "unknown argument $1" >&2; exit 2 ;;
   esac
 done
@@ -56,26 +61,39 @@ cleanup() { for p in "${pids[@]:-}"; do kill -9 "$p" 2>/dev/null || true; done; 
 trap cleanup EXIT
 workloads="put range-serializable range txn-put mixed lease-keepalive"
 
-start_server() { # kind port -> sets server_pid
-  local kind=$1 port=$2 peer=$(( $2 + 1 ))
-  local dir="$tmp/$kind-data"
-  rm -rf "$dir"
-  local args=(--name default --data-dir "$dir"
-    --listen-client-urls "http://127.0.0.1:$port" --advertise-client-urls "http://127.0.0.1:$port"
-    --listen-peer-urls "http://127.0.0.1:$peer" --initial-advertise-peer-urls "http://127.0.0.1:$peer"
-    --initial-cluster "default=http://127.0.0.1:$peer")
-  if [ "$kind" = etcd ]; then
-    etcd "${args[@]}" >"$tmp/$kind.log" 2>&1 &
-  else
-    target/release/keelson "${args[@]}" >"$tmp/$kind.log" 2>&1 &
-  fi
-  server_pid=$!
-  pids+=("$server_pid")
-  for _ in $(seq 1 100); do
-    if ETCDCTL_API=3 etcdctl --endpoints="127.0.0.1:$port" --command-timeout=1s endpoint health >/dev/null 2>&1; then return 0; fi
+start_server() { # kind port -> sets server_pid (comma list) and endpoints
+  local kind=$1 port=$2 i cluster="" names=()
+  server_pid=""; endpoints=""
+  for i in $(seq 0 $(( members - 1 ))); do
+    cluster+="${cluster:+,}m$i=http://127.0.0.1:$(( port + 10 * i + 1 ))"
+  done
+  for i in $(seq 0 $(( members - 1 ))); do
+    local cport=$(( port + 10 * i )) peer=$(( port + 10 * i + 1 ))
+    local dir="$tmp/$kind-data-$i"
+    rm -rf "$dir"
+    local args=(--name "m$i" --data-dir "$dir"
+      --listen-client-urls "http://127.0.0.1:$cport" --advertise-client-urls "http://127.0.0.1:$cport"
+      --listen-peer-urls "http://127.0.0.1:$peer" --initial-advertise-peer-urls "http://127.0.0.1:$peer"
+      --initial-cluster "$cluster" --initial-cluster-token "perf-$kind")
+    if [ "$kind" = etcd ]; then
+      etcd "${args[@]}" >"$tmp/$kind-$i.log" 2>&1 &
+    else
+      target/release/keelson "${args[@]}" >"$tmp/$kind-$i.log" 2>&1 &
+    fi
+    pids+=("$!")
+    server_pid+="${server_pid:+,}$!"
+    endpoints+="${endpoints:+,}127.0.0.1:$cport"
+  done
+  for _ in $(seq 1 200); do
+    if ETCDCTL_API=3 etcdctl --endpoints="$endpoints" --command-timeout=1s endpoint health >/dev/null 2>&1; then return 0; fi
     sleep 0.1
   done
-  echo "$kind did not start:" >&2; cat "$tmp/$kind.log" >&2; exit 1
+  echo "$kind did not start:" >&2; cat "$tmp/$kind"-*.log >&2; exit 1
+}
+
+stop_server() {
+  local p
+  for p in ${server_pid//,/ }; do kill -9 "$p" 2>/dev/null || true; wait "$p" 2>/dev/null || true; done
 }
 
 run_all() { # kind port
@@ -84,12 +102,12 @@ run_all() { # kind port
   for w in $workloads; do
     local extra=()
     case $w in range*|mixed) extra=(--prefill 100000) ;; esac
-    "$bench" --endpoints "127.0.0.1:$port" --workload "$w" --clients 64 --conns 8 \
+    "$bench" --endpoints "$endpoints" --workload "$w" --clients 64 --conns 8 \
       --key-size 8 --val-size 256 --key-space 100000 --total "$total" --duration-secs "$duration" \
       --server-pid "$server_pid" --json "${extra[@]}" 2>/dev/null | grep '^{' > "$tmp/$kind-$w.json"
     echo "$kind $w: $(cat "$tmp/$kind-$w.json")" >&2
   done
-  kill -9 "$server_pid"; wait "$server_pid" 2>/dev/null || true
+  stop_server
 }
 
 field() { # file key
@@ -102,13 +120,13 @@ run_watch() { # kind port
     IFS=: read -r nw ns nconn ncl np <<<"$c"
     out="$tmp/$kind-watch-$c"
     start_server "$kind" "$port"
-    timeout $(( duration + watch_drain + 700 )) "$bench" --endpoints "127.0.0.1:$port" --workload watch \
+    timeout $(( duration + watch_drain + 700 )) "$bench" --endpoints "$endpoints" --workload watch \
       --watchers "$nw" --watch-streams "$ns" --conns "$nconn" --clients "$ncl" --total "$np" \
       --key-size 8 --val-size 256 --key-space 100000 --duration-secs "$duration" \
       --drain-secs "$watch_drain" --server-pid "$server_pid" --json 2>"$out.err" \
       | grep '^{' > "$out.json" || true
     echo "$kind watch $c: $(cat "$out.json") $(cat "$out.err")" >&2
-    kill -9 "$server_pid"; wait "$server_pid" 2>/dev/null || true
+    stop_server
   done
 }
 
@@ -123,11 +141,13 @@ wratio() { # a b -> a/b, or - when either is missing
 rss_after_keys() { # kind port -> prints VmRSS in MiB
   local kind=$1 port=$2
   start_server "$kind" "$port"
-  "$bench" --endpoints "127.0.0.1:$port" --workload put --sequential-keys --key-space "$memory_keys" \
+  "$bench" --endpoints "$endpoints" --workload put --sequential-keys --key-space "$memory_keys" \
     --total "$memory_keys" --clients 64 --conns 8 --key-size 8 --val-size 256 --duration-secs 600 >/dev/null
   sleep 2
-  awk '/VmRSS/ {printf "%.0f", $2/1024}' "/proc/$server_pid/status"
-  kill -9 "$server_pid"; wait "$server_pid" 2>/dev/null || true
+  local p sum=0
+  for p in ${server_pid//,/ }; do sum=$(( sum + $(awk '/VmRSS/ {print $2}' "/proc/$p/status") )); done
+  echo $(( sum / 1024 ))
+  stop_server
 }
 
 if [ "$watch_only" = 0 ]; then
@@ -141,9 +161,9 @@ fi
 
 {
   echo
-  echo "## $(date -u +%Y-%m-%d) single member: keelson vs etcd $(etcd --version | awk '/etcd Version/ {print $3}')"
+  echo "## $(date -u +%Y-%m-%d) $([ "$members" = 1 ] && echo "single member" || echo "$members members"): keelson vs etcd $(etcd --version | awk '/etcd Version/ {print $3}')"
   echo
-  echo "Command: \`perf/compare.sh --total $total --duration-secs $duration$([ $memory = 1 ] && echo " --memory --memory-keys $memory_keys")$([ $watch_only = 1 ] && echo " --watch-only" || { [ $watch = 1 ] && echo " --watch"; })$([ $watch = 1 ] && echo " --watch-drain-secs $watch_drain")\`"
+  echo "Command: \`perf/compare.sh --total $total --duration-secs $duration$([ $memory = 1 ] && echo " --memory --memory-keys $memory_keys")$([ $watch_only = 1 ] && echo " --watch-only" || { [ $watch = 1 ] && echo " --watch"; })$([ $watch = 1 ] && echo " --watch-drain-secs $watch_drain")$([ "$members" != 1 ] && echo " --members $members")\`"
   echo "Machine: $(nproc) cores, $(uname -sr), $(awk '/MemTotal/ {printf "%.0f GiB", $2/1048576}' /proc/meminfo).$([ $watch_only = 0 ] && echo " Load: 64 clients over 8 connections, 8-byte keys, 256-byte values, 1 bench thread sharing the cores.")"
   if [ "$watch_only" = 0 ]; then
     echo

@@ -51,7 +51,7 @@ pub const WATCHER_BUF_BYTES_MAX: usize = 64 << 20;
 /// What all watchers of a core may hold together: buffered event pointers,
 /// and bytes of the (shared) events they point to. Past either, a watcher
 /// holding more than `WATCHER_BUF_PRESSURED` events falls back to history.
-pub const HUB_BUFFERED_MAX: usize = 8 << 20;
+pub const HUB_BUFFERED_MAX: usize = 32 << 20;
 pub const HUB_EVENT_BYTES_MAX: usize = 256 << 20;
 pub const WATCHER_BUF_PRESSURED: usize = 256;
 /// Responses are cut at a revision boundary past this size.
@@ -146,6 +146,8 @@ struct Watcher {
     /// epochs are ignored.
     epoch: u32,
     buf_bytes: u32,
+    /// In its stream's `blocked` queue.
+    queued: bool,
     buf: Vec<Rc<Ev>>,
     /// Every event at or below this revision has been delivered.
     sent: i64,
@@ -173,7 +175,9 @@ pub struct Stream {
     outbox: RefCell<VecDeque<Bytes>>,
     outbox_bytes: Cell<usize>,
     /// A flush left events behind for lack of room.
-    blocked: Cell<bool>,
+    /// Watchers waiting for room in the outbox, in the order they found it
+    /// full: the stream's drain serves them round-robin.
+    blocked: RefCell<VecDeque<u64>>,
     waker: Cell<Option<Waker>>,
     ended: RefCell<Option<Status>>,
     ids: RefCell<BTreeMap<i64, u64>>,
@@ -290,7 +294,7 @@ impl Hub {
             require_leader,
             outbox: RefCell::new(VecDeque::new()),
             outbox_bytes: Cell::new(0),
-            blocked: Cell::new(false),
+            blocked: RefCell::new(VecDeque::new()),
             waker: Cell::new(None),
             ended: RefCell::new(None),
             ids: RefCell::new(BTreeMap::new()),
@@ -404,6 +408,7 @@ impl Hub {
             epoch: 0,
             buf: Vec::new(),
             buf_bytes: 0,
+            queued: false,
             sent: start - 1,
             range: range.clone(),
         };
@@ -582,17 +587,23 @@ impl Hub {
         }
     }
 
-    /// A stream wrote responses out: if it had blocked its watchers and now
-    /// has room, let them go on.
+    /// A stream wrote responses out: while it has room, the watchers it
+    /// held back go on, in turn (each costs O(1) when nothing is waiting).
     pub fn on_sent(&self, core: &Core, s: &Stream) {
-        if s.blocked.get() && s.outbox_bytes.get() < OUTBOX_BYTES_LOW {
-            s.blocked.set(false);
-            {
-                let mut g = self.inner.borrow_mut();
-                let gids: Vec<u64> = s.ids.borrow().values().copied().collect();
-                g.waiting.extend(gids);
+        if s.outbox_bytes.get() >= OUTBOX_BYTES_LOW || s.blocked.borrow().is_empty() {
+            return;
+        }
+        let mut g = self.inner.borrow_mut();
+        while s.outbox_bytes.get() < OUTBOX_BYTES_LOW {
+            let Some(gid) = s.blocked.borrow_mut().pop_front() else {
+                break;
+            };
+            if let Some(w) = g.watchers.get_mut(&gid) {
+                w.queued = false;
             }
-            self.flush(core);
+            if flush_watcher(&mut g, core, gid) {
+                g.waiting.insert(gid);
+            }
         }
     }
 
@@ -687,7 +698,10 @@ fn flush_watcher(g: &mut Inner, core: &Core, gid: u64) -> bool {
     let buffered = &mut g.buffered;
     if s.outbox_bytes.get() >= OUTBOX_BYTES_LOW {
         // The stream's drain wakes it (`on_sent`).
-        s.blocked.set(true);
+        if !w.queued {
+            w.queued = true;
+            s.blocked.borrow_mut().push_back(gid);
+        }
         return false;
     }
     let limit = w
@@ -713,8 +727,11 @@ fn flush_watcher(g: &mut Inner, core: &Core, gid: u64) -> bool {
     // it (the stream's drain wakes this watcher again).
     let wants_history = w.shards.iter().any(|ss| !ss.live && !ss.inflight);
     if wants_history && s.full() {
-        s.blocked.set(true);
-        return !w.buf.is_empty();
+        if !w.queued {
+            w.queued = true;
+            s.blocked.borrow_mut().push_back(gid);
+        }
+        return false;
     } else if wants_history {
         for ss in w.shards.iter_mut() {
             if !ss.live && !ss.inflight {
