@@ -71,6 +71,9 @@ etcd_errors! {
     stopped => (Unavailable, "etcdserver: server stopped");
     timeout => (Unavailable, "etcdserver: request timed out");
     corrupt => (DataLoss, "etcdserver: corrupt cluster");
+    not_leader => (FailedPrecondition, "etcdserver: not leader");
+    bad_leader_transferee => (FailedPrecondition, "etcdserver: bad leader transferee");
+    leader_transfer_timeout => (Unavailable, "etcdserver: request timed out, leader transfer took too long");
 }
 
 /// What grpc-go answers for a method the server does not have; keelson uses

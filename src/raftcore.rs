@@ -54,6 +54,12 @@ pub enum RaftMsg {
     },
     /// A raft message from a peer.
     Step(Box<raft::eraftpb::Message>),
+    /// `MoveLeader`: hand leadership to `target` (this member must lead);
+    /// answered once `target` leads, or with etcd's timeout error.
+    TransferLeader {
+        target: u64,
+        reply: futures::channel::oneshot::Sender<Result<(), Status>>,
+    },
 }
 
 pub struct RaftBoot {
@@ -161,6 +167,13 @@ pub async fn run_raft(
     let mut ticks: u64 = 0;
     let mut was_leader = false;
     let mut snapshot_warned = 0u64;
+    // A MoveLeader in progress: (target, reply, ticks left).
+    let mut transfer: Option<(
+        u64,
+        futures::channel::oneshot::Sender<Result<(), Status>>,
+        u64,
+    )> = None;
+    let transfer_ticks = (request_timeout(&boot.cfg).as_millis() / tick.as_millis().max(1)) as u64;
     let mut waiters: HashMap<u64, Reply> = HashMap::new();
     let mut reads: Vec<ReadReply> = Vec::new();
     let mut read_batches: HashMap<u64, Vec<ReadReply>> = HashMap::new();
@@ -201,6 +214,14 @@ pub async fn run_raft(
                 RaftMsg::Tick => {
                     node.tick();
                     ticks += 1;
+                    if let Some((_, _, left)) = transfer.as_mut() {
+                        *left = left.saturating_sub(1);
+                        if *left == 0 {
+                            if let Some((_, r, _)) = transfer.take() {
+                                let _ = r.send(Err(error::leader_transfer_timeout()));
+                            }
+                        }
+                    }
                     if ticks % 16 == 0 {
                         // Requests whose client gave up (timed out) while
                         // their entry or read was lost in a leader change.
@@ -209,6 +230,21 @@ pub async fn run_raft(
                             rs.retain(|r| !r.is_canceled());
                             !rs.is_empty()
                         });
+                    }
+                }
+                RaftMsg::TransferLeader { target, reply } => {
+                    if node.raft.state != StateRole::Leader {
+                        let _ = reply.send(Err(error::not_leader()));
+                    } else if !node.raft.prs().conf().voters().contains(target) {
+                        let _ = reply.send(Err(error::bad_leader_transferee()));
+                    } else if target == me {
+                        let _ = reply.send(Ok(()));
+                    } else {
+                        if let Some((_, r, _)) = transfer.take() {
+                            let _ = r.send(Err(error::leader_transfer_timeout()));
+                        }
+                        node.transfer_leader(target);
+                        transfer = Some((target, reply, transfer_ticks.max(1)));
                     }
                 }
                 RaftMsg::Step(m) => {
@@ -389,6 +425,11 @@ pub async fn run_raft(
                     leader: state.1,
                     commit: state.2,
                 });
+            }
+        }
+        if transfer.as_ref().map(|t| t.0) == Some(node.raft.leader_id) {
+            if let Some((_, r, _)) = transfer.take() {
+                let _ = r.send(Ok(()));
             }
         }
         let is_leader = node.raft.state == StateRole::Leader;

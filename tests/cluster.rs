@@ -593,3 +593,52 @@ async fn histories_stay_linearizable_through_partitions_and_kills() {
         panic!("seed {seed}: {e}");
     }
 }
+
+#[tokio::test]
+async fn move_leader_hands_leadership_over() {
+    let mut ms = cluster(3, &[]);
+    start_all(&mut ms);
+    let l = leader(&ms, &[0, 1, 2]).await;
+    let t = (l + 1) % 3;
+    let mut ids = Vec::new();
+    for m in &ms {
+        ids.push(
+            connect(m)
+                .await
+                .status()
+                .await
+                .unwrap()
+                .header()
+                .unwrap()
+                .member_id(),
+        );
+    }
+    // Only the leader transfers.
+    let mut ct = connect(&ms[t]).await;
+    match ct.move_leader(ids[l]).await.unwrap_err() {
+        Error::GRpcStatus(s) => {
+            assert_eq!(s.code() as i32, 9);
+            assert_eq!(s.message(), "etcdserver: not leader");
+        }
+        e => panic!("{e:?}"),
+    }
+    let eps: Vec<String> = ms.iter().map(|m| m.endpoint()).collect();
+    let (ok, out, err) = support::etcdctl(
+        &eps.join(","),
+        &["move-leader", &format!("{:x}", ids[t])],
+        None,
+    );
+    assert!(ok, "{err}");
+    assert!(out.contains("Leadership transferred"), "{out}");
+    assert_eq!(leader(&ms, &[0, 1, 2]).await, t);
+    // A transferee that is not a member.
+    match ct.move_leader(12345).await.unwrap_err() {
+        Error::GRpcStatus(s) => {
+            assert_eq!(s.code() as i32, 9);
+            assert_eq!(s.message(), "etcdserver: bad leader transferee");
+        }
+        e => panic!("{e:?}"),
+    }
+    // Writes go on under the new leader.
+    ct.put("moved", "1", None).await.unwrap();
+}

@@ -36,6 +36,7 @@ pub enum Method {
     LeaseRevoke,
     LeaseTimeToLive,
     LeaseLeases,
+    MoveLeader,
     Lock,
     Unlock,
     Campaign,
@@ -82,6 +83,7 @@ pub fn lookup(path: &str) -> Option<Method> {
         "/etcdserverpb.Lease/LeaseRevoke" => Method::LeaseRevoke,
         "/etcdserverpb.Lease/LeaseTimeToLive" => Method::LeaseTimeToLive,
         "/etcdserverpb.Lease/LeaseLeases" => Method::LeaseLeases,
+        "/etcdserverpb.Maintenance/MoveLeader" => Method::MoveLeader,
         "/v3lockpb.Lock/Lock" => Method::Lock,
         "/v3lockpb.Lock/Unlock" => Method::Unlock,
         "/v3electionpb.Election/Campaign" => Method::Campaign,
@@ -150,6 +152,7 @@ pub async fn call(m: Method, body: &[u8], core: &Core) -> Result<Vec<u8>, Status
             .await?
             .encode_to_vec(),
         Method::LeaseLeases => lease_leases(core, decode(body)?).await?.encode_to_vec(),
+        Method::MoveLeader => move_leader(core, decode(body)?).await?.encode_to_vec(),
         Method::Lock => coord::lock(core, decode(body)?).await?.encode_to_vec(),
         Method::Unlock => coord::unlock(core, decode(body)?).await?.encode_to_vec(),
         Method::Campaign => coord::campaign(core, decode(body)?).await?.encode_to_vec(),
@@ -414,6 +417,20 @@ async fn member_list(core: &Core, req: MemberListRequest) -> Result<MemberListRe
                 }
             })
             .collect(),
+    })
+}
+
+/// etcd's MoveLeader: only the leader transfers; the answer comes once the
+/// target leads (or etcd's leader-transfer timeout).
+async fn move_leader(core: &Core, req: MoveLeaderRequest) -> Result<MoveLeaderResponse, Status> {
+    let (tx, rx) = oneshot::channel();
+    core.router.raft.send(RaftMsg::TransferLeader {
+        target: req.target_id,
+        reply: tx,
+    });
+    rx.await.map_err(|_| error::stopped())??;
+    Ok(MoveLeaderResponse {
+        header: header(core, core.view.revision.get()),
     })
 }
 
