@@ -123,6 +123,18 @@ pub enum ShardMsg {
         range: Arc<crate::watch::WatchRange>,
         prev_kv: bool,
     },
+    /// Every version this shard holds, as snapshot records.
+    Dump {
+        reply: oneshot::Sender<Vec<u8>>,
+    },
+    /// Replace this shard's data with a snapshot's (its keys only).
+    Restore {
+        records: Vec<(Vec<u8>, crate::store::index::Version)>,
+        index: u64,
+        compact_rev: i64,
+        leases: std::collections::BTreeMap<i64, i64>,
+        reply: oneshot::Sender<Result<(), String>>,
+    },
 }
 
 #[derive(Debug, Default, Clone, Copy)]
@@ -175,6 +187,15 @@ pub enum ApplierMsg {
     /// This member became the leader (or stopped being it).
     Role {
         leader: bool,
+    },
+    /// Build a snapshot body at the last dispatched entry: (index, body).
+    SnapshotBuild {
+        reply: oneshot::Sender<(u64, Vec<u8>)>,
+    },
+    /// Replace all data with a snapshot body (a follower behind the log).
+    InstallSnapshot {
+        body: Vec<u8>,
+        reply: oneshot::Sender<Result<u64, String>>,
     },
 }
 
@@ -334,6 +355,20 @@ pub async fn run_shard(mut shard: Shard, rx: Receiver<ShardMsg>, router: Arc<Rou
                     range,
                     prev_kv,
                 } => shard.watch_unregister(core, &range, prev_kv),
+                ShardMsg::Dump { reply } => {
+                    let mut out = Vec::new();
+                    shard.dump(&mut out);
+                    let _ = reply.send(out);
+                }
+                ShardMsg::Restore {
+                    records,
+                    index,
+                    compact_rev,
+                    leases,
+                    reply,
+                } => {
+                    let _ = reply.send(shard.restore(records, index, compact_rev, leases));
+                }
             }
             send_watch_events(&mut shard, &router);
         }
@@ -513,6 +548,8 @@ pub struct Applier {
     lessor: Lessor,
     /// Only the leader proposes lease revokes.
     is_leader: bool,
+    /// The last entry handed to the shards.
+    dispatched: u64,
 }
 
 impl Applier {
@@ -528,6 +565,7 @@ impl Applier {
             backlog: VecDeque::new(),
             lessor,
             is_leader: false,
+            dispatched: last,
         }
     }
 
@@ -563,6 +601,11 @@ impl Applier {
                         for (_, r) in self.reads.drain(..) {
                             let _ = r.send(Err(st.clone()));
                         }
+                    }
+                    ApplierMsg::SnapshotBuild { reply } => self.build_snapshot(reply),
+                    ApplierMsg::InstallSnapshot { body, reply } => {
+                        let r = self.install_snapshot(body, &rx).await;
+                        let _ = reply.send(r);
                     }
                     other => self.lease_msg(other),
                 }
@@ -636,6 +679,7 @@ impl Applier {
 
     async fn dispatch(&mut self, c: Committed, rx: &Receiver<ApplierMsg>) {
         let index = c.index;
+        self.dispatched = self.dispatched.max(index);
         let mut p = Pending {
             index,
             done: false,
@@ -805,6 +849,90 @@ impl Applier {
                 s.send(ShardMsg::Checkpoint { index });
             }
         }
+    }
+
+    /// Asks every shard for its versions at the current position of their
+    /// queues (the same log index on all: entries are dispatched to all
+    /// queues in order and no multi-shard entry is in progress here) and
+    /// assembles the snapshot in a task of its own.
+    fn build_snapshot(&mut self, reply: oneshot::Sender<(u64, Vec<u8>)>) {
+        let meta = crate::snapshot::Meta {
+            index: self.dispatched,
+            compact_rev: self.st.compact_rev,
+            current_rev: 0,
+            leases: self.lessor.table(),
+            members: self.st.members.clone(),
+        };
+        let mut waits = Vec::new();
+        for s in &self.router.shards {
+            let (tx, rx) = oneshot::channel();
+            s.send(ShardMsg::Dump { reply: tx });
+            waits.push(rx);
+        }
+        glommio::spawn_local(async move {
+            let mut parts = Vec::new();
+            for w in waits {
+                match w.await {
+                    Ok(p) => parts.push(p),
+                    Err(_) => return,
+                }
+            }
+            let mut body = crate::snapshot::build_head(&meta);
+            for p in parts {
+                body.extend_from_slice(&p);
+            }
+            let _ = reply.send((meta.index, body));
+        })
+        .detach();
+    }
+
+    /// Replaces every shard's data, the lessor and the applied position
+    /// with a snapshot's, once every entry dispatched before it is done.
+    async fn install_snapshot(
+        &mut self,
+        body: Vec<u8>,
+        rx: &Receiver<ApplierMsg>,
+    ) -> Result<u64, String> {
+        let (meta, records) = crate::snapshot::parse(&body)?;
+        drop(body);
+        self.drain_before(u64::MAX, rx).await;
+        let n = self.router.shards.len();
+        let mut per_shard: Vec<Vec<(Vec<u8>, crate::store::index::Version)>> =
+            (0..n).map(|_| Vec::new()).collect();
+        let mut current = meta.current_rev;
+        for (k, v) in records {
+            current = current.max(v.mod_rev);
+            per_shard[shard_of(&k, n)].push((k, v));
+        }
+        let mut waits = Vec::new();
+        for (s, recs) in self.router.shards.iter().zip(per_shard) {
+            let (tx, rx) = oneshot::channel();
+            s.send(ShardMsg::Restore {
+                records: recs,
+                index: meta.index,
+                compact_rev: meta.compact_rev,
+                leases: meta.leases.clone(),
+                reply: tx,
+            });
+            waits.push(rx);
+        }
+        for w in waits {
+            w.await.map_err(|_| "a shard stopped".to_string())??;
+        }
+        self.lessor = Lessor::new(&meta.leases);
+        self.st.members = meta.members;
+        store_member_attrs(&self.st.members_file, &self.st.members);
+        self.st.applied = meta.index;
+        self.st.current_rev = current.max(1);
+        self.st.compact_rev = meta.compact_rev;
+        self.dispatched = meta.index;
+        self.last_checkpoint = meta.index;
+        self.publish();
+        // Watchers read history again from what they delivered last.
+        for c in &self.router.cores {
+            c.send(crate::server::CoreMsg::WatchResync);
+        }
+        Ok(meta.index)
     }
 
     /// Waits until every entry before `index` has completed, processing

@@ -24,6 +24,9 @@ pub struct Config {
     pub max_request_bytes: usize,
     pub quota_backend_bytes: u64,
     pub snapshot_count: u64,
+    /// etcd's `--experimental-snapshot-catchup-entries`: raft log entries
+    /// kept behind the applied index for slow followers (5000).
+    pub snapshot_catchup_entries: u64,
     pub heartbeat_interval: Duration,
     pub election_timeout: Duration,
     /// Executors (threads), one per core.
@@ -68,6 +71,7 @@ const FLAGS: &[FlagSpec] = &[
     FlagSpec { name: "election-timeout", help: "time (in milliseconds) for an election to timeout (default 1000)" },
     FlagSpec { name: "log-level", help: "configures log level: debug, info, warn, error (default info)" },
     FlagSpec { name: "experimental-watch-progress-notify-interval", help: "duration of periodic watch progress notifications (default 10m0s)" },
+    FlagSpec { name: "experimental-snapshot-catchup-entries", help: "number of entries for a slow follower to catch up after compacting the raft storage entries (default 5000)" },
     FlagSpec { name: "cores", help: "keelson: number of executor threads, one per core (default: all cores)" },
     FlagSpec { name: "shards", help: "keelson: number of keyspace shards, fixed when the data dir is created (default: --cores)" },
 ];
@@ -214,6 +218,7 @@ where
         max_request_bytes: num("max-request-bytes", 1_572_864)? as usize,
         quota_backend_bytes: num("quota-backend-bytes", 0)?,
         snapshot_count: num("snapshot-count", 100_000)?,
+        snapshot_catchup_entries: num("experimental-snapshot-catchup-entries", 5000)?.max(1),
         heartbeat_interval: Duration::from_millis(heartbeat_ms),
         election_timeout: Duration::from_millis(election_ms),
         cores: cores.clamp(1, 256),

@@ -117,6 +117,11 @@ impl Lessor {
         }
     }
 
+    /// Every lease and its granted TTL (snapshots).
+    pub fn table(&self) -> BTreeMap<i64, i64> {
+        self.leases.iter().map(|(&id, l)| (id, l.ttl)).collect()
+    }
+
     pub fn ids(&self) -> Vec<i64> {
         self.leases.keys().copied().collect()
     }

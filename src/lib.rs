@@ -14,6 +14,7 @@ pub mod peer;
 pub mod proto;
 pub mod raftcore;
 pub mod server;
+pub mod snapshot;
 pub mod store;
 pub mod wal;
 pub mod watch;

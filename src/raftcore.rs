@@ -60,6 +60,11 @@ pub enum RaftMsg {
         target: u64,
         reply: futures::channel::oneshot::Sender<Result<(), Status>>,
     },
+    /// A snapshot body went out to `to` (None: building or sending failed).
+    SnapshotSent {
+        to: u64,
+        header: Option<crate::snapshot::Header>,
+    },
 }
 
 pub struct RaftBoot {
@@ -72,11 +77,70 @@ pub struct RaftBoot {
     pub cfg: Config,
 }
 
-/// Entries kept in memory behind the applied index, for followers.
-const LOG_KEEP_ENTRIES: u64 = 10_000;
-/// Entries kept at most for a follower that lags (then it needs a
-/// snapshot, which is not implemented yet).
-const LOG_KEEP_MAX: u64 = 200_000;
+/// A follower that lags is served from the in-memory log up to this many
+/// times `--experimental-snapshot-catchup-entries` behind; further behind,
+/// it gets a snapshot.
+const LOG_KEEP_LAGGING_FACTOR: u64 = 20;
+/// Snapshot chunks on the peer transport, and how much of one may wait in
+/// the peer's queue (the rest waits for room: heartbeats go on).
+const SNAPSHOT_CHUNK_BYTES: usize = 1 << 20;
+const SNAPSHOT_QUEUED_MAX: usize = 8 << 20;
+
+/// What a peer payload is: its first byte.
+pub const PAYLOAD_RAFT: u8 = 0;
+pub const PAYLOAD_SNAPSHOT_CHUNK: u8 = 1;
+
+/// `data-dir/snapshot.part`: the snapshot body being received.
+pub fn snapshot_part_path(data_dir: &std::path::Path) -> std::path::PathBuf {
+    data_dir.join("snapshot.part")
+}
+
+/// Receives a snapshot body's chunks into `snapshot.part`, in order (a
+/// chunk out of order drops what came so far: the leader sends again).
+pub struct SnapshotInbox {
+    path: std::path::PathBuf,
+    /// (from, index, bytes so far) of the body being received.
+    cur: std::cell::Cell<Option<(u64, u64, u64)>>,
+}
+
+impl SnapshotInbox {
+    pub fn new(data_dir: &std::path::Path) -> SnapshotInbox {
+        SnapshotInbox {
+            path: snapshot_part_path(data_dir),
+            cur: std::cell::Cell::new(None),
+        }
+    }
+
+    pub fn chunk(&self, from: u64, payload: &[u8]) {
+        use std::io::Write;
+        let Some((index, offset, data)) = crate::snapshot::decode_chunk(payload) else {
+            crate::warn!("peer {from:x}: a snapshot chunk too short; dropped");
+            return;
+        };
+        let open = if offset == 0 {
+            std::fs::File::create(&self.path)
+        } else {
+            match self.cur.get() {
+                Some((f, i, len)) if f == from && i == index && len == offset => {
+                    std::fs::OpenOptions::new().append(true).open(&self.path)
+                }
+                _ => {
+                    self.cur.set(None);
+                    return;
+                }
+            }
+        };
+        match open.and_then(|mut f| f.write_all(data)) {
+            Ok(()) => self
+                .cur
+                .set(Some((from, index, offset + data.len() as u64))),
+            Err(e) => {
+                crate::warn!("{}: {e}", self.path.display());
+                self.cur.set(None);
+            }
+        }
+    }
+}
 /// Proposals and reads taken per turn of the loop: bounds one batch.
 const BATCH_MAX: usize = 4096;
 
@@ -166,7 +230,15 @@ pub async fn run_raft(
     let mut next_id: u64 = 1;
     let mut ticks: u64 = 0;
     let mut was_leader = false;
-    let mut snapshot_warned = 0u64;
+    let mut snaps = SnapshotSender {
+        inflight: HashMap::new(),
+        router: router.clone(),
+        peers: peers.clone(),
+        data_dir: boot.cfg.data_dir.clone(),
+    };
+    // A snapshot body received and checked, waiting for raft to install it.
+    let mut snapshot_body: Option<(crate::snapshot::Header, Vec<u8>)> = None;
+    let catchup = boot.cfg.snapshot_catchup_entries;
     // A MoveLeader in progress: (target, reply, ticks left).
     let mut transfer: Option<(
         u64,
@@ -247,9 +319,23 @@ pub async fn run_raft(
                         transfer = Some((target, reply, transfer_ticks.max(1)));
                     }
                 }
+                RaftMsg::SnapshotSent { to, header } => {
+                    snaps.sent(&mut node, to, header);
+                }
                 RaftMsg::Step(m) => {
                     if m.to != me {
                         continue;
+                    }
+                    if m.get_msg_type() == raft::eraftpb::MessageType::MsgSnapshot {
+                        // Only a snapshot whose body arrived whole goes to
+                        // raft: once raft takes it, it must be installed.
+                        match snaps.received_body(m.get_snapshot()) {
+                            Ok(b) => snapshot_body = Some(b),
+                            Err(e) => {
+                                crate::warn!("raft: snapshot from {:x} refused: {e}", m.from);
+                                continue;
+                            }
+                        }
                     }
                     if let Err(e) = node.step(*m) {
                         crate::debug!("raft: step: {e}");
@@ -318,12 +404,39 @@ pub async fn run_raft(
         }
         let mut ready = node.ready();
         // 1. Messages to peers.
-        send_messages(
-            &mut node,
-            &peers,
-            ready.take_messages(),
-            &mut snapshot_warned,
-        );
+        send_messages(&mut node, &peers, ready.take_messages(), &mut snaps);
+        // 1b. A snapshot from the leader: replaces the shards' data, the
+        // in-memory log and the WAL before anything after it.
+        if !ready.snapshot().is_empty() {
+            let snap = ready.snapshot().clone();
+            let index = snap.get_metadata().index;
+            let term = snap.get_metadata().term;
+            let body = match snapshot_body.take() {
+                Some((h, b)) if h.index == index => b,
+                _ => fatal("raft took a snapshot whose body is not here"),
+            };
+            crate::info!(
+                "raft: installing a snapshot at index {index} ({} bytes)",
+                body.len()
+            );
+            let (tx, rx) = futures::channel::oneshot::channel();
+            router
+                .applier
+                .send(ApplierMsg::InstallSnapshot { body, reply: tx });
+            match rx.await {
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => fatal(&format!("installing the snapshot: {e}")),
+                Err(_) => fatal("the applier stopped while installing a snapshot"),
+            }
+            if let Err(e) = node.mut_store().wl().apply_snapshot(snap) {
+                fatal(&format!("installing the snapshot in the raft log: {e}"));
+            }
+            if let Err(e) = wal.install_snapshot((index, term)).await {
+                fatal(&e);
+            }
+            let _ = std::fs::remove_file(snapshot_part_path(&boot.cfg.data_dir));
+            crate::info!("raft: snapshot at index {index} installed");
+        }
         // 2. Committed entries (durable since an earlier turn).
         hand_off(
             &mut node,
@@ -365,7 +478,7 @@ pub async fn run_raft(
             &mut node,
             &peers,
             ready.take_persisted_messages(),
-            &mut snapshot_warned,
+            &mut snaps,
         );
         // 5. Advance.
         let mut light = node.advance(ready);
@@ -376,12 +489,7 @@ pub async fn run_raft(
             let hs = node.raft.hard_state();
             wal.push_hard_state(&hs);
         }
-        send_messages(
-            &mut node,
-            &peers,
-            light.take_messages(),
-            &mut snapshot_warned,
-        );
+        send_messages(&mut node, &peers, light.take_messages(), &mut snaps);
         hand_off(
             &mut node,
             nonce,
@@ -391,13 +499,13 @@ pub async fn run_raft(
         );
         node.advance_apply();
 
-        // Keep the in-memory log bounded, but long enough for a follower
-        // that lags (up to LOG_KEEP_MAX): without snapshots it is how it
-        // catches up.
+        // Keep the in-memory log bounded: `catchup` entries behind the
+        // applied index, more for a follower that lags (up to
+        // LOG_KEEP_LAGGING_FACTOR times); one further behind gets a snapshot.
         let applied = node.raft.raft_log.applied;
-        if applied > 2 * LOG_KEEP_ENTRIES {
+        if applied > 2 * catchup {
             let first = node.store().first_index().unwrap_or(1);
-            let mut to = applied - LOG_KEEP_ENTRIES;
+            let mut to = applied - catchup;
             if node.raft.state == StateRole::Leader {
                 let slowest = node
                     .raft
@@ -406,9 +514,9 @@ pub async fn run_raft(
                     .map(|(_, p)| p.matched)
                     .min()
                     .unwrap_or(applied);
-                to = to.min(slowest.max(applied.saturating_sub(LOG_KEEP_MAX)));
+                to = to.min(slowest.max(applied.saturating_sub(LOG_KEEP_LAGGING_FACTOR * catchup)));
             }
-            if to > first && to - first > LOG_KEEP_ENTRIES {
+            if to > first && to - first > catchup {
                 let _ = node.mut_store().wl().compact(to);
             }
         }
@@ -451,37 +559,168 @@ fn process_nonce(id: u64) -> u64 {
     (t ^ id.rotate_left(17) ^ (std::process::id() as u64).rotate_left(40)).max(1)
 }
 
-/// Sends raft messages to their peers. Snapshots are not implemented: one
-/// is reported as failed (the follower keeps asking) instead of sending an
-/// empty one, which would lose data on the follower.
+/// Snapshots to followers the in-memory log no longer covers: built by the
+/// applier, sent in chunks by a task of their own, then announced with a
+/// raft snapshot message carrying the body's header.
+struct SnapshotSender {
+    /// Member → when its snapshot started: one at a time per member, and
+    /// none again for a while after one went out (it is being installed).
+    inflight: HashMap<u64, std::time::Instant>,
+    router: Arc<Router>,
+    peers: std::rc::Rc<crate::peer::Peers>,
+    data_dir: std::path::PathBuf,
+}
+
+/// How long a member that was sent a snapshot is given to install it
+/// before another may go.
+const SNAPSHOT_GRACE: Duration = Duration::from_secs(30);
+
+impl SnapshotSender {
+    /// Raft wants to send `to` a snapshot.
+    fn wanted(&mut self, node: &mut RawNode<MemStorage>, to: u64) {
+        if let Some(t) = self.inflight.get(&to) {
+            if t.elapsed() < SNAPSHOT_GRACE {
+                // Raft retries; the one on its way will do.
+                node.report_snapshot(to, raft::SnapshotStatus::Failure);
+                return;
+            }
+        }
+        self.inflight.insert(to, std::time::Instant::now());
+        node.report_snapshot(to, raft::SnapshotStatus::Failure);
+        glommio::spawn_local(send_snapshot(to, self.router.clone(), self.peers.clone())).detach();
+    }
+
+    /// The body went out: announce it to raft's follower.
+    fn sent(
+        &mut self,
+        node: &mut RawNode<MemStorage>,
+        to: u64,
+        header: Option<crate::snapshot::Header>,
+    ) {
+        let Some(h) = header else {
+            self.inflight.remove(&to);
+            return;
+        };
+        let term = match node.store().term(h.index) {
+            Ok(t) => t,
+            Err(e) => {
+                crate::warn!(
+                    "raft: snapshot for {to:x} at index {}: {e}; will retry",
+                    h.index
+                );
+                self.inflight.remove(&to);
+                return;
+            }
+        };
+        let mut snap = Snapshot::default();
+        snap.set_data(h.encode().into());
+        snap.mut_metadata().index = h.index;
+        snap.mut_metadata().term = term;
+        snap.mut_metadata()
+            .set_conf_state(node.raft.prs().conf().to_conf_state());
+        let mut m = raft::eraftpb::Message::default();
+        m.set_msg_type(raft::eraftpb::MessageType::MsgSnapshot);
+        m.to = to;
+        m.from = node.raft.id;
+        m.term = node.raft.term;
+        m.set_snapshot(snap);
+        send_one(node, &self.peers, &m);
+        self.inflight.insert(to, std::time::Instant::now());
+    }
+
+    /// Checks a received snapshot's body (`snapshot.part`) against the
+    /// header in raft's message.
+    fn received_body(&self, snap: &Snapshot) -> Result<(crate::snapshot::Header, Vec<u8>), String> {
+        let h = crate::snapshot::Header::decode(snap.get_data()).ok_or("bad snapshot header")?;
+        if h.index != snap.get_metadata().index {
+            return Err("snapshot header names another index".into());
+        }
+        let path = snapshot_part_path(&self.data_dir);
+        let body = std::fs::read(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+        if body.len() as u64 != h.len || crc32c::crc32c(&body) != h.crc {
+            return Err(format!(
+                "the body received ({} bytes) does not match the header ({} bytes)",
+                body.len(),
+                h.len
+            ));
+        }
+        Ok((h, body))
+    }
+}
+
+/// Builds a snapshot (the applier), sends its body to `to` in chunks as the
+/// peer's queue has room, and reports back to the raft loop.
+async fn send_snapshot(to: u64, router: Arc<Router>, peers: std::rc::Rc<crate::peer::Peers>) {
+    let (tx, rx) = futures::channel::oneshot::channel();
+    router.applier.send(ApplierMsg::SnapshotBuild { reply: tx });
+    let Ok((index, body)) = rx.await else {
+        router.raft.send(RaftMsg::SnapshotSent { to, header: None });
+        return;
+    };
+    crate::info!(
+        "raft: sending member {to:x} a snapshot at index {index} ({} bytes)",
+        body.len()
+    );
+    let header = crate::snapshot::Header {
+        index,
+        len: body.len() as u64,
+        crc: crc32c::crc32c(&body),
+    };
+    let mut off = 0;
+    let deadline = std::time::Instant::now() + Duration::from_secs(600);
+    while off < body.len() {
+        while peers.queued_bytes(to).unwrap_or(0) > SNAPSHOT_QUEUED_MAX {
+            if std::time::Instant::now() > deadline {
+                router.raft.send(RaftMsg::SnapshotSent { to, header: None });
+                return;
+            }
+            glommio::timer::sleep(Duration::from_millis(2)).await;
+        }
+        let end = (off + SNAPSHOT_CHUNK_BYTES).min(body.len());
+        let chunk = crate::snapshot::encode_chunk(index, off as u64, &body[off..end]);
+        if !peers.send(to, chunk.into()) {
+            crate::warn!("raft: sending a snapshot to {to:x} failed; will retry");
+            router.raft.send(RaftMsg::SnapshotSent { to, header: None });
+            return;
+        }
+        off = end;
+    }
+    router.raft.send(RaftMsg::SnapshotSent {
+        to,
+        header: Some(header),
+    });
+}
+
+fn send_one(
+    node: &mut RawNode<MemStorage>,
+    peers: &crate::peer::Peers,
+    m: &raft::eraftpb::Message,
+) {
+    let to = m.to;
+    let mut bytes = vec![PAYLOAD_RAFT];
+    if let Err(e) = protobuf::Message::write_to_vec(m, &mut bytes) {
+        crate::error!("raft: cannot encode a message for {to:x}: {e}");
+        return;
+    }
+    if !peers.send(to, bytes.into()) {
+        node.report_unreachable(to);
+    }
+}
+
+/// Sends raft messages to their peers; a snapshot raft wants to send is
+/// built and sent by `SnapshotSender` instead.
 fn send_messages(
     node: &mut RawNode<MemStorage>,
     peers: &crate::peer::Peers,
     msgs: Vec<raft::eraftpb::Message>,
-    snapshot_warned: &mut u64,
+    snaps: &mut SnapshotSender,
 ) {
     for m in msgs {
-        let to = m.to;
         if m.get_msg_type() == raft::eraftpb::MessageType::MsgSnapshot {
-            if *snapshot_warned != to {
-                *snapshot_warned = to;
-                crate::warn!(
-                    "raft: member {to:x} is behind this leader's log and needs a snapshot, which keelson cannot send yet"
-                );
-            }
-            node.report_snapshot(to, raft::SnapshotStatus::Failure);
+            snaps.wanted(node, m.to);
             continue;
         }
-        let bytes = match protobuf::Message::write_to_bytes(&m) {
-            Ok(b) => b,
-            Err(e) => {
-                crate::error!("raft: cannot encode a message for {to:x}: {e}");
-                continue;
-            }
-        };
-        if !peers.send(to, bytes.into()) {
-            node.report_unreachable(to);
-        }
+        send_one(node, peers, &m);
     }
 }
 

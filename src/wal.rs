@@ -387,6 +387,24 @@ impl Wal {
         Ok(())
     }
 
+    /// After installing a snapshot at `base` (its shards are durable
+    /// there): the log starts again after it, in a new segment, and every
+    /// older segment goes. Records pushed and not yet synced carry over.
+    pub async fn install_snapshot(&mut self, base: (u64, u64)) -> Result<(), String> {
+        let old = std::mem::take(&mut self.segments);
+        let mut next = Wal::create(self.dir.clone(), self.seq + 1, base, Vec::new()).await?;
+        next.buf = std::mem::take(&mut self.buf);
+        let prev = std::mem::replace(self, next);
+        let _ = prev.file.close().await;
+        for (seq, _) in old {
+            let path = seg_path(&self.dir, seq);
+            if let Err(e) = fs::remove_file(&path) {
+                crate::warn!("wal: could not remove {}: {e}", path.display());
+            }
+        }
+        Ok(())
+    }
+
     /// Deletes segments whose entries all lie at or below `index` (every
     /// shard has checkpointed past them). The tail segment always stays.
     pub fn release_to(&mut self, index: u64) -> usize {

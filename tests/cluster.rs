@@ -642,3 +642,152 @@ async fn move_leader_hands_leadership_over() {
     // Writes go on under the new leader.
     ct.put("moved", "1", None).await.unwrap();
 }
+
+/// Five members: two can die and the other three still serve; then every
+/// member is killed and restarted, and nothing acknowledged is lost.
+#[tokio::test]
+async fn five_members_survive_two_failures_and_a_full_restart() {
+    let mut ms = cluster(5, &[]);
+    start_all(&mut ms);
+    let l = leader(&ms, &[0, 1, 2, 3, 4]).await;
+    let mut c = connect(&ms[(l + 1) % 5]).await;
+    let mut acked = Vec::new();
+    for i in 0..50 {
+        let r = c.put(format!("a{i}"), "1", None).await.unwrap();
+        acked.push((format!("a{i}"), r.header().unwrap().revision()));
+    }
+    // Kill the leader and one follower.
+    let f2 = (l + 2) % 5;
+    ms[l].kill9();
+    ms[f2].kill9();
+    let up: Vec<usize> = (0..5).filter(|&i| i != l && i != f2).collect();
+    let nl = leader(&ms, &up).await;
+    let mut c = connect(&ms[nl]).await;
+    for i in 0..50 {
+        let r = c.put(format!("b{i}"), "2", None).await.unwrap();
+        acked.push((format!("b{i}"), r.header().unwrap().revision()));
+    }
+    // Everyone down, everyone back.
+    for m in ms.iter_mut() {
+        m.kill9();
+    }
+    start_all(&mut ms);
+    leader(&ms, &[0, 1, 2, 3, 4]).await;
+    for m in &ms {
+        let mut c = connect(m).await;
+        for (k, rev) in &acked {
+            let r = c.get(k.as_str(), None).await.unwrap();
+            assert_eq!(r.kvs().len(), 1, "{k} missing after the restart");
+            assert_eq!(r.kvs()[0].mod_revision(), *rev);
+        }
+    }
+}
+
+/// A member that was down while the others wrote far more than the leader
+/// keeps in its log catches up through a snapshot of the shards' data, and
+/// then follows the log again.
+#[tokio::test]
+async fn a_member_far_behind_catches_up_through_a_snapshot() {
+    let mut ms = cluster(3, &["--experimental-snapshot-catchup-entries", "50"]);
+    start_all(&mut ms);
+    let l = leader(&ms, &[0, 1, 2]).await;
+    let f = (l + 1) % 3;
+    let mut c = connect(&ms[l]).await;
+    c.put("early", "1", None).await.unwrap();
+    ms[f].kill9();
+    let mut want = Vec::new();
+    for i in 0..2500 {
+        let k = format!("s{i:05}");
+        let r = c.put(k.as_str(), format!("v{i}"), None).await.unwrap();
+        want.push((k, format!("v{i}"), r.header().unwrap().revision()));
+    }
+    c.delete("early", None).await.unwrap();
+    let lease = c.lease_grant(300, None).await.unwrap().id();
+    c.put("leased", "x", Some(PutOptions::new().with_lease(lease)))
+        .await
+        .unwrap();
+    assert!(ms[f].start().is_none());
+    let mut cf = connect(&ms[f]).await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let r = cf
+            .get("leased", Some(GetOptions::new().with_serializable()))
+            .await;
+        if matches!(&r, Ok(r) if r.kvs().len() == 1) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the member did not catch up");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        ms[f].log_text().contains("installing a snapshot"),
+        "{}",
+        ms[f].log_text()
+    );
+    let r = cf
+        .get(
+            "s",
+            Some(GetOptions::new().with_prefix().with_serializable()),
+        )
+        .await
+        .unwrap();
+    assert_eq!(r.kvs().len(), want.len());
+    for (kv, (k, v, rev)) in r.kvs().iter().zip(&want) {
+        assert_eq!(kv.key_str().unwrap(), k);
+        assert_eq!(kv.value_str().unwrap(), v);
+        assert_eq!(kv.mod_revision(), *rev);
+    }
+    let r = cf
+        .get("early", Some(GetOptions::new().with_serializable()))
+        .await
+        .unwrap();
+    assert!(r.kvs().is_empty());
+    assert_eq!(
+        cf.lease_time_to_live(lease, None)
+            .await
+            .unwrap()
+            .granted_ttl(),
+        300
+    );
+    // And it follows the log again.
+    let rev = c
+        .put("after", "snap", None)
+        .await
+        .unwrap()
+        .header()
+        .unwrap()
+        .revision();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let r = cf
+            .get("after", Some(GetOptions::new().with_serializable()))
+            .await
+            .unwrap();
+        if r.kvs().len() == 1 {
+            assert_eq!(r.kvs()[0].mod_revision(), rev);
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no replication after the snapshot"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // It survives its own restart with the installed data.
+    ms[f].kill9();
+    assert!(ms[f].start().is_none());
+    let mut cf = connect(&ms[f]).await;
+    let r = cf
+        .get(
+            "s",
+            Some(
+                GetOptions::new()
+                    .with_prefix()
+                    .with_serializable()
+                    .with_count_only(),
+            ),
+        )
+        .await
+        .unwrap();
+    assert_eq!(r.count(), want.len() as i64);
+}

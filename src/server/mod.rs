@@ -48,6 +48,7 @@ pub struct Member {
     pub min_lease_ttl: i64,
     /// How often watchers that asked for progress notifications get one.
     pub watch_progress_notify_interval: std::time::Duration,
+    pub data_dir: std::path::PathBuf,
     /// Every member of the cluster, this one included, as bootstrapped
     /// (names and client URLs as published are the applier's).
     pub members: Vec<PeerInfo>,
@@ -70,6 +71,9 @@ pub enum CoreMsg {
         shard: usize,
         events: Vec<crate::watch::ShardEvent>,
     },
+    /// The shards' data was replaced by a snapshot: every watcher reads
+    /// history again from the last revision it delivered.
+    WatchResync,
     /// A shard's answer to a watcher's history request.
     WatchHistory {
         shard: usize,
@@ -94,7 +98,7 @@ pub struct View {
 impl View {
     fn apply(&self, m: CoreMsg) {
         match m {
-            CoreMsg::WatchEvents { .. } | CoreMsg::WatchHistory { .. } => {}
+            CoreMsg::WatchEvents { .. } | CoreMsg::WatchHistory { .. } | CoreMsg::WatchResync => {}
             CoreMsg::Applied {
                 applied,
                 revision,
@@ -134,6 +138,7 @@ impl Core {
         for m in msgs.drain(..) {
             match m {
                 CoreMsg::WatchEvents { shard, events } => self.watch.on_events(shard, events),
+                CoreMsg::WatchResync => self.watch.resync_all(),
                 CoreMsg::WatchHistory {
                     shard,
                     watcher,
@@ -363,8 +368,20 @@ fn common_checkpoint(data_dir: &Path, shards: usize) -> Result<u64, String> {
 fn start_peers(router: &Arc<Router>, members: &[PeerInfo]) -> Rc<crate::peer::Peers> {
     let me = router.member.id;
     let raft = router.raft.clone();
+    let snap = crate::raftcore::SnapshotInbox::new(&router.member.data_dir);
     let deliver = Box::new(move |from: u64, payload: bytes::Bytes| {
-        match <raft::eraftpb::Message as protobuf::Message>::parse_from_bytes(&payload) {
+        match payload.first() {
+            Some(&crate::raftcore::PAYLOAD_RAFT) => {}
+            Some(&crate::raftcore::PAYLOAD_SNAPSHOT_CHUNK) => {
+                snap.chunk(from, &payload);
+                return;
+            }
+            _ => {
+                crate::warn!("peer {from:x}: a payload of unknown kind; dropped");
+                return;
+            }
+        }
+        match <raft::eraftpb::Message as protobuf::Message>::parse_from_bytes(&payload[1..]) {
             Ok(m) if m.from == from && m.to == me => {
                 raft.send(RaftMsg::Step(Box::new(m)));
             }
@@ -506,6 +523,7 @@ pub fn run(cfg: Config) -> Result<(), String> {
             min_lease_ttl: crate::lease::min_ttl(cfg.election_timeout),
             watch_progress_notify_interval: cfg.watch_progress_notify_interval,
             members: meta.members.clone(),
+            data_dir: cfg.data_dir.clone(),
         },
     });
 

@@ -627,6 +627,24 @@ impl Hub {
         }
     }
 
+    /// After a snapshot replaced the shards' data: every watcher reads
+    /// history again from the last revision it delivered (a watcher whose
+    /// revision was compacted away is canceled, as on etcd).
+    pub fn resync_all(&self) {
+        let mut g = self.inner.borrow_mut();
+        let Inner {
+            watchers,
+            waiting,
+            buffered,
+            ..
+        } = &mut *g;
+        for (gid, w) in watchers.iter_mut() {
+            *buffered -= w.buf.len();
+            fall_back_to_history(w);
+            waiting.insert(*gid);
+        }
+    }
+
     /// Number of watchers on this core (tests, metrics).
     pub fn watcher_count(&self) -> usize {
         self.inner.borrow().watchers.len()

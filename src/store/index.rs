@@ -235,6 +235,16 @@ impl Index {
         }
     }
 
+    /// Calls `f` for every version of every key, in key order and, per
+    /// key, oldest first (snapshots).
+    pub fn for_each<F: FnMut(&[u8], &Version)>(&self, mut f: F) {
+        for (k, hist) in &self.keys {
+            for v in hist {
+                f(k, v);
+            }
+        }
+    }
+
     /// Every version of `key`, oldest first (tests and tools).
     pub fn history(&self, key: &[u8]) -> &[Version] {
         self.keys.get(key).map(|h| h.as_slice()).unwrap_or(&[])

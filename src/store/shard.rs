@@ -502,6 +502,57 @@ impl Shard {
         (out, changed)
     }
 
+    /// Appends every version this shard holds to a snapshot body.
+    pub fn dump(&self, out: &mut Vec<u8>) {
+        self.index
+            .for_each(|k, v| segment::encode_record(out, k, v));
+    }
+
+    /// Replaces everything this shard has with a snapshot's records for its
+    /// keys (each key's versions oldest first), as of log `index`, and makes
+    /// it durable with a checkpoint at `index` before returning. Watch
+    /// registrations stay.
+    pub fn restore(
+        &mut self,
+        records: Vec<(Vec<u8>, Version)>,
+        index: u64,
+        compact_rev: i64,
+        leases: BTreeMap<i64, i64>,
+    ) -> Result<(), String> {
+        let io = |e: std::io::Error| format!("{}: restoring a snapshot: {e}", self.dir.display());
+        for id in segment::list_segments(&self.dir).map_err(io)? {
+            fs::remove_file(segment::segment_path(&self.dir, id)).map_err(io)?;
+        }
+        for i in list_checkpoints(&self.dir)? {
+            let _ = fs::remove_file(self.dir.join(format!("checkpoint-{i:020}")));
+        }
+        self.seg = SegmentWriter::open(&self.dir, 1, 0).map_err(io)?;
+        self.index = Index::new();
+        self.lease_keys.clear();
+        self.last_rev = 0;
+        for (i, (k, v)) in records.into_iter().enumerate() {
+            self.last_rev = self.last_rev.max(v.mod_rev);
+            self.seg.append(&k, &v);
+            self.index.restore(&k, v);
+            if i % 1024 == 1023 {
+                self.flush()?;
+            }
+        }
+        let mut lease_keys: HashMap<i64, BTreeSet<Box<[u8]>>> = HashMap::new();
+        self.index.range(&[], End::Unbounded, i64::MAX, |k, v| {
+            if v.lease != 0 {
+                lease_keys.entry(v.lease).or_default().insert(k.into());
+            }
+            true
+        });
+        self.lease_keys = lease_keys;
+        self.compact_rev = compact_rev;
+        self.leases = leases;
+        self.applied = index;
+        self.checkpoint(index)?;
+        Ok(())
+    }
+
     /// Bytes of segment files on disk (what Status reports as dbSize).
     pub fn disk_bytes(&self) -> u64 {
         segment::list_segments(&self.dir)

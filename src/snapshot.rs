@@ -1,0 +1,233 @@
+//! Raft snapshots of the shards' data: what a leader sends a member that is
+//! behind its in-memory log. This module owns the byte format (build /
+//! parse pair); the leader builds one from every shard's versions at one
+//! log index, the member installs it in place of its own data.
+//!
+//! Format (little-endian): magic `KLSNSNP1`, index u64, compact revision
+//! i64, current revision i64, lease count u64 and (id i64, ttl i64) pairs,
+//! member count u64 and (id u64, name, client URLs joined by spaces) with
+//! u32 lengths, then shard records in the segment format
+//! (`store::segment::encode_record`, each with its own crc) to the end.
+//! The whole file's crc32c travels in the raft snapshot message (`Header`).
+//!
+//! Every key's versions are included (the MVCC history since compaction),
+//! so reads at old revisions and watches from old revisions work on the
+//! member that installs it. A snapshot is routed by key, so members with
+//! different shard counts exchange snapshots freely.
+
+use crate::apply::MemberAttrs;
+use crate::store::index::Version;
+use crate::store::segment::{self, Decode};
+use std::collections::BTreeMap;
+
+const MAGIC: &[u8; 8] = b"KLSNSNP1";
+
+/// The state besides the records.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Meta {
+    pub index: u64,
+    pub compact_rev: i64,
+    pub current_rev: i64,
+    pub leases: BTreeMap<i64, i64>,
+    pub members: MemberAttrs,
+}
+
+/// Starts a snapshot body with its fixed part; records are appended with
+/// `segment::encode_record`.
+pub fn build_head(m: &Meta) -> Vec<u8> {
+    let mut b = MAGIC.to_vec();
+    b.extend_from_slice(&m.index.to_le_bytes());
+    b.extend_from_slice(&m.compact_rev.to_le_bytes());
+    b.extend_from_slice(&m.current_rev.to_le_bytes());
+    b.extend_from_slice(&(m.leases.len() as u64).to_le_bytes());
+    for (id, ttl) in &m.leases {
+        b.extend_from_slice(&id.to_le_bytes());
+        b.extend_from_slice(&ttl.to_le_bytes());
+    }
+    b.extend_from_slice(&(m.members.len() as u64).to_le_bytes());
+    for (id, (name, urls)) in &m.members {
+        b.extend_from_slice(&id.to_le_bytes());
+        for s in [name.as_bytes(), urls.join(" ").as_bytes()] {
+            b.extend_from_slice(&(s.len() as u32).to_le_bytes());
+            b.extend_from_slice(s);
+        }
+    }
+    b
+}
+
+struct Reader<'a> {
+    b: &'a [u8],
+    at: usize,
+}
+
+impl<'a> Reader<'a> {
+    fn take(&mut self, n: usize) -> Result<&'a [u8], String> {
+        let end = self
+            .at
+            .checked_add(n)
+            .filter(|&e| e <= self.b.len())
+            .ok_or("snapshot is truncated")?;
+        let s = &self.b[self.at..end];
+        self.at = end;
+        Ok(s)
+    }
+    fn u64(&mut self) -> Result<u64, String> {
+        Ok(u64::from_le_bytes(
+            self.take(8)?.try_into().expect("8 bytes"),
+        ))
+    }
+    fn u32(&mut self) -> Result<u32, String> {
+        Ok(u32::from_le_bytes(
+            self.take(4)?.try_into().expect("4 bytes"),
+        ))
+    }
+    fn string(&mut self) -> Result<String, String> {
+        let n = self.u32()? as usize;
+        String::from_utf8(self.take(n)?.to_vec()).map_err(|_| "snapshot: bad string".to_string())
+    }
+}
+
+/// Parses a snapshot body: its state and every record, in order.
+pub fn parse(b: &[u8]) -> Result<(Meta, Vec<(Vec<u8>, Version)>), String> {
+    let mut r = Reader { b, at: 0 };
+    if r.take(8)? != MAGIC {
+        return Err("not a keelson snapshot".into());
+    }
+    let mut m = Meta {
+        index: r.u64()?,
+        compact_rev: r.u64()? as i64,
+        current_rev: r.u64()? as i64,
+        ..Default::default()
+    };
+    let n = r.u64()?;
+    if n > (b.len() / 16) as u64 {
+        return Err("snapshot: lease count exceeds its size".into());
+    }
+    for _ in 0..n {
+        let id = r.u64()? as i64;
+        let ttl = r.u64()? as i64;
+        m.leases.insert(id, ttl);
+    }
+    let n = r.u64()?;
+    if n > (b.len() / 16) as u64 {
+        return Err("snapshot: member count exceeds its size".into());
+    }
+    for _ in 0..n {
+        let id = r.u64()?;
+        let name = r.string()?;
+        let urls = r.string()?;
+        let urls = urls
+            .split(' ')
+            .filter(|u| !u.is_empty())
+            .map(|u| u.to_string())
+            .collect();
+        m.members.insert(id, (name, urls));
+    }
+    let mut records = Vec::new();
+    let mut rest = &b[r.at..];
+    while !rest.is_empty() {
+        match segment::decode_record(rest) {
+            Decode::Record(k, v, n) => {
+                records.push((k, v));
+                rest = &rest[n..];
+            }
+            Decode::Short => return Err("snapshot: a record is cut short".into()),
+            Decode::Corrupt(e) => return Err(format!("snapshot: {e}")),
+        }
+    }
+    Ok((m, records))
+}
+
+/// What the raft snapshot message carries: which body, how long, its crc.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Header {
+    pub index: u64,
+    pub len: u64,
+    pub crc: u32,
+}
+
+impl Header {
+    pub fn encode(&self) -> Vec<u8> {
+        let mut b = self.index.to_le_bytes().to_vec();
+        b.extend_from_slice(&self.len.to_le_bytes());
+        b.extend_from_slice(&self.crc.to_le_bytes());
+        b
+    }
+    pub fn decode(b: &[u8]) -> Option<Header> {
+        (b.len() == 20).then(|| Header {
+            index: u64::from_le_bytes(b[0..8].try_into().expect("8")),
+            len: u64::from_le_bytes(b[8..16].try_into().expect("8")),
+            crc: u32::from_le_bytes(b[16..20].try_into().expect("4")),
+        })
+    }
+}
+
+/// A chunk of a snapshot body on the peer transport: (index, offset, bytes).
+pub fn encode_chunk(index: u64, offset: u64, data: &[u8]) -> Vec<u8> {
+    let mut b = Vec::with_capacity(17 + data.len());
+    b.push(crate::raftcore::PAYLOAD_SNAPSHOT_CHUNK);
+    b.extend_from_slice(&index.to_le_bytes());
+    b.extend_from_slice(&offset.to_le_bytes());
+    b.extend_from_slice(data);
+    b
+}
+
+pub fn decode_chunk(b: &[u8]) -> Option<(u64, u64, &[u8])> {
+    if b.len() < 17 {
+        return None;
+    }
+    Some((
+        u64::from_le_bytes(b[1..9].try_into().expect("8")),
+        u64::from_le_bytes(b[9..17].try_into().expect("8")),
+        &b[17..],
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_trip_and_damage() {
+        let mut m = Meta {
+            index: 77,
+            compact_rev: 5,
+            current_rev: 70,
+            ..Default::default()
+        };
+        m.leases.insert(9, 60);
+        m.members.insert(
+            3,
+            ("m0".into(), vec!["http://a:1".into(), "http://b:2".into()]),
+        );
+        let mut b = build_head(&m);
+        let head_len = b.len();
+        let v = Version {
+            mod_rev: 10,
+            create_rev: 8,
+            version: 2,
+            lease: 9,
+            value: Some(b"val".to_vec().into()),
+        };
+        segment::encode_record(&mut b, b"key", &v);
+        let (m2, recs) = parse(&b).unwrap();
+        assert_eq!(m2, m);
+        assert_eq!(recs, vec![(b"key".to_vec(), v)]);
+        // Any cut is an error, never a panic, except exactly between
+        // records, which only the whole body's crc (in `Header`) catches.
+        for n in 0..b.len() {
+            match parse(&b[..n]) {
+                Err(_) => {}
+                Ok((_, recs)) => assert!(n == head_len && recs.is_empty(), "cut at {n}"),
+            }
+        }
+        let h = Header {
+            index: 77,
+            len: b.len() as u64,
+            crc: crc32c::crc32c(&b),
+        };
+        assert_eq!(Header::decode(&h.encode()), Some(h));
+        let c = encode_chunk(77, 1 << 20, b"xyz");
+        assert_eq!(decode_chunk(&c), Some((77, 1 << 20, &b"xyz"[..])));
+    }
+}
