@@ -509,18 +509,8 @@ pub fn load_member_attrs(path: &std::path::Path) -> MemberAttrs {
         return out;
     };
     for line in text.lines() {
-        let mut f = line.split('\t');
-        if let (Some(id), Some(name)) = (f.next(), f.next()) {
-            if let Ok(id) = u64::from_str_radix(id, 16) {
-                let urls = f
-                    .next()
-                    .unwrap_or("")
-                    .split(' ')
-                    .filter(|u| !u.is_empty())
-                    .map(|u| u.to_string())
-                    .collect();
-                out.insert(id, (name.to_string(), urls));
-            }
+        if let Some((id, name, urls)) = crate::server::parse_member_line(line) {
+            out.insert(id, (name, urls));
         }
     }
     out
@@ -529,7 +519,7 @@ pub fn load_member_attrs(path: &std::path::Path) -> MemberAttrs {
 fn store_member_attrs(path: &std::path::Path, m: &MemberAttrs) {
     let text: String = m
         .iter()
-        .map(|(id, (name, urls))| format!("{id:x}\t{name}\t{}\n", urls.join(" ")))
+        .map(|(id, (name, urls))| crate::server::member_line(*id, name, urls) + "\n")
         .collect();
     let tmp = path.with_extension("tmp");
     if let Err(e) = std::fs::write(&tmp, text).and_then(|_| std::fs::rename(&tmp, path)) {

@@ -195,6 +195,26 @@ struct Meta {
     members: Vec<PeerInfo>,
 }
 
+/// A member as one line of a data dir file: `id-hex TAB name TAB urls`
+/// (URLs separated by spaces).
+pub fn member_line(id: u64, name: &str, urls: &[String]) -> String {
+    format!("{id:x}\t{name}\t{}", urls.join(" "))
+}
+
+pub fn parse_member_line(line: &str) -> Option<(u64, String, Vec<String>)> {
+    let mut f = line.split('\t');
+    let id = u64::from_str_radix(f.next()?, 16).ok()?;
+    let name = f.next()?.to_string();
+    let urls = f
+        .next()
+        .unwrap_or("")
+        .split(' ')
+        .filter(|u| !u.is_empty())
+        .map(|u| u.to_string())
+        .collect();
+    Some((id, name, urls))
+}
+
 /// The members named by `--initial-cluster` (a name listed several times
 /// has several peer URLs), each with its ID: a hash of its sorted peer URLs
 /// and the cluster token, so every member computes the same IDs.
@@ -240,28 +260,14 @@ fn load_or_create_meta(cfg: &Config) -> Result<Meta, String> {
                     Some(("shards", v)) => shards = v.parse::<usize>().ok(),
                     Some(("member_id", v)) => member_id = u64::from_str_radix(v, 16).ok(),
                     Some(("cluster_id", v)) => cluster_id = u64::from_str_radix(v, 16).ok(),
-                    Some(("member", v)) => {
-                        let mut f = v.split('\t');
-                        let id = f.next().and_then(|x| u64::from_str_radix(x, 16).ok());
-                        let name = f.next().map(|x| x.to_string());
-                        let urls: Vec<String> = f
-                            .next()
-                            .unwrap_or("")
-                            .split(' ')
-                            .filter(|u| !u.is_empty())
-                            .map(|u| u.to_string())
-                            .collect();
-                        match (id, name) {
-                            (Some(id), Some(name)) if !urls.is_empty() => members.push(PeerInfo {
-                                id,
-                                name,
-                                peer_urls: urls,
-                            }),
-                            _ => {
-                                return Err(format!("{}: bad member line {line:?}", path.display()))
-                            }
-                        }
-                    }
+                    Some(("member", v)) => match parse_member_line(v) {
+                        Some((id, name, urls)) if !urls.is_empty() => members.push(PeerInfo {
+                            id,
+                            name,
+                            peer_urls: urls,
+                        }),
+                        _ => return Err(format!("{}: bad member line {line:?}", path.display())),
+                    },
                     _ => {}
                 }
             }
@@ -327,10 +333,8 @@ fn load_or_create_meta(cfg: &Config) -> Result<Meta, String> {
             let mut text = format!("format=keelson-1\nshards={shards}\nmember_id={member_id:x}\ncluster_id={cluster_id:x}\n");
             for p in &peers {
                 text.push_str(&format!(
-                    "member={:x}\t{}\t{}\n",
-                    p.id,
-                    p.name,
-                    p.peer_urls.join(" ")
+                    "member={}\n",
+                    member_line(p.id, &p.name, &p.peer_urls)
                 ));
             }
             let tmp = cfg.data_dir.join("meta.tmp");

@@ -97,28 +97,25 @@ impl Index {
     where
         F: FnMut(&[u8], &Version) -> bool,
     {
-        let upper: Bound<&[u8]> = match end {
-            End::Single => {
-                if let Some(v) = self.get(key, rev) {
-                    f(key, v);
-                }
-                return;
-            }
-            End::Unbounded => Bound::Unbounded,
-            End::Before(e) => {
-                if e <= key {
-                    return;
-                }
-                Bound::Excluded(e)
-            }
-        };
-        for (k, h) in self.keys.range::<[u8], _>((Bound::Included(key), upper)) {
+        for (k, h) in self.histories(key, end) {
             if let Some(v) = visible(h, rev) {
                 if !f(k, v) {
                     return;
                 }
             }
         }
+    }
+
+    /// The histories of the keys in `[key, end)`, in key order (no
+    /// allocation: reads of one key are the hot path).
+    fn histories<'a>(&'a self, key: &'a [u8], end: End<'a>) -> Histories<'a> {
+        let upper: Bound<&[u8]> = match end {
+            End::Single => return Histories::One(self.keys.get_key_value(key)),
+            End::Unbounded => Bound::Unbounded,
+            End::Before(e) if e <= key => return Histories::One(None),
+            End::Before(e) => Bound::Excluded(e),
+        };
+        Histories::Many(self.keys.range::<[u8], _>((Bound::Included(key), upper)))
     }
 
     /// Records a put of `key` at `rev` and returns the new version.
@@ -205,7 +202,7 @@ impl Index {
     where
         F: FnMut(&[u8], &Version, Option<&Version>),
     {
-        let mut visit = |k: &[u8], hist: &[Version]| {
+        for (k, hist) in self.histories(key, end) {
             let i = hist.partition_point(|v| v.mod_rev < from);
             for j in i..hist.len() {
                 let prev = j
@@ -214,24 +211,6 @@ impl Index {
                     .filter(|v| !v.is_tombstone());
                 f(k, &hist[j], prev);
             }
-        };
-        let upper: Bound<&[u8]> = match end {
-            End::Single => {
-                if let Some(h) = self.keys.get(key) {
-                    visit(key, h);
-                }
-                return;
-            }
-            End::Unbounded => Bound::Unbounded,
-            End::Before(e) => {
-                if e <= key {
-                    return;
-                }
-                Bound::Excluded(e)
-            }
-        };
-        for (k, h) in self.keys.range::<[u8], _>((Bound::Included(key), upper)) {
-            visit(k, h);
         }
     }
 
@@ -248,6 +227,21 @@ impl Index {
     /// Every version of `key`, oldest first (tests and tools).
     pub fn history(&self, key: &[u8]) -> &[Version] {
         self.keys.get(key).map(|h| h.as_slice()).unwrap_or(&[])
+    }
+}
+
+enum Histories<'a> {
+    One(Option<(&'a Box<[u8]>, &'a Vec<Version>)>),
+    Many(std::collections::btree_map::Range<'a, Box<[u8]>, Vec<Version>>),
+}
+
+impl<'a> Iterator for Histories<'a> {
+    type Item = (&'a [u8], &'a Vec<Version>);
+    fn next(&mut self) -> Option<Self::Item> {
+        match self {
+            Histories::One(o) => o.take().map(|(k, h)| (&k[..], h)),
+            Histories::Many(r) => r.next().map(|(k, h)| (&k[..], h)),
+        }
     }
 }
 
