@@ -791,3 +791,45 @@ async fn a_member_far_behind_catches_up_through_a_snapshot() {
         .unwrap();
     assert_eq!(r.count(), want.len() as i64);
 }
+
+/// etcdctl's watch requires a leader (clientv3's WithRequireLeader): on a
+/// member cut off from the others it ends with etcd's "no leader" error.
+#[tokio::test]
+async fn a_watch_requiring_a_leader_ends_when_its_member_loses_it() {
+    let (mut ms, proxy) = support::cluster_with_proxy(3, &[]).await;
+    start_all(&mut ms);
+    if support::is_etcd() {
+        return; // the proxy speaks keelson's peer protocol
+    }
+    let l = leader(&ms, &[0, 1, 2]).await;
+    let f = (l + 1) % 3;
+    let id = connect(&ms[f])
+        .await
+        .status()
+        .await
+        .unwrap()
+        .header()
+        .unwrap()
+        .member_id();
+    let ep = ms[f].endpoint();
+    let watcher = std::thread::spawn(move || {
+        std::process::Command::new("timeout")
+            .args(["20", "etcdctl", &format!("--endpoints={ep}"), "watch", "k"])
+            .env("ETCDCTL_API", "3")
+            .output()
+            .unwrap()
+    });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    proxy.isolate(id);
+    let out = tokio::task::spawn_blocking(move || watcher.join().unwrap())
+        .await
+        .unwrap();
+    let text =
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    assert!(
+        text.contains("no leader"),
+        "status {:?}: {text}",
+        out.status
+    );
+    proxy.heal();
+}

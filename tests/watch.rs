@@ -570,3 +570,54 @@ async fn etcdctl_watch_prints_events() {
     .unwrap();
     assert_eq!(out, "PUT\ne/1\none\nPUT\ne/2\ntwo\nDELETE\ne/1\n\n");
 }
+
+/// A watcher that fell behind (it did not read) and whose next revision
+/// was then compacted away is canceled with the compact revision, as on
+/// etcd; writers were never held up.
+#[tokio::test]
+async fn slow_reader_behind_compaction_is_canceled() {
+    let (_m, c) = started(&[]).await;
+    let mut w = c.clone();
+    let mut s = w
+        .watch("z/", Some(WatchOptions::new().with_prefix()))
+        .await
+        .unwrap();
+    assert!(next(&mut s).await.created());
+    let n = 20_000;
+    let val = "v".repeat(1024);
+    let mut tasks = Vec::new();
+    for t in 0..8 {
+        let (mut c, val) = (c.clone(), val.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut last = 0;
+            for i in 0..n / 8 {
+                let r = c
+                    .put(format!("z/{t}/{i}"), val.as_str(), None)
+                    .await
+                    .unwrap();
+                last = last.max(r.header().unwrap().revision());
+            }
+            last
+        }));
+    }
+    let mut last = 0;
+    for t in tasks {
+        last = last.max(t.await.unwrap());
+    }
+    let mut c = c.clone();
+    c.compact(last, None).await.unwrap();
+    let mut got = 0;
+    loop {
+        let r = next(&mut s).await;
+        got += r.events().len();
+        if r.canceled() {
+            assert_eq!(r.compact_revision(), last);
+            break;
+        }
+        assert!(got <= n, "more events than puts");
+    }
+    assert!(
+        got < n,
+        "it should have fallen behind: got all {got} events"
+    );
+}

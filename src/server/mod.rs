@@ -49,6 +49,7 @@ pub struct Member {
     /// How often watchers that asked for progress notifications get one.
     pub watch_progress_notify_interval: std::time::Duration,
     pub data_dir: std::path::PathBuf,
+    pub election_timeout: std::time::Duration,
     /// Every member of the cluster, this one included, as bootstrapped
     /// (names and client URLs as published are the applier's).
     pub members: Vec<PeerInfo>,
@@ -151,12 +152,7 @@ impl Core {
                     self.watch.on_applied(applied, revision);
                     self.view.apply(m);
                 }
-                CoreMsg::Raft { leader, .. } => {
-                    self.view.apply(m);
-                    if leader == 0 {
-                        self.watch.on_no_leader();
-                    }
-                }
+                CoreMsg::Raft { .. } => self.view.apply(m),
             }
         }
         self.watch.flush(self);
@@ -528,6 +524,7 @@ pub fn run(cfg: Config) -> Result<(), String> {
             watch_progress_notify_interval: cfg.watch_progress_notify_interval,
             members: meta.members.clone(),
             data_dir: cfg.data_dir.clone(),
+            election_timeout: cfg.election_timeout,
         },
     });
 

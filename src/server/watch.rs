@@ -270,6 +270,7 @@ struct Inner {
     /// Bytes of events alive (shared by the buffers that hold them).
     ev_bytes: Rc<Cell<usize>>,
     progress_timer: bool,
+    leader_monitor: bool,
 }
 
 /// The watch hub of one core.
@@ -301,6 +302,11 @@ impl Hub {
             next_id: Cell::new(0),
         });
         g.streams.insert(s.id, s.clone());
+        if require_leader && !g.leader_monitor {
+            g.leader_monitor = true;
+            drop(g);
+            self.start_leader_monitor(core);
+        }
         Ok(s)
     }
 
@@ -453,14 +459,34 @@ impl Hub {
         g.revision = g.revision.max(revision);
     }
 
-    /// The node lost its leader: streams that require one end.
-    pub fn on_no_leader(&self) {
-        let g = self.inner.borrow();
-        for s in g.streams.values() {
-            if s.require_leader {
-                s.end(error::no_leader());
+    /// Streams that require a leader end once the member has had none
+    /// for three election timeouts in a row (etcd's `monitorLeader`: an
+    /// election does not cost every watcher its stream).
+    fn start_leader_monitor(&self, core: &Core) {
+        let Some(me) = core.me.upgrade() else {
+            return;
+        };
+        let every = core.router.member.election_timeout;
+        glommio::spawn_local(async move {
+            let mut without = 0;
+            loop {
+                glommio::timer::sleep(every).await;
+                without = if me.view.leader.get() == 0 {
+                    without + 1
+                } else {
+                    0
+                };
+                if without >= 3 {
+                    let g = me.watch.inner.borrow();
+                    for s in g.streams.values() {
+                        if s.require_leader {
+                            s.end(error::no_leader());
+                        }
+                    }
+                }
             }
-        }
+        })
+        .detach();
     }
 
     /// Live events from a shard.
