@@ -441,6 +441,22 @@ async fn publish_attributes(router: Arc<Router>) {
     }
 }
 
+/// A listening socket on this executor: SO_REUSEPORT (every core listens
+/// on the same address) and SO_REUSEADDR, so the port can be taken again
+/// at once while connections of a previous server on it (etcd's, say) are
+/// still in TIME_WAIT.
+fn bind_listener(addr: SocketAddr) -> std::io::Result<glommio::net::TcpListener> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    use std::os::fd::{FromRawFd, IntoRawFd};
+    let sk = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    sk.set_reuse_address(true)?;
+    sk.set_reuse_port(true)?;
+    sk.bind(&addr.into())?;
+    sk.listen(1024)?;
+    // SAFETY: the fd is a bound, listening TCP socket we own and hand over.
+    Ok(unsafe { glommio::net::TcpListener::from_raw_fd(sk.into_raw_fd()) })
+}
+
 /// Starts the member and blocks until it stops.
 pub fn run(cfg: Config) -> Result<(), String> {
     if cfg.initial_cluster_state == "existing" {
@@ -588,7 +604,7 @@ pub fn run(cfg: Config) -> Result<(), String> {
                 // anything else starts.
                 let mut listeners = Vec::new();
                 for a in client_addrs.iter().chain(&peer_addrs) {
-                    match glommio::net::TcpListener::bind(a) {
+                    match bind_listener(*a) {
                         Ok(l) => listeners.push((l, client_addrs.contains(a))),
                         Err(e) => {
                             let _ = ready.send(Err(format!("listen on {a}: {e}")));
