@@ -529,7 +529,7 @@ impl Hub {
                             w.stream,
                             w.sent
                         );
-                        *buffered -= w.buf.len();
+                        *buffered = buffered.saturating_sub(w.buf.len());
                         fall_back_to_history(w);
                     }
                 }
@@ -665,7 +665,7 @@ impl Hub {
             ..
         } = &mut *g;
         for (gid, w) in watchers.iter_mut() {
-            *buffered -= w.buf.len();
+            *buffered = buffered.saturating_sub(w.buf.len());
             fall_back_to_history(w);
             waiting.insert(*gid);
         }
@@ -695,7 +695,7 @@ fn remove_watcher(g: &mut Inner, core: &Core, gid: u64) {
     let Some(w) = g.watchers.remove(&gid) else {
         return;
     };
-    g.buffered -= w.buf.len();
+    g.buffered = g.buffered.saturating_sub(w.buf.len());
     g.waiting.remove(&gid);
     if let Some(v) = g.groups.get_mut(&w.range) {
         v.retain(|x| *x != gid);
@@ -760,7 +760,7 @@ fn flush_watcher(g: &mut Inner, core: &Core, gid: u64) -> bool {
         let n = w.buf.partition_point(|e| e.rev <= limit);
         if n > 0 {
             let out: Vec<Rc<Ev>> = w.buf.drain(..n).collect();
-            *buffered -= n;
+            *buffered = buffered.saturating_sub(n);
             let freed: usize = out.iter().map(|e| e.size).sum();
             w.buf_bytes = w.buf_bytes.saturating_sub(freed as u32);
             send_events(core, s, w, &out, revision.max(out[n - 1].rev));
