@@ -710,9 +710,7 @@ impl Applier {
                     p.changed = ra.changed;
                     p.result = Some(result);
                     p.done = true;
-                    for s in &self.router.shards {
-                        s.send(ShardMsg::Applied { index });
-                    }
+                    self.applied_everywhere(index);
                     self.pending.push_back(p);
                 }
             }
@@ -741,9 +739,7 @@ impl Applier {
                     Ok(TxnResponse::default())
                 };
                 if index > self.st.applied {
-                    for s in &self.router.shards {
-                        s.send(ShardMsg::Applied { index });
-                    }
+                    self.applied_everywhere(index);
                 }
                 p.done = true;
                 p.result = Some(result);
@@ -771,9 +767,7 @@ impl Applier {
                         p.lease_id = id;
                         p.result = Some(Ok(TxnResponse::default()));
                     } else {
-                        for s in &self.router.shards {
-                            s.send(ShardMsg::Applied { index });
-                        }
+                        self.applied_everywhere(index);
                         p.result = Some(Err(error::lease_exist()));
                     }
                 }
@@ -787,9 +781,7 @@ impl Applier {
                     store_member_attrs(&self.st.members_file, &self.st.members);
                 }
                 if index > self.st.applied {
-                    for s in &self.router.shards {
-                        s.send(ShardMsg::Applied { index });
-                    }
+                    self.applied_everywhere(index);
                 }
                 p.result = Some(Ok(TxnResponse::default()));
                 self.pending.push_back(p);
@@ -798,9 +790,7 @@ impl Applier {
                 p.done = true;
                 p.lease_ttl = self.lessor.renew(req.id);
                 if index > self.st.applied {
-                    for s in &self.router.shards {
-                        s.send(ShardMsg::Applied { index });
-                    }
+                    self.applied_everywhere(index);
                 }
                 p.result = Some(Ok(TxnResponse::default()));
                 self.pending.push_back(p);
@@ -825,9 +815,7 @@ impl Applier {
                     }
                     p.result = Some(Ok(TxnResponse::default()));
                 } else {
-                    for s in &self.router.shards {
-                        s.send(ShardMsg::Applied { index });
-                    }
+                    self.applied_everywhere(index);
                     p.result = Some(Err(error::lease_not_found()));
                 }
                 self.pending.push_back(p);
@@ -838,6 +826,14 @@ impl Applier {
             for s in &self.router.shards {
                 s.send(ShardMsg::Checkpoint { index });
             }
+        }
+    }
+
+    /// Tells every shard that entry `index`, which changed none of their
+    /// keys, is applied (they checkpoint past it).
+    fn applied_everywhere(&self, index: u64) {
+        for s in &self.router.shards {
+            s.send(ShardMsg::Applied { index });
         }
     }
 
