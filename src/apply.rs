@@ -178,10 +178,6 @@ pub enum ApplierMsg {
     LeaseList {
         reply: oneshot::Sender<Vec<i64>>,
     },
-    /// The members' published names and client URLs.
-    MemberAttrs {
-        reply: oneshot::Sender<MemberAttrs>,
-    },
     /// Time to look for expired leases.
     LeaseTick,
     /// This member became the leader (or stopped being it).
@@ -493,38 +489,6 @@ pub struct ApplierState {
     pub checkpoint_every: u64,
     /// Leases at `applied` (ID → TTL), from the shards' checkpoint.
     pub leases: std::collections::BTreeMap<i64, i64>,
-    /// Members' published attributes, and the file that keeps them.
-    pub members: MemberAttrs,
-    pub members_file: std::path::PathBuf,
-}
-
-/// Member ID → (name, client URLs), as the members published them.
-pub type MemberAttrs = std::collections::BTreeMap<u64, (String, Vec<String>)>;
-
-/// `data-dir/members`: one line per member, `id-hex TAB name TAB urls`.
-/// Derived state (the log is the truth); written whole on each change.
-pub fn load_member_attrs(path: &std::path::Path) -> MemberAttrs {
-    let mut out = MemberAttrs::new();
-    let Ok(text) = std::fs::read_to_string(path) else {
-        return out;
-    };
-    for line in text.lines() {
-        if let Some((id, name, urls)) = crate::server::parse_member_line(line) {
-            out.insert(id, (name, urls));
-        }
-    }
-    out
-}
-
-fn store_member_attrs(path: &std::path::Path, m: &MemberAttrs) {
-    let text: String = m
-        .iter()
-        .map(|(id, (name, urls))| crate::server::member_line(*id, name, urls) + "\n")
-        .collect();
-    let tmp = path.with_extension("tmp");
-    if let Err(e) = std::fs::write(&tmp, text).and_then(|_| std::fs::rename(&tmp, path)) {
-        crate::warn!("{}: {e}", path.display());
-    }
 }
 
 pub struct Applier {
@@ -615,9 +579,6 @@ impl Applier {
             }
             ApplierMsg::LeaseList { reply } => {
                 let _ = reply.send(self.lessor.ids());
-            }
-            ApplierMsg::MemberAttrs { reply } => {
-                let _ = reply.send(self.st.members.clone());
             }
             ApplierMsg::Role { leader } => {
                 if leader && !self.is_leader {
@@ -773,13 +734,9 @@ impl Applier {
                 }
                 self.pending.push_back(p);
             }
-            Some(raft_command::Cmd::MemberAttributes(a)) => {
+            Some(raft_command::Cmd::MemberAttributes(_)) => {
+                // The raft core applied it to the membership.
                 p.done = true;
-                let v = (a.name, a.client_urls);
-                if self.st.members.get(&a.id) != Some(&v) {
-                    self.st.members.insert(a.id, v);
-                    store_member_attrs(&self.st.members_file, &self.st.members);
-                }
                 if index > self.st.applied {
                     self.applied_everywhere(index);
                 }
@@ -847,7 +804,6 @@ impl Applier {
             compact_rev: self.st.compact_rev,
             current_rev: 0,
             leases: self.lessor.table(),
-            members: self.st.members.clone(),
         };
         let mut waits = Vec::new();
         for s in &self.router.shards {
@@ -906,8 +862,6 @@ impl Applier {
             w.await.map_err(|_| "a shard stopped".to_string())??;
         }
         self.lessor = Lessor::new(&meta.leases);
-        self.st.members = meta.members;
-        store_member_attrs(&self.st.members_file, &self.st.members);
         self.st.applied = meta.index;
         self.st.current_rev = current.max(1);
         self.st.compact_rev = meta.compact_rev;

@@ -27,6 +27,9 @@ pub struct Config {
     /// etcd's `--experimental-snapshot-catchup-entries`: raft log entries
     /// kept behind the applied index for slow followers (5000).
     pub snapshot_catchup_entries: u64,
+    /// etcd's `--strict-reconfig-check`: refuse membership changes that
+    /// could lose quorum (started voters, every voter connected).
+    pub strict_reconfig_check: bool,
     pub heartbeat_interval: Duration,
     pub election_timeout: Duration,
     /// Executors (threads), one per core.
@@ -54,6 +57,8 @@ struct FlagSpec {
     help: &'static str,
 }
 
+const BOOL_FLAGS: &[&str] = &["strict-reconfig-check"];
+
 const FLAGS: &[FlagSpec] = &[
     FlagSpec { name: "name", help: "human-readable name for this member (default \"default\")" },
     FlagSpec { name: "data-dir", help: "path to the data directory (default \"${name}.keelson\")" },
@@ -72,6 +77,7 @@ const FLAGS: &[FlagSpec] = &[
     FlagSpec { name: "log-level", help: "configures log level: debug, info, warn, error (default info)" },
     FlagSpec { name: "experimental-watch-progress-notify-interval", help: "duration of periodic watch progress notifications (default 10m0s)" },
     FlagSpec { name: "experimental-snapshot-catchup-entries", help: "number of entries for a slow follower to catch up after compacting the raft storage entries (default 5000)" },
+    FlagSpec { name: "strict-reconfig-check", help: "reject reconfiguration requests that would cause quorum loss (default true)" },
     FlagSpec { name: "cores", help: "keelson: number of executor threads, one per core (default: all cores)" },
     FlagSpec { name: "shards", help: "keelson: number of keyspace shards, fixed when the data dir is created (default: --cores)" },
 ];
@@ -124,6 +130,8 @@ where
             .ok_or_else(|| format!("flag provided but not defined: -{name}"))?;
         let value = match inline {
             Some(v) => v,
+            // Boolean flags, as Go's flag package: present means true.
+            None if BOOL_FLAGS.contains(&spec.name) => "true".to_string(),
             None => {
                 i += 1;
                 args.get(i)
@@ -204,7 +212,17 @@ where
         Some("error") | Some("panic") | Some("fatal") => 0,
         Some(other) => return Err(format!("unknown log level {other:?}")),
     };
+    let strict_reconfig_check = match lookup("strict-reconfig-check").as_deref() {
+        None | Some("true") | Some("1") | Some("t") | Some("T") | Some("TRUE") | Some("True") => true,
+        Some("false") | Some("0") | Some("f") | Some("F") | Some("FALSE") | Some("False") => false,
+        Some(v) => {
+            return Err(format!(
+                "invalid boolean value {v:?} for -strict-reconfig-check: parse error"
+            ))
+        }
+    };
     let cfg = Config {
+        strict_reconfig_check,
         name,
         data_dir,
         listen_client_urls: list("listen-client-urls", "http://localhost:2379"),
@@ -371,6 +389,13 @@ mod tests {
     }
 
     #[test]
+    fn boolean_flags() {
+        assert!(p(&[], &[]).unwrap().strict_reconfig_check);
+        assert!(!p(&["--strict-reconfig-check=false"], &[]).unwrap().strict_reconfig_check);
+        assert!(p(&["--strict-reconfig-check", "--name", "x"], &[]).unwrap().strict_reconfig_check);
+    }
+
+    #[test]
     fn errors() {
         let cases: &[(&[&str], &str)] = &[
             (&["--bogus", "1"], "flag provided but not defined: -bogus"),
@@ -380,6 +405,7 @@ mod tests {
                 "invalid value \"x\" for flag -snapshot-count",
             ),
             (&["--initial-cluster-state", "old"], "valid values are"),
+            (&["--strict-reconfig-check=maybe"], "invalid boolean value"),
             (&["--heartbeat-interval", "500"], "at least as 5 times"),
             (&["--listen-client-urls", "https://127.0.0.1:1"], "TLS"),
         ];

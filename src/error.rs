@@ -27,6 +27,21 @@ pub enum Code {
     Unauthenticated = 16,
 }
 
+impl Code {
+    /// A code from its number (an unknown number is `Unknown`).
+    pub fn from_u8(n: u8) -> Code {
+        use Code::*;
+        [
+            Ok, Canceled, Unknown, InvalidArgument, DeadlineExceeded, NotFound, AlreadyExists,
+            PermissionDenied, ResourceExhausted, FailedPrecondition, Aborted, OutOfRange,
+            Unimplemented, Internal, Unavailable, DataLoss, Unauthenticated,
+        ]
+        .get(n as usize)
+        .copied()
+        .unwrap_or(Unknown)
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Status {
     pub code: Code,
@@ -74,6 +89,16 @@ etcd_errors! {
     not_leader => (FailedPrecondition, "etcdserver: not leader");
     bad_leader_transferee => (FailedPrecondition, "etcdserver: bad leader transferee");
     leader_transfer_timeout => (Unavailable, "etcdserver: request timed out, leader transfer took too long");
+    member_exist => (FailedPrecondition, "etcdserver: member ID already exist");
+    peer_url_exist => (FailedPrecondition, "etcdserver: Peer URLs already exists");
+    member_not_enough_started => (FailedPrecondition, "etcdserver: re-configuration failed due to not enough started members");
+    member_bad_urls => (InvalidArgument, "etcdserver: given member URLs are invalid");
+    member_not_found => (NotFound, "etcdserver: member not found");
+    member_not_learner => (FailedPrecondition, "etcdserver: can only promote a learner member");
+    learner_not_ready => (FailedPrecondition, "etcdserver: can only promote a learner member which is in sync with leader");
+    too_many_learners => (FailedPrecondition, "etcdserver: too many learner members in cluster");
+    unhealthy => (Unavailable, "etcdserver: unhealthy cluster");
+    not_supported_for_learner => (Unavailable, "etcdserver: rpc not supported for learner");
 }
 
 /// What grpc-go answers for a method the server does not have; keelson uses

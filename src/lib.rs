@@ -10,6 +10,7 @@ pub mod error;
 pub mod kv;
 pub mod lease;
 pub mod mailbox;
+pub mod membership;
 pub mod peer;
 pub mod proto;
 pub mod raftcore;

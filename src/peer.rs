@@ -60,8 +60,19 @@
 //!   payload   len
 //! ```
 //!
-//! The accepting side never writes. A clean end of a connection is EOF at a
-//! frame boundary. The handshake guards against misrouting (another
+//! The accepting side never writes, except to a join request. A clean end
+//! of a connection is EOF at a frame boundary.
+//!
+//! ```text
+//! join request (38 bytes, instead of the handshake; from a member that is
+//! starting with --initial-cluster-state=existing and knows nothing yet):
+//!   magic       8  b"KLSNJOIN"
+//!   zero       30
+//! join answer (then the accepting side closes):
+//!   len         4  u32  at most JOIN_ANSWER_MAX
+//!   crc         4  u32  crc32c of the answer
+//!   answer    len       the membership (`membership::Membership::encode`)
+//! ``` The handshake guards against misrouting (another
 //! cluster, another member, a stray client) and corruption; it is not
 //! authentication, and there is no encryption (no peer TLS yet).
 //!
@@ -90,6 +101,17 @@ use std::task::{Poll, Waker};
 use std::time::{Duration, Instant};
 
 pub const MAGIC: &[u8; 8] = b"KLSNPEER";
+pub const JOIN_MAGIC: &[u8; 8] = b"KLSNJOIN";
+/// The one byte the accepting side writes to a member removed from the
+/// cluster before it closes the connection.
+pub const GONE: u8 = b'G';
+const GONE_MESSAGE: &str = "this member was removed from the cluster";
+/// The largest join answer accepted.
+pub const JOIN_ANSWER_MAX: usize = 16 << 20;
+
+/// Answers a join request: the membership as text, or None if it is not
+/// available (the connection is closed without an answer).
+pub type JoinAnswer = Box<dyn Fn() -> futures::future::LocalBoxFuture<'static, Option<Vec<u8>>>>;
 pub const VERSION: u16 = 1;
 pub const HANDSHAKE_BYTES: usize = 38;
 pub const FRAME_HEADER_BYTES: usize = 8;
@@ -121,6 +143,9 @@ pub struct PeerConfig {
     pub dial_timeout: Duration,
     /// The longest wait between dials after failures.
     pub backoff_max: Duration,
+    /// Called when a peer answers this member's handshake with `GONE`:
+    /// this member was removed from the cluster.
+    pub on_removed: Option<Rc<dyn Fn()>>,
 }
 
 impl PeerConfig {
@@ -134,6 +159,7 @@ impl PeerConfig {
             frame_bytes_max: 64 << 20,
             dial_timeout: Duration::from_secs(1),
             backoff_max: Duration::from_secs(1),
+            on_removed: None,
         }
     }
 }
@@ -147,6 +173,9 @@ pub struct Peers {
     peers: RefCell<HashMap<u64, Rc<Peer>>>,
     /// The live inbound connection of each remote member.
     inbound: RefCell<HashMap<u64, Rc<Inbound>>>,
+    join: RefCell<Option<Rc<JoinAnswer>>>,
+    /// Members removed from the cluster: their handshakes get `GONE`.
+    removed: RefCell<std::collections::HashSet<u64>>,
 }
 
 impl Peers {
@@ -159,7 +188,22 @@ impl Peers {
             deliver,
             peers: RefCell::new(HashMap::new()),
             inbound: RefCell::new(HashMap::new()),
+            join: RefCell::new(None),
+            removed: RefCell::new(std::collections::HashSet::new()),
         })
+    }
+
+    /// `id` was removed from the cluster: forgets it (`remove_peer`), and
+    /// answers its handshakes from now on with `GONE`, so that it learns
+    /// it and stops even if it never applied its own removal.
+    pub fn mark_removed(&self, id: u64) {
+        self.remove_peer(id);
+        self.removed.borrow_mut().insert(id);
+    }
+
+    /// How join requests are answered (none: they are closed unanswered).
+    pub fn set_join_answer(&self, f: JoinAnswer) {
+        *self.join.borrow_mut() = Some(Rc::new(f));
     }
 
     pub fn config(&self) -> &PeerConfig {
@@ -188,6 +232,7 @@ impl Peers {
                 let old = p.writer.borrow_mut().take();
                 drop(old);
                 p.link.set(Link::Down);
+                p.up_since.set(None);
                 if !p.queue.borrow().is_empty() {
                     self.spawn_writer(&p);
                 }
@@ -256,6 +301,12 @@ impl Peers {
             .get(&id)
             .map(|p| p.link.get() == Link::Up)
             .unwrap_or(false)
+    }
+
+    /// Since when the connection to `id` has been up (etcd's
+    /// `ActiveSince`); None when there is none.
+    pub fn active_since(&self, id: u64) -> Option<Instant> {
+        self.peers.borrow().get(&id).and_then(|p| p.up_since.get())
     }
 
     /// Bytes queued for `id` (payloads plus frame headers); None if unknown.
@@ -338,6 +389,8 @@ struct Peer {
     /// The writer task, waiting for work.
     waker: RefCell<Option<Waker>>,
     link: Cell<Link>,
+    /// When the current connection came up (None while there is none).
+    up_since: Cell<Option<Instant>>,
     /// Sends refused since the last accepted one (logs once per run).
     refused: Cell<u64>,
     /// Dropping it cancels the task and closes its connection.
@@ -353,6 +406,7 @@ impl Peer {
             queued_bytes: Cell::new(0),
             waker: RefCell::new(None),
             link: Cell::new(Link::Down),
+            up_since: Cell::new(None),
             refused: Cell::new(0),
             writer: RefCell::new(None),
         }
@@ -416,8 +470,16 @@ async fn run_writer(cfg: Rc<PeerConfig>, peer: Rc<Peer>) {
                 crate::debug!("peer {:x}: connected", peer.id);
                 let up_at = Instant::now();
                 peer.link.set(Link::Up);
+                peer.up_since.set(Some(up_at));
                 let e = pump(&cfg, &peer, &mut stream, &mut buf, up_at, &mut failing).await;
+                if e.to_string() == GONE_MESSAGE {
+                    crate::error!("peer {:x}: says this member was removed from the cluster", peer.id);
+                    if let Some(f) = &cfg.on_removed {
+                        f();
+                    }
+                }
                 peer.link.set(Link::Down);
+                peer.up_since.set(None);
                 drop(stream);
                 buf.clear();
                 if up_at.elapsed() >= BACKOFF_RESET_AFTER {
@@ -506,6 +568,10 @@ async fn idle<S: AsyncRead + Unpin>(peer: &Peer, stream: &mut S) -> Option<io::E
             Poll::Ready(Ok(0)) => Poll::Ready(Some(io::Error::new(
                 io::ErrorKind::UnexpectedEof,
                 "closed by the peer",
+            ))),
+            Poll::Ready(Ok(_)) if scratch[0] == GONE => Poll::Ready(Some(io::Error::new(
+                io::ErrorKind::ConnectionRefused,
+                GONE_MESSAGE,
             ))),
             Poll::Ready(Ok(_)) => Poll::Ready(Some(io::Error::new(
                 io::ErrorKind::InvalidData,
@@ -636,7 +702,11 @@ enum Closed {
 
 /// The accept side, generic over the stream; logs one line and returns how
 /// the connection ended.
-async fn serve_conn<S: AsyncRead + Unpin>(peers: Rc<Peers>, stream: S, remote: &str) -> Closed {
+async fn serve_conn<S: AsyncRead + AsyncWrite + Unpin>(
+    peers: Rc<Peers>,
+    stream: S,
+    remote: &str,
+) -> Closed {
     let cfg = peers.cfg.clone();
     let mut r = BufReader::with_capacity(READ_BUFFER_BYTES, stream);
     let mut hs = [0u8; HANDSHAKE_BYTES];
@@ -659,6 +729,9 @@ async fn serve_conn<S: AsyncRead + Unpin>(peers: Rc<Peers>, stream: S, remote: &
         },
     )
     .await;
+    if got.is_ok() && &hs[..8] == JOIN_MAGIC {
+        return answer_join(&peers, r.get_mut(), remote).await;
+    }
     let checked = got.and_then(|()| check_handshake(&cfg, &hs).map_err(Closed::Bad));
     let from = match checked {
         Ok(h) => h.from,
@@ -667,6 +740,14 @@ async fn serve_conn<S: AsyncRead + Unpin>(peers: Rc<Peers>, stream: S, remote: &
             return why;
         }
     };
+    if peers.removed.borrow().contains(&from) {
+        use futures::io::AsyncWriteExt;
+        let w = r.get_mut();
+        let _ = w.write_all(&[GONE]).await;
+        let _ = w.flush().await;
+        crate::info!("peer: inbound {remote} from {from:x}, a removed member: told it so");
+        return Closed::Bad("a removed member".into());
+    }
     if !peers.peers.borrow().contains_key(&from) {
         crate::debug!("peer: inbound {remote} from member {from:x}, not a known peer yet");
     }
@@ -679,6 +760,52 @@ async fn serve_conn<S: AsyncRead + Unpin>(peers: Rc<Peers>, stream: S, remote: &
     drop(guard);
     log_closed(remote, Some(from), &why);
     why
+}
+
+async fn answer_join<S: AsyncWrite + Unpin>(peers: &Peers, w: &mut S, remote: &str) -> Closed {
+    let f = peers.join.borrow().clone();
+    let Some(f) = f else {
+        return Closed::Bad("a join request, and no answer here".into());
+    };
+    let Some(answer) = f().await else {
+        crate::warn!("peer: join request from {remote}: no membership to answer with");
+        return Closed::Eof;
+    };
+    let mut out = Vec::with_capacity(8 + answer.len());
+    out.extend_from_slice(&(answer.len() as u32).to_le_bytes());
+    out.extend_from_slice(&crc32c::crc32c(&answer).to_le_bytes());
+    out.extend_from_slice(&answer);
+    crate::info!("peer: answered a join request from {remote}");
+    use futures::io::AsyncWriteExt;
+    match w.write_all(&out).await.and(w.flush().await) {
+        Ok(()) => Closed::Eof,
+        Err(e) => Closed::Io(e.kind()),
+    }
+}
+
+/// Asks the member at `addr` for its cluster's membership (a join
+/// request). Blocking: for startup, before the executors run.
+pub fn request_join(addr: SocketAddr, timeout: Duration) -> Result<Vec<u8>, String> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect_timeout(&addr, timeout).map_err(|e| e.to_string())?;
+    s.set_read_timeout(Some(timeout)).map_err(|e| e.to_string())?;
+    s.set_write_timeout(Some(timeout)).map_err(|e| e.to_string())?;
+    let mut req = JOIN_MAGIC.to_vec();
+    req.resize(HANDSHAKE_BYTES, 0);
+    s.write_all(&req).map_err(|e| e.to_string())?;
+    let mut head = [0u8; 8];
+    s.read_exact(&mut head).map_err(|e| e.to_string())?;
+    let len = u32::from_le_bytes(head[..4].try_into().expect("4 bytes")) as usize;
+    let crc = u32::from_le_bytes(head[4..].try_into().expect("4 bytes"));
+    if len > JOIN_ANSWER_MAX {
+        return Err(format!("a join answer of {len} bytes"));
+    }
+    let mut answer = vec![0u8; len];
+    s.read_exact(&mut answer).map_err(|e| e.to_string())?;
+    if crc32c::crc32c(&answer) != crc {
+        return Err("the join answer failed its checksum".into());
+    }
+    Ok(answer)
 }
 
 fn log_closed(remote: &str, from: Option<u64>, why: &Closed) {
@@ -878,6 +1005,7 @@ mod tests {
             frame_bytes_max: 1 << 20,
             dial_timeout: Duration::from_millis(500),
             backoff_max: Duration::from_millis(200),
+            on_removed: None,
         }
     }
 

@@ -20,18 +20,27 @@
 //! *Architecture invariant:* the raft core never touches shard data; it only
 //! orders operations. It MUST NOT hand an entry to the applier before raft
 //! reports it committed, and MUST NOT acknowledge anything itself.
-//! Snapshots are not sent yet: a follower the leader's in-memory log no
-//! longer covers cannot catch up (logged), rather than receive an empty one.
+//!
+//! Membership: the raft core owns the cluster's `Membership` and changes
+//! it only when a membership entry (a ConfChange, or a member's published
+//! attributes) is handed off, in log order, so every member agrees. A
+//! change a client asks a follower for is forwarded to the leader over the
+//! peer transport; the leader makes etcd's strict reconfiguration checks
+//! and proposes it with the follower's context, so the follower answers
+//! its client when the entry applies. Every member checks the change again
+//! at apply (etcd's `ValidateConfigurationChange`); a refused one changes
+//! nothing, for raft either.
 
 use crate::apply::{ApplierMsg, Committed, ReadReply, Reply};
 use crate::config::Config;
 use crate::error::{self, Status};
 use crate::mailbox::Receiver;
-use crate::proto::keelson::RaftCommand;
+use crate::membership::{quorum, Membership};
+use crate::proto::keelson::{member_change::Kind, MemberChange, RaftCommand};
 use crate::server::{CoreMsg, Router};
 use crate::wal::{Recovered, Wal};
 use prost::Message as _;
-use raft::eraftpb::{ConfState, Entry, EntryType, Snapshot};
+use raft::eraftpb::{Entry, EntryType, Snapshot};
 use raft::storage::MemStorage;
 use raft::{RawNode, StateRole, Storage};
 use std::collections::HashMap;
@@ -65,12 +74,38 @@ pub enum RaftMsg {
         to: u64,
         header: Option<crate::snapshot::Header>,
     },
+    /// The membership as applied here (member list, join requests).
+    Members {
+        reply: futures::channel::oneshot::Sender<Membership>,
+    },
+    /// A membership change asked of this member: answered when it applies,
+    /// with the changed member's ID and the new membership.
+    ChangeMembers {
+        change: MemberChange,
+        reply: ChangeReply,
+    },
+    /// A follower's membership change, for this member to check and
+    /// propose as leader.
+    ForwardedChange {
+        from: u64,
+        nonce: u64,
+        seq: u64,
+        change: MemberChange,
+    },
+    /// The leader refused a change this member forwarded.
+    ChangeRefused {
+        nonce: u64,
+        seq: u64,
+        status: Status,
+    },
 }
+
+pub type ChangeReply = futures::channel::oneshot::Sender<Result<(u64, Membership), Status>>;
 
 pub struct RaftBoot {
     pub id: u64,
-    /// Every voting member (this one included).
-    pub voters: Vec<u64>,
+    /// The membership as of its `conf_index` (from `data-dir/members`).
+    pub membership: Membership,
     pub recovered: Recovered,
     /// Index every shard has durably applied (their common checkpoint).
     pub applied: u64,
@@ -89,6 +124,110 @@ const SNAPSHOT_QUEUED_MAX: usize = 8 << 20;
 /// What a peer payload is: its first byte.
 pub const PAYLOAD_RAFT: u8 = 0;
 pub const PAYLOAD_SNAPSHOT_CHUNK: u8 = 1;
+/// A follower's membership change for the leader: nonce u64, seq u64, then
+/// the `MemberChange` message.
+pub const PAYLOAD_MEMBER_CHANGE: u8 = 2;
+/// The leader's refusal of one: nonce u64, seq u64, gRPC code u8, message.
+pub const PAYLOAD_MEMBER_REFUSED: u8 = 3;
+
+/// Decodes a membership payload from peer `from` into the raft core's
+/// message (None: not one, or malformed).
+pub fn decode_member_payload(from: u64, p: &[u8]) -> Option<RaftMsg> {
+    if p.len() < 17 {
+        return None;
+    }
+    let nonce = u64::from_le_bytes(p[1..9].try_into().ok()?);
+    let seq = u64::from_le_bytes(p[9..17].try_into().ok()?);
+    match p[0] {
+        PAYLOAD_MEMBER_CHANGE => Some(RaftMsg::ForwardedChange {
+            from,
+            nonce,
+            seq,
+            change: MemberChange::decode(&p[17..]).ok()?,
+        }),
+        PAYLOAD_MEMBER_REFUSED if p.len() >= 18 => Some(RaftMsg::ChangeRefused {
+            nonce,
+            seq,
+            status: Status::new(
+                error::Code::from_u8(p[17]),
+                String::from_utf8_lossy(&p[18..]).into_owned(),
+            ),
+        }),
+        _ => None,
+    }
+}
+
+fn member_payload(kind: u8, nonce: u64, seq: u64, rest: &[u8]) -> Vec<u8> {
+    let mut b = Vec::with_capacity(17 + rest.len());
+    b.push(kind);
+    b.extend_from_slice(&nonce.to_le_bytes());
+    b.extend_from_slice(&seq.to_le_bytes());
+    b.extend_from_slice(rest);
+    b
+}
+
+/// A member's peer addresses (URLs that do not parse are skipped).
+pub fn peer_addrs(urls: &[String]) -> Vec<std::net::SocketAddr> {
+    urls.iter()
+        .filter_map(|u| crate::config::parse_url(u).ok())
+        .flatten()
+        .collect()
+}
+
+/// Points the transport at every member of `m` and forgets removed ones.
+pub fn sync_peers(peers: &crate::peer::Peers, m: &Membership, me: u64) {
+    for (id, info) in &m.members {
+        if *id != me {
+            peers.set_peer(*id, peer_addrs(&info.peer_urls));
+        }
+    }
+    for id in &m.removed {
+        peers.mark_removed(*id);
+    }
+}
+
+/// The membership and the changes waiting to apply.
+struct Members {
+    m: Membership,
+    path: std::path::PathBuf,
+    waiters: HashMap<u64, ChangeReply>,
+    token: String,
+    strict: bool,
+    /// This member applied its own removal.
+    removed_self: bool,
+}
+
+impl Members {
+    fn save(&self) {
+        if let Err(e) = self.m.store(&self.path) {
+            fatal(&format!("cannot record the membership: {e}"));
+        }
+    }
+
+    /// An ID for a member being added: etcd's recipe (its peer URLs, the
+    /// cluster token, the time), never one in use or removed.
+    fn new_id(&self, peer_urls: &[String]) -> u64 {
+        let mut urls = peer_urls.to_vec();
+        urls.sort();
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos().to_string())
+            .unwrap_or_default();
+        let mut salt = 0u64;
+        loop {
+            let salt_s = salt.to_string();
+            let mut parts: Vec<&str> = urls.iter().map(|s| s.as_str()).collect();
+            parts.push(&self.token);
+            parts.push(&now);
+            parts.push(&salt_s);
+            let id = crate::server::hash64(&parts);
+            if !self.m.members.contains_key(&id) && !self.m.removed.contains(&id) {
+                return id;
+            }
+            salt += 1;
+        }
+    }
+}
 
 /// `data-dir/snapshot.part`: the snapshot body being received.
 pub fn snapshot_part_path(data_dir: &std::path::Path) -> std::path::PathBuf {
@@ -154,7 +293,7 @@ fn build_node(boot: &RaftBoot) -> Result<RawNode<MemStorage>, String> {
     let storage = MemStorage::new();
     {
         let mut w = storage.wl();
-        let cs = ConfState::from((boot.voters.clone(), vec![]));
+        let cs = boot.membership.conf_state();
         if rec.base.0 > 0 {
             let mut snap = Snapshot::default();
             snap.mut_metadata().index = rec.base.0;
@@ -236,8 +375,17 @@ pub async fn run_raft(
         peers: peers.clone(),
         data_dir: boot.cfg.data_dir.clone(),
     };
-    // A snapshot body received and checked, waiting for raft to install it.
-    let mut snapshot_body: Option<(crate::snapshot::Header, Vec<u8>)> = None;
+    // A snapshot received and checked, waiting for raft to install it.
+    let mut snapshot_body: Option<(crate::snapshot::Header, Vec<u8>, Membership)> = None;
+    let mut ms = Members {
+        m: boot.membership.clone(),
+        path: boot.cfg.data_dir.join("members"),
+        waiters: HashMap::new(),
+        token: boot.cfg.initial_cluster_token.clone(),
+        strict: boot.cfg.strict_reconfig_check,
+        removed_self: false,
+    };
+    let mut exiting = false;
     let catchup = boot.cfg.snapshot_catchup_entries;
     // A MoveLeader in progress: (target, reply, ticks left).
     let mut transfer: Option<(
@@ -250,7 +398,7 @@ pub async fn run_raft(
     let mut reads: Vec<ReadReply> = Vec::new();
     let mut read_batches: HashMap<u64, Vec<ReadReply>> = HashMap::new();
     let mut checkpoints = vec![0u64; router.shards.len()];
-    let mut published = (0u64, 0u64, 0u64);
+    let mut published = (0u64, 0u64, 0u64, false);
     let mut msgs = Vec::with_capacity(256);
 
     // Ticks arrive as messages, so the loop sleeps only on its mailbox and
@@ -298,6 +446,7 @@ pub async fn run_raft(
                         // Requests whose client gave up (timed out) while
                         // their entry or read was lost in a leader change.
                         waiters.retain(|_, r| !r.is_canceled());
+                        ms.waiters.retain(|_, r| !r.is_canceled());
                         read_batches.retain(|_, rs| {
                             rs.retain(|r| !r.is_canceled());
                             !rs.is_empty()
@@ -320,10 +469,57 @@ pub async fn run_raft(
                     }
                 }
                 RaftMsg::SnapshotSent { to, header } => {
-                    snaps.sent(&mut node, to, header);
+                    snaps.sent(&mut node, to, header, &ms.m);
+                }
+                RaftMsg::Members { reply } => {
+                    let _ = reply.send(ms.m.clone());
+                }
+                RaftMsg::ChangeMembers { change, reply } => {
+                    let seq = next_id;
+                    next_id += 1;
+                    ms.waiters.insert(seq, reply);
+                    if let Err(st) = route_change(&mut node, &peers, &ms, me, nonce, seq, change) {
+                        if let Some(r) = ms.waiters.remove(&seq) {
+                            let _ = r.send(Err(st));
+                        }
+                    }
+                }
+                RaftMsg::ForwardedChange {
+                    from,
+                    nonce: n,
+                    seq,
+                    change,
+                } => {
+                    if ms.m.removed.contains(&from) {
+                        continue;
+                    }
+                    let res = if node.raft.state == StateRole::Leader {
+                        propose_change(&mut node, &peers, &ms, me, n, seq, change)
+                    } else {
+                        Err(error::no_leader())
+                    };
+                    if let Err(st) = res {
+                        let mut rest = vec![st.code as u8];
+                        rest.extend_from_slice(st.message.as_bytes());
+                        let _ = peers.send(
+                            from,
+                            member_payload(PAYLOAD_MEMBER_REFUSED, n, seq, &rest).into(),
+                        );
+                    }
+                }
+                RaftMsg::ChangeRefused {
+                    nonce: n,
+                    seq,
+                    status,
+                } => {
+                    if n == nonce {
+                        if let Some(r) = ms.waiters.remove(&seq) {
+                            let _ = r.send(Err(status));
+                        }
+                    }
                 }
                 RaftMsg::Step(m) => {
-                    if m.to != me {
+                    if m.to != me || ms.m.removed.contains(&m.from) {
                         continue;
                     }
                     if m.get_msg_type() == raft::eraftpb::MessageType::MsgSnapshot {
@@ -411,8 +607,8 @@ pub async fn run_raft(
             let snap = ready.snapshot().clone();
             let index = snap.get_metadata().index;
             let term = snap.get_metadata().term;
-            let body = match snapshot_body.take() {
-                Some((h, b)) if h.index == index => b,
+            let (body, membership) = match snapshot_body.take() {
+                Some((h, b, m)) if h.index == index => (b, m),
                 _ => fatal("raft took a snapshot whose body is not here"),
             };
             crate::info!(
@@ -435,6 +631,12 @@ pub async fn run_raft(
                 fatal(&e);
             }
             let _ = std::fs::remove_file(snapshot_part_path(&boot.cfg.data_dir));
+            // Its membership is current as of the leader's hand-off point:
+            // changes up to its conf_index are in it already.
+            ms.m = membership;
+            ms.m.conf_index = ms.m.conf_index.max(index);
+            ms.save();
+            sync_peers(&peers, &ms.m, me);
             crate::info!("raft: snapshot at index {index} installed");
         }
         // 2. Committed entries (durable since an earlier turn).
@@ -443,6 +645,8 @@ pub async fn run_raft(
             nonce,
             ready.take_committed_entries(),
             &mut waiters,
+            &mut ms,
+            &peers,
             &router,
         );
         // 3. Append and hard state, then one fdatasync.
@@ -495,9 +699,21 @@ pub async fn run_raft(
             nonce,
             light.take_committed_entries(),
             &mut waiters,
+            &mut ms,
+            &peers,
             &router,
         );
         node.advance_apply();
+        if ms.removed_self && !exiting {
+            exiting = true;
+            crate::error!("the member has been permanently removed from the cluster; stopping");
+            glommio::spawn_local(async {
+                // Time for the answers to this member's clients to go out.
+                glommio::timer::sleep(Duration::from_secs(1)).await;
+                std::process::exit(0);
+            })
+            .detach();
+        }
 
         // Keep the in-memory log bounded: `catchup` entries behind the
         // applied index, more for a follower that lags (up to
@@ -524,6 +740,7 @@ pub async fn run_raft(
             node.raft.term,
             node.raft.leader_id,
             node.raft.raft_log.committed,
+            ms.m.is_learner(me),
         );
         if state != published {
             published = state;
@@ -532,6 +749,7 @@ pub async fn run_raft(
                     term: state.0,
                     leader: state.1,
                     commit: state.2,
+                    learner: state.3,
                 });
             }
         }
@@ -596,6 +814,7 @@ impl SnapshotSender {
         node: &mut RawNode<MemStorage>,
         to: u64,
         header: Option<crate::snapshot::Header>,
+        membership: &Membership,
     ) {
         let Some(h) = header else {
             self.inflight.remove(&to);
@@ -613,11 +832,12 @@ impl SnapshotSender {
             }
         };
         let mut snap = Snapshot::default();
-        snap.set_data(h.encode().into());
+        let mut data = h.encode();
+        data.extend_from_slice(membership.encode().as_bytes());
+        snap.set_data(data.into());
         snap.mut_metadata().index = h.index;
         snap.mut_metadata().term = term;
-        snap.mut_metadata()
-            .set_conf_state(node.raft.prs().conf().to_conf_state());
+        snap.mut_metadata().set_conf_state(membership.conf_state());
         let mut m = raft::eraftpb::Message::default();
         m.set_msg_type(raft::eraftpb::MessageType::MsgSnapshot);
         m.to = to;
@@ -630,8 +850,16 @@ impl SnapshotSender {
 
     /// Checks a received snapshot's body (`snapshot.part`) against the
     /// header in raft's message.
-    fn received_body(&self, snap: &Snapshot) -> Result<(crate::snapshot::Header, Vec<u8>), String> {
-        let h = crate::snapshot::Header::decode(snap.get_data()).ok_or("bad snapshot header")?;
+    fn received_body(
+        &self,
+        snap: &Snapshot,
+    ) -> Result<(crate::snapshot::Header, Vec<u8>, Membership), String> {
+        let data = snap.get_data();
+        let at = crate::snapshot::Header::BYTES.min(data.len());
+        let h = crate::snapshot::Header::decode(&data[..at]).ok_or("bad snapshot header")?;
+        let text = std::str::from_utf8(&data[at..]).map_err(|_| "bad membership in the snapshot")?;
+        let membership =
+            Membership::decode(text).map_err(|e| format!("bad membership in the snapshot: {e}"))?;
         if h.index != snap.get_metadata().index {
             return Err("snapshot header names another index".into());
         }
@@ -644,7 +872,7 @@ impl SnapshotSender {
                 h.len
             ));
         }
-        Ok((h, body))
+        Ok((h, body, membership))
     }
 }
 
@@ -729,6 +957,8 @@ fn hand_off(
     nonce: u64,
     entries: Vec<Entry>,
     waiters: &mut HashMap<u64, Reply>,
+    ms: &mut Members,
+    peers: &crate::peer::Peers,
     router: &Router,
 ) {
     if entries.is_empty() {
@@ -737,16 +967,27 @@ fn hand_off(
     let mut out = Vec::with_capacity(entries.len());
     for e in entries {
         // Only the member (and process) that proposed an entry answers it.
-        let reply = match e.context.len() {
-            16 if e.context[..8] == nonce.to_le_bytes() => waiters.remove(&u64::from_le_bytes(
+        let seq = match e.context.len() {
+            16 if e.context[..8] == nonce.to_le_bytes() => Some(u64::from_le_bytes(
                 e.context[8..].try_into().expect("8 bytes"),
             )),
             _ => None,
         };
+        let reply = seq.and_then(|s| waiters.remove(&s));
         let cmd = match e.get_entry_type() {
             EntryType::EntryNormal if e.data.is_empty() => None,
             EntryType::EntryNormal => match RaftCommand::decode(e.data.as_ref()) {
-                Ok(c) => Some(c),
+                Ok(c) => {
+                    use crate::proto::keelson::raft_command::Cmd;
+                    if let Some(Cmd::MemberAttributes(a)) = &c.cmd {
+                        if e.index > ms.m.conf_index
+                            && ms.m.set_attributes(e.index, a.id, &a.name, &a.client_urls)
+                        {
+                            ms.save();
+                        }
+                    }
+                    Some(c)
+                }
                 Err(err) => {
                     // Only keelson writes entries; an undecodable one means a
                     // bug or a damaged log that passed its checksum.
@@ -757,13 +998,15 @@ fn hand_off(
                     None
                 }
             },
-            EntryType::EntryConfChange | EntryType::EntryConfChangeV2 => {
-                let mut cc = raft::eraftpb::ConfChange::default();
-                if protobuf::Message::merge_from_bytes(&mut cc, e.data.as_ref()).is_ok() {
-                    if let Ok(cs) = node.apply_conf_change(&cc) {
-                        node.mut_store().wl().set_conf_state(cs);
-                    }
-                }
+            EntryType::EntryConfChange => {
+                apply_member_change(node, ms, peers, &e, seq);
+                None
+            }
+            EntryType::EntryConfChangeV2 => {
+                crate::error!(
+                    "raft: entry {} is a joint conf change, which keelson never proposes; ignored",
+                    e.index
+                );
                 None
             }
         };
@@ -774,6 +1017,210 @@ fn hand_off(
         });
     }
     router.applier.send(ApplierMsg::Committed(out));
+}
+
+/// Applies the membership change in a committed ConfChange entry, if it
+/// still checks out (every member decides the same: same membership, same
+/// order), and answers its requester when that is this member.
+fn apply_member_change(
+    node: &mut RawNode<MemStorage>,
+    ms: &mut Members,
+    peers: &crate::peer::Peers,
+    e: &Entry,
+    seq: Option<u64>,
+) {
+    let reply = seq.and_then(|s| ms.waiters.remove(&s));
+    let answer = |r: Option<ChangeReply>, res| {
+        if let Some(r) = r {
+            let _ = r.send(res);
+        }
+    };
+    if e.index <= ms.m.conf_index {
+        // Already in the membership (and raft's configuration): replayed
+        // after a restart or behind a snapshot.
+        return;
+    }
+    let mut cc = raft::eraftpb::ConfChange::default();
+    let change = match protobuf::Message::merge_from_bytes(&mut cc, e.data.as_ref()) {
+        Ok(()) => MemberChange::decode(cc.context.as_ref())
+            .ok()
+            .filter(|c| c.id == cc.node_id && c.id != 0),
+        Err(_) => None,
+    };
+    let Some(change) = change else {
+        crate::error!(
+            "raft: entry {} carries a conf change keelson did not write; ignored",
+            e.index
+        );
+        return;
+    };
+    let kind = Kind::try_from(change.kind).unwrap_or(Kind::Update);
+    if let Err(st) = ms.m.check(&change) {
+        crate::info!(
+            "membership: {kind:?} of member {:x} at index {} refused: {}",
+            change.id,
+            e.index,
+            st.message
+        );
+        answer(reply, Err(st));
+        return;
+    }
+    match node.apply_conf_change(&cc) {
+        Ok(cs) => node.mut_store().wl().set_conf_state(cs),
+        Err(err) => {
+            crate::warn!(
+                "membership: {kind:?} of member {:x} at index {} refused by raft: {err}",
+                change.id,
+                e.index
+            );
+            answer(
+                reply,
+                Err(Status::new(
+                    error::Code::FailedPrecondition,
+                    format!("etcdserver: {err}"),
+                )),
+            );
+            return;
+        }
+    }
+    ms.m.apply(e.index, &change);
+    ms.save();
+    let me = node.raft.id;
+    sync_peers(peers, &ms.m, me);
+    crate::info!(
+        "membership: {kind:?} member {:x} {:?} at index {}; voters {:x?}, learners {:x?}",
+        change.id,
+        change.peer_urls,
+        e.index,
+        ms.m.voters().collect::<Vec<_>>(),
+        ms.m.learners().collect::<Vec<_>>()
+    );
+    if kind == Kind::Remove && change.id == me {
+        ms.removed_self = true;
+    }
+    answer(reply, Ok((change.id, ms.m.clone())));
+}
+
+/// How long a member must have been connected to count as healthy for a
+/// membership change (etcd's `HealthInterval`).
+const HEALTH_INTERVAL: Duration = Duration::from_secs(5);
+
+/// Sends a membership change to the leader (or checks and proposes it
+/// here, when this member leads).
+fn route_change(
+    node: &mut RawNode<MemStorage>,
+    peers: &crate::peer::Peers,
+    ms: &Members,
+    me: u64,
+    nonce: u64,
+    seq: u64,
+    change: MemberChange,
+) -> Result<(), Status> {
+    if node.raft.state == StateRole::Leader {
+        return propose_change(node, peers, ms, me, nonce, seq, change);
+    }
+    let leader = node.raft.leader_id;
+    if leader == raft::INVALID_ID {
+        return Err(error::no_leader());
+    }
+    let payload = member_payload(PAYLOAD_MEMBER_CHANGE, nonce, seq, &change.encode_to_vec());
+    if peers.send(leader, payload.into()) {
+        Ok(())
+    } else {
+        Err(error::no_leader())
+    }
+}
+
+/// The leader's part of a membership change: etcd's strict
+/// reconfiguration checks (quorum of started voters, every voter
+/// connected, a learner in sync before promotion), then the proposal, with
+/// the requester's context.
+fn propose_change(
+    node: &mut RawNode<MemStorage>,
+    peers: &crate::peer::Peers,
+    ms: &Members,
+    me: u64,
+    nonce: u64,
+    seq: u64,
+    mut change: MemberChange,
+) -> Result<(), Status> {
+    let kind = Kind::try_from(change.kind)
+        .map_err(|_| Status::new(error::Code::InvalidArgument, "etcdserver: unknown membership change"))?;
+    if kind == Kind::Add && change.id == 0 {
+        change.id = ms.new_id(&change.peer_urls);
+    }
+    ms.m.check(&change)?;
+    let voters: Vec<u64> = ms.m.voters().collect();
+    // etcd's isConnectedFullySince: connected for the last health interval.
+    let connected = |id: u64| {
+        id == me
+            || peers
+                .active_since(id)
+                .map(|t| t.elapsed() >= HEALTH_INTERVAL)
+                .unwrap_or(false)
+    };
+    let started = ms.m.started_voters();
+    match kind {
+        Kind::Add | Kind::Remove if !ms.strict => {}
+        Kind::Add => {
+            let n = voters.len() + 1;
+            if !change.is_learner && !(started == 1 && n == 2) && started < quorum(n) {
+                return Err(error::member_not_enough_started());
+            }
+            if !voters.iter().all(|&v| connected(v)) {
+                return Err(error::unhealthy());
+            }
+        }
+        Kind::Remove if !ms.m.is_learner(change.id) => {
+            let rest = ms
+                .m
+                .members
+                .iter()
+                .filter(|(id, m)| **id != change.id && !m.learner && !m.name.is_empty())
+                .count();
+            let remaining = voters.len().saturating_sub(1);
+            if rest < quorum(remaining) {
+                return Err(error::member_not_enough_started());
+            }
+            // A member that is down is safe to remove: it is not part of
+            // the active quorum.
+            if change.id == me || peers.active_since(change.id).is_some() {
+                let active = voters.iter().filter(|&&v| connected(v)).count();
+                if active.saturating_sub(1) < quorum(remaining) {
+                    return Err(error::unhealthy());
+                }
+            }
+        }
+        Kind::Remove | Kind::Update => {}
+        Kind::Promote => {
+            if ms.strict && started + 1 < quorum(voters.len() + 1) {
+                return Err(error::member_not_enough_started());
+            }
+            let leader_match = node.raft.raft_log.last_index();
+            let learner_match = node
+                .raft
+                .prs()
+                .get(change.id)
+                .map(|p| p.matched)
+                .unwrap_or(0);
+            if (learner_match as f64) < (leader_match as f64) * 0.9 {
+                return Err(error::learner_not_ready());
+            }
+        }
+    }
+    if node.raft.has_pending_conf() {
+        // raft takes one change at a time; etcd's request would time out.
+        return Err(error::timeout());
+    }
+    let mut cc = raft::eraftpb::ConfChange::default();
+    cc.set_change_type(ms.m.raft_change(&change));
+    cc.node_id = change.id;
+    cc.context = change.encode_to_vec().into();
+    let mut ctx = Vec::with_capacity(16);
+    ctx.extend_from_slice(&nonce.to_le_bytes());
+    ctx.extend_from_slice(&seq.to_le_bytes());
+    node.propose_conf_change(ctx, cc)
+        .map_err(|e| Status::new(error::Code::Unavailable, format!("etcdserver: {e}")))
 }
 
 /// etcd's default request timeout: 5s plus two election timeouts.

@@ -5,22 +5,22 @@
 //!
 //! Format (little-endian): magic `KLSNSNP1`, index u64, compact revision
 //! i64, current revision i64, lease count u64 and (id i64, ttl i64) pairs,
-//! member count u64 and (id u64, name, client URLs joined by spaces) with
-//! u32 lengths, then shard records in the segment format
+//! then shard records in the segment format
 //! (`store::segment::encode_record`, each with its own crc) to the end.
-//! The whole file's crc32c travels in the raft snapshot message (`Header`).
+//! The whole file's crc32c travels in the raft snapshot message (`Header`),
+//! followed there by the membership (`membership::Membership::encode`),
+//! which is the raft core's, not the shards'.
 //!
 //! Every key's versions are included (the MVCC history since compaction),
 //! so reads at old revisions and watches from old revisions work on the
 //! member that installs it. A snapshot is routed by key, so members with
 //! different shard counts exchange snapshots freely.
 
-use crate::apply::MemberAttrs;
 use crate::store::index::Version;
 use crate::store::segment::{self, Decode};
 use std::collections::BTreeMap;
 
-const MAGIC: &[u8; 8] = b"KLSNSNP1";
+const MAGIC: &[u8; 8] = b"KLSNSNP2";
 
 /// The state besides the records.
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -29,7 +29,6 @@ pub struct Meta {
     pub compact_rev: i64,
     pub current_rev: i64,
     pub leases: BTreeMap<i64, i64>,
-    pub members: MemberAttrs,
 }
 
 /// Starts a snapshot body with its fixed part; records are appended with
@@ -43,14 +42,6 @@ pub fn build_head(m: &Meta) -> Vec<u8> {
     for (id, ttl) in &m.leases {
         b.extend_from_slice(&id.to_le_bytes());
         b.extend_from_slice(&ttl.to_le_bytes());
-    }
-    b.extend_from_slice(&(m.members.len() as u64).to_le_bytes());
-    for (id, (name, urls)) in &m.members {
-        b.extend_from_slice(&id.to_le_bytes());
-        for s in [name.as_bytes(), urls.join(" ").as_bytes()] {
-            b.extend_from_slice(&(s.len() as u32).to_le_bytes());
-            b.extend_from_slice(s);
-        }
     }
     b
 }
@@ -76,15 +67,6 @@ impl<'a> Reader<'a> {
             self.take(8)?.try_into().expect("8 bytes"),
         ))
     }
-    fn u32(&mut self) -> Result<u32, String> {
-        Ok(u32::from_le_bytes(
-            self.take(4)?.try_into().expect("4 bytes"),
-        ))
-    }
-    fn string(&mut self) -> Result<String, String> {
-        let n = self.u32()? as usize;
-        String::from_utf8(self.take(n)?.to_vec()).map_err(|_| "snapshot: bad string".to_string())
-    }
 }
 
 /// Parses a snapshot body: its state and every record, in order.
@@ -107,21 +89,6 @@ pub fn parse(b: &[u8]) -> Result<(Meta, Vec<(Vec<u8>, Version)>), String> {
         let id = r.u64()? as i64;
         let ttl = r.u64()? as i64;
         m.leases.insert(id, ttl);
-    }
-    let n = r.u64()?;
-    if n > (b.len() / 16) as u64 {
-        return Err("snapshot: member count exceeds its size".into());
-    }
-    for _ in 0..n {
-        let id = r.u64()?;
-        let name = r.string()?;
-        let urls = r.string()?;
-        let urls = urls
-            .split(' ')
-            .filter(|u| !u.is_empty())
-            .map(|u| u.to_string())
-            .collect();
-        m.members.insert(id, (name, urls));
     }
     let mut records = Vec::new();
     let mut rest = &b[r.at..];
@@ -153,8 +120,9 @@ impl Header {
         b.extend_from_slice(&self.crc.to_le_bytes());
         b
     }
+    pub const BYTES: usize = 20;
     pub fn decode(b: &[u8]) -> Option<Header> {
-        (b.len() == 20).then(|| Header {
+        (b.len() == Self::BYTES).then(|| Header {
             index: u64::from_le_bytes(b[0..8].try_into().expect("8")),
             len: u64::from_le_bytes(b[8..16].try_into().expect("8")),
             crc: u32::from_le_bytes(b[16..20].try_into().expect("4")),
@@ -196,10 +164,6 @@ mod tests {
             ..Default::default()
         };
         m.leases.insert(9, 60);
-        m.members.insert(
-            3,
-            ("m0".into(), vec!["http://a:1".into(), "http://b:2".into()]),
-        );
         let mut b = build_head(&m);
         let head_len = b.len();
         let v = Version {

@@ -31,6 +31,10 @@ pub enum Method {
     Status,
     Alarm,
     MemberList,
+    MemberAdd,
+    MemberRemove,
+    MemberUpdate,
+    MemberPromote,
     HealthCheck,
     LeaseGrant,
     LeaseRevoke,
@@ -78,6 +82,10 @@ pub fn lookup(path: &str) -> Option<Method> {
         "/etcdserverpb.Maintenance/Status" => Method::Status,
         "/etcdserverpb.Maintenance/Alarm" => Method::Alarm,
         "/etcdserverpb.Cluster/MemberList" => Method::MemberList,
+        "/etcdserverpb.Cluster/MemberAdd" => Method::MemberAdd,
+        "/etcdserverpb.Cluster/MemberRemove" => Method::MemberRemove,
+        "/etcdserverpb.Cluster/MemberUpdate" => Method::MemberUpdate,
+        "/etcdserverpb.Cluster/MemberPromote" => Method::MemberPromote,
         "/grpc.health.v1.Health/Check" => Method::HealthCheck,
         "/etcdserverpb.Lease/LeaseGrant" => Method::LeaseGrant,
         "/etcdserverpb.Lease/LeaseRevoke" => Method::LeaseRevoke,
@@ -120,6 +128,10 @@ pub async fn call_stream(
     meta: Metadata,
     core: &Core,
 ) -> Result<(), Status> {
+    if core.view.learner.get() {
+        // etcd serves no stream on a learner.
+        return Err(error::not_supported_for_learner());
+    }
     match m {
         StreamMethod::LeaseKeepAlive => lease_keep_alive(core, input, sink).await,
         StreamMethod::Watch => super::watch::serve(core, input, sink, meta).await,
@@ -137,6 +149,20 @@ fn decode<M: Message + Default>(body: &[u8]) -> Result<M, Status> {
 }
 
 pub async fn call(m: Method, body: &[u8], core: &Core) -> Result<Vec<u8>, Status> {
+    if core.view.learner.get() {
+        // A learner serves what etcd's does: status, the member list and
+        // serializable ranges.
+        let supported = match m {
+            Method::Status | Method::MemberList => true,
+            Method::Range => RangeRequest::decode(body)
+                .map(|r| r.serializable)
+                .unwrap_or(false),
+            _ => false,
+        };
+        if !supported {
+            return Err(error::not_supported_for_learner());
+        }
+    }
     Ok(match m {
         Method::Range => range(core, decode(body)?).await?.encode_to_vec(),
         Method::Put => put(core, decode(body)?).await?.encode_to_vec(),
@@ -146,6 +172,10 @@ pub async fn call(m: Method, body: &[u8], core: &Core) -> Result<Vec<u8>, Status
         Method::Status => status(core, decode(body)?).await?.encode_to_vec(),
         Method::Alarm => alarm(core, decode(body)?)?.encode_to_vec(),
         Method::MemberList => member_list(core, decode(body)?).await?.encode_to_vec(),
+        Method::MemberAdd => member_add(core, decode(body)?).await?.encode_to_vec(),
+        Method::MemberRemove => member_remove(core, decode(body)?).await?.encode_to_vec(),
+        Method::MemberUpdate => member_update(core, decode(body)?).await?.encode_to_vec(),
+        Method::MemberPromote => member_promote(core, decode(body)?).await?.encode_to_vec(),
         Method::LeaseGrant => lease_grant(core, decode(body)?).await?.encode_to_vec(),
         Method::LeaseRevoke => lease_revoke(core, decode(body)?).await?.encode_to_vec(),
         Method::LeaseTimeToLive => lease_time_to_live(core, decode(body)?)
@@ -366,7 +396,7 @@ async fn status(core: &Core, _req: StatusRequest) -> Result<StatusResponse, Stat
         raft_applied_index: v.applied.get(),
         errors,
         db_size_in_use: db_size,
-        is_learner: false,
+        is_learner: core.view.learner.get(),
         ..Default::default()
     })
 }
@@ -390,33 +420,109 @@ async fn member_list(core: &Core, req: MemberListRequest) -> Result<MemberListRe
     if req.linearizable {
         read_revision(core, false).await?;
     }
-    let attrs = ask_applier(core, |reply| crate::apply::ApplierMsg::MemberAttrs {
-        reply,
-    })
-    .await?;
-    let m = &core.router.member;
+    let m = membership(core).await?;
     Ok(MemberListResponse {
         header: header(core, core.view.revision.get()),
-        members: m
-            .members
-            .iter()
-            .map(|p| {
-                // A member that has not published yet shows no name and no
-                // client URLs, as on etcd ("unstarted").
-                let (name, client_urls) = match attrs.get(&p.id) {
-                    Some((n, u)) => (n.clone(), u.clone()),
-                    None if p.id == m.id => (m.name.clone(), m.client_urls.clone()),
-                    None => (String::new(), Vec::new()),
-                };
-                Member {
-                    id: p.id,
-                    name,
-                    peer_ur_ls: p.peer_urls.clone(),
-                    client_ur_ls: client_urls,
-                    is_learner: false,
-                }
-            })
-            .collect(),
+        members: members_pb(core, &m),
+    })
+}
+
+async fn membership(core: &Core) -> Result<crate::membership::Membership, Status> {
+    let (tx, rx) = oneshot::channel();
+    core.router.raft.send(RaftMsg::Members { reply: tx });
+    with_timeout(core, rx).await
+}
+
+/// The membership as etcd lists it. A member that has not published yet
+/// shows no name and no client URLs ("unstarted"), except this one, which
+/// knows its own.
+fn members_pb(core: &Core, m: &crate::membership::Membership) -> Vec<Member> {
+    let me = &core.router.member;
+    m.members
+        .iter()
+        .map(|(id, i)| {
+            let (name, client_urls) = if *id == me.id && i.client_urls.is_empty() {
+                (me.name.clone(), me.client_urls.clone())
+            } else {
+                (i.name.clone(), i.client_urls.clone())
+            };
+            Member {
+                id: *id,
+                name,
+                peer_ur_ls: i.peer_urls.clone(),
+                client_ur_ls: client_urls,
+                is_learner: i.learner,
+            }
+        })
+        .collect()
+}
+
+/// Asks the raft core for a membership change and waits until it applies.
+async fn change_members(
+    core: &Core,
+    kind: crate::proto::keelson::member_change::Kind,
+    id: u64,
+    peer_urls: Vec<String>,
+    is_learner: bool,
+) -> Result<(u64, crate::membership::Membership), Status> {
+    use crate::proto::keelson::member_change::Kind;
+    if matches!(kind, Kind::Add | Kind::Update) && !crate::membership::valid_peer_urls(&peer_urls) {
+        return Err(error::member_bad_urls());
+    }
+    let (tx, rx) = oneshot::channel();
+    core.router.raft.send(RaftMsg::ChangeMembers {
+        change: crate::proto::keelson::MemberChange {
+            kind: kind as i32,
+            id,
+            peer_urls,
+            is_learner,
+        },
+        reply: tx,
+    });
+    with_timeout(core, rx).await?
+}
+
+async fn member_add(core: &Core, req: MemberAddRequest) -> Result<MemberAddResponse, Status> {
+    use crate::proto::keelson::member_change::Kind;
+    let (id, m) =
+        change_members(core, Kind::Add, 0, req.peer_ur_ls.clone(), req.is_learner).await?;
+    Ok(MemberAddResponse {
+        header: header(core, core.view.revision.get()),
+        member: Some(Member {
+            id,
+            name: String::new(),
+            peer_ur_ls: req.peer_ur_ls,
+            client_ur_ls: Vec::new(),
+            is_learner: req.is_learner,
+        }),
+        members: members_pb(core, &m),
+    })
+}
+
+async fn member_remove(core: &Core, req: MemberRemoveRequest) -> Result<MemberRemoveResponse, Status> {
+    use crate::proto::keelson::member_change::Kind;
+    let (_, m) = change_members(core, Kind::Remove, req.id, Vec::new(), false).await?;
+    Ok(MemberRemoveResponse {
+        header: header(core, core.view.revision.get()),
+        members: members_pb(core, &m),
+    })
+}
+
+async fn member_update(core: &Core, req: MemberUpdateRequest) -> Result<MemberUpdateResponse, Status> {
+    use crate::proto::keelson::member_change::Kind;
+    let (_, m) = change_members(core, Kind::Update, req.id, req.peer_ur_ls, false).await?;
+    Ok(MemberUpdateResponse {
+        header: header(core, core.view.revision.get()),
+        members: members_pb(core, &m),
+    })
+}
+
+async fn member_promote(core: &Core, req: MemberPromoteRequest) -> Result<MemberPromoteResponse, Status> {
+    use crate::proto::keelson::member_change::Kind;
+    let (_, m) = change_members(core, Kind::Promote, req.id, Vec::new(), false).await?;
+    Ok(MemberPromoteResponse {
+        header: header(core, core.view.revision.get()),
+        members: members_pb(core, &m),
     })
 }
 

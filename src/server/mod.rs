@@ -50,9 +50,6 @@ pub struct Member {
     pub watch_progress_notify_interval: std::time::Duration,
     pub data_dir: std::path::PathBuf,
     pub election_timeout: std::time::Duration,
-    /// Every member of the cluster, this one included, as bootstrapped
-    /// (names and client URLs as published are the applier's).
-    pub members: Vec<PeerInfo>,
 }
 
 /// News for every core: the applied index and revisions, and raft state.
@@ -66,6 +63,8 @@ pub enum CoreMsg {
         term: u64,
         leader: u64,
         commit: u64,
+        /// This member is a learner.
+        learner: bool,
     },
     /// Live changes from a shard for this core's watchers.
     WatchEvents {
@@ -94,6 +93,7 @@ pub struct View {
     pub term: Cell<u64>,
     pub leader: Cell<u64>,
     pub commit: Cell<u64>,
+    pub learner: Cell<bool>,
 }
 
 impl View {
@@ -114,10 +114,12 @@ impl View {
                 term,
                 leader,
                 commit,
+                learner,
             } => {
                 self.term.set(term);
                 self.leader.set(leader);
                 self.commit.set(commit);
+                self.learner.set(learner);
             }
         }
     }
@@ -159,7 +161,7 @@ impl Core {
     }
 }
 
-fn hash64(parts: &[&str]) -> u64 {
+pub fn hash64(parts: &[&str]) -> u64 {
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
     for p in parts {
         for b in p.as_bytes().iter().chain(b"\0") {
@@ -300,6 +302,35 @@ fn load_or_create_meta(cfg: &Config) -> Result<Meta, String> {
                 _ => Err(format!("{}: not a valid keelson meta file", path.display())),
             }
         }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound && cfg.initial_cluster_state == "existing" => {
+            let shards = cfg.shards.unwrap_or(cfg.cores).max(1);
+            let (me, m) = join_existing(cfg)?;
+            let mut text = format!(
+                "format=keelson-1\nshards={shards}\nmember_id={me:x}\ncluster_id={:x}\n",
+                m.cluster_id
+            );
+            let members: Vec<PeerInfo> = m
+                .members
+                .iter()
+                .map(|(id, i)| PeerInfo {
+                    id: *id,
+                    name: if *id == me { cfg.name.clone() } else { i.name.clone() },
+                    peer_urls: i.peer_urls.clone(),
+                })
+                .collect();
+            for p in &members {
+                text.push_str(&format!("member={}\n", member_line(p.id, &p.name, &p.peer_urls)));
+            }
+            // The membership first: a meta without it would bootstrap one.
+            m.store(&cfg.data_dir.join("members"))?;
+            write_atomically(&path, &text)?;
+            Ok(Meta {
+                shards,
+                member_id: me,
+                cluster_id: m.cluster_id,
+                members,
+            })
+        }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             let shards = cfg.shards.unwrap_or(cfg.cores).max(1);
             let peers = initial_peers(cfg)?;
@@ -333,11 +364,7 @@ fn load_or_create_meta(cfg: &Config) -> Result<Meta, String> {
                     member_line(p.id, &p.name, &p.peer_urls)
                 ));
             }
-            let tmp = cfg.data_dir.join("meta.tmp");
-            fs::write(&tmp, text)
-                .and_then(|_| fs::File::open(&tmp)?.sync_all())
-                .and_then(|_| fs::rename(&tmp, &path))
-                .map_err(|e| format!("{}: {e}", path.display()))?;
+            write_atomically(&path, &text)?;
             Ok(Meta {
                 shards,
                 member_id,
@@ -347,6 +374,121 @@ fn load_or_create_meta(cfg: &Config) -> Result<Meta, String> {
         }
         Err(e) => Err(format!("{}: {e}", path.display())),
     }
+}
+
+fn write_atomically(path: &Path, text: &str) -> Result<(), String> {
+    let tmp = path.with_extension("tmp");
+    fs::write(&tmp, text)
+        .and_then(|_| fs::File::open(&tmp)?.sync_all())
+        .and_then(|_| fs::rename(&tmp, path))
+        .map_err(|e| format!("{}: {e}", path.display()))
+}
+
+/// A new member joining a running cluster (`--initial-cluster-state
+/// existing`, empty data dir): asks the other members named in
+/// `--initial-cluster` for the membership, and finds itself in it by its
+/// peer URLs (it was added with `member add`). Returns its ID and the
+/// membership. The checks are etcd's: the same number of members as
+/// `--initial-cluster` names, and not a member that started before.
+fn join_existing(cfg: &Config) -> Result<(u64, crate::membership::Membership), String> {
+    let mut mine = cfg.initial_advertise_peer_urls.clone();
+    mine.sort();
+    let mut names = std::collections::BTreeSet::new();
+    let mut others = Vec::new();
+    for (name, url) in cfg.initial_members()? {
+        names.insert(name.clone());
+        if !mine.contains(&url) {
+            others.push(url);
+        }
+    }
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let mut last_err = String::from("no other member in --initial-cluster");
+    let answer = 'found: loop {
+        for url in &others {
+            for addr in crate::config::parse_url(url).unwrap_or_default() {
+                match crate::peer::request_join(addr, std::time::Duration::from_secs(2)) {
+                    Ok(a) => break 'found a,
+                    Err(e) => last_err = format!("{url}: {e}"),
+                }
+            }
+        }
+        if std::time::Instant::now() > deadline {
+            return Err(format!(
+                "cannot fetch cluster info from peer urls: could not retrieve cluster information from the given URLs ({last_err})"
+            ));
+        }
+        std::thread::sleep(std::time::Duration::from_millis(500));
+    };
+    let text = String::from_utf8(answer).map_err(|_| "the membership answer is not text".to_string())?;
+    let m = crate::membership::Membership::decode(&text)
+        .map_err(|e| format!("the membership answer: {e}"))?;
+    let Some((&me, info)) = m.members.iter().find(|(_, i)| {
+        let mut u = i.peer_urls.clone();
+        u.sort();
+        u == mine
+    }) else {
+        return Err(format!(
+            "error validating peerURLs: no member of the cluster has the peer URLs {} (add it first with `etcdctl member add`)",
+            mine.join(",")
+        ));
+    };
+    if names.len() != m.members.len() {
+        return Err(format!(
+            "error validating peerURLs: member count is unequal (--initial-cluster names {}, the cluster has {})",
+            names.len(),
+            m.members.len()
+        ));
+    }
+    if !info.name.is_empty() {
+        return Err(format!("member {me:x} has already been bootstrapped"));
+    }
+    crate::info!(
+        "joining cluster {:x} as member {me:x}{}",
+        m.cluster_id,
+        if info.learner { " (learner)" } else { "" }
+    );
+    Ok((me, m))
+}
+
+/// The membership: `data-dir/members`, or the bootstrap members of the
+/// meta file when there is none yet (a new data dir, or one written before
+/// membership changes existed).
+fn load_membership(cfg: &Config, meta: &Meta) -> Result<crate::membership::Membership, String> {
+    use crate::membership::{MemberInfo, Membership};
+    let path = cfg.data_dir.join("members");
+    let old_format = fs::read_to_string(&path)
+        .map(|t| !t.is_empty() && !t.lines().any(|l| l.contains('=')))
+        .unwrap_or(false);
+    if !old_format {
+        if let Some(m) = Membership::load(&path)? {
+            if m.cluster_id != meta.cluster_id {
+                return Err(format!(
+                    "{}: cluster {:x}, but the data dir belongs to cluster {:x}",
+                    path.display(),
+                    m.cluster_id,
+                    meta.cluster_id
+                ));
+            }
+            return Ok(m);
+        }
+    }
+    let mut m = Membership {
+        cluster_id: meta.cluster_id,
+        ..Default::default()
+    };
+    for p in &meta.members {
+        m.members.insert(
+            p.id,
+            MemberInfo {
+                name: p.name.clone(),
+                peer_urls: p.peer_urls.clone(),
+                client_urls: Vec::new(),
+                learner: false,
+            },
+        );
+    }
+    m.store(&path)?;
+    Ok(m)
 }
 
 /// The newest checkpoint index every shard has (0: none).
@@ -365,7 +507,10 @@ fn common_checkpoint(data_dir: &Path, shards: usize) -> Result<u64, String> {
 /// The raft peer transport (on the raft core): raft messages from peers go
 /// to the raft mailbox; a message whose sender does not match the
 /// connection's is dropped.
-fn start_peers(router: &Arc<Router>, members: &[PeerInfo]) -> Rc<crate::peer::Peers> {
+fn start_peers(
+    router: &Arc<Router>,
+    membership: &crate::membership::Membership,
+) -> Rc<crate::peer::Peers> {
     let me = router.member.id;
     let raft = router.raft.clone();
     let snap = crate::raftcore::SnapshotInbox::new(&router.member.data_dir);
@@ -374,6 +519,16 @@ fn start_peers(router: &Arc<Router>, members: &[PeerInfo]) -> Rc<crate::peer::Pe
             Some(&crate::raftcore::PAYLOAD_RAFT) => {}
             Some(&crate::raftcore::PAYLOAD_SNAPSHOT_CHUNK) => {
                 snap.chunk(from, &payload);
+                return;
+            }
+            Some(&crate::raftcore::PAYLOAD_MEMBER_CHANGE)
+            | Some(&crate::raftcore::PAYLOAD_MEMBER_REFUSED) => {
+                match crate::raftcore::decode_member_payload(from, &payload) {
+                    Some(m) => {
+                        raft.send(m);
+                    }
+                    None => crate::warn!("peer {from:x}: a malformed membership message; dropped"),
+                }
                 return;
             }
             _ => {
@@ -393,22 +548,27 @@ fn start_peers(router: &Arc<Router>, members: &[PeerInfo]) -> Rc<crate::peer::Pe
             Err(e) => crate::warn!("peer {from:x}: undecodable raft message: {e}"),
         }
     });
-    let peers = crate::peer::Peers::new(
-        crate::peer::PeerConfig::new(me, router.member.cluster_id),
-        deliver,
-    );
-    for p in members.iter().filter(|p| p.id != me) {
-        let addrs: Vec<SocketAddr> = p
-            .peer_urls
-            .iter()
-            .filter_map(|u| crate::config::parse_url(u).ok())
-            .flatten()
-            .collect();
-        if addrs.is_empty() {
-            crate::warn!("member {:x} ({}): no usable peer URL", p.id, p.name);
+    let mut cfg = crate::peer::PeerConfig::new(me, router.member.cluster_id);
+    cfg.on_removed = Some(Rc::new(|| {
+        crate::error!("the member has been permanently removed from the cluster; stopping");
+        std::process::exit(0);
+    }));
+    let peers = crate::peer::Peers::new(cfg, deliver);
+    for (id, m) in &membership.members {
+        if *id != me && crate::raftcore::peer_addrs(&m.peer_urls).is_empty() {
+            crate::warn!("member {id:x} ({}): no usable peer URL", m.name);
         }
-        peers.set_peer(p.id, addrs);
     }
+    crate::raftcore::sync_peers(&peers, membership, me);
+    let raft = router.raft.clone();
+    peers.set_join_answer(Box::new(move || {
+        let raft = raft.clone();
+        Box::pin(async move {
+            let (tx, rx) = futures::channel::oneshot::channel();
+            raft.send(RaftMsg::Members { reply: tx });
+            rx.await.ok().map(|m| m.encode().into_bytes())
+        })
+    }));
     peers
 }
 
@@ -459,11 +619,6 @@ fn bind_listener(addr: SocketAddr) -> std::io::Result<glommio::net::TcpListener>
 
 /// Starts the member and blocks until it stops.
 pub fn run(cfg: Config) -> Result<(), String> {
-    if cfg.initial_cluster_state == "existing" {
-        return Err(
-            "--initial-cluster-state=existing: joining a cluster is not implemented yet".into(),
-        );
-    }
     let client_addrs: Vec<SocketAddr> = cfg
         .listen_client_urls
         .iter()
@@ -483,6 +638,13 @@ pub fn run(cfg: Config) -> Result<(), String> {
 
     fs::create_dir_all(&cfg.data_dir).map_err(|e| format!("{}: {e}", cfg.data_dir.display()))?;
     let meta = load_or_create_meta(&cfg)?;
+    let membership = load_membership(&cfg, &meta)?;
+    if membership.removed.contains(&meta.member_id) {
+        return Err(format!(
+            "member {:x} has been permanently removed from the cluster; start it with a new data dir after `member add`",
+            meta.member_id
+        ));
+    }
     let common = common_checkpoint(&cfg.data_dir, meta.shards)?;
     let recovered = wal::read_all(&cfg.data_dir)?;
     if recovered.base.0 > common {
@@ -538,7 +700,6 @@ pub fn run(cfg: Config) -> Result<(), String> {
             request_timeout: raftcore::request_timeout(&cfg),
             min_lease_ttl: crate::lease::min_ttl(cfg.election_timeout),
             watch_progress_notify_interval: cfg.watch_progress_notify_interval,
-            members: meta.members.clone(),
             data_dir: cfg.data_dir.clone(),
             election_timeout: cfg.election_timeout,
         },
@@ -551,7 +712,7 @@ pub fn run(cfg: Config) -> Result<(), String> {
     let mut core0 = Some((
         RaftBoot {
             id: meta.member_id,
-            voters: meta.members.iter().map(|p| p.id).collect(),
+            membership: membership.clone(),
             recovered,
             applied: common,
             cfg: cfg.clone(),
@@ -564,8 +725,6 @@ pub fn run(cfg: Config) -> Result<(), String> {
             compact_rev,
             checkpoint_every: cfg.snapshot_count.clamp(1, 10_000),
             leases: leases_at_start,
-            members: apply::load_member_attrs(&cfg.data_dir.join("members")),
-            members_file: cfg.data_dir.join("members"),
         },
     ));
     let mut handles = Vec::new();
@@ -581,7 +740,7 @@ pub fn run(cfg: Config) -> Result<(), String> {
             .collect();
         let core_rx = core_rxs[core].take().expect("each core once");
         let raft_part = if core == 0 { core0.take() } else { None };
-        let members = meta.members.clone();
+        let membership = membership.clone();
         let router = router.clone();
         let ready = ready_tx.clone();
         let client_addrs = client_addrs.clone();
@@ -617,7 +776,7 @@ pub fn run(cfg: Config) -> Result<(), String> {
                 }
                 let mut peer_transport = None;
                 if let Some((boot, raft_rx, applier_rx, st)) = raft_part {
-                    let peers = start_peers(&router, &members);
+                    let peers = start_peers(&router, &membership);
                     peer_transport = Some(peers.clone());
                     glommio::spawn_local(apply::Applier::new(router.clone(), st).run(applier_rx))
                         .detach();

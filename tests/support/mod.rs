@@ -45,6 +45,50 @@ impl Member {
             readies: 0,
         }
     }
+    /// A new member for a running cluster (`--initial-cluster-state
+    /// existing`), named `name`: its `--initial-cluster` lists `existing`
+    /// and itself. Add it with `member add` before starting it.
+    pub fn joining(existing: &[&Member], name: &str, extra: &[&str]) -> Member {
+        let mut extra: Vec<&str> = extra.to_vec();
+        extra.extend(["--initial-cluster-state", "existing"]);
+        let mut m = Member::new(&extra);
+        let mut ic: Vec<String> = existing
+            .iter()
+            .map(|e| {
+                let n = e.cluster.as_ref().map(|c| c.0.clone()).unwrap_or_default();
+                format!("{n}={}", e.peer_url())
+            })
+            .collect();
+        ic.push(format!("{name}={}", m.peer_url()));
+        m.cluster = Some((name.to_string(), ic.join(",")));
+        m
+    }
+    /// The peer URL other members reach this one at.
+    pub fn peer_url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.peer)
+    }
+    pub fn name(&self) -> String {
+        self.cluster
+            .as_ref()
+            .map(|c| c.0.clone())
+            .unwrap_or_default()
+    }
+    /// Waits up to `limit` for the process to exit on its own.
+    pub fn wait_exit(&mut self, limit: Duration) -> Option<ExitStatus> {
+        let deadline = Instant::now() + limit;
+        while Instant::now() < deadline {
+            if let Some(c) = self.child.as_mut() {
+                if let Some(st) = c.try_wait().unwrap() {
+                    self.child = None;
+                    return Some(st);
+                }
+            } else {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        None
+    }
     pub fn data(&self) -> PathBuf {
         self.dir.path().join("data")
     }
@@ -129,7 +173,11 @@ impl Member {
         let mut out = Vec::new();
         let mut it = self.extra.iter();
         while let Some(a) = it.next() {
-            if is_etcd() && (a == "--shards" || a == "--cores") {
+            if is_etcd()
+                && (a == "--shards"
+                    || a == "--cores"
+                    || a == "--experimental-snapshot-catchup-entries")
+            {
                 it.next();
                 continue;
             }

@@ -1,0 +1,352 @@
+//! Membership changes on a running cluster, as separate processes on
+//! loopback: a learner added with etcdctl, started with
+//! `--initial-cluster-state existing`, caught up (through a snapshot on
+//! keelson: the leader's log no longer covers it), refused promotion until
+//! it is in sync, promoted through a follower, then a member removed (it
+//! stops) — and etcd's errors for the changes it refuses. Checked against
+//! etcd 3.4 with `KEELSON_TEST_SERVER=etcd cargo test --test membership`.
+
+mod support;
+
+use etcd_client::*;
+use std::time::{Duration, Instant};
+use support::{cluster, etcdctl, is_etcd, start_all, Member};
+
+async fn connect(m: &Member) -> Client {
+    Client::connect(
+        [m.endpoint()],
+        Some(ConnectOptions::new().with_timeout(Duration::from_secs(8))),
+    )
+    .await
+    .unwrap()
+}
+
+/// The index in `ms` of the member the others agree leads.
+async fn leader(ms: &[&Member]) -> usize {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while Instant::now() < deadline {
+        let mut seen = Vec::new();
+        for (i, m) in ms.iter().enumerate() {
+            if let Ok(mut c) = Client::connect([m.endpoint()], None).await {
+                if let Ok(st) = c.status().await {
+                    seen.push((i, st.header().unwrap().member_id(), st.leader()));
+                }
+            }
+        }
+        if seen.len() == ms.len() {
+            let l = seen[0].2;
+            if l != 0 && seen.iter().all(|s| s.2 == l) {
+                if let Some(s) = seen.iter().find(|s| s.1 == l) {
+                    return s.0;
+                }
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("no leader agreed on within 20 s");
+}
+
+fn message(e: Error) -> String {
+    match e {
+        Error::GRpcStatus(s) => s.message().to_string(),
+        e => e.to_string(),
+    }
+}
+
+async fn member_id(c: &mut Client) -> u64 {
+    c.status().await.unwrap().header().unwrap().member_id()
+}
+
+#[tokio::test]
+async fn a_learner_joins_catches_up_is_promoted_and_a_member_is_removed() {
+    let mut ms = cluster(3, &["--experimental-snapshot-catchup-entries", "50"]);
+    start_all(&mut ms);
+    let l = leader(&ms.iter().collect::<Vec<_>>()).await;
+    let f = (l + 1) % 3;
+    let mut c = connect(&ms[l]).await;
+    let mut want = Vec::new();
+    for i in 0..600 {
+        let k = format!("k{i:04}");
+        let r = c.put(k.as_str(), format!("v{i}"), None).await.unwrap();
+        want.push((k, r.header().unwrap().revision()));
+    }
+
+    // Add a learner with etcdctl, through a follower. Like etcd, keelson
+    // refuses changes until every voter has been connected for 5 s.
+    let mut joiner = Member::joining(&ms.iter().collect::<Vec<_>>(), "m3", &[]);
+    let url = joiner.peer_url();
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let out = loop {
+        let (ok, out, err) = etcdctl(
+            &ms[f].endpoint(),
+            &[
+                "member",
+                "add",
+                "m3",
+                &format!("--peer-urls={url}"),
+                "--learner",
+            ],
+            None,
+        );
+        if ok {
+            break out;
+        }
+        assert!(err.contains("etcdserver: unhealthy cluster"), "{out}{err}");
+        assert!(Instant::now() < deadline, "{out}{err}");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    };
+    assert!(
+        out.contains("ETCD_INITIAL_CLUSTER_STATE=\"existing\""),
+        "{out}"
+    );
+    let id = u64::from_str_radix(
+        out.split_whitespace().nth(1).expect("Member <id> added"),
+        16,
+    )
+    .unwrap();
+    let list = c.member_list().await.unwrap();
+    assert_eq!(list.members().len(), 4);
+    let added = list.members().iter().find(|m| m.id() == id).unwrap();
+    assert!(added.is_learner());
+    assert_eq!(added.name(), "", "not started yet");
+    assert_eq!(added.peer_urls(), [url.clone()]);
+    let (_, out, _) = etcdctl(&ms[l].endpoint(), &["member", "list"], None);
+    assert!(
+        out.contains(&format!("{id:x}, unstarted, , {url}, , true")),
+        "{out}"
+    );
+
+    // Not started: not in sync, so no promotion; one learner at a time;
+    // no two members on one peer URL.
+    let e = message(c.member_promote(id).await.unwrap_err());
+    assert_eq!(
+        e,
+        "etcdserver: can only promote a learner member which is in sync with leader"
+    );
+    let e = message(
+        c.member_add(
+            ["http://127.0.0.1:1"],
+            Some(MemberAddOptions::new().with_is_learner()),
+        )
+        .await
+        .unwrap_err(),
+    );
+    assert_eq!(e, "etcdserver: too many learner members in cluster");
+    // (etcd derives the ID from the URLs and the second: within the same
+    // second it finds the ID taken before it looks at the URLs.)
+    let e = message(c.member_add([url.as_str()], None).await.unwrap_err());
+    assert!(
+        e == "etcdserver: Peer URLs already exists" || e == "etcdserver: member ID already exist",
+        "{e}"
+    );
+
+    // It starts, receives the data, and serves only serializable reads.
+    assert!(joiner.start().is_none(), "{}", joiner.log_text());
+    let mut cj = connect(&joiner).await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let r = cj
+            .get(
+                "k",
+                Some(
+                    GetOptions::new()
+                        .with_prefix()
+                        .with_serializable()
+                        .with_count_only(),
+                ),
+            )
+            .await;
+        if matches!(&r, Ok(r) if r.count() == want.len() as i64) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the learner did not catch up: {r:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    if !is_etcd() {
+        assert!(
+            joiner.log_text().contains("installing a snapshot"),
+            "{}",
+            joiner.log_text()
+        );
+    }
+    let r = cj
+        .get("k0599", Some(GetOptions::new().with_serializable()))
+        .await
+        .unwrap();
+    assert_eq!(r.kvs()[0].mod_revision(), want[599].1);
+    assert_eq!(
+        message(cj.get("k0001", None).await.unwrap_err()),
+        "etcdserver: rpc not supported for learner"
+    );
+    assert_eq!(
+        message(cj.put("x", "y", None).await.unwrap_err()),
+        "etcdserver: rpc not supported for learner"
+    );
+    assert!(cj.status().await.unwrap().is_learner());
+
+    // Promoted through a follower once in sync.
+    let mut cf = connect(&ms[f]).await;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let promoted = loop {
+        match cf.member_promote(id).await {
+            Ok(r) => break r,
+            Err(e) => {
+                let e = message(e);
+                assert!(e.contains("in sync with leader"), "{e}");
+                assert!(Instant::now() < deadline, "never in sync");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+    };
+    let m3 = promoted.members().iter().find(|m| m.id() == id).unwrap();
+    assert!(!m3.is_learner());
+    assert_eq!(
+        message(cf.member_promote(id).await.unwrap_err()),
+        "etcdserver: can only promote a learner member"
+    );
+    // The new voter takes writes and lists itself by name.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        match cj.put("via-m3", "1", None).await {
+            Ok(_) => break,
+            Err(e) => {
+                assert!(Instant::now() < deadline, "{e}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+    let list = cj.member_list().await.unwrap();
+    let m3 = list.members().iter().find(|m| m.id() == id).unwrap();
+    assert_eq!(m3.name(), "m3");
+    assert_eq!(m3.client_urls(), [format!("http://{}", joiner.endpoint())]);
+
+    // Remove a follower (asked of the new member): it stops by itself.
+    let gone = (l + 2) % 3;
+    let gone_id = member_id(&mut connect(&ms[gone]).await).await;
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let r = loop {
+        match cj.member_remove(gone_id).await {
+            Ok(r) => break r,
+            Err(e) => {
+                let e = message(e);
+                assert_eq!(e, "etcdserver: unhealthy cluster");
+                assert!(Instant::now() < deadline, "{e}");
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+        }
+    };
+    assert_eq!(r.members().len(), 3);
+    assert!(r.members().iter().all(|m| m.id() != gone_id));
+    if !is_etcd() {
+        assert!(
+            ms[gone].wait_exit(Duration::from_secs(15)).is_some(),
+            "the removed member is still running:\n{}",
+            ms[gone].log_text()
+        );
+        assert!(ms[gone]
+            .log_text()
+            .contains("permanently removed from the cluster"));
+    }
+    assert_eq!(
+        message(c.member_remove(gone_id).await.unwrap_err()),
+        "etcdserver: member not found"
+    );
+    c.put("after-remove", "1", None).await.unwrap();
+
+    // The new member keeps its membership and data over a restart.
+    joiner.kill9();
+    assert!(joiner.start().is_none(), "{}", joiner.log_text());
+    let mut cj = connect(&joiner).await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let r = cj
+            .get("after-remove", Some(GetOptions::new().with_serializable()))
+            .await;
+        if matches!(&r, Ok(r) if r.kvs().len() == 1) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{r:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let list = cj.member_list().await.unwrap();
+    assert_eq!(list.members().len(), 3);
+    assert!(list.members().iter().all(|m| !m.is_learner()));
+    let (ok, out, err) = etcdctl(
+        &joiner.endpoint(),
+        &["endpoint", "health", "--cluster"],
+        None,
+    );
+    assert!(ok, "{out}{err}");
+    assert_eq!(
+        out.matches("is healthy").count() + err.matches("is healthy").count(),
+        3,
+        "{out}{err}"
+    );
+}
+
+#[tokio::test]
+async fn refused_membership_changes_get_etcds_errors() {
+    let mut ms = cluster(3, &[]);
+    start_all(&mut ms);
+    let l = leader(&ms.iter().collect::<Vec<_>>()).await;
+    let f = (l + 1) % 3;
+    let mut c = connect(&ms[f]).await;
+    let me = member_id(&mut c).await;
+    for (what, e) in [
+        (
+            "remove",
+            c.member_remove(0x1234).await.map(|_| ()).unwrap_err(),
+        ),
+        (
+            "update",
+            c.member_update(0x1234, vec!["http://127.0.0.1:1".to_string()])
+                .await
+                .map(|_| ())
+                .unwrap_err(),
+        ),
+        (
+            "promote",
+            c.member_promote(0x1234).await.map(|_| ()).unwrap_err(),
+        ),
+    ] {
+        assert_eq!(message(e), "etcdserver: member not found", "{what}");
+    }
+    assert_eq!(
+        message(c.member_promote(me).await.unwrap_err()),
+        "etcdserver: can only promote a learner member"
+    );
+    assert_eq!(
+        message(c.member_add(["notaurl"], None).await.unwrap_err()),
+        "etcdserver: given member URLs are invalid"
+    );
+    // Another member's URL.
+    let other = ms[l].peer_url();
+    assert_eq!(
+        message(c.member_update(me, vec![other]).await.unwrap_err()),
+        "etcdserver: Peer URLs already exists"
+    );
+    // An update: its own URL plus one more; listed, and the cluster goes on.
+    let mine = ms[f].peer_url();
+    let spare = format!("http://127.0.0.1:{}", support::free_port());
+    let r = c
+        .member_update(me, vec![mine.clone(), spare.clone()])
+        .await
+        .unwrap();
+    let m = r.members().iter().find(|m| m.id() == me).unwrap();
+    assert_eq!(m.peer_urls(), [mine, spare]);
+    c.put("k", "v", None).await.unwrap();
+    // A voter cannot be added while a voter is down (etcd's strict
+    // reconfiguration check).
+    let down = (l + 2) % 3;
+    ms[down].kill9();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let e = message(
+        c.member_add(["http://127.0.0.1:2"], None)
+            .await
+            .unwrap_err(),
+    );
+    assert_eq!(e, "etcdserver: unhealthy cluster");
+}
