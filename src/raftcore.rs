@@ -110,6 +110,8 @@ pub struct RaftBoot {
     /// Index every shard has durably applied (their common checkpoint).
     pub applied: u64,
     pub cfg: Config,
+    /// A fixed election timeout in ticks (None: raft-rs's random one).
+    pub election_tick: Option<usize>,
 }
 
 /// A follower that lags is served from the in-memory log up to this many
@@ -175,7 +177,7 @@ pub fn peer_addrs(urls: &[String]) -> Vec<std::net::SocketAddr> {
 }
 
 /// Points the transport at every member of `m` and forgets removed ones.
-pub fn sync_peers(peers: &crate::peer::Peers, m: &Membership, me: u64) {
+pub fn sync_peers(peers: &dyn Transport, m: &Membership, me: u64) {
     for (id, info) in &m.members {
         if *id != me {
             peers.set_peer(*id, peer_addrs(&info.peer_urls));
@@ -184,6 +186,111 @@ pub fn sync_peers(peers: &crate::peer::Peers, m: &Membership, me: u64) {
     for id in &m.removed {
         peers.mark_removed(*id);
     }
+}
+
+/// The network seam: what the raft core needs of the peer transport
+/// (`peer::Peers`; a simulated network in `sim`).
+pub trait Transport {
+    /// Queues a payload for `to`; false if it was dropped.
+    fn send(&self, to: u64, payload: bytes::Bytes) -> bool;
+    /// Since when the connection to `id` has been up.
+    fn active_since(&self, id: u64) -> Option<std::time::Instant>;
+    /// Bytes waiting to go to `id` (None: unknown member).
+    fn queued_bytes(&self, id: u64) -> Option<usize>;
+    fn set_peer(&self, id: u64, addrs: Vec<std::net::SocketAddr>);
+    /// `id` left the cluster: forget it, and tell it so if it calls.
+    fn mark_removed(&self, id: u64);
+}
+
+impl Transport for crate::peer::Peers {
+    fn send(&self, to: u64, payload: bytes::Bytes) -> bool {
+        crate::peer::Peers::send(self, to, payload)
+    }
+    fn active_since(&self, id: u64) -> Option<std::time::Instant> {
+        crate::peer::Peers::active_since(self, id)
+    }
+    fn queued_bytes(&self, id: u64) -> Option<usize> {
+        crate::peer::Peers::queued_bytes(self, id)
+    }
+    fn set_peer(&self, id: u64, addrs: Vec<std::net::SocketAddr>) {
+        crate::peer::Peers::set_peer(self, id, addrs)
+    }
+    fn mark_removed(&self, id: u64) {
+        crate::peer::Peers::mark_removed(self, id)
+    }
+}
+
+/// The disk seam: the raft log's durable part (`wal::Wal`; a simulated
+/// disk that loses what was not synced at a crash in `sim`).
+pub trait LogStore {
+    fn push_entries(&mut self, entries: &[Entry]);
+    fn push_hard_state(&mut self, hs: &raft::eraftpb::HardState);
+    fn has_pending(&self) -> bool;
+    /// Writes what was pushed and makes it durable (one fdatasync).
+    fn sync<'a>(
+        &'a mut self,
+        last: (u64, u64),
+        hs: &'a raft::eraftpb::HardState,
+    ) -> futures::future::LocalBoxFuture<'a, Result<(), String>>;
+    /// Restarts the log after a snapshot at `base` (index, term).
+    fn install_snapshot(
+        &mut self,
+        base: (u64, u64),
+    ) -> futures::future::LocalBoxFuture<'_, Result<(), String>>;
+    /// Drops what every shard has checkpointed; returns segments freed.
+    fn release_to(&mut self, index: u64) -> usize;
+}
+
+impl LogStore for Wal {
+    fn push_entries(&mut self, entries: &[Entry]) {
+        Wal::push_entries(self, entries)
+    }
+    fn push_hard_state(&mut self, hs: &raft::eraftpb::HardState) {
+        Wal::push_hard_state(self, hs)
+    }
+    fn has_pending(&self) -> bool {
+        Wal::has_pending(self)
+    }
+    fn sync<'a>(
+        &'a mut self,
+        last: (u64, u64),
+        hs: &'a raft::eraftpb::HardState,
+    ) -> futures::future::LocalBoxFuture<'a, Result<(), String>> {
+        Box::pin(Wal::sync(self, last, hs))
+    }
+    fn install_snapshot(
+        &mut self,
+        base: (u64, u64),
+    ) -> futures::future::LocalBoxFuture<'_, Result<(), String>> {
+        Box::pin(Wal::install_snapshot(self, base))
+    }
+    fn release_to(&mut self, index: u64) -> usize {
+        Wal::release_to(self, index)
+    }
+}
+
+/// The WAL for `boot`: opened where its recovery left it.
+pub async fn open_wal(boot: &RaftBoot) -> Result<Wal, String> {
+    let rec = &boot.recovered;
+    let last = rec
+        .entries
+        .last()
+        .map(|e| (e.index, e.term))
+        .unwrap_or(rec.base);
+    Wal::open(&boot.cfg.data_dir, rec, last).await
+}
+
+/// Sends the raft core a tick every `tick` (its clock).
+pub fn spawn_ticker(tx: crate::mailbox::Sender<RaftMsg>, tick: Duration) {
+    glommio::spawn_local(async move {
+        loop {
+            glommio::timer::sleep(tick).await;
+            if !tx.send(RaftMsg::Tick) {
+                return;
+            }
+        }
+    })
+    .detach();
 }
 
 /// The membership and the changes waiting to apply.
@@ -319,7 +426,7 @@ fn build_node(boot: &RaftBoot) -> Result<RawNode<MemStorage>, String> {
             .commit,
     );
     let heartbeat = boot.cfg.heartbeat_interval.as_millis().max(1) as u64;
-    let cfg = raft::Config {
+    let mut cfg = raft::Config {
         id: boot.id,
         election_tick: (boot.cfg.election_timeout.as_millis() as u64 / heartbeat).max(2) as usize,
         heartbeat_tick: 1,
@@ -330,30 +437,31 @@ fn build_node(boot: &RaftBoot) -> Result<RawNode<MemStorage>, String> {
         pre_vote: true,
         ..Default::default()
     };
+    if let Some(t) = boot.election_tick {
+        // A fixed election timeout (raft-rs draws one at random from
+        // [min, max)): the simulation's runs must not depend on chance.
+        cfg.min_election_tick = t;
+        cfg.max_election_tick = t + 1;
+    }
     cfg.validate().map_err(|e| e.to_string())?;
     let logger = slog::Logger::root(slog::Discard, slog::o!());
     RawNode::new(&cfg, storage, &logger).map_err(|e| e.to_string())
 }
 
+/// Runs the raft core until every sender of `rx` is gone. Its clock is
+/// `RaftMsg::Tick` (see `spawn_ticker`), its network `peers`, its disk
+/// `wal`: the seams the simulation (`sim`) replaces.
 pub async fn run_raft(
     boot: RaftBoot,
-    peers: std::rc::Rc<crate::peer::Peers>,
+    peers_rc: std::rc::Rc<dyn Transport>,
+    mut wal: Box<dyn LogStore>,
     rx: Receiver<RaftMsg>,
     router: Arc<Router>,
 ) {
+    let peers: &dyn Transport = &*peers_rc;
     let mut node = match build_node(&boot) {
         Ok(n) => n,
         Err(e) => fatal(&format!("cannot start raft: {e}")),
-    };
-    let last = {
-        let s = node.store();
-        let li = s.last_index().unwrap_or(0);
-        (li, s.term(li).unwrap_or(0))
-    };
-    let data_dir = boot.cfg.data_dir.clone();
-    let mut wal = match Wal::open(&data_dir, &boot.recovered, last).await {
-        Ok(w) => w,
-        Err(e) => fatal(&e),
     };
     drop(boot.recovered);
     // One voter: no need to wait an election timeout to lead.
@@ -372,7 +480,7 @@ pub async fn run_raft(
     let mut snaps = SnapshotSender {
         inflight: HashMap::new(),
         router: router.clone(),
-        peers: peers.clone(),
+        peers: peers_rc.clone(),
         data_dir: boot.cfg.data_dir.clone(),
     };
     // A snapshot received and checked, waiting for raft to install it.
@@ -401,20 +509,8 @@ pub async fn run_raft(
     let mut published = (0u64, 0u64, 0u64, false);
     let mut msgs = Vec::with_capacity(256);
 
-    // Ticks arrive as messages, so the loop sleeps only on its mailbox and
-    // never re-arms a timer per turn.
-    {
-        let tx = router.raft.clone();
-        glommio::spawn_local(async move {
-            loop {
-                glommio::timer::sleep(tick).await;
-                if !tx.send(RaftMsg::Tick) {
-                    return;
-                }
-            }
-        })
-        .detach();
-    }
+    // Ticks arrive as messages (`spawn_ticker`), so the loop sleeps only on
+    // its mailbox and never re-arms a timer per turn.
     loop {
         // Reads held back for the leader's first commit go as soon as it
         // lands: don't sleep while there are some and they are due.
@@ -478,7 +574,7 @@ pub async fn run_raft(
                     let seq = next_id;
                     next_id += 1;
                     ms.waiters.insert(seq, reply);
-                    if let Err(st) = route_change(&mut node, &peers, &ms, me, nonce, seq, change) {
+                    if let Err(st) = route_change(&mut node, peers, &ms, me, nonce, seq, change) {
                         if let Some(r) = ms.waiters.remove(&seq) {
                             let _ = r.send(Err(st));
                         }
@@ -494,7 +590,7 @@ pub async fn run_raft(
                         continue;
                     }
                     let res = if node.raft.state == StateRole::Leader {
-                        propose_change(&mut node, &peers, &ms, me, n, seq, change)
+                        propose_change(&mut node, peers, &ms, me, n, seq, change)
                     } else {
                         Err(error::no_leader())
                     };
@@ -600,7 +696,7 @@ pub async fn run_raft(
         }
         let mut ready = node.ready();
         // 1. Messages to peers.
-        send_messages(&mut node, &peers, ready.take_messages(), &mut snaps);
+        send_messages(&mut node, peers, ready.take_messages(), &mut snaps);
         // 1b. A snapshot from the leader: replaces the shards' data, the
         // in-memory log and the WAL before anything after it.
         if !ready.snapshot().is_empty() {
@@ -636,7 +732,7 @@ pub async fn run_raft(
             ms.m = membership;
             ms.m.conf_index = ms.m.conf_index.max(index);
             ms.save();
-            sync_peers(&peers, &ms.m, me);
+            sync_peers(peers, &ms.m, me);
             crate::info!("raft: snapshot at index {index} installed");
         }
         // 2. Committed entries (durable since an earlier turn).
@@ -646,7 +742,7 @@ pub async fn run_raft(
             ready.take_committed_entries(),
             &mut waiters,
             &mut ms,
-            &peers,
+            peers,
             &router,
         );
         // 3. Append and hard state, then one fdatasync.
@@ -680,7 +776,7 @@ pub async fn run_raft(
         }
         send_messages(
             &mut node,
-            &peers,
+            peers,
             ready.take_persisted_messages(),
             &mut snaps,
         );
@@ -693,14 +789,14 @@ pub async fn run_raft(
             let hs = node.raft.hard_state();
             wal.push_hard_state(&hs);
         }
-        send_messages(&mut node, &peers, light.take_messages(), &mut snaps);
+        send_messages(&mut node, peers, light.take_messages(), &mut snaps);
         hand_off(
             &mut node,
             nonce,
             light.take_committed_entries(),
             &mut waiters,
             &mut ms,
-            &peers,
+            peers,
             &router,
         );
         node.advance_apply();
@@ -785,7 +881,7 @@ struct SnapshotSender {
     /// none again for a while after one went out (it is being installed).
     inflight: HashMap<u64, std::time::Instant>,
     router: Arc<Router>,
-    peers: std::rc::Rc<crate::peer::Peers>,
+    peers: std::rc::Rc<dyn Transport>,
     data_dir: std::path::PathBuf,
 }
 
@@ -844,7 +940,7 @@ impl SnapshotSender {
         m.from = node.raft.id;
         m.term = node.raft.term;
         m.set_snapshot(snap);
-        send_one(node, &self.peers, &m);
+        send_one(node, &*self.peers, &m);
         self.inflight.insert(to, std::time::Instant::now());
     }
 
@@ -878,7 +974,7 @@ impl SnapshotSender {
 
 /// Builds a snapshot (the applier), sends its body to `to` in chunks as the
 /// peer's queue has room, and reports back to the raft loop.
-async fn send_snapshot(to: u64, router: Arc<Router>, peers: std::rc::Rc<crate::peer::Peers>) {
+async fn send_snapshot(to: u64, router: Arc<Router>, peers: std::rc::Rc<dyn Transport>) {
     let (tx, rx) = futures::channel::oneshot::channel();
     router.applier.send(ApplierMsg::SnapshotBuild { reply: tx });
     let Ok((index, body)) = rx.await else {
@@ -921,7 +1017,7 @@ async fn send_snapshot(to: u64, router: Arc<Router>, peers: std::rc::Rc<crate::p
 
 fn send_one(
     node: &mut RawNode<MemStorage>,
-    peers: &crate::peer::Peers,
+    peers: &dyn Transport,
     m: &raft::eraftpb::Message,
 ) {
     let to = m.to;
@@ -939,7 +1035,7 @@ fn send_one(
 /// built and sent by `SnapshotSender` instead.
 fn send_messages(
     node: &mut RawNode<MemStorage>,
-    peers: &crate::peer::Peers,
+    peers: &dyn Transport,
     msgs: Vec<raft::eraftpb::Message>,
     snaps: &mut SnapshotSender,
 ) {
@@ -958,7 +1054,7 @@ fn hand_off(
     entries: Vec<Entry>,
     waiters: &mut HashMap<u64, Reply>,
     ms: &mut Members,
-    peers: &crate::peer::Peers,
+    peers: &dyn Transport,
     router: &Router,
 ) {
     if entries.is_empty() {
@@ -1025,7 +1121,7 @@ fn hand_off(
 fn apply_member_change(
     node: &mut RawNode<MemStorage>,
     ms: &mut Members,
-    peers: &crate::peer::Peers,
+    peers: &dyn Transport,
     e: &Entry,
     seq: Option<u64>,
 ) {
@@ -1109,7 +1205,7 @@ const HEALTH_INTERVAL: Duration = Duration::from_secs(5);
 /// here, when this member leads).
 fn route_change(
     node: &mut RawNode<MemStorage>,
-    peers: &crate::peer::Peers,
+    peers: &dyn Transport,
     ms: &Members,
     me: u64,
     nonce: u64,
@@ -1137,7 +1233,7 @@ fn route_change(
 /// the requester's context.
 fn propose_change(
     node: &mut RawNode<MemStorage>,
-    peers: &crate::peer::Peers,
+    peers: &dyn Transport,
     ms: &Members,
     me: u64,
     nonce: u64,

@@ -559,7 +559,7 @@ fn start_peers(
             crate::warn!("member {id:x} ({}): no usable peer URL", m.name);
         }
     }
-    crate::raftcore::sync_peers(&peers, membership, me);
+    crate::raftcore::sync_peers(&*peers, membership, me);
     let raft = router.raft.clone();
     peers.set_join_answer(Box::new(move || {
         let raft = raft.clone();
@@ -716,6 +716,7 @@ pub fn run(cfg: Config) -> Result<(), String> {
             recovered,
             applied: common,
             cfg: cfg.clone(),
+            election_tick: None,
         },
         raft_rx,
         applier_rx,
@@ -780,8 +781,22 @@ pub fn run(cfg: Config) -> Result<(), String> {
                     peer_transport = Some(peers.clone());
                     glommio::spawn_local(apply::Applier::new(router.clone(), st).run(applier_rx))
                         .detach();
-                    glommio::spawn_local(raftcore::run_raft(boot, peers, raft_rx, router.clone()))
-                        .detach();
+                    let wal = match raftcore::open_wal(&boot).await {
+                        Ok(w) => w,
+                        Err(e) => {
+                            let _ = ready.send(Err(e));
+                            return;
+                        }
+                    };
+                    raftcore::spawn_ticker(router.raft.clone(), boot.cfg.heartbeat_interval);
+                    glommio::spawn_local(raftcore::run_raft(
+                        boot,
+                        peers,
+                        Box::new(wal),
+                        raft_rx,
+                        router.clone(),
+                    ))
+                    .detach();
                     glommio::spawn_local(publish_attributes(router.clone())).detach();
                 }
                 {
