@@ -104,19 +104,29 @@ pub enum ShardMsg {
         id: i64,
         reply: oneshot::Sender<Vec<Vec<u8>>>,
     },
-    /// A watcher on `core` wants the changes in a range from `from` on.
-    /// `register`: also start sending that core live events for the range
-    /// (once per watcher; undone by `Unwatch`). Answered with a
+    /// One of `core`'s watch groups starts hearing about a key range:
+    /// from now on this shard sends that core every change in it as it
+    /// applies it (counted: once per group; undone by `Unwatch`). Answered with
+    /// `CoreMsg::WatchRegistered`, carrying the shard's last revision: every
+    /// change after it reaches the core live.
+    WatchRegister {
+        core: usize,
+        group: u32,
+        tag: u64,
+        range: Arc<crate::watch::WatchRange>,
+        prev_kv: bool,
+    },
+    /// A watcher on `core` wants the changes in a range from `from` on
+    /// (its group's registration was sent before). Answered with a
     /// `CoreMsg::WatchHistory` on the core's mailbox, after the live events
     /// sent before it.
     WatchHistory {
         core: usize,
-        watcher: u64,
-        epoch: u32,
+        watcher: u32,
+        epoch: u64,
         range: Arc<crate::watch::WatchRange>,
         from: i64,
         prev_kv: bool,
-        register: bool,
     },
     Unwatch {
         core: usize,
@@ -321,6 +331,24 @@ pub async fn run_shard(mut shard: Shard, rx: Receiver<ShardMsg>, router: Arc<Rou
                 ShardMsg::LeaseKeys { id, reply } => {
                     let _ = reply.send(shard.lease_keys(id));
                 }
+                ShardMsg::WatchRegister {
+                    core,
+                    group,
+                    tag,
+                    range,
+                    prev_kv,
+                } => {
+                    send_watch_events(&mut shard, &router);
+                    shard.watch_register(core, &range, prev_kv);
+                    if let Some(c) = router.cores.get(core) {
+                        c.send(crate::server::CoreMsg::WatchRegistered {
+                            shard: shard.id,
+                            group,
+                            tag,
+                            rev: shard.last_rev.max(shard.applied as i64),
+                        });
+                    }
+                }
                 ShardMsg::WatchHistory {
                     core,
                     watcher,
@@ -328,14 +356,10 @@ pub async fn run_shard(mut shard: Shard, rx: Receiver<ShardMsg>, router: Arc<Rou
                     range,
                     from,
                     prev_kv,
-                    register,
                 } => {
                     // Live events already produced go first (ordering
                     // contract), then the history that covers them.
                     send_watch_events(&mut shard, &router);
-                    if register {
-                        shard.watch_register(core, &range, prev_kv);
-                    }
                     let history = shard.watch_history(&range, from, prev_kv);
                     if let Some(c) = router.cores.get(core) {
                         c.send(crate::server::CoreMsg::WatchHistory {

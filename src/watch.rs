@@ -2,12 +2,13 @@
 //! the events a shard sends them.
 //!
 //! A shard does not know individual watchers. Each core registers the key
-//! ranges its watchers cover (counted, so a thousand watchers on one prefix
-//! are one entry); when the shard applies a change to a key that some
-//! core's range covers, it sends that core one copy of the event, and the
-//! core's hub (`server::watch`) fans it out to its watchers. A new watcher,
-//! or one catching up after falling behind, asks the shard for history
-//! instead: the shard answers from its index, in chunks.
+//! ranges its watchers cover, once per group of watchers on a range
+//! (counted, so a thousand watchers on one prefix are one entry); when the
+//! shard applies a change to a key that some core's range covers, it sends
+//! that core one copy of the event, and the core's hub (`server::watch`)
+//! fans it out to its watchers. A watcher with a start revision, or one
+//! catching up after falling behind, asks the shard for history: the shard
+//! answers from its index, in chunks.
 //!
 //! *Ordering contract:* a shard sends its live events to a core before it
 //! answers anything that depends on them (a history request, a result to

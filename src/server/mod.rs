@@ -77,9 +77,17 @@ pub enum CoreMsg {
     /// A shard's answer to a watcher's history request.
     WatchHistory {
         shard: usize,
-        watcher: u64,
-        epoch: u32,
+        watcher: u32,
+        epoch: u64,
         history: crate::watch::History,
+    },
+    /// A shard registered one of this core's watch groups; every change
+    /// it applies after `rev` comes as a live event.
+    WatchRegistered {
+        shard: usize,
+        group: u32,
+        tag: u64,
+        rev: i64,
     },
 }
 
@@ -99,7 +107,10 @@ pub struct View {
 impl View {
     fn apply(&self, m: CoreMsg) {
         match m {
-            CoreMsg::WatchEvents { .. } | CoreMsg::WatchHistory { .. } | CoreMsg::WatchResync => {}
+            CoreMsg::WatchEvents { .. }
+            | CoreMsg::WatchHistory { .. }
+            | CoreMsg::WatchRegistered { .. }
+            | CoreMsg::WatchResync => {}
             CoreMsg::Applied {
                 applied,
                 revision,
@@ -148,6 +159,12 @@ impl Core {
                     epoch,
                     history,
                 } => self.watch.on_history(self, shard, watcher, epoch, history),
+                CoreMsg::WatchRegistered {
+                    shard,
+                    group,
+                    tag,
+                    rev,
+                } => self.watch.on_registered(shard, group, tag, rev),
                 CoreMsg::Applied {
                     applied, revision, ..
                 } => {

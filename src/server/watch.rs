@@ -11,6 +11,13 @@
 //! one revision (one txn, possibly across shards) are never split and
 //! never reordered.
 //!
+//! Storage: watchers are small records in a slab, in groups by key range
+//! and `prev_kv`; the group, not each watcher, is registered with the
+//! shards. A watcher created at the current revision on a group whose
+//! registration covers every change after it joins live at once, without
+//! a history request; only watchers reading history or holding events
+//! own an allocation (`Catchup`, `Buf`).
+//!
 //! Bounds: a stream's built responses (`OUTBOX_BYTES_MAX`) and a watcher's
 //! buffered events (`WATCHER_BUF_EVENTS_MAX`, pointers to events shared by
 //! all watchers) are limited. A watcher that overflows drops its buffer and
@@ -130,60 +137,326 @@ struct ShardSync {
     inflight: bool,
 }
 
-/// Kept small: 100k watchers on one member are a design point.
+/// A watcher reading history (created with a start revision, or catching
+/// up after it fell behind): per shard it depends on, how far it has read.
+/// A watcher live on every shard has none.
+struct Catchup {
+    /// Unique in the hub: answers to an older catch-up, or to an earlier
+    /// watcher in the same slot, are ignored.
+    epoch: u64,
+    shards: Box<[ShardSync]>,
+}
+
+/// Events a watcher holds, not yet released (never empty: a watcher with
+/// nothing buffered has no `Buf`).
+#[derive(Default)]
+struct Buf {
+    evs: Vec<Rc<Ev>>,
+    /// Their bytes, counted as if not shared.
+    bytes: u32,
+}
+
+const F_NOPUT: u8 = 1;
+const F_NODELETE: u8 = 2;
+const F_FRAGMENT: u8 = 4;
+const F_PROGRESS_NOTIFY: u8 = 8;
+/// In its stream's `blocked` queue.
+const F_QUEUED: u8 = 16;
+
+/// One watcher, kept small: 100k watchers on one member are a design
+/// point. 48 bytes in a slab chunk; a watcher that is live on every shard
+/// and has nothing buffered owns no other allocation (its key range is its
+/// group's, the shards it depends on follow from the range).
 struct Watcher {
-    range: Arc<WatchRange>,
-    stream: u64,
     /// The ID the client sees.
     id: i64,
-    prev_kv: bool,
-    noput: bool,
-    nodelete: bool,
-    fragment: bool,
-    progress_notify: bool,
-    shards: Box<[ShardSync]>,
-    /// Bumped when the watcher drops its buffer; history answers of older
-    /// epochs are ignored.
-    epoch: u32,
-    buf_bytes: u32,
-    /// In its stream's `blocked` queue.
-    queued: bool,
-    buf: Vec<Rc<Ev>>,
     /// Every event at or below this revision has been delivered.
     sent: i64,
+    /// `None`: live on every shard.
+    sync: Option<Box<Catchup>>,
+    buf: Option<Box<Buf>>,
+    group: u32,
+    /// Its position in the group's member list.
+    gpos: u32,
+    stream: u32,
+    prev_kv: bool,
+    flags: u8,
 }
 
 impl Watcher {
+    fn has(&self, f: u8) -> bool {
+        self.flags & f != 0
+    }
+
+    fn set(&mut self, f: u8, on: bool) {
+        if on {
+            self.flags |= f;
+        } else {
+            self.flags &= !f;
+        }
+    }
+
     fn wants(&self, ev: &Ev) -> bool {
-        !(ev.delete && self.nodelete || !ev.delete && self.noput)
+        !(ev.delete && self.has(F_NODELETE) || !ev.delete && self.has(F_NOPUT))
     }
 
     fn synced(&self) -> bool {
-        self.buf.is_empty() && self.shards.iter().all(|s| s.live)
+        self.buf.is_none() && self.sync.is_none()
     }
 
-    fn sync_mut(&mut self, shard: usize) -> Option<&mut ShardSync> {
-        self.shards.iter_mut().find(|s| s.shard as usize == shard)
+    fn buffered(&self) -> usize {
+        self.buf.as_ref().map_or(0, |b| b.evs.len())
+    }
+
+    fn live_on(&self, shard: usize) -> bool {
+        match &self.sync {
+            None => true,
+            Some(c) => c.shards.iter().any(|s| s.shard as usize == shard && s.live),
+        }
+    }
+}
+
+/// The watchers of one core on one key range with one `prev_kv` setting:
+/// live events are matched per group, not per watcher, and the group (not
+/// each watcher) is registered with the shards.
+struct Group {
+    range: Arc<WatchRange>,
+    prev_kv: bool,
+    members: Vec<u32>,
+    /// Unique in the hub: a confirmation for an earlier group in the same
+    /// slot is ignored.
+    tag: u64,
+    /// Shards that have confirmed the registration, and the highest
+    /// revision they had applied then: every later change arrives live.
+    confirmed: u32,
+    reg_rev: i64,
+    /// The highest revision of a live event matched to this group.
+    last_rev: i64,
+}
+
+/// The shards a range's keys can be on.
+fn shards_of(r: &WatchRange, nshards: usize) -> std::ops::Range<usize> {
+    if r.range_end.is_empty() {
+        let s = shard_of(&r.key, nshards);
+        s..s + 1
+    } else {
+        0..nshards
+    }
+}
+
+const SLAB_CHUNK: usize = 1024;
+
+/// Entries addressed by a `u32` slot, in fixed-size chunks (growing never
+/// copies the whole set, and a doubling leaves at most one chunk's slack),
+/// with freed slots reused.
+struct Slab<T> {
+    chunks: Vec<Vec<Option<T>>>,
+    free: Vec<u32>,
+    len: usize,
+}
+
+impl<T> Default for Slab<T> {
+    fn default() -> Self {
+        Slab {
+            chunks: Vec::new(),
+            free: Vec::new(),
+            len: 0,
+        }
+    }
+}
+
+impl<T> Slab<T> {
+    /// The slot the next `insert` will use.
+    fn next_slot(&self) -> u32 {
+        match self.free.last() {
+            Some(&i) => i,
+            None => match self.chunks.last() {
+                Some(c) if c.len() < SLAB_CHUNK => {
+                    ((self.chunks.len() - 1) * SLAB_CHUNK + c.len()) as u32
+                }
+                _ => (self.chunks.len() * SLAB_CHUNK) as u32,
+            },
+        }
+    }
+
+    fn insert(&mut self, v: T) -> u32 {
+        self.len += 1;
+        if let Some(i) = self.free.pop() {
+            self.chunks[i as usize / SLAB_CHUNK][i as usize % SLAB_CHUNK] = Some(v);
+            return i;
+        }
+        if self.chunks.last().is_none_or(|c| c.len() == SLAB_CHUNK) {
+            self.chunks.push(Vec::new());
+        }
+        let n = self.chunks.len() - 1;
+        let c = &mut self.chunks[n];
+        c.push(Some(v));
+        (n * SLAB_CHUNK + c.len() - 1) as u32
+    }
+
+    fn get(&self, i: u32) -> Option<&T> {
+        let i = i as usize;
+        self.chunks
+            .get(i / SLAB_CHUNK)?
+            .get(i % SLAB_CHUNK)?
+            .as_ref()
+    }
+
+    fn get_mut(&mut self, i: u32) -> Option<&mut T> {
+        let i = i as usize;
+        self.chunks
+            .get_mut(i / SLAB_CHUNK)?
+            .get_mut(i % SLAB_CHUNK)?
+            .as_mut()
+    }
+
+    fn remove(&mut self, i: u32) -> Option<T> {
+        let u = i as usize;
+        let v = self
+            .chunks
+            .get_mut(u / SLAB_CHUNK)?
+            .get_mut(u % SLAB_CHUNK)?
+            .take()?;
+        self.len -= 1;
+        if self.len == 0 {
+            // Empty again: give everything back.
+            *self = Slab::default();
+        } else {
+            self.free.push(i);
+        }
+        Some(v)
+    }
+
+    fn len(&self) -> usize {
+        self.len
+    }
+
+    fn iter(&self) -> impl Iterator<Item = (u32, &T)> {
+        self.chunks.iter().enumerate().flat_map(|(c, v)| {
+            v.iter()
+                .enumerate()
+                .filter_map(move |(i, e)| e.as_ref().map(|e| ((c * SLAB_CHUNK + i) as u32, e)))
+        })
+    }
+
+    fn iter_mut(&mut self) -> impl Iterator<Item = (u32, &mut T)> {
+        self.chunks.iter_mut().enumerate().flat_map(|(c, v)| {
+            v.iter_mut()
+                .enumerate()
+                .filter_map(move |(i, e)| e.as_mut().map(|e| ((c * SLAB_CHUNK + i) as u32, e)))
+        })
+    }
+}
+
+/// A stream's watch IDs → watcher slots. IDs the server picks count up
+/// from 0, so they live in an array (4 bytes each); IDs a client chose
+/// that do not extend it go to a map.
+#[derive(Default)]
+struct Ids {
+    /// `dense[i]` is the slot + 1 of the watcher with ID `base + i`, 0 if
+    /// none; no ID in `sparse` falls in `base..base + dense.len()`.
+    base: i64,
+    dense: Vec<u32>,
+    dense_live: usize,
+    sparse: BTreeMap<i64, u32>,
+}
+
+impl Ids {
+    fn dense_ix(&self, id: i64) -> Option<usize> {
+        let i = id.checked_sub(self.base)?;
+        (i >= 0 && (i as u64) < self.dense.len() as u64).then_some(i as usize)
+    }
+
+    fn get(&self, id: i64) -> Option<u32> {
+        match self.dense_ix(id) {
+            Some(i) => self.dense[i].checked_sub(1),
+            None => self.sparse.get(&id).copied(),
+        }
+    }
+
+    fn contains(&self, id: i64) -> bool {
+        self.get(id).is_some()
+    }
+
+    /// `id` must not be in use.
+    fn insert(&mut self, id: i64, slot: u32) {
+        if let Some(i) = self.dense_ix(id) {
+            self.dense[i] = slot + 1;
+            self.dense_live += 1;
+            return;
+        }
+        if self.dense.is_empty() {
+            self.base = id;
+        } else if self.base.checked_add(self.dense.len() as i64) != Some(id) {
+            self.sparse.insert(id, slot);
+            return;
+        }
+        self.dense.push(slot + 1);
+        self.dense_live += 1;
+        // IDs chosen earlier that the array now reaches move into it.
+        while let Some(next) = self.base.checked_add(self.dense.len() as i64) {
+            let Some(s) = self.sparse.remove(&next) else {
+                break;
+            };
+            self.dense.push(s + 1);
+            self.dense_live += 1;
+        }
+    }
+
+    fn remove(&mut self, id: i64) -> Option<u32> {
+        let Some(i) = self.dense_ix(id) else {
+            return self.sparse.remove(&id);
+        };
+        let slot = self.dense[i].checked_sub(1)?;
+        self.dense[i] = 0;
+        self.dense_live -= 1;
+        while self.dense.last() == Some(&0) {
+            self.dense.pop();
+        }
+        if self.dense.len() > 64 && self.dense_live * 4 < self.dense.len() {
+            // Mostly holes (long-lived IDs among many canceled ones): the
+            // rest go to the map, and the array starts again.
+            for (i, &v) in self.dense.iter().enumerate() {
+                if v != 0 {
+                    self.sparse.insert(self.base + i as i64, v - 1);
+                }
+            }
+            self.dense_live = 0;
+            self.dense = Vec::new();
+        } else if self.dense.is_empty() {
+            self.dense = Vec::new();
+        }
+        Some(slot)
+    }
+
+    fn slots(&self) -> impl Iterator<Item = u32> + '_ {
+        self.dense
+            .iter()
+            .filter_map(|v| v.checked_sub(1))
+            .chain(self.sparse.values().copied())
+    }
+
+    fn clear(&mut self) {
+        *self = Ids::default();
     }
 }
 
 /// One watch stream's side of the hub: the responses built for it, in
 /// order, and its watch IDs.
 pub struct Stream {
-    id: u64,
+    /// Its slot in the hub.
+    id: u32,
     require_leader: bool,
     outbox: RefCell<VecDeque<Bytes>>,
     outbox_bytes: Cell<usize>,
-    /// A flush left events behind for lack of room.
     /// Watchers waiting for room in the outbox, in the order they found it
     /// full: the stream's drain serves them round-robin.
-    blocked: RefCell<VecDeque<u64>>,
+    blocked: RefCell<VecDeque<u32>>,
     waker: Cell<Option<Waker>>,
     ended: RefCell<Option<Status>>,
-    ids: RefCell<BTreeMap<i64, u64>>,
+    ids: RefCell<Ids>,
     next_id: Cell<i64>,
 }
-
 impl Stream {
     fn push(&self, b: Bytes) {
         self.outbox_bytes.set(self.outbox_bytes.get() + b.len());
@@ -249,28 +522,38 @@ impl Stream {
     }
 }
 
+const NO_GROUP: u32 = u32::MAX;
+
 #[derive(Default)]
 struct Inner {
-    next_gid: u64,
-    next_stream: u64,
-    watchers: HashMap<u64, Watcher>,
-    /// (key, range_end) → watchers on it: live events are matched per
-    /// distinct range, not per watcher.
-    groups: HashMap<Arc<WatchRange>, Vec<u64>>,
-    streams: HashMap<u64, Rc<Stream>>,
+    nshards: usize,
+    /// Epochs and group tags (unique in the hub).
+    next_seq: u64,
+    watchers: Slab<Watcher>,
+    groups: Slab<Group>,
+    /// A range's groups, without and with `prev_kv`.
+    group_of: HashMap<Arc<WatchRange>, [u32; 2]>,
+    streams: Slab<Rc<Stream>>,
     applied: u64,
     revision: i64,
     /// Watchers with buffered events, or with history to ask for; not
     /// those only waiting for a history answer (it wakes them).
-    waiting: HashSet<u64>,
+    waiting: HashSet<u32>,
     /// Streams with a progress request not answered yet.
-    progress_wanted: HashSet<u64>,
+    progress_wanted: HashSet<u32>,
     /// Event pointers in all watchers' buffers.
     buffered: usize,
     /// Bytes of events alive (shared by the buffers that hold them).
     ev_bytes: Rc<Cell<usize>>,
     progress_timer: bool,
     leader_monitor: bool,
+}
+
+impl Inner {
+    fn seq(&mut self) -> u64 {
+        self.next_seq += 1;
+        self.next_seq
+    }
 }
 
 /// The watch hub of one core.
@@ -289,19 +572,19 @@ impl Hub {
             return Err(error::no_leader());
         }
         let mut g = self.inner.borrow_mut();
-        g.next_stream += 1;
         let s = Rc::new(Stream {
-            id: g.next_stream,
+            id: g.streams.next_slot(),
             require_leader,
             outbox: RefCell::new(VecDeque::new()),
             outbox_bytes: Cell::new(0),
             blocked: RefCell::new(VecDeque::new()),
             waker: Cell::new(None),
             ended: RefCell::new(None),
-            ids: RefCell::new(BTreeMap::new()),
+            ids: RefCell::new(Ids::default()),
             next_id: Cell::new(0),
         });
-        g.streams.insert(s.id, s.clone());
+        let slot = g.streams.insert(s.clone());
+        debug_assert_eq!(slot, s.id);
         if require_leader && !g.leader_monitor {
             g.leader_monitor = true;
             drop(g);
@@ -312,19 +595,21 @@ impl Hub {
 
     /// Drops a stream and all its watchers.
     pub fn close_stream(&self, core: &Core, s: &Stream) {
-        let gids: Vec<u64> = s.ids.borrow_mut().values().copied().collect();
+        let slots: Vec<u32> = s.ids.borrow().slots().collect();
         s.ids.borrow_mut().clear();
+        s.blocked.borrow_mut().clear();
         let mut g = self.inner.borrow_mut();
-        for gid in gids {
-            remove_watcher(&mut g, core, gid);
+        for slot in slots {
+            remove_watcher(&mut g, core, slot);
         }
-        g.streams.remove(&s.id);
+        g.streams.remove(s.id);
         g.progress_wanted.remove(&s.id);
     }
 
     /// A `WatchCreateRequest`, answered as etcd's `recvLoop` does.
     pub fn create(&self, core: &Core, s: &Stream, req: WatchCreateRequest) {
-        let rev_now = self.inner.borrow().revision.max(core.view.revision.get());
+        let hub_rev = self.inner.borrow().revision;
+        let rev_now = hub_rev.max(core.view.revision.get());
         let fail = |reason: &str| {
             s.push(encode(&WatchResponse {
                 header: header(core, rev_now),
@@ -342,14 +627,14 @@ impl Hub {
             return fail("mvcc: watcher range is empty");
         }
         let id = if req.watch_id != 0 {
-            if s.ids.borrow().contains_key(&req.watch_id) {
+            if s.ids.borrow().contains(req.watch_id) {
                 return fail("mvcc: duplicate watch ID provided on the WatchStream");
             }
             req.watch_id
         } else {
             let ids = s.ids.borrow();
             let mut n = s.next_id.get();
-            while ids.contains_key(&n) {
+            while ids.contains(n) {
                 n += 1;
             }
             s.next_id.set(n + 1);
@@ -361,80 +646,104 @@ impl Hub {
             created: true,
             ..Default::default()
         }));
+        let nshards = core.router.shards.len();
+        let mut g = self.inner.borrow_mut();
+        g.nshards = nshards;
+        let gi = group_for(
+            &mut g,
+            core,
+            WatchRange {
+                key: key.into(),
+                range_end: range_end.into(),
+            },
+            req.prev_kv,
+        );
+        let grp = g.groups.get(gi).expect("group just found");
+        let range = grp.range.clone();
+        // A watcher from now on joins its group live at once, without
+        // asking the shards, when the group's registrations cover every
+        // change after `rev_now` and the hub has fanned out no event after
+        // it yet (so none it should get has gone by). `rev_now` must be the
+        // hub's own revision: every event up to it has been through the hub.
+        let live = (req.start_revision == 0 || req.start_revision == rev_now + 1)
+            && hub_rev == rev_now
+            && grp.confirmed as usize == shards_of(&range, nshards).len()
+            && grp.reg_rev <= rev_now
+            && grp.last_rev <= rev_now;
         let start = if req.start_revision != 0 {
             req.start_revision
         } else {
             rev_now + 1
         };
-        let nshards = core.router.shards.len();
-        let shards: Vec<usize> = if range_end.is_empty() {
-            vec![shard_of(&key, nshards)]
+        let sync = if live {
+            None
         } else {
-            (0..nshards).collect()
+            Some(Box::new(Catchup {
+                epoch: g.seq(),
+                shards: shards_of(&range, nshards)
+                    .map(|shard| ShardSync {
+                        shard: shard as u32,
+                        live: false,
+                        progress: start - 1,
+                        inflight: true,
+                    })
+                    .collect(),
+            }))
         };
-        let mut g = self.inner.borrow_mut();
-        g.next_gid += 1;
-        let gid = g.next_gid;
-        let range = WatchRange {
-            key: key.into(),
-            range_end: range_end.into(),
-        };
-        let range = match g.groups.get_key_value(&range) {
-            Some((r, _)) => r.clone(),
-            None => Arc::new(range),
-        };
-        for &sh in &shards {
-            core.router.shards[sh].send(ShardMsg::WatchHistory {
-                core: core.id,
-                watcher: gid,
-                epoch: 0,
-                range: range.clone(),
-                from: start,
-                prev_kv: req.prev_kv,
-                register: true,
-            });
+        let epoch = sync.as_ref().map(|c| c.epoch);
+        let mut flags = 0;
+        if req.filters.contains(&FILTER_NOPUT) {
+            flags |= F_NOPUT;
         }
-        let w = Watcher {
-            stream: s.id,
+        if req.filters.contains(&FILTER_NODELETE) {
+            flags |= F_NODELETE;
+        }
+        if req.fragment {
+            flags |= F_FRAGMENT;
+        }
+        if req.progress_notify {
+            flags |= F_PROGRESS_NOTIFY;
+        }
+        let gpos = g.groups.get(gi).expect("group").members.len() as u32;
+        let slot = g.watchers.insert(Watcher {
             id,
-            prev_kv: req.prev_kv,
-            noput: req.filters.contains(&FILTER_NOPUT),
-            nodelete: req.filters.contains(&FILTER_NODELETE),
-            fragment: req.fragment,
-            progress_notify: req.progress_notify,
-            shards: shards
-                .iter()
-                .map(|&shard| ShardSync {
-                    shard: shard as u32,
-                    live: false,
-                    progress: start - 1,
-                    inflight: true,
-                })
-                .collect(),
-            epoch: 0,
-            buf: Vec::new(),
-            buf_bytes: 0,
-            queued: false,
             sent: start - 1,
-            range: range.clone(),
-        };
-        g.groups.entry(range).or_default().push(gid);
-        if w.progress_notify && !g.progress_timer {
+            sync,
+            buf: None,
+            group: gi,
+            gpos,
+            stream: s.id,
+            prev_kv: req.prev_kv,
+            flags,
+        });
+        g.groups.get_mut(gi).expect("group").members.push(slot);
+        if let Some(epoch) = epoch {
+            // Not waiting yet: its history answers wake it.
+            for sh in shards_of(&range, nshards) {
+                core.router.shards[sh].send(ShardMsg::WatchHistory {
+                    core: core.id,
+                    watcher: slot,
+                    epoch,
+                    range: range.clone(),
+                    from: start,
+                    prev_kv: req.prev_kv,
+                });
+            }
+        }
+        if req.progress_notify && !g.progress_timer {
             g.progress_timer = true;
             start_progress_timer(core);
         }
-        // Not waiting yet: its history answers wake it.
-        g.watchers.insert(gid, w);
-        s.ids.borrow_mut().insert(id, gid);
+        s.ids.borrow_mut().insert(id, slot);
     }
 
     /// A `WatchCancelRequest`: answered only when the ID exists (etcd).
     pub fn cancel(&self, core: &Core, s: &Stream, id: i64) {
-        let Some(gid) = s.ids.borrow_mut().remove(&id) else {
+        let Some(slot) = s.ids.borrow_mut().remove(id) else {
             return;
         };
         let mut g = self.inner.borrow_mut();
-        remove_watcher(&mut g, core, gid);
+        remove_watcher(&mut g, core, slot);
         s.push(encode(&WatchResponse {
             header: header(core, g.revision.max(core.view.revision.get())),
             watch_id: id,
@@ -478,7 +787,7 @@ impl Hub {
                 };
                 if without >= 3 {
                     let g = me.watch.inner.borrow();
-                    for s in g.streams.values() {
+                    for (_, s) in g.streams.iter() {
                         if s.require_leader {
                             s.end(error::no_leader());
                         }
@@ -487,6 +796,17 @@ impl Hub {
             }
         })
         .detach();
+    }
+
+    /// A shard confirmed a group's registration.
+    pub fn on_registered(&self, _shard: usize, group: u32, tag: u64, rev: i64) {
+        let mut g = self.inner.borrow_mut();
+        if let Some(grp) = g.groups.get_mut(group) {
+            if grp.tag == tag {
+                grp.confirmed += 1;
+                grp.reg_rev = grp.reg_rev.max(rev);
+            }
+        }
     }
 
     /// Live events from a shard.
@@ -498,30 +818,34 @@ impl Hub {
             waiting,
             buffered,
             ev_bytes,
+            next_seq,
+            nshards,
             ..
         } = &mut *g;
         for e in events {
             let ev = Rc::new(Ev::new(e, ev_bytes));
-            for (r, gids) in groups.iter() {
-                if !r.contains(&ev.kv.key) {
+            for (_, grp) in groups.iter_mut() {
+                if !grp.range.contains(&ev.kv.key) {
                     continue;
                 }
-                for gid in gids {
-                    let Some(w) = watchers.get_mut(gid) else {
+                grp.last_rev = grp.last_rev.max(ev.rev);
+                for &slot in &grp.members {
+                    let Some(w) = watchers.get_mut(slot) else {
                         continue;
                     };
-                    if !w.sync_mut(shard).map(|s| s.live).unwrap_or(false) || !w.wants(&ev) {
+                    if !w.live_on(shard) || !w.wants(&ev) {
                         continue;
                     }
-                    w.buf.push(ev.clone());
+                    let b = w.buf.get_or_insert_with(Default::default);
+                    b.evs.push(ev.clone());
+                    b.bytes = b.bytes.saturating_add(ev.size as u32);
                     *buffered += 1;
-                    w.buf_bytes = w.buf_bytes.saturating_add(ev.size as u32);
-                    waiting.insert(*gid);
+                    waiting.insert(slot);
                     let pressed =
                         *buffered > HUB_BUFFERED_MAX || ev_bytes.get() > HUB_EVENT_BYTES_MAX;
-                    if w.buf.len() > WATCHER_BUF_EVENTS_MAX
-                        || w.buf_bytes as usize > WATCHER_BUF_BYTES_MAX
-                        || (pressed && w.buf.len() > WATCHER_BUF_PRESSURED)
+                    if b.evs.len() > WATCHER_BUF_EVENTS_MAX
+                        || b.bytes as usize > WATCHER_BUF_BYTES_MAX
+                        || (pressed && b.evs.len() > WATCHER_BUF_PRESSURED)
                     {
                         crate::debug!(
                             "watcher {} of stream {} fell behind at revision {}; catching up from history",
@@ -529,8 +853,9 @@ impl Hub {
                             w.stream,
                             w.sent
                         );
-                        *buffered = buffered.saturating_sub(w.buf.len());
-                        fall_back_to_history(w);
+                        *buffered = buffered.saturating_sub(w.buffered());
+                        *next_seq += 1;
+                        fall_back_to_history(w, *next_seq, &grp.range, *nshards);
                     }
                 }
             }
@@ -538,22 +863,25 @@ impl Hub {
     }
 
     /// A shard's answer to a history request.
-    pub fn on_history(&self, core: &Core, shard: usize, gid: u64, epoch: u32, h: History) {
+    pub fn on_history(&self, core: &Core, shard: usize, slot: u32, epoch: u64, h: History) {
         let mut g = self.inner.borrow_mut();
         let acct = g.ev_bytes.clone();
         let mut added = 0;
-        let Some(w) = g.watchers.get_mut(&gid) else {
+        let Some(w) = g.watchers.get_mut(slot) else {
             return;
         };
-        if w.epoch != epoch {
+        let Some(c) = w.sync.as_mut() else {
+            return;
+        };
+        if c.epoch != epoch {
             return;
         }
         match h {
             History::Compacted(compact) => {
                 let (sid, id) = (w.stream, w.id);
-                remove_watcher(&mut g, core, gid);
-                if let Some(s) = g.streams.get(&sid) {
-                    s.ids.borrow_mut().remove(&id);
+                remove_watcher(&mut g, core, slot);
+                if let Some(s) = g.streams.get(sid) {
+                    s.ids.borrow_mut().remove(id);
                     // etcd sends this with a zero header revision.
                     s.push(encode(&WatchResponse {
                         header: header(core, 0),
@@ -565,7 +893,7 @@ impl Hub {
                 }
             }
             History::Events { events, more } => {
-                let Some(ss) = w.sync_mut(shard) else {
+                let Some(ss) = c.shards.iter_mut().find(|s| s.shard as usize == shard) else {
                     return;
                 };
                 ss.inflight = false;
@@ -574,16 +902,20 @@ impl Hub {
                     Some(r) => ss.progress = r,
                     None => ss.live = true,
                 }
+                if c.shards.iter().all(|s| s.live) {
+                    w.sync = None;
+                }
                 for e in events {
                     let ev = Ev::new(e, &acct);
                     if ev.rev > from && w.wants(&ev) {
-                        w.buf_bytes = w.buf_bytes.saturating_add(ev.size as u32);
-                        w.buf.push(Rc::new(ev));
+                        let b = w.buf.get_or_insert_with(Default::default);
+                        b.bytes = b.bytes.saturating_add(ev.size as u32);
+                        b.evs.push(Rc::new(ev));
                         added += 1;
                     }
                 }
                 g.buffered += added;
-                g.waiting.insert(gid);
+                g.waiting.insert(slot);
             }
         }
     }
@@ -593,16 +925,24 @@ impl Hub {
     /// messages and whenever a stream's outbox drains.
     pub fn flush(&self, core: &Core) {
         let mut g = self.inner.borrow_mut();
-        let ids: Vec<u64> = g.waiting.drain().collect();
-        for gid in ids {
-            if flush_watcher(&mut g, core, gid) {
-                g.waiting.insert(gid);
+        if !g.waiting.is_empty() {
+            let ids: Vec<u32> = g.waiting.drain().collect();
+            for slot in ids {
+                if flush_watcher(&mut g, core, slot) {
+                    g.waiting.insert(slot);
+                }
+            }
+            // A burst (say every new watcher's history answer) leaves
+            // capacity behind; give it back.
+            if g.waiting.capacity() > 1024 && g.waiting.len() * 8 < g.waiting.capacity() {
+                let n = g.waiting.len();
+                g.waiting.shrink_to(n);
             }
         }
         if !g.progress_wanted.is_empty() {
-            let ids: Vec<u64> = g.progress_wanted.drain().collect();
+            let ids: Vec<u32> = g.progress_wanted.drain().collect();
             for id in ids {
-                let done = match g.streams.get(&id) {
+                let done = match g.streams.get(id) {
                     Some(s) => check_progress(&g, core, s),
                     None => true,
                 };
@@ -621,14 +961,14 @@ impl Hub {
         }
         let mut g = self.inner.borrow_mut();
         while s.outbox_bytes.get() < OUTBOX_BYTES_LOW {
-            let Some(gid) = s.blocked.borrow_mut().pop_front() else {
+            let Some(slot) = s.blocked.borrow_mut().pop_front() else {
                 break;
             };
-            if let Some(w) = g.watchers.get_mut(&gid) {
-                w.queued = false;
+            if let Some(w) = g.watchers.get_mut(slot) {
+                w.set(F_QUEUED, false);
             }
-            if flush_watcher(&mut g, core, gid) {
-                g.waiting.insert(gid);
+            if flush_watcher(&mut g, core, slot) {
+                g.waiting.insert(slot);
             }
         }
     }
@@ -637,11 +977,11 @@ impl Hub {
     /// nothing pending (etcd's `--experimental-watch-progress-notify-interval`).
     fn progress_tick(&self, core: &Core) {
         let g = self.inner.borrow();
-        for w in g.watchers.values() {
-            if !w.progress_notify || !w.synced() {
+        for (_, w) in g.watchers.iter() {
+            if !w.has(F_PROGRESS_NOTIFY) || !w.synced() {
                 continue;
             }
-            if let Some(s) = g.streams.get(&w.stream) {
+            if let Some(s) = g.streams.get(w.stream) {
                 if !s.full() {
                     s.push(encode(&WatchResponse {
                         header: header(core, g.revision),
@@ -660,14 +1000,21 @@ impl Hub {
         let mut g = self.inner.borrow_mut();
         let Inner {
             watchers,
+            groups,
             waiting,
             buffered,
+            next_seq,
+            nshards,
             ..
         } = &mut *g;
-        for (gid, w) in watchers.iter_mut() {
-            *buffered = buffered.saturating_sub(w.buf.len());
-            fall_back_to_history(w);
-            waiting.insert(*gid);
+        for (slot, w) in watchers.iter_mut() {
+            *buffered = buffered.saturating_sub(w.buffered());
+            let Some(grp) = groups.get(w.group) else {
+                continue;
+            };
+            *next_seq += 1;
+            fall_back_to_history(w, *next_seq, &grp.range, *nshards);
+            waiting.insert(slot);
         }
     }
 
@@ -691,108 +1038,190 @@ fn start_progress_timer(core: &Core) {
     .detach();
 }
 
-fn remove_watcher(g: &mut Inner, core: &Core, gid: u64) {
-    let Some(w) = g.watchers.remove(&gid) else {
-        return;
-    };
-    g.buffered = g.buffered.saturating_sub(w.buf.len());
-    g.waiting.remove(&gid);
-    if let Some(v) = g.groups.get_mut(&w.range) {
-        v.retain(|x| *x != gid);
-        if v.is_empty() {
-            g.groups.remove(&w.range);
+/// The group of `(range, prev_kv)`, created (and registered with the
+/// shards its keys can be on) if there is none.
+fn group_for(g: &mut Inner, core: &Core, range: WatchRange, prev_kv: bool) -> u32 {
+    let found = g.group_of.get_key_value(&range);
+    if let Some((_, ix)) = found {
+        if ix[prev_kv as usize] != NO_GROUP {
+            return ix[prev_kv as usize];
         }
     }
-    for ss in &w.shards {
-        core.router.shards[ss.shard as usize].send(ShardMsg::Unwatch {
+    let range = match found {
+        Some((r, _)) => r.clone(),
+        None => Arc::new(range),
+    };
+    let tag = g.seq();
+    let gi = g.groups.insert(Group {
+        range: range.clone(),
+        prev_kv,
+        members: Vec::new(),
+        tag,
+        confirmed: 0,
+        reg_rev: 0,
+        last_rev: 0,
+    });
+    for sh in shards_of(&range, g.nshards) {
+        core.router.shards[sh].send(ShardMsg::WatchRegister {
             core: core.id,
-            range: w.range.clone(),
-            prev_kv: w.prev_kv,
+            group: gi,
+            tag,
+            range: range.clone(),
+            prev_kv,
+        });
+    }
+    g.group_of.entry(range).or_insert([NO_GROUP; 2])[prev_kv as usize] = gi;
+    gi
+}
+
+fn remove_watcher(g: &mut Inner, core: &Core, slot: u32) {
+    let Some(w) = g.watchers.remove(slot) else {
+        return;
+    };
+    g.buffered = g.buffered.saturating_sub(w.buffered());
+    g.waiting.remove(&slot);
+    if w.has(F_QUEUED) {
+        if let Some(s) = g.streams.get(w.stream) {
+            s.blocked.borrow_mut().retain(|x| *x != slot);
+        }
+    }
+    let Some(grp) = g.groups.get_mut(w.group) else {
+        return;
+    };
+    let pos = w.gpos as usize;
+    grp.members.swap_remove(pos);
+    if let Some(&moved) = grp.members.get(pos) {
+        if let Some(m) = g.watchers.get_mut(moved) {
+            m.gpos = pos as u32;
+        }
+    }
+    let grp = g.groups.get_mut(w.group).expect("group");
+    if !grp.members.is_empty() {
+        let (n, cap) = (grp.members.len(), grp.members.capacity());
+        if cap > 64 && n * 4 < cap {
+            grp.members.shrink_to(n * 2);
+        }
+        return;
+    }
+    let grp = g.groups.remove(w.group).expect("group");
+    if let Some(ix) = g.group_of.get_mut(&grp.range) {
+        ix[grp.prev_kv as usize] = NO_GROUP;
+        if ix == &[NO_GROUP; 2] {
+            g.group_of.remove(&grp.range);
+        }
+    }
+    for sh in shards_of(&grp.range, g.nshards) {
+        core.router.shards[sh].send(ShardMsg::Unwatch {
+            core: core.id,
+            range: grp.range.clone(),
+            prev_kv: grp.prev_kv,
         });
     }
 }
 
 /// Drops a watcher's buffer: it reads history again from the last
 /// revision it delivered, once its stream has room.
-fn fall_back_to_history(w: &mut Watcher) {
-    w.buf = Vec::new();
-    w.buf_bytes = 0;
-    w.epoch = w.epoch.wrapping_add(1);
-    for s in w.shards.iter_mut() {
-        *s = ShardSync {
-            shard: s.shard,
-            live: false,
-            progress: w.sent,
-            inflight: false,
-        };
-    }
+fn fall_back_to_history(w: &mut Watcher, epoch: u64, range: &WatchRange, nshards: usize) {
+    w.buf = None;
+    w.sync = Some(Box::new(Catchup {
+        epoch,
+        shards: shards_of(range, nshards)
+            .map(|shard| ShardSync {
+                shard: shard as u32,
+                live: false,
+                progress: w.sent,
+                inflight: false,
+            })
+            .collect(),
+    }));
 }
 
 /// Moves a watcher's releasable events into its stream's outbox and asks
 /// for more history if it may. Returns whether it still has work pending.
-fn flush_watcher(g: &mut Inner, core: &Core, gid: u64) -> bool {
+fn flush_watcher(g: &mut Inner, core: &Core, slot: u32) -> bool {
     let applied = g.applied as i64;
     let revision = g.revision;
-    let Some(w) = g.watchers.get_mut(&gid) else {
+    let Inner {
+        watchers,
+        streams,
+        groups,
+        buffered,
+        ..
+    } = g;
+    let Some(w) = watchers.get_mut(slot) else {
         return false;
     };
-    let Some(s) = g.streams.get(&w.stream) else {
+    let Some(s) = streams.get(w.stream) else {
         return false;
     };
-    let buffered = &mut g.buffered;
     if s.outbox_bytes.get() >= OUTBOX_BYTES_LOW {
         // The stream's drain wakes it (`on_sent`).
-        if !w.queued {
-            w.queued = true;
-            s.blocked.borrow_mut().push_back(gid);
+        if !w.has(F_QUEUED) {
+            w.set(F_QUEUED, true);
+            s.blocked.borrow_mut().push_back(slot);
         }
         return false;
     }
-    let limit = w
-        .shards
-        .iter()
-        .filter(|ss| !ss.live)
-        .map(|ss| ss.progress)
-        .fold(applied, i64::min);
-    if !w.buf.is_empty() {
-        w.buf
+    let limit = match &w.sync {
+        None => applied,
+        Some(c) => c
+            .shards
+            .iter()
+            .filter(|ss| !ss.live)
+            .map(|ss| ss.progress)
+            .fold(applied, i64::min),
+    };
+    if let Some(b) = w.buf.as_mut() {
+        b.evs
             .sort_by(|a, b| (a.rev, a.sub, &a.kv.key).cmp(&(b.rev, b.sub, &b.kv.key)));
-        let n = w.buf.partition_point(|e| e.rev <= limit);
+        let n = b.evs.partition_point(|e| e.rev <= limit);
         if n > 0 {
-            let out: Vec<Rc<Ev>> = w.buf.drain(..n).collect();
+            let out: Vec<Rc<Ev>> = if n == b.evs.len() {
+                std::mem::take(&mut b.evs)
+            } else {
+                b.evs.drain(..n).collect()
+            };
             *buffered = buffered.saturating_sub(n);
             let freed: usize = out.iter().map(|e| e.size).sum();
-            w.buf_bytes = w.buf_bytes.saturating_sub(freed as u32);
+            b.bytes = b.bytes.saturating_sub(freed as u32);
+            if b.evs.is_empty() {
+                w.buf = None;
+            }
             send_events(core, s, w, &out, revision.max(out[n - 1].rev));
         }
     }
     w.sent = w.sent.max(limit);
     // More history for the shards still read back, once there is room for
     // it (the stream's drain wakes this watcher again).
-    let wants_history = w.shards.iter().any(|ss| !ss.live && !ss.inflight);
+    let Some(c) = w.sync.as_mut() else {
+        return w.buf.is_some();
+    };
+    let wants_history = c.shards.iter().any(|ss| !ss.live && !ss.inflight);
     if wants_history && s.full() {
-        if !w.queued {
-            w.queued = true;
-            s.blocked.borrow_mut().push_back(gid);
+        if !w.has(F_QUEUED) {
+            w.set(F_QUEUED, true);
+            s.blocked.borrow_mut().push_back(slot);
         }
         return false;
     } else if wants_history {
-        for ss in w.shards.iter_mut() {
+        let Some(grp) = groups.get(w.group) else {
+            return false;
+        };
+        for ss in c.shards.iter_mut() {
             if !ss.live && !ss.inflight {
                 ss.inflight = true;
                 core.router.shards[ss.shard as usize].send(ShardMsg::WatchHistory {
                     core: core.id,
-                    watcher: gid,
-                    epoch: w.epoch,
-                    range: w.range.clone(),
+                    watcher: slot,
+                    epoch: c.epoch,
+                    range: grp.range.clone(),
                     from: ss.progress + 1,
                     prev_kv: w.prev_kv,
-                    register: false,
                 });
             }
         }
     }
-    !w.buf.is_empty()
+    w.buf.is_some()
 }
 
 /// Builds the responses for released events: cut at revision boundaries
@@ -827,7 +1256,7 @@ fn send_events(core: &Core, s: &Stream, w: &Watcher, evs: &[Rc<Ev>], rev: i64) {
             end = e2;
         }
         let chunk = &evs[start..end];
-        if w.fragment && bytes >= max && chunk.len() > 1 {
+        if w.has(F_FRAGMENT) && bytes >= max && chunk.len() > 1 {
             // etcd's sendFragments: as many events as fit, at least one.
             let mut i = 0;
             while i < chunk.len() {
@@ -879,8 +1308,8 @@ fn check_progress(g: &Inner, core: &Core, s: &Stream) -> bool {
     let all_synced = s
         .ids
         .borrow()
-        .values()
-        .all(|gid| g.watchers.get(gid).map(|w| w.synced()).unwrap_or(true));
+        .slots()
+        .all(|slot| g.watchers.get(slot).map(|w| w.synced()).unwrap_or(true));
     if all_synced {
         s.push(encode(&WatchResponse {
             header: header(core, g.revision.max(core.view.revision.get())),
@@ -1004,5 +1433,96 @@ pub async fn serve(
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn watcher_record_stays_small() {
+        // The per-watcher cost at 100k watchers; grow it only on purpose.
+        assert!(std::mem::size_of::<Option<Watcher>>() <= 48);
+    }
+
+    #[test]
+    fn slab_reuses_slots_and_spans_chunks() {
+        let mut s: Slab<u64> = Slab::default();
+        let n = SLAB_CHUNK as u64 * 2 + 3;
+        for i in 0..n {
+            assert_eq!(s.next_slot(), i as u32);
+            assert_eq!(s.insert(i * 10), i as u32);
+        }
+        assert_eq!(s.len(), n as usize);
+        assert_eq!(
+            s.get(SLAB_CHUNK as u32 + 1),
+            Some(&((SLAB_CHUNK as u64 + 1) * 10))
+        );
+        assert_eq!(s.remove(5), Some(50));
+        assert_eq!(s.remove(5), None);
+        assert_eq!(s.get(5), None);
+        assert_eq!(s.next_slot(), 5);
+        assert_eq!(s.insert(7), 5);
+        *s.get_mut(5).unwrap() += 1;
+        assert_eq!(s.get(5), Some(&8));
+        assert_eq!(s.iter().count(), n as usize);
+        assert_eq!(s.iter_mut().map(|(i, _)| i).max(), Some(n as u32 - 1));
+        for i in 0..n as u32 {
+            assert!(s.remove(i).is_some());
+        }
+        assert_eq!(s.len(), 0);
+        assert!(s.chunks.is_empty() && s.free.is_empty());
+        assert_eq!(s.insert(1), 0);
+    }
+
+    #[test]
+    fn ids_dense_sparse_and_holes() {
+        let mut ids = Ids::default();
+        // Server-picked IDs 0.. go to the array.
+        for i in 0..100 {
+            ids.insert(i, i as u32 + 1000);
+        }
+        assert!(ids.sparse.is_empty());
+        assert_eq!(ids.get(42), Some(1042));
+        // Chosen IDs elsewhere go to the map; one just past the array
+        // extends it, and pulls in the map's next ones.
+        ids.insert(-5, 1);
+        ids.insert(101, 2);
+        ids.insert(i64::MAX, 3);
+        assert_eq!(ids.sparse.len(), 3);
+        ids.insert(100, 4);
+        assert_eq!(ids.dense.len(), 102);
+        assert_eq!(ids.get(101), Some(2));
+        assert_eq!(ids.get(-5), Some(1));
+        assert_eq!(ids.get(i64::MAX), Some(3));
+        assert_eq!(ids.get(102), None);
+        assert_eq!(ids.slots().count(), 104);
+        // Removing leaves holes, reusable; trailing holes are trimmed.
+        assert_eq!(ids.remove(50), Some(1050));
+        assert_eq!(ids.remove(50), None);
+        assert!(!ids.contains(50));
+        ids.insert(50, 9);
+        assert_eq!(ids.get(50), Some(9));
+        assert_eq!(ids.remove(101), Some(2));
+        assert_eq!(ids.remove(100), Some(4));
+        assert_eq!(ids.dense.len(), 100);
+        // Mostly holes: what is left moves to the map, nothing is lost.
+        for i in 1..99 {
+            ids.remove(i);
+        }
+        assert!(ids.dense.is_empty());
+        let mut left: Vec<u32> = ids.slots().collect();
+        left.sort();
+        assert_eq!(left, vec![1, 3, 1000, 1099]);
+        assert_eq!(ids.get(0), Some(1000));
+        assert_eq!(ids.get(99), Some(1099));
+        // The next server-picked ID starts a new array.
+        ids.insert(200, 5);
+        assert_eq!((ids.base, ids.dense.len()), (200, 1));
+        for id in [0, 99, 200, -5, i64::MAX] {
+            assert!(ids.remove(id).is_some());
+        }
+        assert_eq!(ids.slots().count(), 0);
     }
 }
