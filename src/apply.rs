@@ -36,7 +36,7 @@ use std::collections::VecDeque;
 use std::sync::Arc;
 
 /// The outcome of a write, as the client will see it.
-#[derive(Debug)]
+#[derive(Debug, Default)]
 pub struct WriteResult {
     pub txn: TxnResponse,
     /// Header revision: the store's revision once this entry is applied.

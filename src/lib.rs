@@ -15,6 +15,8 @@ pub mod peer;
 pub mod proto;
 pub mod raftcore;
 pub mod server;
+#[cfg(test)]
+mod sim;
 pub mod snapshot;
 pub mod store;
 pub mod wal;

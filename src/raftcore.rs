@@ -159,6 +159,43 @@ pub fn decode_member_payload(from: u64, p: &[u8]) -> Option<RaftMsg> {
     }
 }
 
+/// A payload from peer `from` for this member (`me`) as the raft core's
+/// message: a raft message (dropped unless it names `from` and `me`) or a
+/// membership message. Snapshot chunks are the `SnapshotInbox`'s; anything
+/// else is dropped with a log line.
+pub fn decode_payload(from: u64, me: u64, payload: &[u8]) -> Option<RaftMsg> {
+    match payload.first() {
+        Some(&PAYLOAD_RAFT) => {
+            match <raft::eraftpb::Message as protobuf::Message>::parse_from_bytes(&payload[1..]) {
+                Ok(m) if m.from == from && m.to == me => Some(RaftMsg::Step(Box::new(m))),
+                Ok(m) => {
+                    crate::debug!(
+                        "peer {from:x}: dropping a raft message from {:x} to {:x}",
+                        m.from,
+                        m.to
+                    );
+                    None
+                }
+                Err(e) => {
+                    crate::warn!("peer {from:x}: undecodable raft message: {e}");
+                    None
+                }
+            }
+        }
+        Some(&PAYLOAD_MEMBER_CHANGE) | Some(&PAYLOAD_MEMBER_REFUSED) => {
+            let m = decode_member_payload(from, payload);
+            if m.is_none() {
+                crate::warn!("peer {from:x}: a malformed membership message; dropped");
+            }
+            m
+        }
+        _ => {
+            crate::warn!("peer {from:x}: a payload of unknown kind; dropped");
+            None
+        }
+    }
+}
+
 fn member_payload(kind: u8, nonce: u64, seq: u64, rest: &[u8]) -> Vec<u8> {
     let mut b = Vec::with_capacity(17 + rest.len());
     b.push(kind);

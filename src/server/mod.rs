@@ -532,37 +532,10 @@ fn start_peers(
     let raft = router.raft.clone();
     let snap = crate::raftcore::SnapshotInbox::new(&router.member.data_dir);
     let deliver = Box::new(move |from: u64, payload: bytes::Bytes| {
-        match payload.first() {
-            Some(&crate::raftcore::PAYLOAD_RAFT) => {}
-            Some(&crate::raftcore::PAYLOAD_SNAPSHOT_CHUNK) => {
-                snap.chunk(from, &payload);
-                return;
-            }
-            Some(&crate::raftcore::PAYLOAD_MEMBER_CHANGE)
-            | Some(&crate::raftcore::PAYLOAD_MEMBER_REFUSED) => {
-                match crate::raftcore::decode_member_payload(from, &payload) {
-                    Some(m) => {
-                        raft.send(m);
-                    }
-                    None => crate::warn!("peer {from:x}: a malformed membership message; dropped"),
-                }
-                return;
-            }
-            _ => {
-                crate::warn!("peer {from:x}: a payload of unknown kind; dropped");
-                return;
-            }
-        }
-        match <raft::eraftpb::Message as protobuf::Message>::parse_from_bytes(&payload[1..]) {
-            Ok(m) if m.from == from && m.to == me => {
-                raft.send(RaftMsg::Step(Box::new(m)));
-            }
-            Ok(m) => crate::debug!(
-                "peer {from:x}: dropping a raft message from {:x} to {:x}",
-                m.from,
-                m.to
-            ),
-            Err(e) => crate::warn!("peer {from:x}: undecodable raft message: {e}"),
+        if payload.first() == Some(&crate::raftcore::PAYLOAD_SNAPSHOT_CHUNK) {
+            snap.chunk(from, &payload);
+        } else if let Some(m) = crate::raftcore::decode_payload(from, me, &payload) {
+            raft.send(m);
         }
     });
     let mut cfg = crate::peer::PeerConfig::new(me, router.member.cluster_id);
