@@ -833,7 +833,9 @@ impl Hub {
                     let Some(w) = watchers.get_mut(slot) else {
                         continue;
                     };
-                    if !w.live_on(shard) || !w.wants(&ev) {
+                    // At or below `sent`: delivered already, or before a
+                    // start revision still in the future (etcd skips those).
+                    if !w.live_on(shard) || !w.wants(&ev) || ev.rev <= w.sent {
                         continue;
                     }
                     let b = w.buf.get_or_insert_with(Default::default);
