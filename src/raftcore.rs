@@ -112,6 +112,9 @@ pub struct RaftBoot {
     pub cfg: Config,
     /// A fixed election timeout in ticks (None: raft-rs's random one).
     pub election_tick: Option<usize>,
+    /// Stop the process once this member applies its own removal (etcd's
+    /// behaviour; the simulation stops the member itself).
+    pub exit_on_removal: bool,
 }
 
 /// A follower that lags is served from the in-memory log up to this many
@@ -530,7 +533,7 @@ pub async fn run_raft(
         strict: boot.cfg.strict_reconfig_check,
         removed_self: false,
     };
-    let mut exiting = false;
+    let exit_on_removal = boot.exit_on_removal;
     let catchup = boot.cfg.snapshot_catchup_entries;
     // A MoveLeader in progress: (target, reply, ticks left).
     let mut transfer: Option<(
@@ -782,6 +785,11 @@ pub async fn run_raft(
             peers,
             &router,
         );
+        if ms.removed_self {
+            // Not one more raft call: raft-rs expects a leader to be in its
+            // own configuration (etcd's server stops here too).
+            return stop_removed(exit_on_removal);
+        }
         // 3. Append and hard state, then one fdatasync.
         if !ready.entries().is_empty() {
             wal.push_entries(ready.entries());
@@ -836,17 +844,10 @@ pub async fn run_raft(
             peers,
             &router,
         );
-        node.advance_apply();
-        if ms.removed_self && !exiting {
-            exiting = true;
-            crate::error!("the member has been permanently removed from the cluster; stopping");
-            glommio::spawn_local(async {
-                // Time for the answers to this member's clients to go out.
-                glommio::timer::sleep(Duration::from_secs(1)).await;
-                std::process::exit(0);
-            })
-            .detach();
+        if ms.removed_self {
+            return stop_removed(exit_on_removal);
         }
+        node.advance_apply();
 
         // Keep the in-memory log bounded: `catchup` entries behind the
         // applied index, more for a follower that lags (up to
@@ -898,6 +899,20 @@ pub async fn run_raft(
         }
         // What was proposed before a leader change may or may not commit:
         // its client waits until it applies or its request times out.
+    }
+}
+
+/// This member applied its own removal: the raft core stops at once, and
+/// the process a second later (time for the answers to go out), as
+/// etcd's server does.
+fn stop_removed(exit_process: bool) {
+    crate::error!("the member has been permanently removed from the cluster; stopping");
+    if exit_process {
+        glommio::spawn_local(async {
+            glommio::timer::sleep(Duration::from_secs(1)).await;
+            std::process::exit(0);
+        })
+        .detach();
     }
 }
 

@@ -29,6 +29,15 @@
 //! (crash, restart with what its disk kept), a member cut off from the
 //! others, 0–10% of messages dropped, delays that reorder them.
 //!
+//! Even seeds also change the membership under those faults, through
+//! `RaftMsg::ChangeMembers` as the Cluster API does: member 4 is added as a
+//! learner and started with the membership the change returned, promoted
+//! once in sync (retried like a client), then one of the first three is
+//! removed; at the end every remaining member must list the same members.
+//! This found that raft-rs panics if a leader that applied its own removal
+//! handles one more message (it unwraps its own progress), so the raft
+//! core now stops the moment it applies its own removal, as etcd's does.
+//!
 //! It finds real mistakes: sending raft's "persisted" messages (append
 //! acknowledgements, votes) before the WAL sync, or a disk that does not
 //! keep the term and vote, fail within a few hundred seeds (tried by hand
@@ -209,6 +218,11 @@ impl LogStore for SimDisk {
 /// One member: its durable disk survives crashes; the rest is its run.
 struct Node {
     id: u64,
+    /// Part of the cluster (a member not added yet, or removed, is not).
+    active: bool,
+    /// The membership it starts with the first time (the bootstrap one, or
+    /// what a joining member learns); later starts read its data dir.
+    initial: Membership,
     dir: tempfile::TempDir,
     election_tick: usize,
     durable: Rc<RefCell<Durable>>,
@@ -228,6 +242,8 @@ struct Run {
 }
 
 const IDS: [u64; 3] = [1, 2, 3];
+/// The member some seeds add (as a learner), promote, and keep.
+const JOINER: u64 = 4;
 
 fn membership() -> Membership {
     let mut m = Membership {
@@ -300,12 +316,15 @@ fn start(node: &mut Node, world: &Rc<World>) {
     });
     let boot = RaftBoot {
         id: node.id,
-        membership: membership(),
+        membership: Membership::load(&node.dir.path().join("members"))
+            .expect("the membership file is readable")
+            .unwrap_or_else(|| node.initial.clone()),
         recovered,
         // The model keeps no checkpoint: it replays the log from 1.
         applied: 0,
         cfg,
         election_tick: Some(node.election_tick),
+        exit_on_removal: false,
     };
     let net = Rc::new(SimNet {
         me: node.id,
@@ -495,6 +514,127 @@ impl Sim {
     }
 }
 
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    Add,
+    Promote,
+    Remove,
+    Done,
+}
+
+type ChangeRx = oneshot::Receiver<Result<(u64, Membership), crate::error::Status>>;
+
+struct Changes {
+    phase: Phase,
+    victim: u64,
+    /// The request in flight: (step asked, its reply).
+    asked: Option<(u64, ChangeRx)>,
+}
+
+impl Sim {
+    fn any_active(&self) -> usize {
+        let active: Vec<usize> = (0..self.nodes.len()).filter(|&i| self.nodes[i].active).collect();
+        active[self.rng(active.len() as u64) as usize]
+    }
+
+    /// The membership as member `i` has applied it.
+    async fn members_of(&mut self, i: usize) -> Option<Membership> {
+        let run = self.nodes[i].run.as_ref()?;
+        let (tx, mut rx) = oneshot::channel();
+        run.raft.send(RaftMsg::Members { reply: tx });
+        settle().await;
+        rx.try_recv().ok().flatten()
+    }
+
+    /// Moves the membership changes on: asks a running member for the
+    /// next one, as a client would (again after a timeout), and acts on
+    /// the answer.
+    async fn change_members(&mut self, c: &mut Changes, step: u64) {
+        use crate::proto::keelson::{member_change::Kind, MemberChange};
+        if let Some((at, rx)) = c.asked.as_mut() {
+            let done = match rx.try_recv() {
+                Ok(Some(Ok((_, m)))) => Some(Some(m)),
+                // An earlier attempt did it already.
+                Ok(Some(Err(st)))
+                    if st == crate::error::member_exist()
+                        || (c.phase == Phase::Promote && st == crate::error::member_not_learner())
+                        || (c.phase == Phase::Remove && st == crate::error::member_not_found()) =>
+                {
+                    Some(None)
+                }
+                Ok(Some(Err(_))) | Err(_) => {
+                    c.asked = None;
+                    None
+                }
+                Ok(None) if step - *at > 100 => {
+                    c.asked = None;
+                    None
+                }
+                Ok(None) => None,
+            };
+            let Some(m) = done else {
+                return;
+            };
+            c.asked = None;
+            match c.phase {
+                Phase::Add => {
+                    let j = self.nodes.iter().position(|n| n.id == JOINER).expect("joiner");
+                    let m = match m {
+                        Some(m) => m,
+                        None => {
+                            let i = self.any_active();
+                            match self.members_of(i).await {
+                                Some(m) => m,
+                                None => return, // ask again later
+                            }
+                        }
+                    };
+                    self.nodes[j].initial = m;
+                    self.nodes[j].active = true;
+                    let world = self.world.clone();
+                    start(&mut self.nodes[j], &world);
+                    c.phase = Phase::Promote;
+                }
+                Phase::Promote => c.phase = Phase::Remove,
+                Phase::Remove => {
+                    // The removed member is stopped for good.
+                    let v = self.nodes.iter().position(|n| n.id == c.victim).expect("victim");
+                    self.nodes[v].active = false;
+                    self.nodes[v].run = None;
+                    c.phase = Phase::Done;
+                }
+                Phase::Done => {}
+            }
+            return;
+        }
+        let (kind, id, learner) = match c.phase {
+            Phase::Add => (Kind::Add, JOINER, true),
+            Phase::Promote => (Kind::Promote, JOINER, false),
+            Phase::Remove => (Kind::Remove, c.victim, false),
+            Phase::Done => return,
+        };
+        let i = self.any_active();
+        let Some(run) = self.nodes[i].run.as_ref() else {
+            return;
+        };
+        let (tx, rx) = oneshot::channel();
+        run.raft.send(RaftMsg::ChangeMembers {
+            change: MemberChange {
+                kind: kind as i32,
+                id,
+                peer_urls: if kind == Kind::Add {
+                    vec![format!("http://127.0.0.1:{}", 30000 + id)]
+                } else {
+                    vec![]
+                },
+                is_learner: learner,
+            },
+            reply: tx,
+        });
+        c.asked = Some((step, rx));
+    }
+}
+
 /// One seeded run; panics (naming the seed) if a check fails.
 async fn run_seed(seed: u64, steps: u64) {
     let world = Rc::new(World {
@@ -507,8 +647,11 @@ async fn run_seed(seed: u64, steps: u64) {
     });
     let nodes: Vec<Node> = IDS
         .iter()
+        .chain(&[JOINER])
         .map(|&id| Node {
             id,
+            active: id != JOINER,
+            initial: membership(),
             dir: tempfile::tempdir().expect("temp dir"),
             election_tick: 0,
             durable: Rc::new(RefCell::new(Durable::default())),
@@ -527,8 +670,17 @@ async fn run_seed(seed: u64, steps: u64) {
     };
     for i in 0..sim.nodes.len() {
         sim.nodes[i].election_tick = 10 + sim.rng(10) as usize;
-        start(&mut sim.nodes[i], &world);
+        if sim.nodes[i].active {
+            start(&mut sim.nodes[i], &world);
+        }
     }
+    // Even seeds also change the membership under the faults: add member
+    // 4 as a learner, start it, promote it, remove one of the first three.
+    let mut changes = Changes {
+        phase: if seed % 2 == 0 { Phase::Add } else { Phase::Done },
+        victim: IDS[(seed / 2 % 3) as usize],
+        asked: None,
+    };
     world.drop_per_mille.set(sim.rng(100));
     let mut writes: Vec<(Vec<u8>, WriteRx)> = vec![];
     // (the highest index acknowledged when the read began, its reply)
@@ -539,9 +691,10 @@ async fn run_seed(seed: u64, steps: u64) {
         // Faults: crash or restart a member (one down at a time), cut a
         // member off, heal.
         if sim.rng(1000) < 15 {
-            let i = sim.rng(3) as usize;
-            if sim.nodes[i].run.is_some() {
-                if sim.nodes.iter().all(|n| n.run.is_some()) {
+            let i = sim.rng(sim.nodes.len() as u64) as usize;
+            if !sim.nodes[i].active {
+            } else if sim.nodes[i].run.is_some() {
+                if sim.nodes.iter().all(|n| n.run.is_some() || !n.active) {
                     sim.nodes[i].run = None; // the task is dropped: a crash
                     sim.nodes[i].durable.borrow_mut().crash();
                     crashes += 1;
@@ -551,9 +704,9 @@ async fn run_seed(seed: u64, steps: u64) {
             }
         }
         if sim.rng(1000) < 10 {
-            let a = IDS[sim.rng(3) as usize];
+            let a = sim.nodes[sim.rng(sim.nodes.len() as u64) as usize].id;
             let mut cut = world.cut.borrow_mut();
-            for b in IDS {
+            for b in IDS.iter().copied().chain([JOINER]) {
                 if b != a {
                     cut.insert((a, b));
                     cut.insert((b, a));
@@ -566,7 +719,7 @@ async fn run_seed(seed: u64, steps: u64) {
         sim.advance(step);
         // Clients: writes and linearizable reads to any running member.
         if sim.rng(1000) < 300 {
-            let i = sim.rng(3) as usize;
+            let i = sim.any_active();
             let cmd = put_cmd(&format!("k{}", next_key % 17), &format!("v{next_key}"));
             next_key += 1;
             if let Some(rx) = sim.propose(i, &cmd) {
@@ -574,12 +727,15 @@ async fn run_seed(seed: u64, steps: u64) {
             }
         }
         if sim.rng(1000) < 100 {
-            let i = sim.rng(3) as usize;
+            let i = sim.any_active();
             if let Some(run) = &sim.nodes[i].run {
                 let (tx, rx) = oneshot::channel();
                 run.raft.send(RaftMsg::ReadIndex { reply: tx });
                 reads.push((sim.ck.acked_max, rx));
             }
+        }
+        if step >= 200 && step % 10 == 0 {
+            sim.change_members(&mut changes, step).await;
         }
         sim.settle(700).await;
         let ck = &mut sim.ck;
@@ -609,7 +765,7 @@ async fn run_seed(seed: u64, steps: u64) {
     world.cut.borrow_mut().clear();
     world.drop_per_mille.set(0);
     for i in 0..sim.nodes.len() {
-        if sim.nodes[i].run.is_none() {
+        if sim.nodes[i].run.is_none() && sim.nodes[i].active {
             start(&mut sim.nodes[i], &world);
         }
     }
@@ -617,8 +773,11 @@ async fn run_seed(seed: u64, steps: u64) {
     let mut rx = None;
     let mut acked = None;
     let mut asked_at = steps;
-    for step in steps..steps + 600 {
+    for step in steps..steps + 1500 {
         sim.advance(step);
+        if step % 10 == 0 {
+            sim.change_members(&mut changes, step).await;
+        }
         sim.settle(1000).await;
         // A client gives up after a while and asks again (a request
         // forwarded to a leader that just lost office is dropped).
@@ -626,7 +785,7 @@ async fn run_seed(seed: u64, steps: u64) {
             rx = None;
         }
         if rx.is_none() && acked.is_none() {
-            rx = sim.propose(sim.rng(3) as usize, &cmd);
+            rx = sim.propose(sim.any_active(), &cmd);
             asked_at = step;
         }
         match rx.as_mut().map(|r| r.try_recv()) {
@@ -639,10 +798,11 @@ async fn run_seed(seed: u64, steps: u64) {
             Some(Ok(Some(Err(_)))) | Some(Err(_)) => rx = None,
             _ => {}
         }
-        if let Some(i) = acked {
+        if let (Some(i), Phase::Done) = (acked, changes.phase) {
             if sim
                 .nodes
                 .iter()
+                .filter(|n| n.active)
                 .all(|n| n.run.as_ref().map(|r| r.applied >= i).unwrap_or(false))
             {
                 break;
@@ -665,9 +825,9 @@ async fn run_seed(seed: u64, steps: u64) {
                 ));
             }
         }
-        panic!("seed {seed}: no write acknowledged within 600 steps once faults stopped;{views}");
+        panic!("seed {seed}: no write acknowledged within 1500 steps once faults stopped;{views}");
     };
-    for n in &sim.nodes {
+    for n in sim.nodes.iter().filter(|n| n.active) {
         let applied = n.run.as_ref().map(|r| r.applied).unwrap_or(0);
         assert!(
             applied >= last,
@@ -699,11 +859,35 @@ async fn run_seed(seed: u64, steps: u64) {
     for w in states.windows(2) {
         assert_eq!(w[0], w[1], "seed {seed}: members at one index hold different data");
     }
+    if seed % 2 == 0 {
+        assert_eq!(
+            changes.phase,
+            Phase::Done,
+            "seed {seed}: the membership changes did not all go through"
+        );
+        // Every member left agrees on who is in the cluster.
+        let mut seen = Vec::new();
+        for i in 0..sim.nodes.len() {
+            if sim.nodes[i].active {
+                seen.push(sim.members_of(i).await.expect("a running member answers"));
+            }
+        }
+        for m in &seen {
+            let ids: Vec<u64> = m.members.keys().copied().collect();
+            let want: Vec<u64> = [1, 2, 3, JOINER]
+                .into_iter()
+                .filter(|&id| id != changes.victim)
+                .collect();
+            assert_eq!(ids, want, "seed {seed}: membership {m:?}");
+            assert!(!m.is_learner(JOINER) && m.removed.contains(&changes.victim));
+        }
+    }
     eprintln!(
-        "sim seed {seed}: {steps} steps, {} writes acknowledged, {} indexes applied, {} crashes",
+        "sim seed {seed}: {steps} steps, {} writes acknowledged, {} indexes applied, {} crashes, membership changes: {}",
         sim.ck.acked.len(),
         sim.ck.log.len(),
-        crashes
+        crashes,
+        if seed % 2 == 0 { "add, promote, remove" } else { "none" }
     );
     for n in sim.nodes.iter_mut() {
         n.run = None;

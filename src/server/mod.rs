@@ -707,6 +707,7 @@ pub fn run(cfg: Config) -> Result<(), String> {
             applied: common,
             cfg: cfg.clone(),
             election_tick: None,
+            exit_on_removal: true,
         },
         raft_rx,
         applier_rx,
