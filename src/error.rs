@@ -98,6 +98,7 @@ etcd_errors! {
     learner_not_ready => (FailedPrecondition, "etcdserver: can only promote a learner member which is in sync with leader");
     too_many_learners => (FailedPrecondition, "etcdserver: too many learner members in cluster");
     unhealthy => (Unavailable, "etcdserver: unhealthy cluster");
+    no_space => (ResourceExhausted, "etcdserver: mvcc: database space exceeded");
     not_supported_for_learner => (Unavailable, "etcdserver: rpc not supported for learner");
 }
 

@@ -17,7 +17,11 @@
 //! conf_index=<decimal>
 //! member=<id hex> TAB <name> TAB <peer URLs, space separated> TAB <client URLs> TAB voter|learner
 //! removed=<id hex>
+//! alarm=<member id hex> <etcdserverpb.AlarmType number>
 //! ```
+//!
+//! It also keeps the cluster's alarms (etcd keeps them in its backend):
+//! raised and cleared through the log like the rest.
 
 use crate::error::{self, Status};
 use crate::proto::keelson::{member_change::Kind, MemberChange};
@@ -38,6 +42,8 @@ pub struct Membership {
     pub conf_index: u64,
     pub members: BTreeMap<u64, MemberInfo>,
     pub removed: BTreeSet<u64>,
+    /// (member ID, alarm type) pairs raised.
+    pub alarms: BTreeSet<(u64, i32)>,
 }
 
 /// etcd 3.4's limit on learners in a cluster.
@@ -225,6 +231,9 @@ impl Membership {
         for id in &self.removed {
             s.push_str(&format!("removed={id:x}\n"));
         }
+        for (id, kind) in &self.alarms {
+            s.push_str(&format!("alarm={id:x} {kind}\n"));
+        }
         s
     }
 
@@ -262,6 +271,11 @@ impl Membership {
                 }
                 Some(("removed", v)) => {
                     m.removed.insert(hex(v)?);
+                }
+                Some(("alarm", v)) => {
+                    let (id, kind) = v.split_once(' ').ok_or(format!("bad alarm line {line:?}"))?;
+                    let kind = kind.parse().map_err(|_| format!("bad alarm line {line:?}"))?;
+                    m.alarms.insert((hex(id)?, kind));
                 }
                 _ => return Err(format!("unexpected line {line:?}")),
             }
@@ -359,6 +373,7 @@ mod tests {
     fn round_trip() {
         let mut m = three();
         m.removed.insert(9);
+        m.alarms.insert((1, 1));
         m.conf_index = 42;
         m.members.get_mut(&2).unwrap().learner = true;
         m.members.get_mut(&1).unwrap().client_urls = vec!["http://x:1".into(), "http://y:2".into()];

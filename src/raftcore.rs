@@ -92,6 +92,12 @@ pub enum RaftMsg {
         seq: u64,
         change: MemberChange,
     },
+    /// Alarm ACTIVATE or DEACTIVATE: answered when applied, with the
+    /// alarms it raised or cleared.
+    Alarm {
+        req: crate::proto::etcdserverpb::AlarmRequest,
+        reply: AlarmReply,
+    },
     /// The leader refused a change this member forwarded.
     ChangeRefused {
         nonce: u64,
@@ -100,6 +106,7 @@ pub enum RaftMsg {
     },
 }
 
+pub type AlarmReply = futures::channel::oneshot::Sender<Result<Vec<(u64, i32)>, Status>>;
 pub type ChangeReply = futures::channel::oneshot::Sender<Result<(u64, Membership), Status>>;
 
 pub struct RaftBoot {
@@ -338,6 +345,7 @@ struct Members {
     m: Membership,
     path: std::path::PathBuf,
     waiters: HashMap<u64, ChangeReply>,
+    alarm_waiters: HashMap<u64, AlarmReply>,
     token: String,
     strict: bool,
     /// This member applied its own removal.
@@ -529,6 +537,7 @@ pub async fn run_raft(
         m: boot.membership.clone(),
         path: boot.cfg.data_dir.join("members"),
         waiters: HashMap::new(),
+        alarm_waiters: HashMap::new(),
         token: boot.cfg.initial_cluster_token.clone(),
         strict: boot.cfg.strict_reconfig_check,
         removed_self: false,
@@ -546,7 +555,7 @@ pub async fn run_raft(
     let mut reads: Vec<ReadReply> = Vec::new();
     let mut read_batches: HashMap<u64, Vec<ReadReply>> = HashMap::new();
     let mut checkpoints = vec![0u64; router.shards.len()];
-    let mut published = (0u64, 0u64, 0u64, false);
+    let mut published = (0u64, 0u64, 0u64, false, 0u8);
     let mut msgs = Vec::with_capacity(256);
 
     // Ticks arrive as messages (`spawn_ticker`), so the loop sleeps only on
@@ -583,6 +592,7 @@ pub async fn run_raft(
                         // their entry or read was lost in a leader change.
                         waiters.retain(|_, r| !r.is_canceled());
                         ms.waiters.retain(|_, r| !r.is_canceled());
+                        ms.alarm_waiters.retain(|_, r| !r.is_canceled());
                         read_batches.retain(|_, rs| {
                             rs.retain(|r| !r.is_canceled());
                             !rs.is_empty()
@@ -609,6 +619,32 @@ pub async fn run_raft(
                 }
                 RaftMsg::Members { reply } => {
                     let _ = reply.send(ms.m.clone());
+                }
+                RaftMsg::Alarm { req, reply } => {
+                    if node.raft.leader_id == raft::INVALID_ID {
+                        let _ = reply.send(Err(error::no_leader()));
+                        continue;
+                    }
+                    let seq = next_id;
+                    next_id += 1;
+                    let mut ctx = Vec::with_capacity(16);
+                    ctx.extend_from_slice(&nonce.to_le_bytes());
+                    ctx.extend_from_slice(&seq.to_le_bytes());
+                    let data = RaftCommand {
+                        cmd: Some(crate::proto::keelson::raft_command::Cmd::Alarm(req)),
+                    }
+                    .encode_to_vec();
+                    match node.propose(ctx, data) {
+                        Ok(()) => {
+                            ms.alarm_waiters.insert(seq, reply);
+                        }
+                        Err(e) => {
+                            let _ = reply.send(Err(Status::new(
+                                error::Code::Unavailable,
+                                format!("etcdserver: {e}"),
+                            )));
+                        }
+                    }
                 }
                 RaftMsg::ChangeMembers { change, reply } => {
                     let seq = next_id;
@@ -875,6 +911,7 @@ pub async fn run_raft(
             node.raft.leader_id,
             node.raft.raft_log.committed,
             ms.m.is_learner(me),
+            alarm_mask(&ms.m),
         );
         if state != published {
             published = state;
@@ -884,6 +921,7 @@ pub async fn run_raft(
                     leader: state.1,
                     commit: state.2,
                     learner: state.3,
+                    alarms: state.4,
                 });
             }
         }
@@ -1134,6 +1172,19 @@ fn hand_off(
                             ms.save();
                         }
                     }
+                    if let Some(Cmd::Alarm(a)) = &c.cmd {
+                        let changed = if e.index > ms.m.conf_index {
+                            apply_alarm(&mut ms.m, e.index, a)
+                        } else {
+                            Vec::new()
+                        };
+                        if !changed.is_empty() {
+                            ms.save();
+                        }
+                        if let Some(r) = seq.and_then(|s| ms.alarm_waiters.remove(&s)) {
+                            let _ = r.send(Ok(changed));
+                        }
+                    }
                     Some(c)
                 }
                 Err(err) => {
@@ -1165,6 +1216,42 @@ fn hand_off(
         });
     }
     router.applier.send(ApplierMsg::Committed(out));
+}
+
+/// etcd's alarm types as bits (NOSPACE 1, CORRUPT 2) of the alarms raised.
+pub fn alarm_mask(m: &Membership) -> u8 {
+    m.alarms
+        .iter()
+        .fold(0u8, |acc, (_, kind)| acc | (1u8 << (*kind as u8).min(7) >> 1))
+}
+
+/// Raises or clears an alarm (etcd's applyAlarm): returns what changed.
+fn apply_alarm(
+    m: &mut Membership,
+    index: u64,
+    a: &crate::proto::etcdserverpb::AlarmRequest,
+) -> Vec<(u64, i32)> {
+    use crate::proto::etcdserverpb::{alarm_request::AlarmAction, AlarmType};
+    let key = (a.member_id, a.alarm);
+    let changed = match AlarmAction::try_from(a.action) {
+        Ok(AlarmAction::Activate) if a.alarm != AlarmType::None as i32 => m.alarms.insert(key),
+        Ok(AlarmAction::Deactivate) => m.alarms.remove(&key),
+        _ => false,
+    };
+    if changed {
+        m.conf_index = m.conf_index.max(index);
+        crate::warn!(
+            "alarm {} {} for member {:x} at index {index}",
+            AlarmType::try_from(a.alarm)
+                .map(|t| t.as_str_name())
+                .unwrap_or("?"),
+            if m.alarms.contains(&key) { "raised" } else { "cleared" },
+            a.member_id
+        );
+        vec![key]
+    } else {
+        Vec::new()
+    }
 }
 
 /// Applies the membership change in a committed ConfChange entry, if it

@@ -31,6 +31,9 @@ pub enum Method {
     Status,
     Alarm,
     MemberList,
+    Defragment,
+    Hash,
+    HashKV,
     MemberAdd,
     MemberRemove,
     MemberUpdate,
@@ -82,6 +85,9 @@ pub fn lookup(path: &str) -> Option<Method> {
         "/etcdserverpb.Maintenance/Status" => Method::Status,
         "/etcdserverpb.Maintenance/Alarm" => Method::Alarm,
         "/etcdserverpb.Cluster/MemberList" => Method::MemberList,
+        "/etcdserverpb.Maintenance/Defragment" => Method::Defragment,
+        "/etcdserverpb.Maintenance/Hash" => Method::Hash,
+        "/etcdserverpb.Maintenance/HashKV" => Method::HashKV,
         "/etcdserverpb.Cluster/MemberAdd" => Method::MemberAdd,
         "/etcdserverpb.Cluster/MemberRemove" => Method::MemberRemove,
         "/etcdserverpb.Cluster/MemberUpdate" => Method::MemberUpdate,
@@ -108,6 +114,8 @@ pub enum StreamMethod {
     LeaseKeepAlive,
     Watch,
     Observe,
+    /// Server streaming: one request, then the snapshot in chunks.
+    Snapshot,
 }
 
 pub fn lookup_stream(path: &str) -> Option<StreamMethod> {
@@ -115,6 +123,7 @@ pub fn lookup_stream(path: &str) -> Option<StreamMethod> {
         "/etcdserverpb.Lease/LeaseKeepAlive" => Some(StreamMethod::LeaseKeepAlive),
         "/etcdserverpb.Watch/Watch" => Some(StreamMethod::Watch),
         "/v3electionpb.Election/Observe" => Some(StreamMethod::Observe),
+        "/etcdserverpb.Maintenance/Snapshot" => Some(StreamMethod::Snapshot),
         _ => None,
     }
 }
@@ -136,6 +145,7 @@ pub async fn call_stream(
         StreamMethod::LeaseKeepAlive => lease_keep_alive(core, input, sink).await,
         StreamMethod::Watch => super::watch::serve(core, input, sink, meta).await,
         StreamMethod::Observe => super::coord::observe(core, input, sink).await,
+        StreamMethod::Snapshot => snapshot(core, input, sink).await,
     }
 }
 
@@ -170,7 +180,15 @@ pub async fn call(m: Method, body: &[u8], core: &Core) -> Result<Vec<u8>, Status
         Method::Txn => txn(core, decode(body)?).await?.encode_to_vec(),
         Method::Compact => compact(core, decode(body)?).await?.encode_to_vec(),
         Method::Status => status(core, decode(body)?).await?.encode_to_vec(),
-        Method::Alarm => alarm(core, decode(body)?)?.encode_to_vec(),
+        Method::Alarm => alarm(core, decode(body)?).await?.encode_to_vec(),
+        Method::Defragment => {
+            let _: DefragmentRequest = decode(body)?;
+            // Nothing is rewritten (see the README); etcd's answer carries
+            // no header either.
+            DefragmentResponse { header: None }.encode_to_vec()
+        }
+        Method::Hash => hash(core, decode(body)?).await?.encode_to_vec(),
+        Method::HashKV => hash_kv(core, decode(body)?).await?.encode_to_vec(),
         Method::MemberList => member_list(core, decode(body)?).await?.encode_to_vec(),
         Method::MemberAdd => member_add(core, decode(body)?).await?.encode_to_vec(),
         Method::MemberRemove => member_remove(core, decode(body)?).await?.encode_to_vec(),
@@ -223,6 +241,7 @@ async fn with_timeout<T>(
 
 /// Proposes a command and waits until it is applied.
 async fn propose(core: &Core, cmd: RaftCommand) -> Result<WriteResult, Status> {
+    check_alarms(core, &cmd)?;
     let data = cmd.encode_to_vec();
     if data.len() > core.router.member.max_request_bytes {
         return Err(error::request_too_large());
@@ -234,6 +253,37 @@ async fn propose(core: &Core, cmd: RaftCommand) -> Result<WriteResult, Status> {
         .revision
         .set(core.view.revision.get().max(res.revision));
     Ok(res)
+}
+
+/// What etcd refuses while an alarm is raised: with NOSPACE, puts (in any
+/// txn) and lease grants; with CORRUPT, every write.
+fn check_alarms(core: &Core, cmd: &RaftCommand) -> Result<(), Status> {
+    let alarms = core.view.alarms.get();
+    if alarms == 0 {
+        return Ok(());
+    }
+    fn has_put(t: &TxnRequest) -> bool {
+        t.success.iter().chain(&t.failure).any(|op| match &op.request {
+            Some(request_op::Request::RequestPut(_)) => true,
+            Some(request_op::Request::RequestTxn(t)) => has_put(t),
+            _ => false,
+        })
+    }
+    let (write, grows) = match &cmd.cmd {
+        Some(raft_command::Cmd::Txn(t)) => (true, has_put(t)),
+        Some(raft_command::Cmd::LeaseGrant(_)) => (true, true),
+        Some(raft_command::Cmd::Compaction(_)) | Some(raft_command::Cmd::LeaseRevoke(_)) => {
+            (true, false)
+        }
+        _ => (false, false),
+    };
+    if alarms & 2 != 0 && write {
+        return Err(error::corrupt());
+    }
+    if alarms & 1 != 0 && grows {
+        return Err(error::no_space());
+    }
+    Ok(())
 }
 
 fn single_op_txn(op: request_op::Request) -> RaftCommand {
@@ -401,19 +451,151 @@ async fn status(core: &Core, _req: StatusRequest) -> Result<StatusResponse, Stat
     })
 }
 
-fn alarm(core: &Core, req: AlarmRequest) -> Result<AlarmResponse, Status> {
-    // keelson raises no alarms yet (no quota enforcement, no corruption
-    // check): GET lists none; activating one by hand is not supported.
-    if req.action != alarm_request::AlarmAction::Get as i32 {
-        return Err(crate::error::unimplemented(
-            "etcdserverpb.Maintenance",
-            "Alarm(ACTIVATE/DEACTIVATE)",
-        ));
-    }
+async fn alarm(core: &Core, req: AlarmRequest) -> Result<AlarmResponse, Status> {
+    use crate::proto::etcdserverpb::alarm_request::AlarmAction;
+    let list = |alarms: Vec<(u64, i32)>| -> Vec<AlarmMember> {
+        alarms
+            .into_iter()
+            .map(|(member_id, alarm)| AlarmMember { member_id, alarm })
+            .collect()
+    };
+    let alarms = if req.action == AlarmAction::Get as i32 {
+        let m = membership(core).await?;
+        list(
+            m.alarms
+                .into_iter()
+                .filter(|(_, kind)| req.alarm == AlarmType::None as i32 || *kind == req.alarm)
+                .collect(),
+        )
+    } else {
+        let (tx, rx) = oneshot::channel();
+        core.router.raft.send(RaftMsg::Alarm { req, reply: tx });
+        list(with_timeout(core, rx).await??)
+    };
     Ok(AlarmResponse {
         header: header(core, core.view.revision.get()),
-        alarms: vec![],
+        alarms,
     })
+}
+
+/// Every version the shards hold (`(key, version)`), their compaction
+/// revision and the applied revision, from a snapshot of the shards.
+async fn all_versions(
+    core: &Core,
+) -> Result<(Vec<(Vec<u8>, crate::store::index::Version)>, i64), Status> {
+    let (tx, rx) = oneshot::channel();
+    core.router
+        .applier
+        .send(crate::apply::ApplierMsg::SnapshotBuild { reply: tx });
+    let (_, body) = with_timeout(core, rx).await?;
+    let (meta, records) = crate::snapshot::parse(&body)
+        .map_err(|e| Status::new(Code::Internal, format!("etcdserver: {e}")))?;
+    Ok((records, meta.compact_rev))
+}
+
+/// keelson's hash of the versions with a revision in (compacted, `rev`]:
+/// each version's crc32c (key, revisions, version, lease, value or
+/// tombstone), summed, so members with any shard count agree. Not etcd's
+/// number (that hashes bbolt's encoding); comparable between keelson
+/// members, which is what `etcdctl endpoint hashkv` does with it.
+fn hash_versions(records: &[(Vec<u8>, crate::store::index::Version)], rev: i64) -> u32 {
+    let mut h = crc32c::crc32c(b"keelson-hashkv-1");
+    for (k, v) in records.iter().filter(|(_, v)| v.mod_rev <= rev) {
+        let mut c = crc32c::crc32c(k);
+        for n in [v.mod_rev, v.create_rev, v.version, v.lease] {
+            c = crc32c::crc32c_append(c, &n.to_le_bytes());
+        }
+        c = match &v.value {
+            Some(val) => crc32c::crc32c_append(crc32c::crc32c_append(c, b"p"), val),
+            None => crc32c::crc32c_append(c, b"d"),
+        };
+        h = h.wrapping_add(c);
+    }
+    h
+}
+
+async fn hash_kv(core: &Core, req: HashKvRequest) -> Result<HashKvResponse, Status> {
+    read_revision(core, false).await?;
+    let current = core.view.revision.get();
+    let (records, compact) = all_versions(core).await?;
+    let rev = if req.revision > 0 { req.revision } else { current };
+    if rev > current {
+        return Err(error::future_rev());
+    }
+    if compact > 0 && rev < compact {
+        return Err(error::compacted());
+    }
+    Ok(HashKvResponse {
+        header: header(core, current),
+        hash: hash_versions(&records, rev),
+        // etcd reports -1 until the first compaction.
+        compact_revision: if compact > 0 { compact } else { -1 },
+        hash_revision: rev,
+    })
+}
+
+async fn hash(core: &Core, _req: HashRequest) -> Result<HashResponse, Status> {
+    let (records, compact) = all_versions(core).await?;
+    let h = hash_versions(&records, i64::MAX);
+    Ok(HashResponse {
+        header: header(core, core.view.revision.get()),
+        hash: crc32c::crc32c_append(h.max(1), &compact.to_le_bytes()),
+    })
+}
+
+/// The magic of a snapshot file from `Maintenance.Snapshot`.
+pub const SNAPSHOT_FILE_MAGIC: &[u8; 8] = b"KLSNBAK1";
+
+/// `Maintenance.Snapshot`: keelson's snapshot of the shards (the format
+/// members exchange), wrapped as etcd's stream is: magic, body length,
+/// body, zero padding to a multiple of 512 bytes, then the sha256 of all
+/// that, so etcdctl's `snapshot save` checks pass. Sent as etcd does: the
+/// data in 64 KiB chunks with the data bytes remaining (0 on the last),
+/// then one more message with the sha256.
+async fn snapshot(core: &Core, mut input: MsgStream, sink: &mut MsgSink) -> Result<(), Status> {
+    use sha2::Digest;
+    match input.next().await {
+        Some(m) => {
+            let _: SnapshotRequest = decode(&m?)?;
+        }
+        None => return Ok(()),
+    }
+    let (tx, rx) = oneshot::channel();
+    core.router
+        .applier
+        .send(crate::apply::ApplierMsg::SnapshotBuild { reply: tx });
+    let (_, body) = with_timeout(core, rx).await?;
+    let mut file = Vec::with_capacity(body.len() + 600);
+    file.extend_from_slice(SNAPSHOT_FILE_MAGIC);
+    file.extend_from_slice(&(body.len() as u64).to_le_bytes());
+    file.extend_from_slice(&body);
+    drop(body);
+    file.resize(file.len().div_ceil(512) * 512, 0);
+    let sum = sha2::Sha256::digest(&file);
+    let total = file.len();
+    let mut off = 0;
+    while off < total {
+        let end = (off + (64 << 10)).min(total);
+        let resp = SnapshotResponse {
+            header: header(core, core.view.revision.get()),
+            remaining_bytes: (total - end) as u64,
+            blob: file[off..end].to_vec(),
+            version: crate::ETCD_VERSION.to_string(),
+        };
+        if sink.send(&resp.encode_to_vec()).await.is_err() {
+            return Ok(());
+        }
+        off = end;
+    }
+    // Then the checksum, in a message of its own, as etcd sends it.
+    let resp = SnapshotResponse {
+        header: header(core, core.view.revision.get()),
+        remaining_bytes: 0,
+        blob: sum.to_vec(),
+        version: crate::ETCD_VERSION.to_string(),
+    };
+    let _ = sink.send(&resp.encode_to_vec()).await;
+    Ok(())
 }
 
 async fn member_list(core: &Core, req: MemberListRequest) -> Result<MemberListResponse, Status> {

@@ -65,6 +65,8 @@ pub enum CoreMsg {
         commit: u64,
         /// This member is a learner.
         learner: bool,
+        /// The alarms raised (`raftcore::alarm_mask`).
+        alarms: u8,
     },
     /// Live changes from a shard for this core's watchers.
     WatchEvents {
@@ -102,6 +104,7 @@ pub struct View {
     pub leader: Cell<u64>,
     pub commit: Cell<u64>,
     pub learner: Cell<bool>,
+    pub alarms: Cell<u8>,
 }
 
 impl View {
@@ -126,7 +129,9 @@ impl View {
                 leader,
                 commit,
                 learner,
+                alarms,
             } => {
+                self.alarms.set(alarms);
                 self.term.set(term);
                 self.leader.set(leader);
                 self.commit.set(commit);
