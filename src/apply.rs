@@ -758,7 +758,9 @@ impl Applier {
                 }
                 self.pending.push_back(p);
             }
-            Some(raft_command::Cmd::MemberAttributes(_)) | Some(raft_command::Cmd::Alarm(_)) => {
+            Some(raft_command::Cmd::MemberAttributes(_))
+            | Some(raft_command::Cmd::Alarm(_))
+            | Some(raft_command::Cmd::Auth(_)) => {
                 // The raft core applied it to the membership.
                 p.done = true;
                 if index > self.st.applied {

@@ -27,6 +27,8 @@ pub struct Config {
     /// etcd's `--experimental-snapshot-catchup-entries`: raft log entries
     /// kept behind the applied index for slow followers (5000).
     pub snapshot_catchup_entries: u64,
+    /// etcd's `--auth-token-ttl`: how long an auth token is good for.
+    pub auth_token_ttl: Duration,
     /// etcd's `--strict-reconfig-check`: refuse membership changes that
     /// could lose quorum (started voters, every voter connected).
     pub strict_reconfig_check: bool,
@@ -77,6 +79,7 @@ const FLAGS: &[FlagSpec] = &[
     FlagSpec { name: "log-level", help: "configures log level: debug, info, warn, error (default info)" },
     FlagSpec { name: "experimental-watch-progress-notify-interval", help: "duration of periodic watch progress notifications (default 10m0s)" },
     FlagSpec { name: "experimental-snapshot-catchup-entries", help: "number of entries for a slow follower to catch up after compacting the raft storage entries (default 5000)" },
+    FlagSpec { name: "auth-token-ttl", help: "the lifetime in seconds of the auth token (default 300)" },
     FlagSpec { name: "strict-reconfig-check", help: "reject reconfiguration requests that would cause quorum loss (default true)" },
     FlagSpec { name: "cores", help: "keelson: number of executor threads, one per core (default: all cores)" },
     FlagSpec { name: "shards", help: "keelson: number of keyspace shards, fixed when the data dir is created (default: --cores)" },
@@ -222,6 +225,7 @@ where
         }
     };
     let cfg = Config {
+        auth_token_ttl: Duration::from_secs(num("auth-token-ttl", 300)?.max(1)),
         strict_reconfig_check,
         name,
         data_dir,

@@ -5,6 +5,7 @@
 pub mod logging;
 
 pub mod apply;
+pub mod auth;
 pub mod config;
 pub mod error;
 pub mod kv;

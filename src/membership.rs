@@ -44,6 +44,8 @@ pub struct Membership {
     pub removed: BTreeSet<u64>,
     /// (member ID, alarm type) pairs raised.
     pub alarms: BTreeSet<(u64, i32)>,
+    /// The auth store (users, roles, enabled).
+    pub auth: crate::auth::AuthState,
 }
 
 /// etcd 3.4's limit on learners in a cluster.
@@ -234,6 +236,7 @@ impl Membership {
         for (id, kind) in &self.alarms {
             s.push_str(&format!("alarm={id:x} {kind}\n"));
         }
+        self.auth.encode(&mut s);
         s
     }
 
@@ -276,6 +279,11 @@ impl Membership {
                     let (id, kind) = v.split_once(' ').ok_or(format!("bad alarm line {line:?}"))?;
                     let kind = kind.parse().map_err(|_| format!("bad alarm line {line:?}"))?;
                     m.alarms.insert((hex(id)?, kind));
+                }
+                Some((k @ ("auth" | "auth_user" | "auth_role"), v)) => {
+                    m.auth
+                        .decode_line(k, v)
+                        .ok_or(format!("bad auth line {line:?}"))?;
                 }
                 _ => return Err(format!("unexpected line {line:?}")),
             }

@@ -98,6 +98,11 @@ pub enum RaftMsg {
         req: crate::proto::etcdserverpb::AlarmRequest,
         reply: AlarmReply,
     },
+    /// A change of the auth store: answered when applied.
+    Auth {
+        change: crate::proto::keelson::AuthChange,
+        reply: futures::channel::oneshot::Sender<Result<(), Status>>,
+    },
     /// The leader refused a change this member forwarded.
     ChangeRefused {
         nonce: u64,
@@ -346,6 +351,7 @@ struct Members {
     path: std::path::PathBuf,
     waiters: HashMap<u64, ChangeReply>,
     alarm_waiters: HashMap<u64, AlarmReply>,
+    auth_waiters: HashMap<u64, futures::channel::oneshot::Sender<Result<(), Status>>>,
     token: String,
     strict: bool,
     /// This member applied its own removal.
@@ -538,6 +544,7 @@ pub async fn run_raft(
         path: boot.cfg.data_dir.join("members"),
         waiters: HashMap::new(),
         alarm_waiters: HashMap::new(),
+        auth_waiters: HashMap::new(),
         token: boot.cfg.initial_cluster_token.clone(),
         strict: boot.cfg.strict_reconfig_check,
         removed_self: false,
@@ -555,7 +562,7 @@ pub async fn run_raft(
     let mut reads: Vec<ReadReply> = Vec::new();
     let mut read_batches: HashMap<u64, Vec<ReadReply>> = HashMap::new();
     let mut checkpoints = vec![0u64; router.shards.len()];
-    let mut published = (0u64, 0u64, 0u64, false, 0u8);
+    let mut published = (0u64, 0u64, 0u64, false, 0u8, (false, u64::MAX));
     let mut msgs = Vec::with_capacity(256);
 
     // Ticks arrive as messages (`spawn_ticker`), so the loop sleeps only on
@@ -593,6 +600,7 @@ pub async fn run_raft(
                         waiters.retain(|_, r| !r.is_canceled());
                         ms.waiters.retain(|_, r| !r.is_canceled());
                         ms.alarm_waiters.retain(|_, r| !r.is_canceled());
+                        ms.auth_waiters.retain(|_, r| !r.is_canceled());
                         read_batches.retain(|_, rs| {
                             rs.retain(|r| !r.is_canceled());
                             !rs.is_empty()
@@ -619,6 +627,32 @@ pub async fn run_raft(
                 }
                 RaftMsg::Members { reply } => {
                     let _ = reply.send(ms.m.clone());
+                }
+                RaftMsg::Auth { change, reply } => {
+                    if node.raft.leader_id == raft::INVALID_ID {
+                        let _ = reply.send(Err(error::no_leader()));
+                        continue;
+                    }
+                    let seq = next_id;
+                    next_id += 1;
+                    let mut ctx = Vec::with_capacity(16);
+                    ctx.extend_from_slice(&nonce.to_le_bytes());
+                    ctx.extend_from_slice(&seq.to_le_bytes());
+                    let data = RaftCommand {
+                        cmd: Some(crate::proto::keelson::raft_command::Cmd::Auth(change)),
+                    }
+                    .encode_to_vec();
+                    match node.propose(ctx, data) {
+                        Ok(()) => {
+                            ms.auth_waiters.insert(seq, reply);
+                        }
+                        Err(e) => {
+                            let _ = reply.send(Err(Status::new(
+                                error::Code::Unavailable,
+                                format!("etcdserver: {e}"),
+                            )));
+                        }
+                    }
                 }
                 RaftMsg::Alarm { req, reply } => {
                     if node.raft.leader_id == raft::INVALID_ID {
@@ -912,7 +946,14 @@ pub async fn run_raft(
             node.raft.raft_log.committed,
             ms.m.is_learner(me),
             alarm_mask(&ms.m),
+            (ms.m.auth.enabled, ms.m.auth.revision),
         );
+        if state.5 != published.5 {
+            let auth = std::sync::Arc::new(ms.m.auth.clone());
+            for c in &router.cores {
+                c.send(CoreMsg::Auth(auth.clone()));
+            }
+        }
         if state != published {
             published = state;
             for c in &router.cores {
@@ -1170,6 +1211,26 @@ fn hand_off(
                             && ms.m.set_attributes(e.index, a.id, &a.name, &a.client_urls)
                         {
                             ms.save();
+                        }
+                    }
+                    if let Some(Cmd::Auth(a)) = &c.cmd {
+                        let res = if e.index > ms.m.conf_index {
+                            let r = ms.m.auth.apply(a);
+                            if r.is_ok() {
+                                ms.m.conf_index = e.index;
+                                ms.save();
+                                // Every core's copy, before the answer.
+                                let auth = std::sync::Arc::new(ms.m.auth.clone());
+                                for c in &router.cores {
+                                    c.send(CoreMsg::Auth(auth.clone()));
+                                }
+                            }
+                            r
+                        } else {
+                            Ok(())
+                        };
+                        if let Some(r) = seq.and_then(|s| ms.auth_waiters.remove(&s)) {
+                            let _ = r.send(res);
                         }
                     }
                     if let Some(Cmd::Alarm(a)) = &c.cmd {

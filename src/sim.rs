@@ -312,6 +312,7 @@ fn start(node: &mut Node, world: &Rc<World>) {
             watch_progress_notify_interval: Duration::from_secs(600),
             data_dir: node.dir.path().to_path_buf(),
             election_timeout: Duration::from_secs(1),
+            auth_token_ttl: Duration::from_secs(300),
         },
     });
     let boot = RaftBoot {

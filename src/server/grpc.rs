@@ -71,6 +71,15 @@ async fn handle_stream(
                 .map(|v| v.as_bytes() == b"true")
                 .unwrap_or(false),
         };
+        let token = req
+            .headers()
+            .get("token")
+            .and_then(|v| v.to_str().ok())
+            .map(|s| s.to_string());
+        if let Err(st) = super::auth::authorize_stream(&core, sm, token.as_deref()) {
+            send_status(&mut respond, &st);
+            return;
+        }
         let limit = core.router.member.max_request_bytes + GRPC_OVERHEAD_BYTES;
         let resp = Response::builder()
             .status(200)
@@ -107,6 +116,11 @@ async fn handle_stream(
         send_status(&mut respond, &st);
         return;
     }
+    let token = req
+        .headers()
+        .get("token")
+        .and_then(|v| v.to_str().ok())
+        .map(|s| s.to_string());
     let limit = core.router.member.max_request_bytes + GRPC_OVERHEAD_BYTES;
     let body = match read_message(req.into_body(), limit).await {
         Ok(b) => b,
@@ -115,6 +129,10 @@ async fn handle_stream(
             return;
         }
     };
+    if let Err(st) = super::auth::authorize(&core, method, &body, token.as_deref()) {
+        send_status(&mut respond, &st);
+        return;
+    }
     // A call that waits (Lock, Campaign) is dropped when the client resets
     // the stream or goes away; it cleans up after itself on drop.
     let result = if !method.may_wait() {

@@ -7,6 +7,7 @@
 //! `Router` (mailbox senders, immutable after start) and talk by messages.
 
 pub mod api;
+pub mod auth;
 pub mod coord;
 pub mod grpc;
 pub mod watch;
@@ -50,6 +51,8 @@ pub struct Member {
     pub watch_progress_notify_interval: std::time::Duration,
     pub data_dir: std::path::PathBuf,
     pub election_timeout: std::time::Duration,
+    /// How long an auth token is good for (`--auth-token-ttl`).
+    pub auth_token_ttl: std::time::Duration,
 }
 
 /// News for every core: the applied index and revisions, and raft state.
@@ -68,6 +71,8 @@ pub enum CoreMsg {
         /// The alarms raised (`raftcore::alarm_mask`).
         alarms: u8,
     },
+    /// The auth store changed: the core's copy.
+    Auth(std::sync::Arc<crate::auth::AuthState>),
     /// Live changes from a shard for this core's watchers.
     WatchEvents {
         shard: usize,
@@ -105,6 +110,7 @@ pub struct View {
     pub commit: Cell<u64>,
     pub learner: Cell<bool>,
     pub alarms: Cell<u8>,
+    pub auth: std::cell::RefCell<std::sync::Arc<crate::auth::AuthState>>,
 }
 
 impl View {
@@ -114,6 +120,7 @@ impl View {
             | CoreMsg::WatchHistory { .. }
             | CoreMsg::WatchRegistered { .. }
             | CoreMsg::WatchResync => {}
+            CoreMsg::Auth(a) => *self.auth.borrow_mut() = a,
             CoreMsg::Applied {
                 applied,
                 revision,
@@ -176,7 +183,7 @@ impl Core {
                     self.watch.on_applied(applied, revision);
                     self.view.apply(m);
                 }
-                CoreMsg::Raft { .. } => self.view.apply(m),
+                CoreMsg::Raft { .. } | CoreMsg::Auth(_) => self.view.apply(m),
             }
         }
         self.watch.flush(self);
@@ -697,6 +704,7 @@ pub fn run(cfg: Config) -> Result<(), String> {
             watch_progress_notify_interval: cfg.watch_progress_notify_interval,
             data_dir: cfg.data_dir.clone(),
             election_timeout: cfg.election_timeout,
+            auth_token_ttl: cfg.auth_token_ttl,
         },
     });
 

@@ -1,0 +1,323 @@
+//! The Auth service and the check every request passes while auth is
+//! enabled (see `crate::auth` for the store and its tokens).
+//!
+//! Who may do what (etcd's rules, as far as keelson has them): without a
+//! token, only `Authenticate`, `AuthStatus` and gRPC health; a valid token
+//! for any user: status, member list, alarm list, compaction, leases,
+//! locks and elections, watches and lease keep-alives; key-range permissions
+//! (read, write) for Range, Put, DeleteRange and every op and compare of a
+//! Txn; the `root` role for everything else (auth and membership
+//! management, raising or clearing alarms, hashes, snapshots, defragment,
+//! MoveLeader). Watches are not checked against key permissions yet
+//! (README).
+
+use super::api::{Method, StreamMethod};
+use super::Core;
+use crate::auth::{self, AuthState};
+use crate::error::{Code, Status};
+use crate::proto::etcdserverpb::*;
+use crate::proto::keelson::AuthChange;
+use crate::raftcore::RaftMsg;
+use futures::channel::oneshot;
+use prost::Message;
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+fn header(core: &Core) -> Option<ResponseHeader> {
+    super::api::header(core, core.view.revision.get())
+}
+
+fn decode<M: Message + Default>(body: &[u8]) -> Result<M, Status> {
+    M::decode(body).map_err(|e| {
+        Status::new(
+            Code::Internal,
+            format!("grpc: error unmarshalling request: {e}"),
+        )
+    })
+}
+
+/// The user a request acts as: None while auth is disabled.
+fn user_of(a: &AuthState, token: Option<&str>) -> Result<Option<String>, Status> {
+    if !a.enabled {
+        return Ok(None);
+    }
+    let token = token.ok_or_else(auth::user_empty)?;
+    a.verify(token, now_ms())
+        .map(Some)
+        .ok_or_else(auth::invalid_auth_token)
+}
+
+fn txn_allowed(a: &AuthState, user: &str, t: &TxnRequest) -> bool {
+    t.compare
+        .iter()
+        .all(|c| a.allowed(user, &c.key, &c.range_end, false))
+        && t.success.iter().chain(&t.failure).all(|op| match &op.request {
+            Some(request_op::Request::RequestRange(r)) => {
+                a.allowed(user, &r.key, &r.range_end, false)
+            }
+            Some(request_op::Request::RequestPut(p)) => a.allowed(user, &p.key, b"", true),
+            Some(request_op::Request::RequestDeleteRange(d)) => {
+                a.allowed(user, &d.key, &d.range_end, true)
+            }
+            Some(request_op::Request::RequestTxn(t)) => txn_allowed(a, user, t),
+            None => true,
+        })
+}
+
+/// Whether a unary call may go ahead.
+pub fn authorize(core: &Core, m: Method, body: &[u8], token: Option<&str>) -> Result<(), Status> {
+    let a = core.view.auth.borrow().clone();
+    if !a.enabled || matches!(m, Method::Authenticate | Method::AuthStatus | Method::HealthCheck) {
+        return Ok(());
+    }
+    let Some(user) = user_of(&a, token)? else {
+        return Ok(());
+    };
+    if a.is_root(&user) {
+        return Ok(());
+    }
+    let ok = match m {
+        Method::Range => {
+            let r: RangeRequest = decode(body)?;
+            a.allowed(&user, &r.key, &r.range_end, false)
+        }
+        Method::Put => {
+            let r: PutRequest = decode(body)?;
+            a.allowed(&user, &r.key, b"", true)
+        }
+        Method::DeleteRange => {
+            let r: DeleteRangeRequest = decode(body)?;
+            a.allowed(&user, &r.key, &r.range_end, true)
+        }
+        Method::Txn => txn_allowed(&a, &user, &decode(body)?),
+        // etcd 3.4 lets any user compact.
+        Method::Compact
+        | Method::Status
+        | Method::MemberList
+        | Method::LeaseGrant
+        | Method::LeaseRevoke
+        | Method::LeaseTimeToLive
+        | Method::LeaseLeases
+        | Method::Lock
+        | Method::Unlock
+        | Method::Campaign
+        | Method::Proclaim
+        | Method::Leader
+        | Method::Resign => true,
+        Method::Alarm => {
+            let r: AlarmRequest = decode(body)?;
+            r.action == alarm_request::AlarmAction::Get as i32
+        }
+        _ => false,
+    };
+    if ok {
+        Ok(())
+    } else {
+        Err(auth::permission_denied())
+    }
+}
+
+/// Whether a stream may open.
+pub fn authorize_stream(core: &Core, m: StreamMethod, token: Option<&str>) -> Result<(), Status> {
+    let a = core.view.auth.borrow().clone();
+    let Some(user) = user_of(&a, token)? else {
+        return Ok(());
+    };
+    match m {
+        StreamMethod::Snapshot if !a.is_root(&user) => Err(auth::permission_denied()),
+        _ => Ok(()),
+    }
+}
+
+/// Proposes a change of the auth store and waits until it applies.
+async fn change(core: &Core, c: AuthChange) -> Result<(), Status> {
+    let (tx, rx) = oneshot::channel();
+    core.router.raft.send(RaftMsg::Auth { change: c, reply: tx });
+    let d = core.router.member.request_timeout;
+    let timed = async {
+        glommio::timer::sleep(d).await;
+        Err(crate::error::timeout())
+    };
+    let work = async { rx.await.map_err(|_| crate::error::stopped())? };
+    futures_lite::future::or(work, timed).await
+}
+
+fn plain(method: &str, request: Vec<u8>) -> AuthChange {
+    AuthChange {
+        method: method.into(),
+        request,
+        ..Default::default()
+    }
+}
+
+/// A password change: the request goes without it, its salted hash with.
+fn with_password(method: &str, request: Vec<u8>, password: &str) -> AuthChange {
+    let salt = auth::random_bytes(16);
+    AuthChange {
+        method: method.into(),
+        request,
+        hash: auth::hash_password(&salt, password),
+        salt,
+        secret: Vec::new(),
+    }
+}
+
+pub async fn call(core: &Core, m: Method, body: &[u8]) -> Result<Vec<u8>, Status> {
+    if matches!(
+        m,
+        Method::AuthStatus
+            | Method::Authenticate
+            | Method::UserGet
+            | Method::UserList
+            | Method::RoleGet
+            | Method::RoleList
+    ) {
+        // Linearizable, like etcd's (whose go through the log): everything
+        // committed before is applied here, the auth store included.
+        super::api::read_revision(core, false).await?;
+    }
+    let a = core.view.auth.borrow().clone();
+    Ok(match m {
+        Method::AuthStatus => {
+            let _: AuthStatusRequest = decode(body)?;
+            AuthStatusResponse {
+                header: header(core),
+                enabled: a.enabled,
+                auth_revision: a.revision,
+            }
+            .encode_to_vec()
+        }
+        Method::Authenticate => {
+            let r: AuthenticateRequest = decode(body)?;
+            if !a.enabled {
+                return Err(auth::auth_not_enabled());
+            }
+            if !a.check_password(&r.name, &r.password) {
+                return Err(auth::auth_failed());
+            }
+            let ttl = core.router.member.auth_token_ttl.as_millis() as u64;
+            AuthenticateResponse {
+                header: header(core),
+                token: a.token(&r.name, now_ms(), ttl),
+            }
+            .encode_to_vec()
+        }
+        Method::UserGet => {
+            let r: AuthUserGetRequest = decode(body)?;
+            let u = a.users.get(&r.name).ok_or_else(auth::user_not_found)?;
+            AuthUserGetResponse {
+                header: header(core),
+                roles: u.roles.iter().cloned().collect(),
+            }
+            .encode_to_vec()
+        }
+        Method::UserList => {
+            let _: AuthUserListRequest = decode(body)?;
+            AuthUserListResponse {
+                header: header(core),
+                users: a.users.keys().cloned().collect(),
+            }
+            .encode_to_vec()
+        }
+        Method::RoleGet => {
+            let r: AuthRoleGetRequest = decode(body)?;
+            let perm = if r.role == auth::ROOT && !a.roles.contains_key(auth::ROOT) {
+                Vec::new()
+            } else {
+                a.permissions(&r.role).ok_or_else(auth::role_not_found)?
+            };
+            AuthRoleGetResponse {
+                header: header(core),
+                perm,
+            }
+            .encode_to_vec()
+        }
+        Method::RoleList => {
+            let _: AuthRoleListRequest = decode(body)?;
+            AuthRoleListResponse {
+                header: header(core),
+                roles: a.roles.keys().cloned().collect(),
+            }
+            .encode_to_vec()
+        }
+        Method::AuthEnable => {
+            let _: AuthEnableRequest = decode(body)?;
+            change(
+                core,
+                AuthChange {
+                    method: "AuthEnable".into(),
+                    secret: auth::random_bytes(32),
+                    ..Default::default()
+                },
+            )
+            .await?;
+            AuthEnableResponse { header: header(core) }.encode_to_vec()
+        }
+        Method::AuthDisable => {
+            let _: AuthDisableRequest = decode(body)?;
+            change(core, plain("AuthDisable", vec![])).await?;
+            AuthDisableResponse { header: header(core) }.encode_to_vec()
+        }
+        Method::UserAdd => {
+            let mut r: AuthUserAddRequest = decode(body)?;
+            if r.name.is_empty() {
+                return Err(auth::user_empty());
+            }
+            let pw = std::mem::take(&mut r.password);
+            r.hashed_password.clear();
+            change(core, with_password("UserAdd", r.encode_to_vec(), &pw)).await?;
+            AuthUserAddResponse { header: header(core) }.encode_to_vec()
+        }
+        Method::UserChangePassword => {
+            let mut r: AuthUserChangePasswordRequest = decode(body)?;
+            let pw = std::mem::take(&mut r.password);
+            r.hashed_password.clear();
+            change(core, with_password("UserChangePassword", r.encode_to_vec(), &pw)).await?;
+            AuthUserChangePasswordResponse { header: header(core) }.encode_to_vec()
+        }
+        Method::UserDelete => {
+            let r: AuthUserDeleteRequest = decode(body)?;
+            change(core, plain("UserDelete", r.encode_to_vec())).await?;
+            AuthUserDeleteResponse { header: header(core) }.encode_to_vec()
+        }
+        Method::UserGrantRole => {
+            let r: AuthUserGrantRoleRequest = decode(body)?;
+            change(core, plain("UserGrantRole", r.encode_to_vec())).await?;
+            AuthUserGrantRoleResponse { header: header(core) }.encode_to_vec()
+        }
+        Method::UserRevokeRole => {
+            let r: AuthUserRevokeRoleRequest = decode(body)?;
+            change(core, plain("UserRevokeRole", r.encode_to_vec())).await?;
+            AuthUserRevokeRoleResponse { header: header(core) }.encode_to_vec()
+        }
+        Method::RoleAdd => {
+            let r: AuthRoleAddRequest = decode(body)?;
+            if r.name.is_empty() {
+                return Err(auth::role_empty());
+            }
+            change(core, plain("RoleAdd", r.encode_to_vec())).await?;
+            AuthRoleAddResponse { header: header(core) }.encode_to_vec()
+        }
+        Method::RoleDelete => {
+            let r: AuthRoleDeleteRequest = decode(body)?;
+            change(core, plain("RoleDelete", r.encode_to_vec())).await?;
+            AuthRoleDeleteResponse { header: header(core) }.encode_to_vec()
+        }
+        Method::RoleGrantPermission => {
+            let r: AuthRoleGrantPermissionRequest = decode(body)?;
+            change(core, plain("RoleGrantPermission", r.encode_to_vec())).await?;
+            AuthRoleGrantPermissionResponse { header: header(core) }.encode_to_vec()
+        }
+        Method::RoleRevokePermission => {
+            let r: AuthRoleRevokePermissionRequest = decode(body)?;
+            change(core, plain("RoleRevokePermission", r.encode_to_vec())).await?;
+            AuthRoleRevokePermissionResponse { header: header(core) }.encode_to_vec()
+        }
+        _ => return Err(Status::new(Code::Internal, "etcdserver: not an auth method")),
+    })
+}
