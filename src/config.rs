@@ -17,6 +17,8 @@ pub struct Config {
     pub listen_client_urls: Vec<String>,
     pub advertise_client_urls: Vec<String>,
     pub listen_peer_urls: Vec<String>,
+    /// etcd's `--listen-metrics-urls`: HTTP/1 only (/metrics, /health).
+    pub listen_metrics_urls: Vec<String>,
     pub initial_advertise_peer_urls: Vec<String>,
     pub initial_cluster: String,
     pub initial_cluster_state: String,
@@ -79,6 +81,7 @@ const FLAGS: &[FlagSpec] = &[
     FlagSpec { name: "log-level", help: "configures log level: debug, info, warn, error (default info)" },
     FlagSpec { name: "experimental-watch-progress-notify-interval", help: "duration of periodic watch progress notifications (default 10m0s)" },
     FlagSpec { name: "experimental-snapshot-catchup-entries", help: "number of entries for a slow follower to catch up after compacting the raft storage entries (default 5000)" },
+    FlagSpec { name: "listen-metrics-urls", help: "list of URLs to listen on for the /metrics and /health endpoints (default none)" },
     FlagSpec { name: "auth-token-ttl", help: "the lifetime in seconds of the auth token (default 300)" },
     FlagSpec { name: "strict-reconfig-check", help: "reject reconfiguration requests that would cause quorum loss (default true)" },
     FlagSpec { name: "cores", help: "keelson: number of executor threads, one per core (default: all cores)" },
@@ -232,6 +235,7 @@ where
         listen_client_urls: list("listen-client-urls", "http://localhost:2379"),
         advertise_client_urls: list("advertise-client-urls", "http://localhost:2379"),
         listen_peer_urls: list("listen-peer-urls", "http://localhost:2380"),
+        listen_metrics_urls: list("listen-metrics-urls", ""),
         initial_advertise_peer_urls,
         initial_cluster,
         initial_cluster_state,
@@ -290,7 +294,12 @@ pub fn parse_duration(s: &str) -> Option<Duration> {
 
 impl Config {
     fn validate(&self) -> Result<(), String> {
-        for u in self.listen_client_urls.iter().chain(&self.listen_peer_urls) {
+        for u in self
+            .listen_client_urls
+            .iter()
+            .chain(&self.listen_peer_urls)
+            .chain(&self.listen_metrics_urls)
+        {
             parse_url(u)?;
         }
         self.initial_members()?;

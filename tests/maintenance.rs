@@ -145,3 +145,56 @@ async fn hash_kv_hash_defragment_and_snapshot() {
     assert!(ok, "{out}{err}");
     assert_eq!(std::fs::metadata(&file).unwrap().len() % 512, 32);
 }
+
+fn http_get(addr: &str, path: &str) -> (u16, String) {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(std::time::Duration::from_secs(10)))
+        .unwrap();
+    write!(s, "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    let code = out
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = out.split_once("\r\n\r\n").map(|b| b.1).unwrap_or("").to_string();
+    (code, body)
+}
+
+/// etcd serves /health, /version and /metrics over HTTP/1 on the client
+/// port (and on --listen-metrics-urls).
+#[tokio::test]
+async fn health_version_and_metrics_over_http() {
+    let mport = support::free_port();
+    let murl = format!("http://127.0.0.1:{mport}");
+    let (m, mut c) = started(&["--listen-metrics-urls", &murl]).await;
+    for i in 0..3 {
+        c.put(format!("m{i}"), "v", None).await.unwrap();
+    }
+    let _ = c.get("missing", None).await.unwrap();
+    for addr in [m.endpoint(), format!("127.0.0.1:{mport}")] {
+        let (code, body) = http_get(&addr, "/health");
+        assert_eq!(code, 200, "{body}");
+        assert!(body.contains("\"health\":\"true\""), "{body}");
+        let (code, body) = http_get(&addr, "/metrics");
+        assert_eq!(code, 200);
+        assert!(body.contains("etcd_server_has_leader 1"), "{body}");
+        let puts: f64 = body
+            .lines()
+            .filter(|l| {
+                l.starts_with("grpc_server_handled_total{")
+                    && l.contains("grpc_method=\"Put\"")
+                    && l.contains("grpc_code=\"OK\"")
+            })
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum();
+        assert!(puts >= 3.0, "{body}");
+    }
+    let (code, body) = http_get(&m.endpoint(), "/version");
+    assert_eq!(code, 200);
+    assert!(body.contains("etcdserver"), "{body}");
+    // gRPC still works on the same port afterwards.
+    c.put("after", "http", None).await.unwrap();
+}

@@ -21,6 +21,14 @@ const STREAMS_PER_CONN_MAX: u32 = 4096;
 
 pub async fn serve_conn(stream: glommio::net::TcpStream, core: Rc<Core>) {
     let _ = stream.set_nodelay(true);
+    // etcd serves HTTP/1 (/metrics, /health, /version) on the client port
+    // too; an HTTP/2 connection starts with "PRI".
+    let mut first = [0u8; 1];
+    if let Ok(1) = stream.peek(&mut first).await {
+        if first[0] == b'G' || first[0] == b'H' {
+            return super::http::serve(stream, core, true).await;
+        }
+    }
     let peer = stream.peer_addr().ok();
     let io = stream.compat();
     let mut conn = match h2::server::Builder::new()
@@ -97,6 +105,7 @@ async fn handle_stream(
         };
         let mut sink = MsgSink { send };
         let end = api::call_stream(sm, input, &mut sink, meta, &core).await;
+        core.count_rpc(&path, end.as_ref().err().map(|s| s.code as u8).unwrap_or(0));
         sink.finish(end.err().as_ref());
         return;
     }
@@ -145,6 +154,9 @@ async fn handle_stream(
         };
         futures_lite::future::or(call, reset).await
     };
+    if let Some(r) = &result {
+        core.count_rpc(&path, r.as_ref().err().map(|s| s.code as u8).unwrap_or(0));
+    }
     match result {
         Some(Ok(reply)) => send_ok(&mut respond, reply),
         Some(Err(st)) => send_status(&mut respond, &st),

@@ -10,6 +10,7 @@ pub mod api;
 pub mod auth;
 pub mod coord;
 pub mod grpc;
+pub mod http;
 pub mod watch;
 
 use crate::apply::{self, ApplierMsg, ShardMsg};
@@ -71,6 +72,10 @@ pub enum CoreMsg {
         /// The alarms raised (`raftcore::alarm_mask`).
         alarms: u8,
     },
+    /// This core's RPC counts, for /metrics.
+    Rpcs {
+        reply: futures::channel::oneshot::Sender<Vec<((String, u8), u64)>>,
+    },
     /// The auth store changed: the core's copy.
     Auth(std::sync::Arc<crate::auth::AuthState>),
     /// Live changes from a shard for this core's watchers.
@@ -119,7 +124,8 @@ impl View {
             CoreMsg::WatchEvents { .. }
             | CoreMsg::WatchHistory { .. }
             | CoreMsg::WatchRegistered { .. }
-            | CoreMsg::WatchResync => {}
+            | CoreMsg::WatchResync
+            | CoreMsg::Rpcs { .. } => {}
             CoreMsg::Auth(a) => *self.auth.borrow_mut() = a,
             CoreMsg::Applied {
                 applied,
@@ -156,9 +162,21 @@ pub struct Core {
     pub watch: watch::Hub,
     /// This core itself, for tasks it spawns.
     pub me: std::rc::Weak<Core>,
+    /// RPCs completed here: (method path, gRPC code) → count.
+    pub rpcs: std::cell::RefCell<std::collections::BTreeMap<(String, u8), u64>>,
 }
 
 impl Core {
+    pub fn count_rpc(&self, path: &str, code: u8) {
+        let mut m = self.rpcs.borrow_mut();
+        match m.get_mut(&(path.to_string(), code)) {
+            Some(n) => *n += 1,
+            None => {
+                m.insert((path.to_string(), code), 1);
+            }
+        }
+    }
+
     /// Handles a batch of messages from other cores.
     fn on_msgs(&self, msgs: &mut Vec<CoreMsg>) {
         for m in msgs.drain(..) {
@@ -184,6 +202,15 @@ impl Core {
                     self.view.apply(m);
                 }
                 CoreMsg::Raft { .. } | CoreMsg::Auth(_) => self.view.apply(m),
+                CoreMsg::Rpcs { reply } => {
+                    let _ = reply.send(
+                        self.rpcs
+                            .borrow()
+                            .iter()
+                            .map(|(k, v)| (k.clone(), *v))
+                            .collect(),
+                    );
+                }
             }
         }
         self.watch.flush(self);
@@ -637,6 +664,14 @@ pub fn run(cfg: Config) -> Result<(), String> {
         .into_iter()
         .flatten()
         .collect();
+    let metrics_addrs: Vec<SocketAddr> = cfg
+        .listen_metrics_urls
+        .iter()
+        .map(|u| crate::config::parse_url(u))
+        .collect::<Result<Vec<_>, _>>()?
+        .into_iter()
+        .flatten()
+        .collect();
 
     fs::create_dir_all(&cfg.data_dir).map_err(|e| format!("{}: {e}", cfg.data_dir.display()))?;
     let meta = load_or_create_meta(&cfg)?;
@@ -749,10 +784,10 @@ pub fn run(cfg: Config) -> Result<(), String> {
         let router = router.clone();
         let ready = ready_tx.clone();
         let client_addrs = client_addrs.clone();
-        let peer_addrs = if core == 0 {
-            peer_addrs.clone()
+        let (peer_addrs, metrics_addrs) = if core == 0 {
+            (peer_addrs.clone(), metrics_addrs.clone())
         } else {
-            Vec::new()
+            (Vec::new(), Vec::new())
         };
         let h = LocalExecutorBuilder::new(Placement::Unbound)
             .name(&format!("keelson-core-{core}"))
@@ -763,13 +798,22 @@ pub fn run(cfg: Config) -> Result<(), String> {
                     view: View::default(),
                     watch: watch::Hub::default(),
                     me: me.clone(),
+                    rpcs: Default::default(),
                 });
                 // Listeners first, so a port in use is reported before
                 // anything else starts.
                 let mut listeners = Vec::new();
-                for a in client_addrs.iter().chain(&peer_addrs) {
+                for a in client_addrs.iter().chain(&peer_addrs).chain(&metrics_addrs) {
+                    // 0: client (gRPC and HTTP/1), 1: peer, 2: metrics.
+                    let kind = if client_addrs.contains(a) {
+                        0u8
+                    } else if peer_addrs.contains(a) {
+                        1
+                    } else {
+                        2
+                    };
                     match bind_listener(*a) {
-                        Ok(l) => listeners.push((l, client_addrs.contains(a))),
+                        Ok(l) => listeners.push((l, kind)),
                         Err(e) => {
                             let _ = ready.send(Err(format!("listen on {a}: {e}")));
                             return;
@@ -815,15 +859,18 @@ pub fn run(cfg: Config) -> Result<(), String> {
                 }
                 let _ = ready.send(Ok(()));
                 let mut accepts = Vec::new();
-                for (l, is_client) in listeners {
+                for (l, kind) in listeners {
                     let ctx = ctx.clone();
                     let peers = peer_transport.clone();
                     accepts.push(glommio::spawn_local(async move {
                         loop {
                             match l.accept().await {
                                 Ok(stream) => {
-                                    if is_client {
+                                    if kind == 0 {
                                         glommio::spawn_local(grpc::serve_conn(stream, ctx.clone()))
+                                            .detach();
+                                    } else if kind == 2 {
+                                        glommio::spawn_local(http::serve(stream, ctx.clone(), false))
                                             .detach();
                                     } else if let Some(p) = &peers {
                                         glommio::spawn_local(crate::peer::serve_inbound(
