@@ -93,6 +93,17 @@ async fn users_roles_permissions_and_tokens() {
     let t = Txn::new().and_then([TxnOp::put("b1", "y", None)]);
     assert_eq!(message(alice.txn(t).await.unwrap_err()), denied);
     assert_eq!(message(alice.user_list().await.unwrap_err()), denied);
+    // Watches: only on what alice may read.
+    let mut ws = alice.watch("b1", None).await.unwrap();
+    let r = ws.message().await.unwrap().unwrap();
+    assert!(r.created() && r.canceled(), "{r:?}");
+    assert_eq!(
+        r.cancel_reason(),
+        "rpc error: code = PermissionDenied desc = etcdserver: permission denied"
+    );
+    let mut ws = alice.watch("a1", None).await.unwrap();
+    let r = ws.message().await.unwrap().unwrap();
+    assert!(r.created() && !r.canceled(), "{r:?}");
     // etcdctl with --user.
     let (ok, out, err) = etcdctl(&ep, &["--user", "alice:alicepwd", "get", "a1"], None);
     assert!(ok && out.contains("a1"), "{out}{err}");

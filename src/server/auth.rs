@@ -8,8 +8,8 @@
 //! (read, write) for Range, Put, DeleteRange and every op and compare of a
 //! Txn; the `root` role for everything else (auth and membership
 //! management, raising or clearing alarms, hashes, snapshots, defragment,
-//! MoveLeader). Watches are not checked against key permissions yet
-//! (README).
+//! MoveLeader). A watch is created only on a range the user may read
+//! (otherwise canceled at once with etcd's "permission denied").
 
 use super::api::{Method, StreamMethod};
 use super::Core;
@@ -122,15 +122,28 @@ pub fn authorize(core: &Core, m: Method, body: &[u8], token: Option<&str>) -> Re
     }
 }
 
-/// Whether a stream may open.
-pub fn authorize_stream(core: &Core, m: StreamMethod, token: Option<&str>) -> Result<(), Status> {
+/// Whether a stream may open; the user it acts as (None: auth is off).
+pub fn authorize_stream(
+    core: &Core,
+    m: StreamMethod,
+    token: Option<&str>,
+) -> Result<Option<String>, Status> {
     let a = core.view.auth.borrow().clone();
     let Some(user) = user_of(&a, token)? else {
-        return Ok(());
+        return Ok(None);
     };
     match m {
         StreamMethod::Snapshot if !a.is_root(&user) => Err(auth::permission_denied()),
-        _ => Ok(()),
+        _ => Ok(Some(user)),
+    }
+}
+
+/// Whether `user` may watch [key, range_end) (read permission).
+pub fn watch_permitted(core: &Core, user: Option<&str>, key: &[u8], range_end: &[u8]) -> bool {
+    let a = core.view.auth.borrow().clone();
+    match user {
+        Some(u) if a.enabled => a.allowed(u, key, range_end, false),
+        _ => true,
     }
 }
 

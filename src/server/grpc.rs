@@ -72,22 +72,27 @@ async fn handle_stream(
             send_status(&mut respond, &st);
             return;
         }
-        let meta = Metadata {
+        let mut meta = Metadata {
             require_leader: req
                 .headers()
                 .get("hasleader")
                 .map(|v| v.as_bytes() == b"true")
                 .unwrap_or(false),
+            user: None,
         };
         let token = req
             .headers()
             .get("token")
             .and_then(|v| v.to_str().ok())
             .map(|s| s.to_string());
-        if let Err(st) = super::auth::authorize_stream(&core, sm, token.as_deref()) {
-            send_status(&mut respond, &st);
-            return;
-        }
+        let user = match super::auth::authorize_stream(&core, sm, token.as_deref()) {
+            Ok(u) => u,
+            Err(st) => {
+                send_status(&mut respond, &st);
+                return;
+            }
+        };
+        meta.user = user;
         let limit = core.router.member.max_request_bytes + GRPC_OVERHEAD_BYTES;
         let resp = Response::builder()
             .status(200)
@@ -179,10 +184,12 @@ fn bad_encoding(h: &HeaderMap) -> Option<Status> {
 }
 
 /// Request metadata a streaming handler may need.
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Default)]
 pub struct Metadata {
     /// `hasleader: true` (clientv3's `WithRequireLeader`).
     pub require_leader: bool,
+    /// The user a valid token names, while auth is enabled.
+    pub user: Option<String>,
 }
 
 /// The requests of a client stream, one gRPC message at a time.

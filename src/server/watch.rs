@@ -1423,7 +1423,20 @@ pub async fn serve(
                 })?;
                 match req.request_union {
                     Some(watch_request::RequestUnion::CreateRequest(c)) => {
-                        core.watch.create(core, &stream, c)
+                        let key: &[u8] = if c.key.is_empty() { &[0] } else { &c.key };
+                        if super::auth::watch_permitted(core, meta.user.as_deref(), key, &c.range_end) {
+                            core.watch.create(core, &stream, c)
+                        } else {
+                            // etcd: created and canceled at once.
+                            stream.push(encode(&WatchResponse {
+                                header: header(core, core.view.revision.get()),
+                                watch_id: -1,
+                                created: true,
+                                canceled: true,
+                                cancel_reason: "rpc error: code = PermissionDenied desc = etcdserver: permission denied".into(),
+                                ..Default::default()
+                            }));
+                        }
                     }
                     Some(watch_request::RequestUnion::CancelRequest(c)) => {
                         core.watch.cancel(core, &stream, c.watch_id)
