@@ -15,6 +15,7 @@ pub mod membership;
 pub mod peer;
 pub mod proto;
 pub mod raftcore;
+pub mod restore;
 pub mod server;
 #[cfg(test)]
 mod sim;

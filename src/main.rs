@@ -6,7 +6,11 @@ use keelson::config::{self, Parsed};
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() {
-    let args = std::env::args().skip(1);
+    let all: Vec<String> = std::env::args().skip(1).collect();
+    if all.first().map(|a| a == "snapshot").unwrap_or(false) {
+        std::process::exit(snapshot_cmd(&all[1..]));
+    }
+    let args = all.into_iter();
     match config::parse(args, |k| std::env::var(k).ok()) {
         Ok(Parsed::Help) => {
             print!("{}", config::usage());
@@ -26,6 +30,66 @@ fn main() {
             eprintln!("keelson: {e}");
             eprintln!("Run 'keelson --help' for usage.");
             std::process::exit(2);
+        }
+    }
+}
+
+/// `keelson snapshot restore FILE [--skip-hash-check] [server flags]` and
+/// `keelson snapshot status FILE`.
+fn snapshot_cmd(args: &[String]) -> i32 {
+    let usage = "Usage: keelson snapshot restore FILE [--skip-hash-check] [--name, --data-dir, --initial-cluster, --initial-cluster-token, --initial-advertise-peer-urls, --shards ...]\n       keelson snapshot status FILE";
+    let (Some(cmd), Some(file)) = (args.first(), args.get(1)) else {
+        eprintln!("{usage}");
+        return 2;
+    };
+    let path = std::path::Path::new(file);
+    match cmd.as_str() {
+        "status" => match keelson::restore::status(path) {
+            Ok(s) => {
+                println!("{s}");
+                0
+            }
+            Err(e) => {
+                eprintln!("Error: {e}");
+                1
+            }
+        },
+        "restore" => {
+            let mut check = true;
+            let rest: Vec<String> = args[2..]
+                .iter()
+                .filter(|a| {
+                    let skip = a.trim_start_matches('-') == "skip-hash-check";
+                    check &= !skip;
+                    !skip
+                })
+                .cloned()
+                .collect();
+            let cfg = match config::parse(rest, |k| std::env::var(k).ok()) {
+                Ok(Parsed::Serve(c)) => c,
+                Ok(_) => {
+                    eprintln!("{usage}");
+                    return 2;
+                }
+                Err(e) => {
+                    eprintln!("Error: {e}");
+                    return 2;
+                }
+            };
+            match keelson::restore::restore(path, &cfg, check) {
+                Ok(s) => {
+                    println!("{s}");
+                    0
+                }
+                Err(e) => {
+                    eprintln!("Error: {e}");
+                    1
+                }
+            }
+        }
+        _ => {
+            eprintln!("{usage}");
+            2
         }
     }
 }

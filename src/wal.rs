@@ -60,6 +60,27 @@ pub fn wal_dir(data_dir: &Path) -> PathBuf {
     data_dir.join("wal")
 }
 
+/// A new WAL whose log starts after `base` (index, term), with `hs` as
+/// its hard state: what `keelson snapshot restore` leaves, so the first
+/// entry written after it is `base.0 + 1`. Synchronous (no executor).
+pub fn create_at_base(data_dir: &Path, base: (u64, u64), hs: &HardState) -> Result<(), String> {
+    use std::io::Write;
+    let dir = wal_dir(data_dir);
+    fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    let mut out = MAGIC.to_vec();
+    let mut payload = base.0.to_le_bytes().to_vec();
+    payload.extend_from_slice(&base.1.to_le_bytes());
+    encode_record(&mut out, T_BASE, &payload);
+    let bytes = hs.write_to_bytes().map_err(|e| e.to_string())?;
+    encode_record(&mut out, T_HARDSTATE, &bytes);
+    let path = seg_path(&dir, 1);
+    let mut f = File::create(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+    f.write_all(&out)
+        .and_then(|_| f.sync_all())
+        .and_then(|_| File::open(&dir)?.sync_all())
+        .map_err(|e| format!("{}: {e}", path.display()))
+}
+
 fn seg_path(dir: &Path, seq: u64) -> PathBuf {
     dir.join(format!("{seq:016}.wal"))
 }

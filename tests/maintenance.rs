@@ -198,3 +198,116 @@ async fn health_version_and_metrics_over_http() {
     // gRPC still works on the same port afterwards.
     c.put("after", "http", None).await.unwrap();
 }
+
+/// `etcdctl snapshot save`, then `keelson snapshot restore` into a new
+/// data dir: the new member serves the same keys at the same revisions and
+/// goes on from there.
+#[tokio::test]
+async fn a_saved_snapshot_restores_into_a_new_member() {
+    if support::is_etcd() {
+        return; // etcdutl restores etcd's files; this is keelson's tool
+    }
+    let (m, mut c) = started(&[]).await;
+    let mut want = Vec::new();
+    for i in 0..50 {
+        let r = c.put(format!("s{i:02}"), format!("v{i}"), None).await.unwrap();
+        want.push(r.header().unwrap().revision());
+    }
+    c.put("s00", "again", None).await.unwrap();
+    c.compact(want[10], None).await.unwrap();
+    let lease = c.lease_grant(600, None).await.unwrap().id();
+    let last = c
+        .put("leased", "x", Some(PutOptions::new().with_lease(lease)))
+        .await
+        .unwrap()
+        .header()
+        .unwrap()
+        .revision();
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("backup.db");
+    let (ok, out, err) = etcdctl(
+        &m.endpoint(),
+        &["snapshot", "save", file.to_str().unwrap()],
+        None,
+    );
+    assert!(ok, "{out}{err}");
+    drop(c);
+    drop(m);
+    let bin = env!("CARGO_BIN_EXE_keelson");
+    let st = std::process::Command::new(bin)
+        .args(["snapshot", "status", file.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&st.stdout);
+    assert!(st.status.success() && text.contains(&format!("revision {last}")), "{text}");
+
+    // A damaged file is refused.
+    let mut bytes = std::fs::read(&file).unwrap();
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 1;
+    let bad = dir.path().join("bad.db");
+    std::fs::write(&bad, &bytes).unwrap();
+    let st = std::process::Command::new(bin)
+        .args(["snapshot", "status", bad.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(!st.status.success());
+    assert!(String::from_utf8_lossy(&st.stderr).contains("sha256 mismatch"));
+
+    let mut n = support::Member::new(&[]);
+    let peer = n.peer_url();
+    let st = std::process::Command::new(bin)
+        .args([
+            "snapshot",
+            "restore",
+            file.to_str().unwrap(),
+            "--data-dir",
+            n.data().to_str().unwrap(),
+            "--initial-cluster",
+            &format!("default={peer}"),
+            "--initial-advertise-peer-urls",
+            &peer,
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        st.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&st.stdout),
+        String::from_utf8_lossy(&st.stderr)
+    );
+    assert!(n.start().is_none(), "{}", n.log_text());
+    let mut c = n.client().await;
+    let r = c
+        .get("s", Some(GetOptions::new().with_prefix()))
+        .await
+        .unwrap();
+    assert_eq!(r.kvs().len(), 50);
+    assert_eq!(r.kvs()[0].value_str().unwrap(), "again");
+    assert_eq!(r.kvs()[1].mod_revision(), want[1]);
+    let r = c.get("s05", Some(GetOptions::new().with_revision(want[20]))).await.unwrap();
+    assert_eq!(r.kvs()[0].value_str().unwrap(), "v5", "history after the compaction");
+    assert_eq!(
+        message(c.get("s05", Some(GetOptions::new().with_revision(want[2]))).await.unwrap_err()),
+        "etcdserver: mvcc: required revision has been compacted"
+    );
+    assert_eq!(
+        c.lease_time_to_live(lease, None).await.unwrap().granted_ttl(),
+        600
+    );
+    let next = c.put("new", "1", None).await.unwrap().header().unwrap().revision();
+    assert!(next > last, "{next} after {last}");
+    // Restoring over a data dir that exists is refused.
+    let st = std::process::Command::new(bin)
+        .args([
+            "snapshot",
+            "restore",
+            file.to_str().unwrap(),
+            "--data-dir",
+            n.data().to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+    assert!(!st.status.success());
+    assert!(String::from_utf8_lossy(&st.stderr).contains("exists"));
+}

@@ -241,10 +241,10 @@ pub struct PeerInfo {
 }
 
 /// `data-dir/meta`: the facts fixed when the data dir was created.
-struct Meta {
-    shards: usize,
-    member_id: u64,
-    cluster_id: u64,
+pub(crate) struct Meta {
+    pub(crate) shards: usize,
+    pub(crate) member_id: u64,
+    pub(crate) cluster_id: u64,
     /// Every member the cluster was bootstrapped with (this one included).
     members: Vec<PeerInfo>,
 }
@@ -299,7 +299,7 @@ pub fn initial_peers(cfg: &Config) -> Result<Vec<PeerInfo>, String> {
     Ok(by_name)
 }
 
-fn load_or_create_meta(cfg: &Config) -> Result<Meta, String> {
+pub(crate) fn load_or_create_meta(cfg: &Config) -> Result<Meta, String> {
     let path = cfg.data_dir.join("meta");
     match fs::read_to_string(&path) {
         Ok(text) => {
@@ -509,7 +509,10 @@ fn join_existing(cfg: &Config) -> Result<(u64, crate::membership::Membership), S
 /// The membership: `data-dir/members`, or the bootstrap members of the
 /// meta file when there is none yet (a new data dir, or one written before
 /// membership changes existed).
-fn load_membership(cfg: &Config, meta: &Meta) -> Result<crate::membership::Membership, String> {
+pub(crate) fn load_membership(
+    cfg: &Config,
+    meta: &Meta,
+) -> Result<crate::membership::Membership, String> {
     use crate::membership::{MemberInfo, Membership};
     let path = cfg.data_dir.join("members");
     let old_format = fs::read_to_string(&path)
