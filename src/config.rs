@@ -17,6 +17,12 @@ pub struct Config {
     pub listen_client_urls: Vec<String>,
     pub advertise_client_urls: Vec<String>,
     pub listen_peer_urls: Vec<String>,
+    /// Client TLS (`https://` client URLs): etcd's `--cert-file`,
+    /// `--key-file`, `--trusted-ca-file`, `--client-cert-auth`.
+    pub cert_file: Option<PathBuf>,
+    pub key_file: Option<PathBuf>,
+    pub trusted_ca_file: Option<PathBuf>,
+    pub client_cert_auth: bool,
     /// etcd's `--listen-metrics-urls`: HTTP/1 only (/metrics, /health).
     pub listen_metrics_urls: Vec<String>,
     pub initial_advertise_peer_urls: Vec<String>,
@@ -61,7 +67,7 @@ struct FlagSpec {
     help: &'static str,
 }
 
-const BOOL_FLAGS: &[&str] = &["strict-reconfig-check"];
+const BOOL_FLAGS: &[&str] = &["strict-reconfig-check", "client-cert-auth"];
 
 const FLAGS: &[FlagSpec] = &[
     FlagSpec { name: "name", help: "human-readable name for this member (default \"default\")" },
@@ -81,6 +87,10 @@ const FLAGS: &[FlagSpec] = &[
     FlagSpec { name: "log-level", help: "configures log level: debug, info, warn, error (default info)" },
     FlagSpec { name: "experimental-watch-progress-notify-interval", help: "duration of periodic watch progress notifications (default 10m0s)" },
     FlagSpec { name: "experimental-snapshot-catchup-entries", help: "number of entries for a slow follower to catch up after compacting the raft storage entries (default 5000)" },
+    FlagSpec { name: "cert-file", help: "path to the client server TLS cert file" },
+    FlagSpec { name: "key-file", help: "path to the client server TLS key file" },
+    FlagSpec { name: "trusted-ca-file", help: "path to the client server TLS trusted CA cert file" },
+    FlagSpec { name: "client-cert-auth", help: "enable client cert authentication (default false)" },
     FlagSpec { name: "listen-metrics-urls", help: "list of URLs to listen on for the /metrics and /health endpoints (default none)" },
     FlagSpec { name: "auth-token-ttl", help: "the lifetime in seconds of the auth token (default 300)" },
     FlagSpec { name: "strict-reconfig-check", help: "reject reconfiguration requests that would cause quorum loss (default true)" },
@@ -227,7 +237,18 @@ where
             ))
         }
     };
+    let flag_bool = |flag: &str| -> Result<bool, String> {
+        match lookup(flag).as_deref() {
+            None | Some("false") | Some("0") | Some("f") | Some("F") | Some("FALSE") | Some("False") => Ok(false),
+            Some("true") | Some("1") | Some("t") | Some("T") | Some("TRUE") | Some("True") => Ok(true),
+            Some(v) => Err(format!("invalid boolean value {v:?} for -{flag}: parse error")),
+        }
+    };
     let cfg = Config {
+        cert_file: lookup("cert-file").map(PathBuf::from),
+        key_file: lookup("key-file").map(PathBuf::from),
+        trusted_ca_file: lookup("trusted-ca-file").map(PathBuf::from),
+        client_cert_auth: flag_bool("client-cert-auth")?,
         auth_token_ttl: Duration::from_secs(num("auth-token-ttl", 300)?.max(1)),
         strict_reconfig_check,
         name,
@@ -302,7 +323,29 @@ impl Config {
         {
             parse_url(u)?;
         }
-        self.initial_members()?;
+        let peers = self.initial_members()?;
+        let peer_urls = self
+            .listen_peer_urls
+            .iter()
+            .chain(&self.initial_advertise_peer_urls)
+            .chain(peers.iter().map(|(_, u)| u));
+        for u in peer_urls.chain(&self.listen_metrics_urls) {
+            if is_tls_url(u) {
+                return Err(format!(
+                    "{u}: TLS between members (and on the metrics listener) is not supported by keelson yet"
+                ));
+            }
+        }
+        if self.listen_client_urls.iter().any(|u| is_tls_url(u))
+            && (self.cert_file.is_none() || self.key_file.is_none())
+        {
+            return Err(
+                "https client URLs need --cert-file and --key-file".into(),
+            );
+        }
+        if self.client_cert_auth && self.trusted_ca_file.is_none() {
+            return Err("--client-cert-auth needs --trusted-ca-file".into());
+        }
         Ok(())
     }
 
@@ -326,15 +369,18 @@ impl Config {
     }
 }
 
-/// Turns `http://host:port` into socket addresses. `https` needs TLS, which is
-/// not built yet, so it is refused with a clear message.
+/// Whether a URL asks for TLS.
+pub fn is_tls_url(url: &str) -> bool {
+    url.starts_with("https://")
+}
+
+/// Turns `http://host:port` or `https://host:port` into socket addresses
+/// (which URLs may be https is `Config::validate`'s business).
 pub fn parse_url(url: &str) -> Result<Vec<SocketAddr>, String> {
-    let rest = if let Some(r) = url.strip_prefix("http://") {
+    let rest = if let Some(r) = url.strip_prefix("http://").or_else(|| url.strip_prefix("https://")) {
         r
-    } else if url.starts_with("https://") || url.starts_with("unixs://") {
-        return Err(format!(
-            "{url}: TLS listeners are not supported by keelson yet"
-        ));
+    } else if url.starts_with("unix://") || url.starts_with("unixs://") {
+        return Err(format!("{url}: unix socket listeners are not supported by keelson"));
     } else {
         return Err(format!("URL scheme must be http or https: {url}"));
     };
@@ -420,7 +466,8 @@ mod tests {
             (&["--initial-cluster-state", "old"], "valid values are"),
             (&["--strict-reconfig-check=maybe"], "invalid boolean value"),
             (&["--heartbeat-interval", "500"], "at least as 5 times"),
-            (&["--listen-client-urls", "https://127.0.0.1:1"], "TLS"),
+            (&["--listen-client-urls", "https://127.0.0.1:1"], "--cert-file and --key-file"),
+            (&["--listen-peer-urls", "https://127.0.0.1:1"], "TLS between members"),
         ];
         for (args, want) in cases {
             let err = p(args, &[]).unwrap_err();

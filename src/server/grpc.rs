@@ -19,8 +19,31 @@ use tokio_util::compat::FuturesAsyncReadCompatExt;
 /// Concurrent streams one connection may have open.
 const STREAMS_PER_CONN_MAX: u32 = 4096;
 
-pub async fn serve_conn(stream: glommio::net::TcpStream, core: Rc<Core>) {
+pub async fn serve_conn(
+    stream: glommio::net::TcpStream,
+    core: Rc<Core>,
+    tls: Option<std::sync::Arc<rustls::ServerConfig>>,
+) {
     let _ = stream.set_nodelay(true);
+    if let Some(tls) = tls {
+        let peer = stream.peer_addr().ok();
+        let accept = futures_rustls::TlsAcceptor::from(tls).accept(stream);
+        let timeout = async {
+            glommio::timer::sleep(std::time::Duration::from_secs(10)).await;
+            Err(std::io::Error::new(std::io::ErrorKind::TimedOut, "TLS handshake took too long"))
+        };
+        let s = match futures_lite::future::or(accept, timeout).await {
+            Ok(s) => s,
+            Err(e) => {
+                crate::debug!("TLS handshake with {peer:?} failed: {e}");
+                return;
+            }
+        };
+        if s.get_ref().1.alpn_protocol() == Some(b"http/1.1") {
+            return super::http::serve(s, core, true).await;
+        }
+        return serve_h2(s, core, peer).await;
+    }
     // etcd serves HTTP/1 (/metrics, /health, /version) on the client port
     // too; an HTTP/2 connection starts with "PRI".
     let mut first = [0u8; 1];
@@ -30,6 +53,14 @@ pub async fn serve_conn(stream: glommio::net::TcpStream, core: Rc<Core>) {
         }
     }
     let peer = stream.peer_addr().ok();
+    serve_h2(stream, core, peer).await
+}
+
+/// One HTTP/2 connection (plain or TLS) until it ends.
+async fn serve_h2<S>(stream: S, core: Rc<Core>, peer: Option<std::net::SocketAddr>)
+where
+    S: futures::io::AsyncRead + futures::io::AsyncWrite + Unpin + 'static,
+{
     let io = stream.compat();
     let mut conn = match h2::server::Builder::new()
         .initial_window_size(1 << 20)

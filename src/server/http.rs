@@ -14,7 +14,10 @@ const HEAD_MAX: usize = 8 << 10;
 
 /// Serves one request; `client_port` adds /version (etcd's metrics
 /// listener has only /metrics and /health).
-pub async fn serve(mut stream: glommio::net::TcpStream, core: Rc<Core>, client_port: bool) {
+pub async fn serve<S>(mut stream: S, core: Rc<Core>, client_port: bool)
+where
+    S: futures::io::AsyncRead + futures::io::AsyncWrite + Unpin,
+{
     let mut buf = Vec::with_capacity(512);
     let read = async {
         let mut chunk = [0u8; 1024];

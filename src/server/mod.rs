@@ -11,6 +11,7 @@ pub mod auth;
 pub mod coord;
 pub mod grpc;
 pub mod http;
+pub mod tls;
 pub mod watch;
 
 use crate::apply::{self, ApplierMsg, ShardMsg};
@@ -675,6 +676,15 @@ pub fn run(cfg: Config) -> Result<(), String> {
         .into_iter()
         .flatten()
         .collect();
+    // Client addresses served over TLS (their URL is https).
+    let tls_addrs: Vec<SocketAddr> = cfg
+        .listen_client_urls
+        .iter()
+        .filter(|u| crate::config::is_tls_url(u))
+        .filter_map(|u| crate::config::parse_url(u).ok())
+        .flatten()
+        .collect();
+    let tls_cfg = tls::server_config(&cfg)?;
 
     fs::create_dir_all(&cfg.data_dir).map_err(|e| format!("{}: {e}", cfg.data_dir.display()))?;
     let meta = load_or_create_meta(&cfg)?;
@@ -787,6 +797,8 @@ pub fn run(cfg: Config) -> Result<(), String> {
         let router = router.clone();
         let ready = ready_tx.clone();
         let client_addrs = client_addrs.clone();
+        let tls_addrs = tls_addrs.clone();
+        let tls_cfg = tls_cfg.clone();
         let (peer_addrs, metrics_addrs) = if core == 0 {
             (peer_addrs.clone(), metrics_addrs.clone())
         } else {
@@ -815,8 +827,13 @@ pub fn run(cfg: Config) -> Result<(), String> {
                     } else {
                         2
                     };
+                    let tls = if kind == 0 && tls_addrs.contains(a) {
+                        tls_cfg.clone()
+                    } else {
+                        None
+                    };
                     match bind_listener(*a) {
-                        Ok(l) => listeners.push((l, kind)),
+                        Ok(l) => listeners.push((l, kind, tls)),
                         Err(e) => {
                             let _ = ready.send(Err(format!("listen on {a}: {e}")));
                             return;
@@ -862,7 +879,7 @@ pub fn run(cfg: Config) -> Result<(), String> {
                 }
                 let _ = ready.send(Ok(()));
                 let mut accepts = Vec::new();
-                for (l, kind) in listeners {
+                for (l, kind, tls) in listeners {
                     let ctx = ctx.clone();
                     let peers = peer_transport.clone();
                     accepts.push(glommio::spawn_local(async move {
@@ -870,7 +887,11 @@ pub fn run(cfg: Config) -> Result<(), String> {
                             match l.accept().await {
                                 Ok(stream) => {
                                     if kind == 0 {
-                                        glommio::spawn_local(grpc::serve_conn(stream, ctx.clone()))
+                                        glommio::spawn_local(grpc::serve_conn(
+                                            stream,
+                                            ctx.clone(),
+                                            tls.clone(),
+                                        ))
                                             .detach();
                                     } else if kind == 2 {
                                         glommio::spawn_local(http::serve(stream, ctx.clone(), false))
