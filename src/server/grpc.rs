@@ -234,10 +234,13 @@ pub struct Gone;
 impl MsgSink {
     pub async fn send(&mut self, msg: &[u8]) -> Result<(), Gone> {
         let mut framed = BytesMut::with_capacity(5 + msg.len());
-        framed.put_u8(0);
-        framed.put_u32(msg.len() as u32);
-        framed.extend_from_slice(msg);
-        let mut data = framed.freeze();
+        put_framed(&mut framed, msg);
+        self.send_framed(framed.freeze()).await
+    }
+
+    /// Sends messages already framed with `put_framed` (several may go in
+    /// one DATA frame: HTTP/2 frame boundaries mean nothing to gRPC).
+    pub async fn send_framed(&mut self, mut data: Bytes) -> Result<(), Gone> {
         while !data.is_empty() {
             self.send.reserve_capacity(data.len());
             let cap = match futures::future::poll_fn(|cx| self.send.poll_capacity(cx)).await {
@@ -273,6 +276,13 @@ impl MsgSink {
         }
         let _ = self.send.send_trailers(trailers);
     }
+}
+
+/// Appends one message with gRPC's length prefix (uncompressed).
+pub fn put_framed(buf: &mut BytesMut, msg: &[u8]) {
+    buf.put_u8(0);
+    buf.put_u32(msg.len() as u32);
+    buf.extend_from_slice(msg);
 }
 
 /// Reads one length-prefixed gRPC message and the end of the stream.

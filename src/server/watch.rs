@@ -26,7 +26,7 @@
 //! watchers, and if it falls behind compaction it is canceled with the
 //! compact revision, as on etcd.
 
-use super::grpc::{Metadata, MsgSink, MsgStream};
+use super::grpc::{put_framed, Metadata, MsgSink, MsgStream};
 use super::Core;
 use crate::apply::ShardMsg;
 use crate::error::{self, Code, Status};
@@ -61,6 +61,14 @@ pub const WATCHER_BUF_BYTES_MAX: usize = 64 << 20;
 pub const HUB_BUFFERED_MAX: usize = 32 << 20;
 pub const HUB_EVENT_BYTES_MAX: usize = 256 << 20;
 pub const WATCHER_BUF_PRESSURED: usize = 256;
+/// A stream's responses go to h2 in buffers of up to this many bytes.
+const SEND_BATCH_BYTES: usize = 64 << 10;
+/// Requests a stream handles in a row, while more have already arrived,
+/// before it sends what they built: a client's burst of a thousand create
+/// requests is answered in a few DATA frames, not a thousand (h2 queues
+/// every frame until its connection task writes it, in a slab per
+/// connection that never shrinks).
+const REQUESTS_PER_BATCH: usize = 256;
 /// Responses are cut at a revision boundary past this size.
 const RESPONSE_BYTES_SOFT: usize = 1 << 20;
 /// etcd's filter types (`WatchCreateRequest.FilterType`).
@@ -485,6 +493,30 @@ impl Stream {
         self.outbox_bytes
             .set(self.outbox_bytes.get().saturating_sub(b.len()));
         Some(b)
+    }
+
+    /// The next responses, gRPC-framed in one buffer of at most
+    /// `max` bytes (or one response, if it alone is larger): one copy and
+    /// one HTTP/2 frame for a burst of small responses.
+    pub fn pop_framed(&self, max: usize) -> Option<Bytes> {
+        let (mut n, mut bytes) = (0, 0);
+        for b in self.outbox.borrow().iter() {
+            if n > 0 && bytes + 5 + b.len() > max {
+                break;
+            }
+            n += 1;
+            bytes += 5 + b.len();
+        }
+        if n == 0 {
+            // Lets `pop` give back a burst's capacity.
+            return self.pop();
+        }
+        let mut out = BytesMut::with_capacity(bytes);
+        for _ in 0..n {
+            let b = self.pop().expect("counted above");
+            put_framed(&mut out, &b);
+        }
+        Some(out.freeze())
     }
 
     fn end(&self, st: Status) {
@@ -1376,8 +1408,8 @@ pub async fn serve(
     // etcd keeps sending after the client half-closes, until it goes away.
     let mut input_open = true;
     loop {
-        while let Some(b) = stream.pop() {
-            if sink.send(&b).await.is_err() {
+        while let Some(b) = stream.pop_framed(SEND_BATCH_BYTES) {
+            if sink.send_framed(b).await.is_err() {
                 return Ok(());
             }
             core.watch.on_sent(core, &stream);
@@ -1415,27 +1447,46 @@ pub async fn serve(
             Next::Req(None) => input_open = false,
             Next::Req(Some(Err(st))) => return Err(st),
             Next::Req(Some(Ok(msg))) => {
-                let req = WatchRequest::decode(msg).map_err(|e| {
-                    Status::new(
-                        Code::Internal,
-                        format!("grpc: error unmarshalling request: {e}"),
-                    )
-                })?;
-                match req.request_union {
-                    Some(watch_request::RequestUnion::CreateRequest(c)) => {
-                        core.watch.create(core, &stream, c)
+                handle_request(core, &stream, msg)?;
+                // Requests already here go before the responses are sent.
+                let mut n = 1;
+                while n < REQUESTS_PER_BATCH && stream.outbox_bytes.get() < OUTBOX_BYTES_LOW {
+                    // `MsgStream::next` keeps its state in the stream, so
+                    // dropping it when nothing is ready loses nothing.
+                    match futures_lite::future::poll_once(input.next()).await {
+                        None => break,
+                        Some(None) => {
+                            input_open = false;
+                            break;
+                        }
+                        Some(Some(Err(st))) => return Err(st),
+                        Some(Some(Ok(msg))) => handle_request(core, &stream, msg)?,
                     }
-                    Some(watch_request::RequestUnion::CancelRequest(c)) => {
-                        core.watch.cancel(core, &stream, c.watch_id)
-                    }
-                    Some(watch_request::RequestUnion::ProgressRequest(_)) => {
-                        core.watch.request_progress(core, &stream)
-                    }
-                    None => {}
+                    n += 1;
                 }
             }
         }
     }
+}
+
+fn handle_request(core: &Core, stream: &Stream, msg: Bytes) -> Result<(), Status> {
+    let req = WatchRequest::decode(msg).map_err(|e| {
+        Status::new(
+            Code::Internal,
+            format!("grpc: error unmarshalling request: {e}"),
+        )
+    })?;
+    match req.request_union {
+        Some(watch_request::RequestUnion::CreateRequest(c)) => core.watch.create(core, stream, c),
+        Some(watch_request::RequestUnion::CancelRequest(c)) => {
+            core.watch.cancel(core, stream, c.watch_id)
+        }
+        Some(watch_request::RequestUnion::ProgressRequest(_)) => {
+            core.watch.request_progress(core, stream)
+        }
+        None => {}
+    }
+    Ok(())
 }
 
 #[cfg(test)]
