@@ -189,6 +189,12 @@ impl MsgStream {
                 if self.buf.len() >= 5 + len {
                     let mut m = self.buf.split_to(5 + len);
                     let _ = m.split_to(5);
+                    if self.buf.is_empty() {
+                        // An empty buffer still holds the allocation its
+                        // messages came from (a burst of a thousand
+                        // requests, say) until more arrives; let it go.
+                        self.buf = BytesMut::new();
+                    }
                     return Some(Ok(m.freeze()));
                 }
             }
@@ -233,14 +239,21 @@ pub struct Gone;
 
 impl MsgSink {
     pub async fn send(&mut self, msg: &[u8]) -> Result<(), Gone> {
-        let mut framed = BytesMut::with_capacity(5 + msg.len());
-        put_framed(&mut framed, msg);
-        self.send_framed(framed.freeze()).await
+        self.send_all(&[msg]).await
     }
 
-    /// Sends messages already framed with `put_framed` (several may go in
-    /// one DATA frame: HTTP/2 frame boundaries mean nothing to gRPC).
-    pub async fn send_framed(&mut self, mut data: Bytes) -> Result<(), Gone> {
+    /// Sends messages in one buffer (one copy, and one DATA frame when the
+    /// window allows: HTTP/2 frame boundaries mean nothing to gRPC).
+    pub async fn send_all(&mut self, msgs: &[impl AsRef<[u8]>]) -> Result<(), Gone> {
+        let len = msgs.iter().map(|m| 5 + m.as_ref().len()).sum();
+        let mut framed = BytesMut::with_capacity(len);
+        for m in msgs {
+            let m = m.as_ref();
+            framed.put_u8(0);
+            framed.put_u32(m.len() as u32);
+            framed.extend_from_slice(m);
+        }
+        let mut data = framed.freeze();
         while !data.is_empty() {
             self.send.reserve_capacity(data.len());
             let cap = match futures::future::poll_fn(|cx| self.send.poll_capacity(cx)).await {
@@ -276,13 +289,6 @@ impl MsgSink {
         }
         let _ = self.send.send_trailers(trailers);
     }
-}
-
-/// Appends one message with gRPC's length prefix (uncompressed).
-pub fn put_framed(buf: &mut BytesMut, msg: &[u8]) {
-    buf.put_u8(0);
-    buf.put_u32(msg.len() as u32);
-    buf.extend_from_slice(msg);
 }
 
 /// Reads one length-prefixed gRPC message and the end of the stream.

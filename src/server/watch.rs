@@ -26,7 +26,7 @@
 //! watchers, and if it falls behind compaction it is canceled with the
 //! compact revision, as on etcd.
 
-use super::grpc::{put_framed, Metadata, MsgSink, MsgStream};
+use super::grpc::{Metadata, MsgSink, MsgStream};
 use super::Core;
 use crate::apply::ShardMsg;
 use crate::error::{self, Code, Status};
@@ -495,28 +495,25 @@ impl Stream {
         Some(b)
     }
 
-    /// The next responses, gRPC-framed in one buffer of at most
-    /// `max` bytes (or one response, if it alone is larger): one copy and
-    /// one HTTP/2 frame for a burst of small responses.
-    pub fn pop_framed(&self, max: usize) -> Option<Bytes> {
-        let (mut n, mut bytes) = (0, 0);
-        for b in self.outbox.borrow().iter() {
-            if n > 0 && bytes + 5 + b.len() > max {
-                break;
+    /// Moves the next responses into `out`: as many as fit in `max`
+    /// bytes, at least one if there is any.
+    pub fn pop_batch(&self, max: usize, out: &mut Vec<Bytes>) {
+        let mut bytes = 0;
+        loop {
+            let next = self.outbox.borrow().front().map(Bytes::len);
+            match next {
+                Some(n) if out.is_empty() || bytes + n <= max => {
+                    bytes += n;
+                    out.extend(self.pop());
+                }
+                // `pop` gives back a burst's capacity once empty.
+                None => {
+                    self.pop();
+                    return;
+                }
+                Some(_) => return,
             }
-            n += 1;
-            bytes += 5 + b.len();
         }
-        if n == 0 {
-            // Lets `pop` give back a burst's capacity.
-            return self.pop();
-        }
-        let mut out = BytesMut::with_capacity(bytes);
-        for _ in 0..n {
-            let b = self.pop().expect("counted above");
-            put_framed(&mut out, &b);
-        }
-        Some(out.freeze())
     }
 
     fn end(&self, st: Status) {
@@ -1407,9 +1404,20 @@ pub async fn serve(
     };
     // etcd keeps sending after the client half-closes, until it goes away.
     let mut input_open = true;
+    let mut batch = Vec::new();
     loop {
-        while let Some(b) = stream.pop_framed(SEND_BATCH_BYTES) {
-            if sink.send_framed(b).await.is_err() {
+        loop {
+            stream.pop_batch(SEND_BATCH_BYTES, &mut batch);
+            if batch.is_empty() {
+                break;
+            }
+            let sent = sink.send_all(&batch).await;
+            batch.clear();
+            if batch.capacity() > 64 {
+                // A burst's worth of pointers: not kept for the stream's life.
+                batch = Vec::new();
+            }
+            if sent.is_err() {
                 return Ok(());
             }
             core.watch.on_sent(core, &stream);
