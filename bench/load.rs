@@ -51,6 +51,9 @@ struct Opts {
     watchers: u64,
     watch_streams: usize,
     drain: Duration,
+    /// How long after the watchers are created the server's RSS is read
+    /// again (memory the server frees after the burst), 0 for not at all.
+    watch_settle: Duration,
 }
 
 fn usage() -> ! {
@@ -59,7 +62,7 @@ fn usage() -> ! {
          [--duration-secs 60] [--key-size 8] [--val-size 256] [--key-space 100000]\n\
          [--workload put|range|range-serializable|txn-put|mixed|lease-keepalive|watch] [--threads 1] [--server-pid PID[,PID...]]\n\
          [--prefill N] [--sequential-keys] [--json]\n\
-         watch workload: --workload watch [--watchers 1000] [--watch-streams 8] [--drain-secs 10]"
+         watch workload: --workload watch [--watchers 1000] [--watch-streams 8] [--drain-secs 10] [--watch-settle-secs 0]"
     );
     std::process::exit(2)
 }
@@ -83,6 +86,7 @@ fn parse() -> Opts {
         watchers: 1000,
         watch_streams: 8,
         drain: Duration::from_secs(10),
+        watch_settle: Duration::ZERO,
     };
     let args: Vec<String> = std::env::args().skip(1).collect();
     let mut i = 0;
@@ -130,6 +134,7 @@ fn parse() -> Opts {
             "watchers" => o.watchers = num(&v).max(1),
             "watch-streams" => o.watch_streams = num(&v).max(1) as usize,
             "drain-secs" => o.drain = Duration::from_secs(num(&v)),
+            "watch-settle-secs" => o.watch_settle = Duration::from_secs(num(&v)),
             _ => usage(),
         }
         i += 1;
@@ -521,6 +526,8 @@ struct WatchResult {
 struct WatchSetup {
     rss_before: Option<u64>,
     rss_after: Option<u64>,
+    /// `--watch-settle-secs` after `rss_after`, before any put.
+    rss_settled: Option<u64>,
     secs: f64,
 }
 
@@ -643,23 +650,36 @@ fn run_watchers(
             r.created >= o.watchers || r.errors > 0
         })
         .await;
-        let r = result.borrow();
-        let report = if created && r.errors == 0 {
-            Ok(WatchSetup {
-                rss_before,
-                rss_after: servers_rss(&o.server_pids),
-                secs: t0.elapsed().as_secs_f64(),
+        let failed = {
+            let r = result.borrow();
+            (!created || r.errors > 0).then(|| {
+                format!(
+                    "{} of {} watchers created in {:.1}s; first error: {}",
+                    r.created,
+                    o.watchers,
+                    t0.elapsed().as_secs_f64(),
+                    r.first_error.as_deref().unwrap_or("none")
+                )
             })
-        } else {
-            Err(format!(
-                "{} of {} watchers created in {:.1}s; first error: {}",
-                r.created,
-                o.watchers,
-                t0.elapsed().as_secs_f64(),
-                r.first_error.as_deref().unwrap_or("none")
-            ))
         };
-        drop(r);
+        let report = match failed {
+            Some(e) => Err(e),
+            None => {
+                let rss_after = servers_rss(&o.server_pids);
+                let secs = t0.elapsed().as_secs_f64();
+                let mut rss_settled = None;
+                if !o.watch_settle.is_zero() {
+                    glommio::timer::sleep(o.watch_settle).await;
+                    rss_settled = servers_rss(&o.server_pids);
+                }
+                Ok(WatchSetup {
+                    rss_before,
+                    rss_after,
+                    rss_settled,
+                    secs,
+                })
+            }
+        };
         let ok = report.is_ok();
         let _ = setup.send(report);
         if ok {
@@ -902,6 +922,10 @@ fn main() {
             .rss_after
             .zip(setup.rss_before)
             .map(|(a, b)| (a as f64 - b as f64) / o.watchers as f64);
+        let settled_per_watcher = setup
+            .rss_settled
+            .zip(setup.rss_before)
+            .map(|(a, b)| (a as f64 - b as f64) / o.watchers as f64);
         let per_event = server_cpu.map(|c| c as f64 / w.events.max(1) as f64);
         let kib = |b: Option<u64>| {
             b.map(|b| (b / 1024).to_string())
@@ -917,10 +941,12 @@ fn main() {
         );
         println!("event_latency_us p50={e50} p99={e99} p999={e999} max={emax}");
         println!(
-            "server_rss_kib before_watchers={} after_watchers={} bytes_per_watcher={}",
+            "server_rss_kib before_watchers={} after_watchers={} bytes_per_watcher={} settled={} bytes_per_watcher_settled={}",
             kib(setup.rss_before),
             kib(setup.rss_after),
-            num(per_watcher, 0)
+            num(per_watcher, 0),
+            kib(setup.rss_settled),
+            num(settled_per_watcher, 0)
         );
         if let Some(c) = per_event {
             println!("server_cpu_us_per_event={c:.2}");
@@ -929,7 +955,7 @@ fn main() {
             println!("first_watch_error={e}");
         }
         json_watch = format!(
-            ",\"watchers\":{},\"watch_streams\":{},\"watch_setup_s\":{:.3},\"events_expected\":{},\"events_received\":{},\"event_responses\":{},\"events_per_s\":{:.1},\"event_p50_us\":{e50},\"event_p99_us\":{e99},\"event_p999_us\":{e999},\"event_max_us\":{emax},\"rss_before_kib\":{},\"rss_watchers_kib\":{},\"bytes_per_watcher\":{},\"server_cpu_us_per_event\":{},\"watch_errors\":{}",
+            ",\"watchers\":{},\"watch_streams\":{},\"watch_setup_s\":{:.3},\"events_expected\":{},\"events_received\":{},\"event_responses\":{},\"events_per_s\":{:.1},\"event_p50_us\":{e50},\"event_p99_us\":{e99},\"event_p999_us\":{e999},\"event_max_us\":{emax},\"rss_before_kib\":{},\"rss_watchers_kib\":{},\"bytes_per_watcher\":{},\"bytes_per_watcher_settled\":{},\"server_cpu_us_per_event\":{},\"watch_errors\":{}",
             o.watchers,
             o.watch_streams,
             setup.secs,
@@ -940,6 +966,7 @@ fn main() {
             kib(setup.rss_before),
             kib(setup.rss_after),
             num(per_watcher, 0),
+            num(settled_per_watcher, 0),
             num(per_event, 3),
             w.errors,
         );

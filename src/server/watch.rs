@@ -61,6 +61,14 @@ pub const WATCHER_BUF_BYTES_MAX: usize = 64 << 20;
 pub const HUB_BUFFERED_MAX: usize = 32 << 20;
 pub const HUB_EVENT_BYTES_MAX: usize = 256 << 20;
 pub const WATCHER_BUF_PRESSURED: usize = 256;
+/// A stream's responses go to h2 in buffers of up to this many bytes.
+const SEND_BATCH_BYTES: usize = 64 << 10;
+/// Requests a stream handles in a row, while more have already arrived,
+/// before it sends what they built: a client's burst of a thousand create
+/// requests is answered in a few DATA frames, not a thousand (h2 queues
+/// every frame until its connection task writes it, in a slab per
+/// connection that never shrinks).
+const REQUESTS_PER_BATCH: usize = 256;
 /// Responses are cut at a revision boundary past this size.
 const RESPONSE_BYTES_SOFT: usize = 1 << 20;
 /// etcd's filter types (`WatchCreateRequest.FilterType`).
@@ -485,6 +493,27 @@ impl Stream {
         self.outbox_bytes
             .set(self.outbox_bytes.get().saturating_sub(b.len()));
         Some(b)
+    }
+
+    /// Moves the next responses into `out`: as many as fit in `max`
+    /// bytes, at least one if there is any.
+    pub fn pop_batch(&self, max: usize, out: &mut Vec<Bytes>) {
+        let mut bytes = 0;
+        loop {
+            let next = self.outbox.borrow().front().map(Bytes::len);
+            match next {
+                Some(n) if out.is_empty() || bytes + n <= max => {
+                    bytes += n;
+                    out.extend(self.pop());
+                }
+                // `pop` gives back a burst's capacity once empty.
+                None => {
+                    self.pop();
+                    return;
+                }
+                Some(_) => return,
+            }
+        }
     }
 
     fn end(&self, st: Status) {
@@ -1375,9 +1404,20 @@ pub async fn serve(
     };
     // etcd keeps sending after the client half-closes, until it goes away.
     let mut input_open = true;
+    let mut batch = Vec::new();
     loop {
-        while let Some(b) = stream.pop() {
-            if sink.send(&b).await.is_err() {
+        loop {
+            stream.pop_batch(SEND_BATCH_BYTES, &mut batch);
+            if batch.is_empty() {
+                break;
+            }
+            let sent = sink.send_all(&batch).await;
+            batch.clear();
+            if batch.capacity() > 64 {
+                // A burst's worth of pointers: not kept for the stream's life.
+                batch = Vec::new();
+            }
+            if sent.is_err() {
                 return Ok(());
             }
             core.watch.on_sent(core, &stream);
@@ -1415,40 +1455,68 @@ pub async fn serve(
             Next::Req(None) => input_open = false,
             Next::Req(Some(Err(st))) => return Err(st),
             Next::Req(Some(Ok(msg))) => {
-                let req = WatchRequest::decode(msg).map_err(|e| {
-                    Status::new(
-                        Code::Internal,
-                        format!("grpc: error unmarshalling request: {e}"),
-                    )
-                })?;
-                match req.request_union {
-                    Some(watch_request::RequestUnion::CreateRequest(c)) => {
-                        let key: &[u8] = if c.key.is_empty() { &[0] } else { &c.key };
-                        if super::auth::watch_permitted(core, meta.user.as_deref(), key, &c.range_end) {
-                            core.watch.create(core, &stream, c)
-                        } else {
-                            // etcd: created and canceled at once.
-                            stream.push(encode(&WatchResponse {
-                                header: header(core, core.view.revision.get()),
-                                watch_id: -1,
-                                created: true,
-                                canceled: true,
-                                cancel_reason: "rpc error: code = PermissionDenied desc = etcdserver: permission denied".into(),
-                                ..Default::default()
-                            }));
+                handle_request(core, &stream, meta.user.as_deref(), msg)?;
+                // Requests already here go before the responses are sent.
+                let mut n = 1;
+                while n < REQUESTS_PER_BATCH && stream.outbox_bytes.get() < OUTBOX_BYTES_LOW {
+                    // `MsgStream::next` keeps its state in the stream, so
+                    // dropping it when nothing is ready loses nothing.
+                    match futures_lite::future::poll_once(input.next()).await {
+                        None => break,
+                        Some(None) => {
+                            input_open = false;
+                            break;
                         }
+                        Some(Some(Err(st))) => return Err(st),
+                        Some(Some(Ok(msg))) => handle_request(core, &stream, meta.user.as_deref(), msg)?,
                     }
-                    Some(watch_request::RequestUnion::CancelRequest(c)) => {
-                        core.watch.cancel(core, &stream, c.watch_id)
-                    }
-                    Some(watch_request::RequestUnion::ProgressRequest(_)) => {
-                        core.watch.request_progress(core, &stream)
-                    }
-                    None => {}
+                    n += 1;
                 }
             }
         }
     }
+}
+
+fn handle_request(
+    core: &Core,
+    stream: &Stream,
+    user: Option<&str>,
+    msg: Bytes,
+) -> Result<(), Status> {
+    let req = WatchRequest::decode(msg).map_err(|e| {
+        Status::new(
+            Code::Internal,
+            format!("grpc: error unmarshalling request: {e}"),
+        )
+    })?;
+    match req.request_union {
+        Some(watch_request::RequestUnion::CreateRequest(c)) => {
+            let key: &[u8] = if c.key.is_empty() { &[0] } else { &c.key };
+            if super::auth::watch_permitted(core, user, key, &c.range_end) {
+                core.watch.create(core, stream, c)
+            } else {
+                // etcd: created and canceled at once, with its reason.
+                stream.push(encode(&WatchResponse {
+                    header: header(core, core.view.revision.get()),
+                    watch_id: -1,
+                    created: true,
+                    canceled: true,
+                    cancel_reason:
+                        "rpc error: code = PermissionDenied desc = etcdserver: permission denied"
+                            .into(),
+                    ..Default::default()
+                }));
+            }
+        }
+        Some(watch_request::RequestUnion::CancelRequest(c)) => {
+            core.watch.cancel(core, stream, c.watch_id)
+        }
+        Some(watch_request::RequestUnion::ProgressRequest(_)) => {
+            core.watch.request_progress(core, stream)
+        }
+        None => {}
+    }
+    Ok(())
 }
 
 #[cfg(test)]
