@@ -629,54 +629,28 @@ pub async fn run_raft(
                     let _ = reply.send(ms.m.clone());
                 }
                 RaftMsg::Auth { change, reply } => {
-                    if node.raft.leader_id == raft::INVALID_ID {
-                        let _ = reply.send(Err(error::no_leader()));
-                        continue;
-                    }
+                    use crate::proto::keelson::raft_command::Cmd;
                     let seq = next_id;
                     next_id += 1;
-                    let mut ctx = Vec::with_capacity(16);
-                    ctx.extend_from_slice(&nonce.to_le_bytes());
-                    ctx.extend_from_slice(&seq.to_le_bytes());
-                    let data = RaftCommand {
-                        cmd: Some(crate::proto::keelson::raft_command::Cmd::Auth(change)),
-                    }
-                    .encode_to_vec();
-                    match node.propose(ctx, data) {
+                    match propose_own(&mut node, nonce, seq, Cmd::Auth(change)) {
                         Ok(()) => {
                             ms.auth_waiters.insert(seq, reply);
                         }
-                        Err(e) => {
-                            let _ = reply.send(Err(Status::new(
-                                error::Code::Unavailable,
-                                format!("etcdserver: {e}"),
-                            )));
+                        Err(st) => {
+                            let _ = reply.send(Err(st));
                         }
                     }
                 }
                 RaftMsg::Alarm { req, reply } => {
-                    if node.raft.leader_id == raft::INVALID_ID {
-                        let _ = reply.send(Err(error::no_leader()));
-                        continue;
-                    }
+                    use crate::proto::keelson::raft_command::Cmd;
                     let seq = next_id;
                     next_id += 1;
-                    let mut ctx = Vec::with_capacity(16);
-                    ctx.extend_from_slice(&nonce.to_le_bytes());
-                    ctx.extend_from_slice(&seq.to_le_bytes());
-                    let data = RaftCommand {
-                        cmd: Some(crate::proto::keelson::raft_command::Cmd::Alarm(req)),
-                    }
-                    .encode_to_vec();
-                    match node.propose(ctx, data) {
+                    match propose_own(&mut node, nonce, seq, Cmd::Alarm(req)) {
                         Ok(()) => {
                             ms.alarm_waiters.insert(seq, reply);
                         }
-                        Err(e) => {
-                            let _ = reply.send(Err(Status::new(
-                                error::Code::Unavailable,
-                                format!("etcdserver: {e}"),
-                            )));
+                        Err(st) => {
+                            let _ = reply.send(Err(st));
                         }
                     }
                 }
@@ -1277,6 +1251,25 @@ fn hand_off(
         });
     }
     router.applier.send(ApplierMsg::Committed(out));
+}
+
+/// Proposes one of the raft core's own commands (alarms, auth) with this
+/// process's context (nonce, `seq`), so it is answered here when applied.
+fn propose_own(
+    node: &mut RawNode<MemStorage>,
+    nonce: u64,
+    seq: u64,
+    cmd: crate::proto::keelson::raft_command::Cmd,
+) -> Result<(), Status> {
+    if node.raft.leader_id == raft::INVALID_ID {
+        return Err(error::no_leader());
+    }
+    let mut ctx = Vec::with_capacity(16);
+    ctx.extend_from_slice(&nonce.to_le_bytes());
+    ctx.extend_from_slice(&seq.to_le_bytes());
+    let data = RaftCommand { cmd: Some(cmd) }.encode_to_vec();
+    node.propose(ctx, data)
+        .map_err(|e| Status::new(error::Code::Unavailable, format!("etcdserver: {e}")))
 }
 
 /// etcd's alarm types as bits (NOSPACE 1, CORRUPT 2) of the alarms raised.

@@ -23,27 +23,8 @@ async fn connect(m: &Member) -> Client {
 /// Waits until the members that are up agree on a leader; returns its
 /// index in `ms`.
 async fn leader(ms: &[Member], up: &[usize]) -> usize {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while Instant::now() < deadline {
-        let mut seen = Vec::new();
-        for &i in up {
-            if let Ok(mut c) = Client::connect([ms[i].endpoint()], None).await {
-                if let Ok(st) = c.status().await {
-                    seen.push((i, st.header().unwrap().member_id(), st.leader()));
-                }
-            }
-        }
-        if seen.len() == up.len() {
-            let l = seen[0].2;
-            if l != 0 && seen.iter().all(|s| s.2 == l) {
-                if let Some(s) = seen.iter().find(|s| s.1 == l) {
-                    return s.0;
-                }
-            }
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    panic!("no leader agreed on within 20 s");
+    let refs: Vec<&Member> = up.iter().map(|&i| &ms[i]).collect();
+    up[support::leader_of(&refs).await]
 }
 
 #[tokio::test]

@@ -21,30 +21,7 @@ async fn connect(m: &Member) -> Client {
     .unwrap()
 }
 
-/// The index in `ms` of the member the others agree leads.
-async fn leader(ms: &[&Member]) -> usize {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while Instant::now() < deadline {
-        let mut seen = Vec::new();
-        for (i, m) in ms.iter().enumerate() {
-            if let Ok(mut c) = Client::connect([m.endpoint()], None).await {
-                if let Ok(st) = c.status().await {
-                    seen.push((i, st.header().unwrap().member_id(), st.leader()));
-                }
-            }
-        }
-        if seen.len() == ms.len() {
-            let l = seen[0].2;
-            if l != 0 && seen.iter().all(|s| s.2 == l) {
-                if let Some(s) = seen.iter().find(|s| s.1 == l) {
-                    return s.0;
-                }
-            }
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    panic!("no leader agreed on within 20 s");
-}
+use support::leader_of as leader;
 
 fn message(e: Error) -> String {
     match e {

@@ -680,32 +680,20 @@ fn spawn_memory_collector() {
     .detach();
 }
 
+/// Every address the listen URLs name.
+fn listen_addrs(urls: &[String]) -> Result<Vec<SocketAddr>, String> {
+    let mut out = Vec::new();
+    for u in urls {
+        out.extend(crate::config::parse_url(u)?);
+    }
+    Ok(out)
+}
+
 /// Starts the member and blocks until it stops.
 pub fn run(cfg: Config) -> Result<(), String> {
-    let client_addrs: Vec<SocketAddr> = cfg
-        .listen_client_urls
-        .iter()
-        .map(|u| crate::config::parse_url(u))
-        .collect::<Result<Vec<_>, _>>()?
-        .into_iter()
-        .flatten()
-        .collect();
-    let peer_addrs: Vec<SocketAddr> = cfg
-        .listen_peer_urls
-        .iter()
-        .map(|u| crate::config::parse_url(u))
-        .collect::<Result<Vec<_>, _>>()?
-        .into_iter()
-        .flatten()
-        .collect();
-    let metrics_addrs: Vec<SocketAddr> = cfg
-        .listen_metrics_urls
-        .iter()
-        .map(|u| crate::config::parse_url(u))
-        .collect::<Result<Vec<_>, _>>()?
-        .into_iter()
-        .flatten()
-        .collect();
+    let client_addrs = listen_addrs(&cfg.listen_client_urls)?;
+    let peer_addrs = listen_addrs(&cfg.listen_peer_urls)?;
+    let metrics_addrs = listen_addrs(&cfg.listen_metrics_urls)?;
     // Client addresses served over TLS (their URL is https).
     let tls_addrs: Vec<SocketAddr> = cfg
         .listen_client_urls

@@ -242,6 +242,32 @@ pub async fn cluster_with_proxy(n: usize, extra: &[&str]) -> (Vec<Member>, fault
     (ms, proxy)
 }
 
+/// The index in `ms` of the member that the members agree leads (each
+/// asked by Status), waiting up to 20 s for them to agree.
+pub async fn leader_of(ms: &[&Member]) -> usize {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while Instant::now() < deadline {
+        let mut seen = Vec::new();
+        for (i, m) in ms.iter().enumerate() {
+            if let Ok(mut c) = Client::connect([m.endpoint()], None).await {
+                if let Ok(st) = c.status().await {
+                    seen.push((i, st.header().unwrap().member_id(), st.leader()));
+                }
+            }
+        }
+        if seen.len() == ms.len() {
+            let l = seen[0].2;
+            if l != 0 && seen.iter().all(|s| s.2 == l) {
+                if let Some(s) = seen.iter().find(|s| s.1 == l) {
+                    return s.0;
+                }
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("no leader agreed on within 20 s");
+}
+
 /// Starts every member without waiting for each in turn (a member of a new
 /// cluster serves only once a quorum runs).
 pub fn start_all(ms: &mut [Member]) {
