@@ -1567,4 +1567,39 @@ mod tests {
             }
         }
     }
+
+    #[test]
+    fn join_answers_that_lie_are_refused() {
+        use std::io::{Read, Write};
+        // (length, crc, body) a server answers with, and whether the
+        // client must accept it.
+        let body = b"cluster_id=1\n".to_vec();
+        let good_crc = crc32c::crc32c(&body);
+        let cases: Vec<(u32, u32, Vec<u8>, bool)> = vec![
+            (body.len() as u32, good_crc, body.clone(), true),
+            (body.len() as u32, good_crc ^ 1, body.clone(), false),
+            ((JOIN_ANSWER_MAX + 1) as u32, good_crc, body.clone(), false),
+            (body.len() as u32 + 10, good_crc, body.clone(), false),
+        ];
+        for (len, crc, b, ok) in cases {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            let addr = l.local_addr().unwrap();
+            let t = std::thread::spawn(move || {
+                let (mut s, _) = l.accept().unwrap();
+                let mut req = [0u8; HANDSHAKE_BYTES];
+                s.read_exact(&mut req).unwrap();
+                assert_eq!(&req[..8], JOIN_MAGIC);
+                let mut out = len.to_le_bytes().to_vec();
+                out.extend_from_slice(&crc.to_le_bytes());
+                out.extend_from_slice(&b);
+                let _ = s.write_all(&out);
+            });
+            let got = request_join(addr, Duration::from_secs(2));
+            assert_eq!(got.is_ok(), ok, "{len} {crc}: {got:?}");
+            if ok {
+                assert_eq!(got.unwrap(), body);
+            }
+            t.join().unwrap();
+        }
+    }
 }

@@ -1516,3 +1516,65 @@ fn propose_change(
 pub fn request_timeout(cfg: &Config) -> Duration {
     Duration::from_secs(5) + 2 * cfg.election_timeout
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn peer_payloads_from_a_hostile_peer_never_panic() {
+        let change = MemberChange {
+            kind: Kind::Promote as i32,
+            id: 7,
+            peer_urls: vec![],
+            is_learner: false,
+        };
+        let good = member_payload(PAYLOAD_MEMBER_CHANGE, 11, 22, &change.encode_to_vec());
+        match decode_member_payload(3, &good) {
+            Some(RaftMsg::ForwardedChange {
+                from,
+                nonce,
+                seq,
+                change: c,
+            }) => assert_eq!((from, nonce, seq, c), (3, 11, 22, change)),
+            _ => panic!("a forwarded change"),
+        }
+        let refused = member_payload(PAYLOAD_MEMBER_REFUSED, 11, 22, b"\x05etcdserver: member not found");
+        match decode_member_payload(3, &refused) {
+            Some(RaftMsg::ChangeRefused { status, .. }) => {
+                assert_eq!(status, error::member_not_found())
+            }
+            _ => panic!("a refusal"),
+        }
+        // Every cut of both, every byte flipped, and junk: an answer or
+        // None, never a panic.
+        for p in [&good, &refused] {
+            for n in 0..p.len() {
+                let _ = decode_payload(3, 1, &p[..n]);
+                let mut q = p.clone();
+                q[n] ^= 0xff;
+                let _ = decode_payload(3, 1, &q);
+            }
+        }
+        for junk in [&b""[..], b"\x00", b"\x00\xff\xff", b"\x02", b"\x03\x01", b"\x09abc"] {
+            let _ = decode_payload(3, 1, junk);
+        }
+        // A raft message that names another sender or receiver is dropped.
+        let mut m = raft::eraftpb::Message::default();
+        m.from = 4;
+        m.to = 1;
+        let mut b = vec![PAYLOAD_RAFT];
+        protobuf::Message::write_to_vec(&m, &mut b).unwrap();
+        assert!(decode_payload(3, 1, &b).is_none());
+        assert!(matches!(decode_payload(4, 1, &b), Some(RaftMsg::Step(_))));
+        assert!(decode_payload(4, 2, &b).is_none());
+    }
+
+    #[test]
+    fn codes_round_trip_and_unknown_codes_are_unknown() {
+        for n in 0..=16u8 {
+            assert_eq!(error::Code::from_u8(n) as u8, n);
+        }
+        assert_eq!(error::Code::from_u8(200), error::Code::Unknown);
+    }
+}
