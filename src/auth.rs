@@ -72,7 +72,10 @@ pub fn hash_password(salt: &[u8], password: &str) -> Vec<u8> {
         .chain_update(password.as_bytes())
         .finalize();
     for _ in 0..HASH_ROUNDS {
-        h = sha2::Sha256::new().chain_update(h).chain_update(salt).finalize();
+        h = sha2::Sha256::new()
+            .chain_update(h)
+            .chain_update(salt)
+            .finalize();
     }
     h.to_vec()
 }
@@ -84,11 +87,7 @@ pub fn random_bytes(n: usize) -> Vec<u8> {
     while filled < n {
         // SAFETY: the buffer is valid for `n - filled` bytes.
         let r = unsafe {
-            libc::getrandom(
-                b[filled..].as_mut_ptr() as *mut libc::c_void,
-                n - filled,
-                0,
-            )
+            libc::getrandom(b[filled..].as_mut_ptr() as *mut libc::c_void, n - filled, 0)
         };
         if r <= 0 {
             // getrandom cannot fail on Linux past early boot; fall back to
@@ -166,12 +165,15 @@ impl AuthState {
         } else {
             permission::Type::Read as i32
         };
-        u.roles.iter().filter_map(|r| self.roles.get(r)).any(|perms| {
-            perms.iter().any(|p| {
-                (p.0 == want || p.0 == permission::Type::Readwrite as i32)
-                    && covers(p, key, range_end)
+        u.roles
+            .iter()
+            .filter_map(|r| self.roles.get(r))
+            .any(|perms| {
+                perms.iter().any(|p| {
+                    (p.0 == want || p.0 == permission::Type::Readwrite as i32)
+                        && covers(p, key, range_end)
+                })
             })
-        })
     }
 
     pub fn check_password(&self, user: &str, password: &str) -> bool {
@@ -192,7 +194,11 @@ impl AuthState {
 
     pub fn token(&self, user: &str, now_ms: u64, ttl_ms: u64) -> String {
         let expiry = now_ms + ttl_ms;
-        format!("{}.{expiry}.{}", hex(user.as_bytes()), self.mac(user, expiry))
+        format!(
+            "{}.{expiry}.{}",
+            hex(user.as_bytes()),
+            self.mac(user, expiry)
+        )
     }
 
     /// The user a token names, if it is genuine, unexpired, and the user
@@ -251,8 +257,8 @@ impl AuthState {
                 self.users.remove(&r.name).ok_or_else(user_not_found)?;
             }
             "UserChangePassword" => {
-                let r = pb::AuthUserChangePasswordRequest::decode(c.request.as_slice())
-                    .map_err(bad)?;
+                let r =
+                    pb::AuthUserChangePasswordRequest::decode(c.request.as_slice()).map_err(bad)?;
                 let u = self.users.get_mut(&r.name).ok_or_else(user_not_found)?;
                 u.password = Some((c.salt.clone(), c.hash.clone()));
             }
@@ -442,30 +448,75 @@ mod tests {
     #[test]
     fn users_roles_permissions_tokens() {
         let mut a = AuthState::default();
-        assert_eq!(a.apply(&change("AuthEnable", pb::AuthEnableRequest {})), Err(root_user_not_exist()));
-        let add = |n: &str| pb::AuthUserAddRequest { name: n.into(), ..Default::default() };
+        assert_eq!(
+            a.apply(&change("AuthEnable", pb::AuthEnableRequest {})),
+            Err(root_user_not_exist())
+        );
+        let add = |n: &str| pb::AuthUserAddRequest {
+            name: n.into(),
+            ..Default::default()
+        };
         a.apply(&change("UserAdd", add("root"))).unwrap();
-        assert_eq!(a.apply(&change("UserAdd", add("root"))), Err(user_already_exist()));
-        assert_eq!(a.apply(&change("AuthEnable", pb::AuthEnableRequest {})), Err(root_role_not_exist()));
-        let grant = |u: &str, r: &str| pb::AuthUserGrantRoleRequest { user: u.into(), role: r.into() };
-        a.apply(&change("UserGrantRole", grant("root", "root"))).unwrap();
-        a.apply(&change("AuthEnable", pb::AuthEnableRequest {})).unwrap();
+        assert_eq!(
+            a.apply(&change("UserAdd", add("root"))),
+            Err(user_already_exist())
+        );
+        assert_eq!(
+            a.apply(&change("AuthEnable", pb::AuthEnableRequest {})),
+            Err(root_role_not_exist())
+        );
+        let grant = |u: &str, r: &str| pb::AuthUserGrantRoleRequest {
+            user: u.into(),
+            role: r.into(),
+        };
+        a.apply(&change("UserGrantRole", grant("root", "root")))
+            .unwrap();
+        a.apply(&change("AuthEnable", pb::AuthEnableRequest {}))
+            .unwrap();
         assert!(a.enabled && a.check_password("root", "pw") && !a.check_password("root", "x"));
         assert_eq!(
-            a.apply(&change("UserDelete", pb::AuthUserDeleteRequest { name: "root".into() })),
+            a.apply(&change(
+                "UserDelete",
+                pb::AuthUserDeleteRequest {
+                    name: "root".into()
+                }
+            )),
             Err(invalid_auth_mgmt())
         );
         a.apply(&change("UserAdd", add("u"))).unwrap();
-        assert_eq!(a.apply(&change("UserGrantRole", grant("u", "r"))), Err(role_not_found()));
-        a.apply(&change("RoleAdd", pb::AuthRoleAddRequest { name: "r".into() })).unwrap();
+        assert_eq!(
+            a.apply(&change("UserGrantRole", grant("u", "r"))),
+            Err(role_not_found())
+        );
+        a.apply(&change(
+            "RoleAdd",
+            pb::AuthRoleAddRequest { name: "r".into() },
+        ))
+        .unwrap();
         a.apply(&change("UserGrantRole", grant("u", "r"))).unwrap();
         let perm = |t: permission::Type, k: &[u8], e: &[u8]| pb::AuthRoleGrantPermissionRequest {
             name: "r".into(),
-            perm: Some(Permission { perm_type: t as i32, key: k.to_vec(), range_end: e.to_vec() }),
+            perm: Some(Permission {
+                perm_type: t as i32,
+                key: k.to_vec(),
+                range_end: e.to_vec(),
+            }),
         };
-        a.apply(&change("RoleGrantPermission", perm(permission::Type::Read, b"a", b"c"))).unwrap();
-        a.apply(&change("RoleGrantPermission", perm(permission::Type::Write, b"k", b""))).unwrap();
-        a.apply(&change("RoleGrantPermission", perm(permission::Type::Readwrite, b"z", b"\0"))).unwrap();
+        a.apply(&change(
+            "RoleGrantPermission",
+            perm(permission::Type::Read, b"a", b"c"),
+        ))
+        .unwrap();
+        a.apply(&change(
+            "RoleGrantPermission",
+            perm(permission::Type::Write, b"k", b""),
+        ))
+        .unwrap();
+        a.apply(&change(
+            "RoleGrantPermission",
+            perm(permission::Type::Readwrite, b"z", b"\0"),
+        ))
+        .unwrap();
         assert!(a.allowed("u", b"b", b"", false));
         assert!(a.allowed("u", b"a", b"c", false));
         assert!(!a.allowed("u", b"a", b"d", false));
@@ -477,7 +528,11 @@ mod tests {
         assert_eq!(
             a.apply(&change(
                 "RoleRevokePermission",
-                pb::AuthRoleRevokePermissionRequest { role: "r".into(), key: b"q".to_vec(), range_end: vec![] }
+                pb::AuthRoleRevokePermissionRequest {
+                    role: "r".into(),
+                    key: b"q".to_vec(),
+                    range_end: vec![]
+                }
             )),
             Err(permission_not_granted())
         );

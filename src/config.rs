@@ -229,7 +229,9 @@ where
         Some(other) => return Err(format!("unknown log level {other:?}")),
     };
     let strict_reconfig_check = match lookup("strict-reconfig-check").as_deref() {
-        None | Some("true") | Some("1") | Some("t") | Some("T") | Some("TRUE") | Some("True") => true,
+        None | Some("true") | Some("1") | Some("t") | Some("T") | Some("TRUE") | Some("True") => {
+            true
+        }
         Some("false") | Some("0") | Some("f") | Some("F") | Some("FALSE") | Some("False") => false,
         Some(v) => {
             return Err(format!(
@@ -239,9 +241,14 @@ where
     };
     let flag_bool = |flag: &str| -> Result<bool, String> {
         match lookup(flag).as_deref() {
-            None | Some("false") | Some("0") | Some("f") | Some("F") | Some("FALSE") | Some("False") => Ok(false),
-            Some("true") | Some("1") | Some("t") | Some("T") | Some("TRUE") | Some("True") => Ok(true),
-            Some(v) => Err(format!("invalid boolean value {v:?} for -{flag}: parse error")),
+            None | Some("false") | Some("0") | Some("f") | Some("F") | Some("FALSE")
+            | Some("False") => Ok(false),
+            Some("true") | Some("1") | Some("t") | Some("T") | Some("TRUE") | Some("True") => {
+                Ok(true)
+            }
+            Some(v) => Err(format!(
+                "invalid boolean value {v:?} for -{flag}: parse error"
+            )),
         }
     };
     let cfg = Config {
@@ -339,9 +346,7 @@ impl Config {
         if self.listen_client_urls.iter().any(|u| is_tls_url(u))
             && (self.cert_file.is_none() || self.key_file.is_none())
         {
-            return Err(
-                "https client URLs need --cert-file and --key-file".into(),
-            );
+            return Err("https client URLs need --cert-file and --key-file".into());
         }
         if self.client_cert_auth && self.trusted_ca_file.is_none() {
             return Err("--client-cert-auth needs --trusted-ca-file".into());
@@ -377,10 +382,15 @@ pub fn is_tls_url(url: &str) -> bool {
 /// Turns `http://host:port` or `https://host:port` into socket addresses
 /// (which URLs may be https is `Config::validate`'s business).
 pub fn parse_url(url: &str) -> Result<Vec<SocketAddr>, String> {
-    let rest = if let Some(r) = url.strip_prefix("http://").or_else(|| url.strip_prefix("https://")) {
+    let rest = if let Some(r) = url
+        .strip_prefix("http://")
+        .or_else(|| url.strip_prefix("https://"))
+    {
         r
     } else if url.starts_with("unix://") || url.starts_with("unixs://") {
-        return Err(format!("{url}: unix socket listeners are not supported by keelson"));
+        return Err(format!(
+            "{url}: unix socket listeners are not supported by keelson"
+        ));
     } else {
         return Err(format!("URL scheme must be http or https: {url}"));
     };
@@ -450,8 +460,16 @@ mod tests {
     #[test]
     fn boolean_flags() {
         assert!(p(&[], &[]).unwrap().strict_reconfig_check);
-        assert!(!p(&["--strict-reconfig-check=false"], &[]).unwrap().strict_reconfig_check);
-        assert!(p(&["--strict-reconfig-check", "--name", "x"], &[]).unwrap().strict_reconfig_check);
+        assert!(
+            !p(&["--strict-reconfig-check=false"], &[])
+                .unwrap()
+                .strict_reconfig_check
+        );
+        assert!(
+            p(&["--strict-reconfig-check", "--name", "x"], &[])
+                .unwrap()
+                .strict_reconfig_check
+        );
     }
 
     #[test]
@@ -466,8 +484,14 @@ mod tests {
             (&["--initial-cluster-state", "old"], "valid values are"),
             (&["--strict-reconfig-check=maybe"], "invalid boolean value"),
             (&["--heartbeat-interval", "500"], "at least as 5 times"),
-            (&["--listen-client-urls", "https://127.0.0.1:1"], "--cert-file and --key-file"),
-            (&["--listen-peer-urls", "https://127.0.0.1:1"], "TLS between members"),
+            (
+                &["--listen-client-urls", "https://127.0.0.1:1"],
+                "--cert-file and --key-file",
+            ),
+            (
+                &["--listen-peer-urls", "https://127.0.0.1:1"],
+                "TLS between members",
+            ),
         ];
         for (args, want) in cases {
             let err = p(args, &[]).unwrap_err();

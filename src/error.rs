@@ -32,9 +32,23 @@ impl Code {
     pub fn from_u8(n: u8) -> Code {
         use Code::*;
         [
-            Ok, Canceled, Unknown, InvalidArgument, DeadlineExceeded, NotFound, AlreadyExists,
-            PermissionDenied, ResourceExhausted, FailedPrecondition, Aborted, OutOfRange,
-            Unimplemented, Internal, Unavailable, DataLoss, Unauthenticated,
+            Ok,
+            Canceled,
+            Unknown,
+            InvalidArgument,
+            DeadlineExceeded,
+            NotFound,
+            AlreadyExists,
+            PermissionDenied,
+            ResourceExhausted,
+            FailedPrecondition,
+            Aborted,
+            OutOfRange,
+            Unimplemented,
+            Internal,
+            Unavailable,
+            DataLoss,
+            Unauthenticated,
         ]
         .get(n as usize)
         .copied()

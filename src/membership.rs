@@ -276,8 +276,12 @@ impl Membership {
                     m.removed.insert(hex(v)?);
                 }
                 Some(("alarm", v)) => {
-                    let (id, kind) = v.split_once(' ').ok_or(format!("bad alarm line {line:?}"))?;
-                    let kind = kind.parse().map_err(|_| format!("bad alarm line {line:?}"))?;
+                    let (id, kind) = v
+                        .split_once(' ')
+                        .ok_or(format!("bad alarm line {line:?}"))?;
+                    let kind = kind
+                        .parse()
+                        .map_err(|_| format!("bad alarm line {line:?}"))?;
                     m.alarms.insert((hex(id)?, kind));
                 }
                 Some((k @ ("auth" | "auth_user" | "auth_role"), v)) => {

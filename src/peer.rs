@@ -473,7 +473,10 @@ async fn run_writer(cfg: Rc<PeerConfig>, peer: Rc<Peer>) {
                 peer.up_since.set(Some(up_at));
                 let e = pump(&cfg, &peer, &mut stream, &mut buf, up_at, &mut failing).await;
                 if e.to_string() == GONE_MESSAGE {
-                    crate::error!("peer {:x}: says this member was removed from the cluster", peer.id);
+                    crate::error!(
+                        "peer {:x}: says this member was removed from the cluster",
+                        peer.id
+                    );
                     if let Some(f) = &cfg.on_removed {
                         f();
                     }
@@ -788,8 +791,10 @@ async fn answer_join<S: AsyncWrite + Unpin>(peers: &Peers, w: &mut S, remote: &s
 pub fn request_join(addr: SocketAddr, timeout: Duration) -> Result<Vec<u8>, String> {
     use std::io::{Read, Write};
     let mut s = std::net::TcpStream::connect_timeout(&addr, timeout).map_err(|e| e.to_string())?;
-    s.set_read_timeout(Some(timeout)).map_err(|e| e.to_string())?;
-    s.set_write_timeout(Some(timeout)).map_err(|e| e.to_string())?;
+    s.set_read_timeout(Some(timeout))
+        .map_err(|e| e.to_string())?;
+    s.set_write_timeout(Some(timeout))
+        .map_err(|e| e.to_string())?;
     let mut req = JOIN_MAGIC.to_vec();
     req.resize(HANDSHAKE_BYTES, 0);
     s.write_all(&req).map_err(|e| e.to_string())?;

@@ -1058,7 +1058,8 @@ impl SnapshotSender {
         let data = snap.get_data();
         let at = crate::snapshot::Header::BYTES.min(data.len());
         let h = crate::snapshot::Header::decode(&data[..at]).ok_or("bad snapshot header")?;
-        let text = std::str::from_utf8(&data[at..]).map_err(|_| "bad membership in the snapshot")?;
+        let text =
+            std::str::from_utf8(&data[at..]).map_err(|_| "bad membership in the snapshot")?;
         let membership =
             Membership::decode(text).map_err(|e| format!("bad membership in the snapshot: {e}"))?;
         if h.index != snap.get_metadata().index {
@@ -1120,11 +1121,7 @@ async fn send_snapshot(to: u64, router: Arc<Router>, peers: std::rc::Rc<dyn Tran
     });
 }
 
-fn send_one(
-    node: &mut RawNode<MemStorage>,
-    peers: &dyn Transport,
-    m: &raft::eraftpb::Message,
-) {
+fn send_one(node: &mut RawNode<MemStorage>, peers: &dyn Transport, m: &raft::eraftpb::Message) {
     let to = m.to;
     let mut bytes = vec![PAYLOAD_RAFT];
     if let Err(e) = protobuf::Message::write_to_vec(m, &mut bytes) {
@@ -1274,9 +1271,9 @@ fn propose_own(
 
 /// etcd's alarm types as bits (NOSPACE 1, CORRUPT 2) of the alarms raised.
 pub fn alarm_mask(m: &Membership) -> u8 {
-    m.alarms
-        .iter()
-        .fold(0u8, |acc, (_, kind)| acc | (1u8 << (*kind as u8).min(7) >> 1))
+    m.alarms.iter().fold(0u8, |acc, (_, kind)| {
+        acc | (1u8 << (*kind as u8).min(7) >> 1)
+    })
 }
 
 /// Raises or clears an alarm (etcd's applyAlarm): returns what changed.
@@ -1299,7 +1296,11 @@ fn apply_alarm(
             AlarmType::try_from(a.alarm)
                 .map(|t| t.as_str_name())
                 .unwrap_or("?"),
-            if m.alarms.contains(&key) { "raised" } else { "cleared" },
+            if m.alarms.contains(&key) {
+                "raised"
+            } else {
+                "cleared"
+            },
             a.member_id
         );
         vec![key]
@@ -1433,8 +1434,12 @@ fn propose_change(
     seq: u64,
     mut change: MemberChange,
 ) -> Result<(), Status> {
-    let kind = Kind::try_from(change.kind)
-        .map_err(|_| Status::new(error::Code::InvalidArgument, "etcdserver: unknown membership change"))?;
+    let kind = Kind::try_from(change.kind).map_err(|_| {
+        Status::new(
+            error::Code::InvalidArgument,
+            "etcdserver: unknown membership change",
+        )
+    })?;
     if kind == Kind::Add && change.id == 0 {
         change.id = ms.new_id(&change.peer_urls);
     }
@@ -1461,12 +1466,11 @@ fn propose_change(
             }
         }
         Kind::Remove if !ms.m.is_learner(change.id) => {
-            let rest = ms
-                .m
-                .members
-                .iter()
-                .filter(|(id, m)| **id != change.id && !m.learner && !m.name.is_empty())
-                .count();
+            let rest =
+                ms.m.members
+                    .iter()
+                    .filter(|(id, m)| **id != change.id && !m.learner && !m.name.is_empty())
+                    .count();
             let remaining = voters.len().saturating_sub(1);
             if rest < quorum(remaining) {
                 return Err(error::member_not_enough_started());
@@ -1539,7 +1543,12 @@ mod tests {
             }) => assert_eq!((from, nonce, seq, c), (3, 11, 22, change)),
             _ => panic!("a forwarded change"),
         }
-        let refused = member_payload(PAYLOAD_MEMBER_REFUSED, 11, 22, b"\x05etcdserver: member not found");
+        let refused = member_payload(
+            PAYLOAD_MEMBER_REFUSED,
+            11,
+            22,
+            b"\x05etcdserver: member not found",
+        );
         match decode_member_payload(3, &refused) {
             Some(RaftMsg::ChangeRefused { status, .. }) => {
                 assert_eq!(status, error::member_not_found())
@@ -1556,7 +1565,14 @@ mod tests {
                 let _ = decode_payload(3, 1, &q);
             }
         }
-        for junk in [&b""[..], b"\x00", b"\x00\xff\xff", b"\x02", b"\x03\x01", b"\x09abc"] {
+        for junk in [
+            &b""[..],
+            b"\x00",
+            b"\x00\xff\xff",
+            b"\x02",
+            b"\x03\x01",
+            b"\x09abc",
+        ] {
             let _ = decode_payload(3, 1, junk);
         }
         // A raft message that names another sender or receiver is dropped.

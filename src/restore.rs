@@ -40,7 +40,10 @@ pub fn read_file(path: &Path, check_hash: bool) -> Result<Vec<u8>, String> {
     }
     let len = u64::from_le_bytes(data[8..16].try_into().expect("8 bytes")) as usize;
     if 16 + len > data.len() {
-        return Err(format!("{}: body length {len} beyond the file", path.display()));
+        return Err(format!(
+            "{}: body length {len} beyond the file",
+            path.display()
+        ));
     }
     Ok(data[16..16 + len].to_vec())
 }
@@ -72,7 +75,10 @@ pub fn restore(path: &Path, cfg: &Config, check_hash: bool) -> Result<String, St
             .map(|mut d| d.next().is_some())
             .unwrap_or(true)
     {
-        return Err(format!("data-dir {:?} exists", cfg.data_dir.display().to_string()));
+        return Err(format!(
+            "data-dir {:?} exists",
+            cfg.data_dir.display().to_string()
+        ));
     }
     std::fs::create_dir_all(&cfg.data_dir)
         .map_err(|e| format!("{}: {e}", cfg.data_dir.display()))?;

@@ -390,7 +390,11 @@ fn drain_applier(node: &mut Node, ck: &mut Checker, seed: u64) {
                         c.index,
                         run.applied
                     );
-                    let bytes = c.cmd.as_ref().map(|c| c.encode_to_vec()).unwrap_or_default();
+                    let bytes = c
+                        .cmd
+                        .as_ref()
+                        .map(|c| c.encode_to_vec())
+                        .unwrap_or_default();
                     match ck.log.get(&c.index) {
                         Some(b) => assert_eq!(
                             b, &bytes,
@@ -477,7 +481,8 @@ impl Sim {
                 .iter()
                 .find(|n| n.id == to)
                 .and_then(|n| n.run.as_ref());
-            if let (Some(run), Some(m)) = (run, crate::raftcore::decode_payload(from, to, &payload)) {
+            if let (Some(run), Some(m)) = (run, crate::raftcore::decode_payload(from, to, &payload))
+            {
                 run.raft.send(m);
             }
         }
@@ -534,7 +539,9 @@ struct Changes {
 
 impl Sim {
     fn any_active(&self) -> usize {
-        let active: Vec<usize> = (0..self.nodes.len()).filter(|&i| self.nodes[i].active).collect();
+        let active: Vec<usize> = (0..self.nodes.len())
+            .filter(|&i| self.nodes[i].active)
+            .collect();
         active[self.rng(active.len() as u64) as usize]
     }
 
@@ -558,7 +565,8 @@ impl Sim {
                 // An earlier attempt did it already.
                 Ok(Some(Err(st)))
                     if st == crate::error::member_exist()
-                        || (c.phase == Phase::Promote && st == crate::error::member_not_learner())
+                        || (c.phase == Phase::Promote
+                            && st == crate::error::member_not_learner())
                         || (c.phase == Phase::Remove && st == crate::error::member_not_found()) =>
                 {
                     Some(None)
@@ -579,7 +587,11 @@ impl Sim {
             c.asked = None;
             match c.phase {
                 Phase::Add => {
-                    let j = self.nodes.iter().position(|n| n.id == JOINER).expect("joiner");
+                    let j = self
+                        .nodes
+                        .iter()
+                        .position(|n| n.id == JOINER)
+                        .expect("joiner");
                     let m = match m {
                         Some(m) => m,
                         None => {
@@ -599,7 +611,11 @@ impl Sim {
                 Phase::Promote => c.phase = Phase::Remove,
                 Phase::Remove => {
                     // The removed member is stopped for good.
-                    let v = self.nodes.iter().position(|n| n.id == c.victim).expect("victim");
+                    let v = self
+                        .nodes
+                        .iter()
+                        .position(|n| n.id == c.victim)
+                        .expect("victim");
                     self.nodes[v].active = false;
                     self.nodes[v].run = None;
                     c.phase = Phase::Done;
@@ -678,7 +694,11 @@ async fn run_seed(seed: u64, steps: u64) {
     // Even seeds also change the membership under the faults: add member
     // 4 as a learner, start it, promote it, remove one of the first three.
     let mut changes = Changes {
-        phase: if seed % 2 == 0 { Phase::Add } else { Phase::Done },
+        phase: if seed % 2 == 0 {
+            Phase::Add
+        } else {
+            Phase::Done
+        },
         victim: IDS[(seed / 2 % 3) as usize],
         asked: None,
     };
@@ -816,7 +836,13 @@ async fn run_seed(seed: u64, steps: u64) {
             if let Some(run) = n.run.as_mut() {
                 let mut last_view = None;
                 while let Some(m) = run._cores.try_recv() {
-                    if let CoreMsg::Raft { term, leader, commit, .. } = m {
+                    if let CoreMsg::Raft {
+                        term,
+                        leader,
+                        commit,
+                        ..
+                    } = m
+                    {
                         last_view = Some((term, leader, commit));
                     }
                 }
@@ -858,7 +884,10 @@ async fn run_seed(seed: u64, steps: u64) {
         .map(|r| &r.kv)
         .collect();
     for w in states.windows(2) {
-        assert_eq!(w[0], w[1], "seed {seed}: members at one index hold different data");
+        assert_eq!(
+            w[0], w[1],
+            "seed {seed}: members at one index hold different data"
+        );
     }
     if seed % 2 == 0 {
         assert_eq!(

@@ -72,7 +72,12 @@ async fn users_roles_permissions_and_tokens() {
         "etcdserver: user name is empty"
     );
     assert_eq!(
-        message(as_user(&ep, "alice", "wrong").await.map(|_| ()).unwrap_err()),
+        message(
+            as_user(&ep, "alice", "wrong")
+                .await
+                .map(|_| ())
+                .unwrap_err()
+        ),
         "etcdserver: authentication failed, invalid user ID or password"
     );
     // alice reads under "a" and reads and writes "w", nothing else.
@@ -84,7 +89,10 @@ async fn users_roles_permissions_and_tokens() {
         .unwrap();
     let denied = "etcdserver: permission denied";
     assert_eq!(message(alice.get("b1", None).await.unwrap_err()), denied);
-    assert_eq!(message(alice.put("a1", "x", None).await.unwrap_err()), denied);
+    assert_eq!(
+        message(alice.put("a1", "x", None).await.unwrap_err()),
+        denied
+    );
     alice.put("w", "x", None).await.unwrap();
     let t = Txn::new()
         .when([Compare::value("a1", CompareOp::Equal, "v")])
@@ -114,7 +122,12 @@ async fn users_roles_permissions_and_tokens() {
     // is good for --auth-token-ttl only.
     let mut root = as_user(&ep, "root", "rootpwd").await.unwrap();
     root.put("b1", "root", None).await.unwrap();
-    assert!(root.user_list().await.unwrap().users().contains(&"alice".to_string()));
+    assert!(root
+        .user_list()
+        .await
+        .unwrap()
+        .users()
+        .contains(&"alice".to_string()));
     if !support::is_etcd() {
         // (etcd 3.4's simple tokens outlive their TTL here: its keeper
         // only sweeps them now and then.)
@@ -132,12 +145,21 @@ async fn users_roles_permissions_and_tokens() {
     root.auth_disable().await.unwrap();
     c.put("a1", "free again", None).await.unwrap();
     assert_eq!(
-        message(as_user(&ep, "root", "rootpwd").await.map(|_| ()).unwrap_err()),
+        message(
+            as_user(&ep, "root", "rootpwd")
+                .await
+                .map(|_| ())
+                .unwrap_err()
+        ),
         "etcdserver: authentication is not enabled"
     );
     c.role_revoke_permission("reader", "w", None).await.unwrap();
     assert_eq!(
-        message(c.role_revoke_permission("reader", "w", None).await.unwrap_err()),
+        message(
+            c.role_revoke_permission("reader", "w", None)
+                .await
+                .unwrap_err()
+        ),
         "etcdserver: permission is not granted to the role"
     );
     c.user_revoke_role("alice", "reader").await.unwrap();

@@ -27,7 +27,10 @@ async fn alarms_raised_by_hand_refuse_puts_until_cleared() {
     c.alarm(AlarmAction::Deactivate, AlarmType::None, None)
         .await
         .unwrap();
-    let r = c.alarm(AlarmAction::Get, AlarmType::None, None).await.unwrap();
+    let r = c
+        .alarm(AlarmAction::Get, AlarmType::None, None)
+        .await
+        .unwrap();
     assert!(r.alarms().is_empty());
     c.put("k", "1", None).await.unwrap();
 
@@ -40,7 +43,10 @@ async fn alarms_raised_by_hand_refuse_puts_until_cleared() {
     assert_eq!(r.alarms().len(), 1);
     assert_eq!(r.alarms()[0].member_id(), me);
     assert_eq!(r.alarms()[0].alarm(), AlarmType::Nospace);
-    let r = c.alarm(AlarmAction::Get, AlarmType::None, None).await.unwrap();
+    let r = c
+        .alarm(AlarmAction::Get, AlarmType::None, None)
+        .await
+        .unwrap();
     assert_eq!(r.alarms().len(), 1);
     let r = c
         .alarm(AlarmAction::Get, AlarmType::Corrupt, None)
@@ -64,7 +70,10 @@ async fn alarms_raised_by_hand_refuse_puts_until_cleared() {
 
     let (ok, out, err) = etcdctl(&_m.endpoint(), &["alarm", "disarm"], None);
     assert!(ok && out.contains("alarm:NOSPACE"), "{out}{err}");
-    let r = c.alarm(AlarmAction::Get, AlarmType::None, None).await.unwrap();
+    let r = c
+        .alarm(AlarmAction::Get, AlarmType::None, None)
+        .await
+        .unwrap();
     assert!(r.alarms().is_empty());
     c.put("k", "3", None).await.unwrap();
 }
@@ -108,7 +117,10 @@ async fn hash_kv_hash_defragment_and_snapshot() {
         "etcdserver: mvcc: required revision has been compacted"
     );
     let (ok, out, err) = etcdctl(&m.endpoint(), &["endpoint", "hashkv"], None);
-    assert!(ok && out.contains(&format!("{}", after.hash())), "{out}{err}");
+    assert!(
+        ok && out.contains(&format!("{}", after.hash())),
+        "{out}{err}"
+    );
 
     let h = c.hash().await.unwrap();
     assert!(h.header().is_some());
@@ -122,7 +134,11 @@ async fn hash_kv_hash_defragment_and_snapshot() {
     let mut s = c.snapshot().await.unwrap();
     let mut total = 0usize;
     loop {
-        let r = s.message().await.unwrap().expect("the stream ends after remaining_bytes 0");
+        let r = s
+            .message()
+            .await
+            .unwrap()
+            .expect("the stream ends after remaining_bytes 0");
         assert!(!r.blob().is_empty());
         total += r.blob().len();
         if r.remaining_bytes() == 0 {
@@ -151,7 +167,11 @@ fn http_get(addr: &str, path: &str) -> (u16, String) {
     let mut s = std::net::TcpStream::connect(addr).unwrap();
     s.set_read_timeout(Some(std::time::Duration::from_secs(10)))
         .unwrap();
-    write!(s, "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").unwrap();
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
     let mut out = String::new();
     s.read_to_string(&mut out).unwrap();
     let code = out
@@ -159,7 +179,11 @@ fn http_get(addr: &str, path: &str) -> (u16, String) {
         .nth(1)
         .and_then(|c| c.parse().ok())
         .unwrap_or(0);
-    let body = out.split_once("\r\n\r\n").map(|b| b.1).unwrap_or("").to_string();
+    let body = out
+        .split_once("\r\n\r\n")
+        .map(|b| b.1)
+        .unwrap_or("")
+        .to_string();
     (code, body)
 }
 
@@ -210,7 +234,10 @@ async fn a_saved_snapshot_restores_into_a_new_member() {
     let (m, mut c) = started(&[]).await;
     let mut want = Vec::new();
     for i in 0..50 {
-        let r = c.put(format!("s{i:02}"), format!("v{i}"), None).await.unwrap();
+        let r = c
+            .put(format!("s{i:02}"), format!("v{i}"), None)
+            .await
+            .unwrap();
         want.push(r.header().unwrap().revision());
     }
     c.put("s00", "again", None).await.unwrap();
@@ -239,7 +266,10 @@ async fn a_saved_snapshot_restores_into_a_new_member() {
         .output()
         .unwrap();
     let text = String::from_utf8_lossy(&st.stdout);
-    assert!(st.status.success() && text.contains(&format!("revision {last}")), "{text}");
+    assert!(
+        st.status.success() && text.contains(&format!("revision {last}")),
+        "{text}"
+    );
 
     // A damaged file is refused.
     let mut bytes = std::fs::read(&file).unwrap();
@@ -285,17 +315,37 @@ async fn a_saved_snapshot_restores_into_a_new_member() {
     assert_eq!(r.kvs().len(), 50);
     assert_eq!(r.kvs()[0].value_str().unwrap(), "again");
     assert_eq!(r.kvs()[1].mod_revision(), want[1]);
-    let r = c.get("s05", Some(GetOptions::new().with_revision(want[20]))).await.unwrap();
-    assert_eq!(r.kvs()[0].value_str().unwrap(), "v5", "history after the compaction");
+    let r = c
+        .get("s05", Some(GetOptions::new().with_revision(want[20])))
+        .await
+        .unwrap();
     assert_eq!(
-        message(c.get("s05", Some(GetOptions::new().with_revision(want[2]))).await.unwrap_err()),
+        r.kvs()[0].value_str().unwrap(),
+        "v5",
+        "history after the compaction"
+    );
+    assert_eq!(
+        message(
+            c.get("s05", Some(GetOptions::new().with_revision(want[2])))
+                .await
+                .unwrap_err()
+        ),
         "etcdserver: mvcc: required revision has been compacted"
     );
     assert_eq!(
-        c.lease_time_to_live(lease, None).await.unwrap().granted_ttl(),
+        c.lease_time_to_live(lease, None)
+            .await
+            .unwrap()
+            .granted_ttl(),
         600
     );
-    let next = c.put("new", "1", None).await.unwrap().header().unwrap().revision();
+    let next = c
+        .put("new", "1", None)
+        .await
+        .unwrap()
+        .header()
+        .unwrap()
+        .revision();
     assert!(next > last, "{next} after {last}");
     // Restoring over a data dir that exists is refused.
     let st = std::process::Command::new(bin)

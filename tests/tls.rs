@@ -25,14 +25,65 @@ fn openssl(dir: &Path, args: &[&str]) {
 
 /// A CA, a server certificate for 127.0.0.1 and a client certificate.
 fn certs(dir: &Path) {
-    openssl(dir, &["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
-        "-keyout", "ca.key", "-out", "ca.crt", "-subj", "/CN=keelson-test-ca"]);
-    std::fs::write(dir.join("san.ext"), "subjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth,clientAuth\n").unwrap();
+    openssl(
+        dir,
+        &[
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "2",
+            "-keyout",
+            "ca.key",
+            "-out",
+            "ca.crt",
+            "-subj",
+            "/CN=keelson-test-ca",
+        ],
+    );
+    std::fs::write(
+        dir.join("san.ext"),
+        "subjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth,clientAuth\n",
+    )
+    .unwrap();
     for who in ["server", "client"] {
-        openssl(dir, &["req", "-newkey", "rsa:2048", "-nodes", "-keyout", &format!("{who}.key"),
-            "-out", &format!("{who}.csr"), "-subj", &format!("/CN={who}")]);
-        openssl(dir, &["x509", "-req", "-in", &format!("{who}.csr"), "-CA", "ca.crt", "-CAkey", "ca.key",
-            "-CAcreateserial", "-days", "2", "-out", &format!("{who}.crt"), "-extfile", "san.ext"]);
+        openssl(
+            dir,
+            &[
+                "req",
+                "-newkey",
+                "rsa:2048",
+                "-nodes",
+                "-keyout",
+                &format!("{who}.key"),
+                "-out",
+                &format!("{who}.csr"),
+                "-subj",
+                &format!("/CN={who}"),
+            ],
+        );
+        openssl(
+            dir,
+            &[
+                "x509",
+                "-req",
+                "-in",
+                &format!("{who}.csr"),
+                "-CA",
+                "ca.crt",
+                "-CAkey",
+                "ca.key",
+                "-CAcreateserial",
+                "-days",
+                "2",
+                "-out",
+                &format!("{who}.crt"),
+                "-extfile",
+                "san.ext",
+            ],
+        );
     }
 }
 
@@ -45,9 +96,17 @@ fn https_clients_and_client_certificates() {
     let port = support::free_port();
     let url = format!("https://127.0.0.1:{port}");
     let mut m = support::Member::new(&[
-        "--listen-client-urls", &url, "--advertise-client-urls", &url,
-        "--cert-file", &p("server.crt"), "--key-file", &p("server.key"),
-        "--trusted-ca-file", &p("ca.crt"), "--client-cert-auth",
+        "--listen-client-urls",
+        &url,
+        "--advertise-client-urls",
+        &url,
+        "--cert-file",
+        &p("server.crt"),
+        "--key-file",
+        &p("server.key"),
+        "--trusted-ca-file",
+        &p("ca.crt"),
+        "--client-cert-auth",
     ]);
     assert!(m.start().is_none(), "{}", m.log_text());
     let tls = [
@@ -71,7 +130,11 @@ fn https_clients_and_client_certificates() {
     let (ok, out, err) = etcdctl(&url, &[&ca, "--dial-timeout=2s", "get", "k"], None);
     assert!(!ok, "{out}{err}");
     // Plain text on a TLS port gets nowhere either.
-    let (ok, out, err) = etcdctl(&format!("http://127.0.0.1:{port}"), &["--dial-timeout=2s", "get", "k"], None);
+    let (ok, out, err) = etcdctl(
+        &format!("http://127.0.0.1:{port}"),
+        &["--dial-timeout=2s", "get", "k"],
+        None,
+    );
     assert!(!ok, "{out}{err}");
     drop(m);
     let _ = dir;

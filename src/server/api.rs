@@ -316,11 +316,14 @@ fn check_alarms(core: &Core, cmd: &RaftCommand) -> Result<(), Status> {
         return Ok(());
     }
     fn has_put(t: &TxnRequest) -> bool {
-        t.success.iter().chain(&t.failure).any(|op| match &op.request {
-            Some(request_op::Request::RequestPut(_)) => true,
-            Some(request_op::Request::RequestTxn(t)) => has_put(t),
-            _ => false,
-        })
+        t.success
+            .iter()
+            .chain(&t.failure)
+            .any(|op| match &op.request {
+                Some(request_op::Request::RequestPut(_)) => true,
+                Some(request_op::Request::RequestTxn(t)) => has_put(t),
+                _ => false,
+            })
     }
     let (write, grows) = match &cmd.cmd {
         Some(raft_command::Cmd::Txn(t)) => (true, has_put(t)),
@@ -571,7 +574,11 @@ async fn hash_kv(core: &Core, req: HashKvRequest) -> Result<HashKvResponse, Stat
     read_revision(core, false).await?;
     let current = core.view.revision.get();
     let (records, compact) = all_versions(core).await?;
-    let rev = if req.revision > 0 { req.revision } else { current };
+    let rev = if req.revision > 0 {
+        req.revision
+    } else {
+        current
+    };
     if rev > current {
         return Err(error::future_rev());
     }
@@ -734,7 +741,10 @@ async fn member_add(core: &Core, req: MemberAddRequest) -> Result<MemberAddRespo
     })
 }
 
-async fn member_remove(core: &Core, req: MemberRemoveRequest) -> Result<MemberRemoveResponse, Status> {
+async fn member_remove(
+    core: &Core,
+    req: MemberRemoveRequest,
+) -> Result<MemberRemoveResponse, Status> {
     use crate::proto::keelson::member_change::Kind;
     let (_, m) = change_members(core, Kind::Remove, req.id, Vec::new(), false).await?;
     Ok(MemberRemoveResponse {
@@ -743,7 +753,10 @@ async fn member_remove(core: &Core, req: MemberRemoveRequest) -> Result<MemberRe
     })
 }
 
-async fn member_update(core: &Core, req: MemberUpdateRequest) -> Result<MemberUpdateResponse, Status> {
+async fn member_update(
+    core: &Core,
+    req: MemberUpdateRequest,
+) -> Result<MemberUpdateResponse, Status> {
     use crate::proto::keelson::member_change::Kind;
     let (_, m) = change_members(core, Kind::Update, req.id, req.peer_ur_ls, false).await?;
     Ok(MemberUpdateResponse {
@@ -752,7 +765,10 @@ async fn member_update(core: &Core, req: MemberUpdateRequest) -> Result<MemberUp
     })
 }
 
-async fn member_promote(core: &Core, req: MemberPromoteRequest) -> Result<MemberPromoteResponse, Status> {
+async fn member_promote(
+    core: &Core,
+    req: MemberPromoteRequest,
+) -> Result<MemberPromoteResponse, Status> {
     use crate::proto::keelson::member_change::Kind;
     let (_, m) = change_members(core, Kind::Promote, req.id, Vec::new(), false).await?;
     Ok(MemberPromoteResponse {

@@ -56,23 +56,31 @@ fn txn_allowed(a: &AuthState, user: &str, t: &TxnRequest) -> bool {
     t.compare
         .iter()
         .all(|c| a.allowed(user, &c.key, &c.range_end, false))
-        && t.success.iter().chain(&t.failure).all(|op| match &op.request {
-            Some(request_op::Request::RequestRange(r)) => {
-                a.allowed(user, &r.key, &r.range_end, false)
-            }
-            Some(request_op::Request::RequestPut(p)) => a.allowed(user, &p.key, b"", true),
-            Some(request_op::Request::RequestDeleteRange(d)) => {
-                a.allowed(user, &d.key, &d.range_end, true)
-            }
-            Some(request_op::Request::RequestTxn(t)) => txn_allowed(a, user, t),
-            None => true,
-        })
+        && t.success
+            .iter()
+            .chain(&t.failure)
+            .all(|op| match &op.request {
+                Some(request_op::Request::RequestRange(r)) => {
+                    a.allowed(user, &r.key, &r.range_end, false)
+                }
+                Some(request_op::Request::RequestPut(p)) => a.allowed(user, &p.key, b"", true),
+                Some(request_op::Request::RequestDeleteRange(d)) => {
+                    a.allowed(user, &d.key, &d.range_end, true)
+                }
+                Some(request_op::Request::RequestTxn(t)) => txn_allowed(a, user, t),
+                None => true,
+            })
 }
 
 /// Whether a unary call may go ahead.
 pub fn authorize(core: &Core, m: Method, body: &[u8], token: Option<&str>) -> Result<(), Status> {
     let a = core.view.auth.borrow().clone();
-    if !a.enabled || matches!(m, Method::Authenticate | Method::AuthStatus | Method::HealthCheck) {
+    if !a.enabled
+        || matches!(
+            m,
+            Method::Authenticate | Method::AuthStatus | Method::HealthCheck
+        )
+    {
         return Ok(());
     }
     let Some(user) = user_of(&a, token)? else {
@@ -150,7 +158,10 @@ pub fn watch_permitted(core: &Core, user: Option<&str>, key: &[u8], range_end: &
 /// Proposes a change of the auth store and waits until it applies.
 async fn change(core: &Core, c: AuthChange) -> Result<(), Status> {
     let (tx, rx) = oneshot::channel();
-    core.router.raft.send(RaftMsg::Auth { change: c, reply: tx });
+    core.router.raft.send(RaftMsg::Auth {
+        change: c,
+        reply: tx,
+    });
     let d = core.router.member.request_timeout;
     let timed = async {
         glommio::timer::sleep(d).await;
@@ -269,12 +280,18 @@ pub async fn call(core: &Core, m: Method, body: &[u8]) -> Result<Vec<u8>, Status
                 },
             )
             .await?;
-            AuthEnableResponse { header: header(core) }.encode_to_vec()
+            AuthEnableResponse {
+                header: header(core),
+            }
+            .encode_to_vec()
         }
         Method::AuthDisable => {
             let _: AuthDisableRequest = decode(body)?;
             change(core, plain("AuthDisable", vec![])).await?;
-            AuthDisableResponse { header: header(core) }.encode_to_vec()
+            AuthDisableResponse {
+                header: header(core),
+            }
+            .encode_to_vec()
         }
         Method::UserAdd => {
             let mut r: AuthUserAddRequest = decode(body)?;
@@ -284,29 +301,48 @@ pub async fn call(core: &Core, m: Method, body: &[u8]) -> Result<Vec<u8>, Status
             let pw = std::mem::take(&mut r.password);
             r.hashed_password.clear();
             change(core, with_password("UserAdd", r.encode_to_vec(), &pw)).await?;
-            AuthUserAddResponse { header: header(core) }.encode_to_vec()
+            AuthUserAddResponse {
+                header: header(core),
+            }
+            .encode_to_vec()
         }
         Method::UserChangePassword => {
             let mut r: AuthUserChangePasswordRequest = decode(body)?;
             let pw = std::mem::take(&mut r.password);
             r.hashed_password.clear();
-            change(core, with_password("UserChangePassword", r.encode_to_vec(), &pw)).await?;
-            AuthUserChangePasswordResponse { header: header(core) }.encode_to_vec()
+            change(
+                core,
+                with_password("UserChangePassword", r.encode_to_vec(), &pw),
+            )
+            .await?;
+            AuthUserChangePasswordResponse {
+                header: header(core),
+            }
+            .encode_to_vec()
         }
         Method::UserDelete => {
             let r: AuthUserDeleteRequest = decode(body)?;
             change(core, plain("UserDelete", r.encode_to_vec())).await?;
-            AuthUserDeleteResponse { header: header(core) }.encode_to_vec()
+            AuthUserDeleteResponse {
+                header: header(core),
+            }
+            .encode_to_vec()
         }
         Method::UserGrantRole => {
             let r: AuthUserGrantRoleRequest = decode(body)?;
             change(core, plain("UserGrantRole", r.encode_to_vec())).await?;
-            AuthUserGrantRoleResponse { header: header(core) }.encode_to_vec()
+            AuthUserGrantRoleResponse {
+                header: header(core),
+            }
+            .encode_to_vec()
         }
         Method::UserRevokeRole => {
             let r: AuthUserRevokeRoleRequest = decode(body)?;
             change(core, plain("UserRevokeRole", r.encode_to_vec())).await?;
-            AuthUserRevokeRoleResponse { header: header(core) }.encode_to_vec()
+            AuthUserRevokeRoleResponse {
+                header: header(core),
+            }
+            .encode_to_vec()
         }
         Method::RoleAdd => {
             let r: AuthRoleAddRequest = decode(body)?;
@@ -314,23 +350,40 @@ pub async fn call(core: &Core, m: Method, body: &[u8]) -> Result<Vec<u8>, Status
                 return Err(auth::role_empty());
             }
             change(core, plain("RoleAdd", r.encode_to_vec())).await?;
-            AuthRoleAddResponse { header: header(core) }.encode_to_vec()
+            AuthRoleAddResponse {
+                header: header(core),
+            }
+            .encode_to_vec()
         }
         Method::RoleDelete => {
             let r: AuthRoleDeleteRequest = decode(body)?;
             change(core, plain("RoleDelete", r.encode_to_vec())).await?;
-            AuthRoleDeleteResponse { header: header(core) }.encode_to_vec()
+            AuthRoleDeleteResponse {
+                header: header(core),
+            }
+            .encode_to_vec()
         }
         Method::RoleGrantPermission => {
             let r: AuthRoleGrantPermissionRequest = decode(body)?;
             change(core, plain("RoleGrantPermission", r.encode_to_vec())).await?;
-            AuthRoleGrantPermissionResponse { header: header(core) }.encode_to_vec()
+            AuthRoleGrantPermissionResponse {
+                header: header(core),
+            }
+            .encode_to_vec()
         }
         Method::RoleRevokePermission => {
             let r: AuthRoleRevokePermissionRequest = decode(body)?;
             change(core, plain("RoleRevokePermission", r.encode_to_vec())).await?;
-            AuthRoleRevokePermissionResponse { header: header(core) }.encode_to_vec()
+            AuthRoleRevokePermissionResponse {
+                header: header(core),
+            }
+            .encode_to_vec()
         }
-        _ => return Err(Status::new(Code::Internal, "etcdserver: not an auth method")),
+        _ => {
+            return Err(Status::new(
+                Code::Internal,
+                "etcdserver: not an auth method",
+            ))
+        }
     })
 }

@@ -30,7 +30,10 @@ pub async fn serve_conn(
         let accept = futures_rustls::TlsAcceptor::from(tls).accept(stream);
         let timeout = async {
             glommio::timer::sleep(std::time::Duration::from_secs(10)).await;
-            Err(std::io::Error::new(std::io::ErrorKind::TimedOut, "TLS handshake took too long"))
+            Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "TLS handshake took too long",
+            ))
         };
         let s = match futures_lite::future::or(accept, timeout).await {
             Ok(s) => s,

@@ -359,7 +359,10 @@ pub(crate) fn load_or_create_meta(cfg: &Config) -> Result<Meta, String> {
                 _ => Err(format!("{}: not a valid keelson meta file", path.display())),
             }
         }
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound && cfg.initial_cluster_state == "existing" => {
+        Err(e)
+            if e.kind() == std::io::ErrorKind::NotFound
+                && cfg.initial_cluster_state == "existing" =>
+        {
             let shards = cfg.shards.unwrap_or(cfg.cores).max(1);
             let (me, m) = join_existing(cfg)?;
             let mut text = format!(
@@ -371,12 +374,19 @@ pub(crate) fn load_or_create_meta(cfg: &Config) -> Result<Meta, String> {
                 .iter()
                 .map(|(id, i)| PeerInfo {
                     id: *id,
-                    name: if *id == me { cfg.name.clone() } else { i.name.clone() },
+                    name: if *id == me {
+                        cfg.name.clone()
+                    } else {
+                        i.name.clone()
+                    },
                     peer_urls: i.peer_urls.clone(),
                 })
                 .collect();
             for p in &members {
-                text.push_str(&format!("member={}\n", member_line(p.id, &p.name, &p.peer_urls)));
+                text.push_str(&format!(
+                    "member={}\n",
+                    member_line(p.id, &p.name, &p.peer_urls)
+                ));
             }
             // The membership first: a meta without it would bootstrap one.
             m.store(&cfg.data_dir.join("members"))?;
@@ -476,7 +486,8 @@ fn join_existing(cfg: &Config) -> Result<(u64, crate::membership::Membership), S
         }
         std::thread::sleep(std::time::Duration::from_millis(500));
     };
-    let text = String::from_utf8(answer).map_err(|_| "the membership answer is not text".to_string())?;
+    let text =
+        String::from_utf8(answer).map_err(|_| "the membership answer is not text".to_string())?;
     let m = crate::membership::Membership::decode(&text)
         .map_err(|e| format!("the membership answer: {e}"))?;
     let Some((&me, info)) = m.members.iter().find(|(_, i)| {
@@ -911,10 +922,14 @@ pub fn run(cfg: Config) -> Result<(), String> {
                                             ctx.clone(),
                                             tls.clone(),
                                         ))
-                                            .detach();
+                                        .detach();
                                     } else if kind == 2 {
-                                        glommio::spawn_local(http::serve(stream, ctx.clone(), false))
-                                            .detach();
+                                        glommio::spawn_local(http::serve(
+                                            stream,
+                                            ctx.clone(),
+                                            false,
+                                        ))
+                                        .detach();
                                     } else if let Some(p) = &peers {
                                         glommio::spawn_local(crate::peer::serve_inbound(
                                             p.clone(),

@@ -43,9 +43,7 @@ pub fn server_config(cfg: &Config) -> Result<Option<Arc<rustls::ServerConfig>>, 
         let mut roots = rustls::RootCertStore::empty();
         for c in rustls_pemfile::certs(&mut read_pem(ca)?.as_slice()) {
             let c = c.map_err(|e| format!("{}: {e}", ca.display()))?;
-            roots
-                .add(c)
-                .map_err(|e| format!("{}: {e}", ca.display()))?;
+            roots.add(c).map_err(|e| format!("{}: {e}", ca.display()))?;
         }
         let verifier =
             rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider)

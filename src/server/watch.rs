@@ -1468,7 +1468,9 @@ pub async fn serve(
                             break;
                         }
                         Some(Some(Err(st))) => return Err(st),
-                        Some(Some(Ok(msg))) => handle_request(core, &stream, meta.user.as_deref(), msg)?,
+                        Some(Some(Ok(msg))) => {
+                            handle_request(core, &stream, meta.user.as_deref(), msg)?
+                        }
                     }
                     n += 1;
                 }
