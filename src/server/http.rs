@@ -123,11 +123,14 @@ async fn metrics(core: &Core) -> String {
         c.send(CoreMsg::Rpcs { reply: tx });
         waits.push(rx);
     }
-    let mut total: std::collections::BTreeMap<(String, u8), u64> = Default::default();
+    let mut total: std::collections::BTreeMap<String, [u64; 17]> = Default::default();
     for w in waits {
         if let Ok(v) = w.await {
-            for (k, n) in v {
-                *total.entry(k).or_default() += n;
+            for (path, counts) in v {
+                let t = total.entry(path).or_insert([0; 17]);
+                for (t, n) in t.iter_mut().zip(counts) {
+                    *t += n;
+                }
             }
         }
     }
@@ -175,7 +178,7 @@ async fn metrics(core: &Core) -> String {
         v.applied.get(),
     );
     out.push_str("# HELP grpc_server_handled_total Total number of RPCs completed on the server, regardless of success or failure.\n# TYPE grpc_server_handled_total counter\n");
-    for ((path, code), n) in total {
+    for (path, counts) in total {
         let (svc, method) = path
             .trim_start_matches('/')
             .split_once('/')
@@ -185,10 +188,11 @@ async fn metrics(core: &Core) -> String {
         } else {
             "unary"
         };
-        out.push_str(&format!(
-            "grpc_server_handled_total{{grpc_code=\"{}\",grpc_method=\"{method}\",grpc_service=\"{svc}\",grpc_type=\"{kind}\"}} {n}\n",
-            CODES.get(code as usize).unwrap_or(&"Unknown")
-        ));
+        for (code, n) in CODES.iter().zip(counts).filter(|(_, n)| *n > 0) {
+            out.push_str(&format!(
+                "grpc_server_handled_total{{grpc_code=\"{code}\",grpc_method=\"{method}\",grpc_service=\"{svc}\",grpc_type=\"{kind}\"}} {n}\n"
+            ));
+        }
     }
     out
 }

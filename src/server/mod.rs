@@ -75,7 +75,7 @@ pub enum CoreMsg {
     },
     /// This core's RPC counts, for /metrics.
     Rpcs {
-        reply: futures::channel::oneshot::Sender<Vec<((String, u8), u64)>>,
+        reply: futures::channel::oneshot::Sender<Vec<(String, [u64; 17])>>,
     },
     /// The auth store changed: the core's copy.
     Auth(std::sync::Arc<crate::auth::AuthState>),
@@ -163,17 +163,22 @@ pub struct Core {
     pub watch: watch::Hub,
     /// This core itself, for tasks it spawns.
     pub me: std::rc::Weak<Core>,
-    /// RPCs completed here: (method path, gRPC code) → count.
-    pub rpcs: std::cell::RefCell<std::collections::BTreeMap<(String, u8), u64>>,
+    /// RPCs completed here: method path → count per gRPC code (only
+    /// known methods are counted, so it stays small).
+    pub rpcs: std::cell::RefCell<std::collections::HashMap<String, [u64; 17]>>,
 }
 
 impl Core {
     pub fn count_rpc(&self, path: &str, code: u8) {
+        let code = (code as usize).min(16);
         let mut m = self.rpcs.borrow_mut();
-        match m.get_mut(&(path.to_string(), code)) {
-            Some(n) => *n += 1,
+        // Looked up by &str: a String is made once per method, not per call.
+        match m.get_mut(path) {
+            Some(n) => n[code] += 1,
             None => {
-                m.insert((path.to_string(), code), 1);
+                let mut n = [0; 17];
+                n[code] = 1;
+                m.insert(path.to_string(), n);
             }
         }
     }
