@@ -354,11 +354,27 @@ struct Members {
     auth_waiters: HashMap<u64, futures::channel::oneshot::Sender<Result<(), Status>>>,
     token: String,
     strict: bool,
+    /// (enabled, revision) of the auth store the cores were last sent.
+    auth_sent: Option<(bool, u64)>,
     /// This member applied its own removal.
     removed_self: bool,
 }
 
 impl Members {
+    /// Sends every core a copy of the auth store if it changed since the
+    /// last one they got.
+    fn publish_auth(&mut self, router: &Router) {
+        let now = Some((self.m.auth.enabled, self.m.auth.revision));
+        if self.auth_sent == now {
+            return;
+        }
+        self.auth_sent = now;
+        let auth = std::sync::Arc::new(self.m.auth.clone());
+        for c in &router.cores {
+            c.send(CoreMsg::Auth(auth.clone()));
+        }
+    }
+
     fn save(&self) {
         if let Err(e) = self.m.store(&self.path) {
             fatal(&format!("cannot record the membership: {e}"));
@@ -547,6 +563,7 @@ pub async fn run_raft(
         auth_waiters: HashMap::new(),
         token: boot.cfg.initial_cluster_token.clone(),
         strict: boot.cfg.strict_reconfig_check,
+        auth_sent: None,
         removed_self: false,
     };
     let exit_on_removal = boot.exit_on_removal;
@@ -562,7 +579,7 @@ pub async fn run_raft(
     let mut reads: Vec<ReadReply> = Vec::new();
     let mut read_batches: HashMap<u64, Vec<ReadReply>> = HashMap::new();
     let mut checkpoints = vec![0u64; router.shards.len()];
-    let mut published = (0u64, 0u64, 0u64, false, 0u8, (false, u64::MAX));
+    let mut published = (0u64, 0u64, 0u64, false, 0u8);
     let mut msgs = Vec::with_capacity(256);
 
     // Ticks arrive as messages (`spawn_ticker`), so the loop sleeps only on
@@ -630,29 +647,29 @@ pub async fn run_raft(
                 }
                 RaftMsg::Auth { change, reply } => {
                     use crate::proto::keelson::raft_command::Cmd;
-                    let seq = next_id;
                     next_id += 1;
-                    match propose_own(&mut node, nonce, seq, Cmd::Auth(change)) {
-                        Ok(()) => {
-                            ms.auth_waiters.insert(seq, reply);
-                        }
-                        Err(st) => {
-                            let _ = reply.send(Err(st));
-                        }
-                    }
+                    let cmd = Cmd::Auth(change);
+                    propose_own(
+                        &mut node,
+                        nonce,
+                        next_id - 1,
+                        cmd,
+                        reply,
+                        &mut ms.auth_waiters,
+                    );
                 }
                 RaftMsg::Alarm { req, reply } => {
                     use crate::proto::keelson::raft_command::Cmd;
-                    let seq = next_id;
                     next_id += 1;
-                    match propose_own(&mut node, nonce, seq, Cmd::Alarm(req)) {
-                        Ok(()) => {
-                            ms.alarm_waiters.insert(seq, reply);
-                        }
-                        Err(st) => {
-                            let _ = reply.send(Err(st));
-                        }
-                    }
+                    let cmd = Cmd::Alarm(req);
+                    propose_own(
+                        &mut node,
+                        nonce,
+                        next_id - 1,
+                        cmd,
+                        reply,
+                        &mut ms.alarm_waiters,
+                    );
                 }
                 RaftMsg::ChangeMembers { change, reply } => {
                     let seq = next_id;
@@ -920,14 +937,10 @@ pub async fn run_raft(
             node.raft.raft_log.committed,
             ms.m.is_learner(me),
             alarm_mask(&ms.m),
-            (ms.m.auth.enabled, ms.m.auth.revision),
         );
-        if state.5 != published.5 {
-            let auth = std::sync::Arc::new(ms.m.auth.clone());
-            for c in &router.cores {
-                c.send(CoreMsg::Auth(auth.clone()));
-            }
-        }
+        // At start and after a snapshot (a change applied here was sent
+        // already, before its answer).
+        ms.publish_auth(&router);
         if state != published {
             published = state;
             for c in &router.cores {
@@ -1191,10 +1204,7 @@ fn hand_off(
                                 ms.m.conf_index = e.index;
                                 ms.save();
                                 // Every core's copy, before the answer.
-                                let auth = std::sync::Arc::new(ms.m.auth.clone());
-                                for c in &router.cores {
-                                    c.send(CoreMsg::Auth(auth.clone()));
-                                }
+                                ms.publish_auth(router);
                             }
                             r
                         } else {
@@ -1251,29 +1261,47 @@ fn hand_off(
 }
 
 /// Proposes one of the raft core's own commands (alarms, auth) with this
-/// process's context (nonce, `seq`), so it is answered here when applied.
-fn propose_own(
+/// process's context (nonce, `seq`); `reply` waits in `waiters` to be
+/// answered when it applies, or is answered now with why it could not go.
+fn propose_own<T>(
     node: &mut RawNode<MemStorage>,
     nonce: u64,
     seq: u64,
     cmd: crate::proto::keelson::raft_command::Cmd,
-) -> Result<(), Status> {
+    reply: futures::channel::oneshot::Sender<Result<T, Status>>,
+    waiters: &mut HashMap<u64, futures::channel::oneshot::Sender<Result<T, Status>>>,
+) {
     if node.raft.leader_id == raft::INVALID_ID {
-        return Err(error::no_leader());
+        let _ = reply.send(Err(error::no_leader()));
+        return;
     }
     let mut ctx = Vec::with_capacity(16);
     ctx.extend_from_slice(&nonce.to_le_bytes());
     ctx.extend_from_slice(&seq.to_le_bytes());
     let data = RaftCommand { cmd: Some(cmd) }.encode_to_vec();
-    node.propose(ctx, data)
-        .map_err(|e| Status::new(error::Code::Unavailable, format!("etcdserver: {e}")))
+    match node.propose(ctx, data) {
+        Ok(()) => {
+            waiters.insert(seq, reply);
+        }
+        Err(e) => {
+            let _ = reply.send(Err(Status::new(
+                error::Code::Unavailable,
+                format!("etcdserver: {e}"),
+            )));
+        }
+    }
 }
 
 /// etcd's alarm types as bits (NOSPACE 1, CORRUPT 2) of the alarms raised.
 pub fn alarm_mask(m: &Membership) -> u8 {
-    m.alarms.iter().fold(0u8, |acc, (_, kind)| {
-        acc | (1u8 << (*kind as u8).min(7) >> 1)
-    })
+    use crate::proto::etcdserverpb::AlarmType;
+    m.alarms
+        .iter()
+        .fold(0u8, |acc, (_, kind)| match AlarmType::try_from(*kind) {
+            Ok(AlarmType::Nospace) => acc | 1,
+            Ok(AlarmType::Corrupt) => acc | 2,
+            _ => acc,
+        })
 }
 
 /// Raises or clears an alarm (etcd's applyAlarm): returns what changed.
