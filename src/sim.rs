@@ -232,7 +232,7 @@ struct Node {
 struct Run {
     raft: Sender<RaftMsg>,
     applier: Receiver<ApplierMsg>,
-    _cores: Receiver<CoreMsg>,
+    cores: Receiver<CoreMsg>,
     /// Dropping it (with the run) cancels the member: a crash.
     _task: glommio::Task<()>,
     /// The model state machine, rebuilt from the log after a restart.
@@ -340,7 +340,7 @@ fn start(node: &mut Node, world: &Rc<World>) {
     node.run = Some(Run {
         raft: raft_tx,
         applier: applier_rx,
-        _cores: core_rx,
+        cores: core_rx,
         _task: task,
         applied: 0,
         kv: BTreeMap::new(),
@@ -835,7 +835,7 @@ async fn run_seed(seed: u64, steps: u64) {
         for n in sim.nodes.iter_mut() {
             if let Some(run) = n.run.as_mut() {
                 let mut last_view = None;
-                while let Some(m) = run._cores.try_recv() {
+                while let Some(m) = run.cores.try_recv() {
                     if let CoreMsg::Raft {
                         term,
                         leader,

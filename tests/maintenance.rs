@@ -223,6 +223,14 @@ async fn health_version_and_metrics_over_http() {
     c.put("after", "http", None).await.unwrap();
 }
 
+/// Runs the keelson binary with `args` (its CLI subcommands).
+fn keelson_cmd(args: &[&str]) -> std::process::Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_keelson"))
+        .args(args)
+        .output()
+        .unwrap()
+}
+
 /// `etcdctl snapshot save`, then `keelson snapshot restore` into a new
 /// data dir: the new member serves the same keys at the same revisions and
 /// goes on from there.
@@ -260,11 +268,7 @@ async fn a_saved_snapshot_restores_into_a_new_member() {
     assert!(ok, "{out}{err}");
     drop(c);
     drop(m);
-    let bin = env!("CARGO_BIN_EXE_keelson");
-    let st = std::process::Command::new(bin)
-        .args(["snapshot", "status", file.to_str().unwrap()])
-        .output()
-        .unwrap();
+    let st = keelson_cmd(&["snapshot", "status", file.to_str().unwrap()]);
     let text = String::from_utf8_lossy(&st.stdout);
     assert!(
         st.status.success() && text.contains(&format!("revision {last}")),
@@ -277,29 +281,23 @@ async fn a_saved_snapshot_restores_into_a_new_member() {
     bytes[mid] ^= 1;
     let bad = dir.path().join("bad.db");
     std::fs::write(&bad, &bytes).unwrap();
-    let st = std::process::Command::new(bin)
-        .args(["snapshot", "status", bad.to_str().unwrap()])
-        .output()
-        .unwrap();
+    let st = keelson_cmd(&["snapshot", "status", bad.to_str().unwrap()]);
     assert!(!st.status.success());
     assert!(String::from_utf8_lossy(&st.stderr).contains("sha256 mismatch"));
 
     let mut n = support::Member::new(&[]);
     let peer = n.peer_url();
-    let st = std::process::Command::new(bin)
-        .args([
-            "snapshot",
-            "restore",
-            file.to_str().unwrap(),
-            "--data-dir",
-            n.data().to_str().unwrap(),
-            "--initial-cluster",
-            &format!("default={peer}"),
-            "--initial-advertise-peer-urls",
-            &peer,
-        ])
-        .output()
-        .unwrap();
+    let st = keelson_cmd(&[
+        "snapshot",
+        "restore",
+        file.to_str().unwrap(),
+        "--data-dir",
+        n.data().to_str().unwrap(),
+        "--initial-cluster",
+        &format!("default={peer}"),
+        "--initial-advertise-peer-urls",
+        &peer,
+    ]);
     assert!(
         st.status.success(),
         "{}{}",
@@ -348,16 +346,13 @@ async fn a_saved_snapshot_restores_into_a_new_member() {
         .revision();
     assert!(next > last, "{next} after {last}");
     // Restoring over a data dir that exists is refused.
-    let st = std::process::Command::new(bin)
-        .args([
-            "snapshot",
-            "restore",
-            file.to_str().unwrap(),
-            "--data-dir",
-            n.data().to_str().unwrap(),
-        ])
-        .output()
-        .unwrap();
+    let st = keelson_cmd(&[
+        "snapshot",
+        "restore",
+        file.to_str().unwrap(),
+        "--data-dir",
+        n.data().to_str().unwrap(),
+    ]);
     assert!(!st.status.success());
     assert!(String::from_utf8_lossy(&st.stderr).contains("exists"));
 }
