@@ -13,7 +13,7 @@ fn key(i: usize) -> Vec<u8> {
 }
 
 /// An index with `KEYS` keys, each written `versions` times.
-fn filled(versions: usize) -> Index {
+fn filled(versions: usize) -> Index<Box<[u8]>> {
     let mut ix = Index::new();
     let mut rev = 1;
     for _ in 0..versions {

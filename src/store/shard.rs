@@ -106,7 +106,7 @@ pub struct Shard {
     pub id: usize,
     pub shards: usize,
     dir: PathBuf,
-    index: Index,
+    index: Index<Box<[u8]>>,
     seg: SegmentWriter,
     /// Highest Raft index this shard has applied (or was told is globally
     /// applied, which covers entries that did not touch it).
