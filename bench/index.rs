@@ -1,9 +1,11 @@
-//! Criterion benches for the in-memory MVCC index: put (new and existing
-//! keys), point reads at the latest and at an old revision, a 100-key range,
-//! and compaction. Run: `cargo bench --bench index`.
+//! Criterion benches for the in-memory MVCC index as the shard uses it (each
+//! version keeps where its value is, a `Loc`): put (new and existing keys),
+//! point reads at the latest and at an old revision, a 100-key range, and
+//! compaction. Run: `cargo bench --bench index`.
 
 use criterion::{black_box, criterion_group, criterion_main, BatchSize, Criterion, Throughput};
 use keelson::store::index::{End, Index};
+use keelson::store::segment::Loc;
 
 const KEYS: usize = 100_000;
 
@@ -13,12 +15,21 @@ fn key(i: usize) -> Vec<u8> {
 }
 
 /// An index with `KEYS` keys, each written `versions` times.
-fn filled(versions: usize) -> Index {
+/// Where a 256-byte value written at `rev` might be.
+fn loc(rev: i64) -> Loc {
+    Loc {
+        seg: 1 + (rev as u32 >> 18),
+        off: (rev as u32 & 0x3ffff) * 300,
+        len: 256,
+    }
+}
+
+fn filled(versions: usize) -> Index<Loc> {
     let mut ix = Index::new();
     let mut rev = 1;
     for _ in 0..versions {
         for i in 0..KEYS {
-            ix.put(&key(i), rev, vec![7u8; 256].into_boxed_slice(), 0);
+            ix.put(&key(i), rev, loc(rev), 0);
             rev += 1;
         }
     }
@@ -27,7 +38,6 @@ fn filled(versions: usize) -> Index {
 
 fn bench_index(c: &mut Criterion) {
     let keys: Vec<Vec<u8>> = (0..KEYS).map(key).collect();
-    let value = vec![7u8; 256];
 
     let mut g = c.benchmark_group("index");
     g.throughput(Throughput::Elements(1000));
@@ -36,7 +46,7 @@ fn bench_index(c: &mut Criterion) {
             Index::new,
             |ix| {
                 for (i, k) in keys.iter().take(1000).enumerate() {
-                    ix.put(k, i as i64 + 1, value.clone().into_boxed_slice(), 0);
+                    ix.put(k, i as i64 + 1, loc(i as i64 + 1), 0);
                 }
             },
             BatchSize::SmallInput,
@@ -50,7 +60,7 @@ fn bench_index(c: &mut Criterion) {
     g.bench_function("put_existing_key", |b| {
         b.iter(|| {
             i = (i + 7919) % KEYS;
-            ix.put(&keys[i], rev, value.clone().into_boxed_slice(), 0);
+            ix.put(&keys[i], rev, loc(rev), 0);
             rev += 1;
         })
     });

@@ -235,7 +235,7 @@ pub fn fetch_limit(r: &RangeRequest) -> i64 {
     }
 }
 
-pub fn passes_filters(r: &RangeRequest, v: &Version) -> bool {
+pub fn passes_filters<V>(r: &RangeRequest, v: &Version<V>) -> bool {
     !(r.max_mod_revision != 0 && v.mod_rev > r.max_mod_revision
         || r.min_mod_revision != 0 && v.mod_rev < r.min_mod_revision
         || r.max_create_revision != 0 && v.create_rev > r.max_create_revision

@@ -95,7 +95,7 @@ pub fn parse(b: &[u8]) -> Result<(Meta, Vec<(Vec<u8>, Version)>), String> {
     while !rest.is_empty() {
         match segment::decode_record(rest) {
             Decode::Record(k, v, n) => {
-                records.push((k, v));
+                records.push((k.to_vec(), v.map_value(Box::from)));
                 rest = &rest[n..];
             }
             Decode::Short => return Err("snapshot: a record is cut short".into()),

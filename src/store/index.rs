@@ -11,6 +11,12 @@
 //! the newest one, and drops that one too when it is a tombstone (etcd's
 //! `keyIndex.compact`). Reading at any revision >= `rev` is unchanged by it.
 //!
+//! The index does not hold values: a version keeps what stands for its
+//! value (`Version<V>`), and the shard's index keeps `segment::Loc`, where
+//! the bytes are in the shard's segment files (48 bytes per version, with
+//! the revisions). Snapshots, hashes and restore use the owned form,
+//! `Version` (= `Version<Box<[u8]>>`).
+//!
 //! *Invariant:* versions of a key are strictly increasing in `mod_rev`; the
 //! apply path never writes a key twice in one revision (etcd forbids a txn to
 //! touch a key twice), so one revision is one version.
@@ -20,8 +26,12 @@ use std::ops::Bound;
 
 pub type Rev = i64;
 
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Version {
+/// One version of a key. `V` is what stands for the value: the bytes
+/// themselves (`Box<[u8]>`, the default: snapshots, hashes, restore), a
+/// borrowed slice (records being encoded or parsed), or where the bytes
+/// are in the shard's segments (`segment::Loc`, what the index keeps).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Version<V = Box<[u8]>> {
     pub mod_rev: Rev,
     /// 0 for a tombstone.
     pub create_rev: Rev,
@@ -29,12 +39,38 @@ pub struct Version {
     pub version: i64,
     pub lease: i64,
     /// `None` marks a tombstone.
-    pub value: Option<Box<[u8]>>,
+    pub value: Option<V>,
 }
 
-impl Version {
+impl<V> Version<V> {
     pub fn is_tombstone(&self) -> bool {
         self.value.is_none()
+    }
+
+    /// The same version with its value turned into another form (a
+    /// tombstone stays a tombstone).
+    pub fn map_value<W, F: FnOnce(V) -> W>(self, f: F) -> Version<W> {
+        Version {
+            mod_rev: self.mod_rev,
+            create_rev: self.create_rev,
+            version: self.version,
+            lease: self.lease,
+            value: self.value.map(f),
+        }
+    }
+
+    /// The same version with its value borrowed as bytes.
+    pub fn as_bytes(&self) -> Version<&[u8]>
+    where
+        V: AsRef<[u8]>,
+    {
+        Version {
+            mod_rev: self.mod_rev,
+            create_rev: self.create_rev,
+            version: self.version,
+            lease: self.lease,
+            value: self.value.as_ref().map(|v| v.as_ref()),
+        }
     }
 }
 
@@ -67,13 +103,22 @@ impl<'a> End<'a> {
     }
 }
 
-#[derive(Default)]
-pub struct Index {
-    keys: BTreeMap<Box<[u8]>, Vec<Version>>,
+/// The index of one shard. `V` is what a version keeps of its value: the
+/// shard keeps `segment::Loc`, where the bytes are in its segment files.
+pub struct Index<V> {
+    keys: BTreeMap<Box<[u8]>, Vec<Version<V>>>,
 }
 
-impl Index {
-    pub fn new() -> Index {
+impl<V> Default for Index<V> {
+    fn default() -> Self {
+        Index {
+            keys: BTreeMap::new(),
+        }
+    }
+}
+
+impl<V> Index<V> {
+    pub fn new() -> Index<V> {
         Index::default()
     }
 
@@ -82,12 +127,12 @@ impl Index {
     }
 
     /// The newest version of `key` at or below `rev`, if it is live.
-    pub fn get(&self, key: &[u8], rev: Rev) -> Option<&Version> {
+    pub fn get(&self, key: &[u8], rev: Rev) -> Option<&Version<V>> {
         self.keys.get(key).and_then(|h| visible(h, rev))
     }
 
     /// The newest live version now (what a write in progress sees).
-    pub fn latest(&self, key: &[u8]) -> Option<&Version> {
+    pub fn latest(&self, key: &[u8]) -> Option<&Version<V>> {
         self.get(key, Rev::MAX)
     }
 
@@ -95,7 +140,7 @@ impl Index {
     /// until `f` returns false.
     pub fn range<F>(&self, key: &[u8], end: End<'_>, rev: Rev, mut f: F)
     where
-        F: FnMut(&[u8], &Version) -> bool,
+        F: FnMut(&[u8], &Version<V>) -> bool,
     {
         for (k, h) in self.histories(key, end) {
             if let Some(v) = visible(h, rev) {
@@ -108,7 +153,7 @@ impl Index {
 
     /// The histories of the keys in `[key, end)`, in key order (no
     /// allocation: reads of one key are the hot path).
-    fn histories<'a>(&'a self, key: &'a [u8], end: End<'a>) -> Histories<'a> {
+    fn histories<'a>(&'a self, key: &'a [u8], end: End<'a>) -> Histories<'a, V> {
         let upper: Bound<&[u8]> = match end {
             End::Single => return Histories::One(self.keys.get_key_value(key)),
             End::Unbounded => Bound::Unbounded,
@@ -119,7 +164,17 @@ impl Index {
     }
 
     /// Records a put of `key` at `rev` and returns the new version.
-    pub fn put(&mut self, key: &[u8], rev: Rev, value: Box<[u8]>, lease: i64) -> &Version {
+    pub fn put(&mut self, key: &[u8], rev: Rev, value: V, lease: i64) -> &Version<V> {
+        self.put_with(key, rev, lease, |_, _| value)
+    }
+
+    /// Records a put of `key` at `rev` whose value is made by `value` from
+    /// the new version's `(create_rev, version)`: the shard writes the
+    /// record there and keeps where it went, with one lookup of the key.
+    pub fn put_with<F>(&mut self, key: &[u8], rev: Rev, lease: i64, value: F) -> &Version<V>
+    where
+        F: FnOnce(Rev, i64) -> V,
+    {
         let hist = self.history_mut(key);
         let (create_rev, version) = match hist.last() {
             Some(v) if !v.is_tombstone() => (v.create_rev, v.version + 1),
@@ -131,19 +186,22 @@ impl Index {
             create_rev,
             version,
             lease,
-            value: Some(value),
+            value: Some(value(create_rev, version)),
         });
         hist.last().expect("just pushed")
     }
 
     /// Restores a version read back from a segment (recovery).
-    pub fn restore(&mut self, key: &[u8], v: Version) {
+    pub fn restore(&mut self, key: &[u8], v: Version<V>) {
         self.history_mut(key).push(v);
     }
 
-    fn history_mut(&mut self, key: &[u8]) -> &mut Vec<Version> {
+    fn history_mut(&mut self, key: &[u8]) -> &mut Vec<Version<V>> {
         // Look up by slice first: most puts hit an existing key and must
-        // not allocate a boxed key.
+        // not allocate a boxed key. A new key's history starts with room
+        // for one version (most keys never get a second); a plain `push`
+        // would reserve four (192 bytes of `Version<Loc>`). Growth after
+        // that is `Vec`'s doubling.
         if !self.keys.contains_key(key) {
             self.keys.insert(key.into(), Vec::with_capacity(1));
         }
@@ -185,7 +243,7 @@ impl Index {
     /// The version of `key` written at exactly `rev` and the live version
     /// before it (for a watch event's prev_kv), if `rev` is still in the
     /// index.
-    pub fn version_at(&self, key: &[u8], rev: Rev) -> Option<(&Version, Option<&Version>)> {
+    pub fn version_at(&self, key: &[u8], rev: Rev) -> Option<(&Version<V>, Option<&Version<V>>)> {
         let hist = self.keys.get(key)?;
         let i = hist.binary_search_by_key(&rev, |v| v.mod_rev).ok()?;
         let prev = i
@@ -200,7 +258,7 @@ impl Index {
     /// included); `prev` is the live version before it, if any.
     pub fn versions_since<F>(&self, key: &[u8], end: End<'_>, from: Rev, mut f: F)
     where
-        F: FnMut(&[u8], &Version, Option<&Version>),
+        F: FnMut(&[u8], &Version<V>, Option<&Version<V>>),
     {
         for (k, hist) in self.histories(key, end) {
             let i = hist.partition_point(|v| v.mod_rev < from);
@@ -216,7 +274,7 @@ impl Index {
 
     /// Calls `f` for every version of every key, in key order and, per
     /// key, oldest first (snapshots).
-    pub fn for_each<F: FnMut(&[u8], &Version)>(&self, mut f: F) {
+    pub fn for_each<F: FnMut(&[u8], &Version<V>)>(&self, mut f: F) {
         for (k, hist) in &self.keys {
             for v in hist {
                 f(k, v);
@@ -225,18 +283,20 @@ impl Index {
     }
 
     /// Every version of `key`, oldest first (tests and tools).
-    pub fn history(&self, key: &[u8]) -> &[Version] {
+    pub fn history(&self, key: &[u8]) -> &[Version<V>] {
         self.keys.get(key).map(|h| h.as_slice()).unwrap_or(&[])
     }
 }
 
-enum Histories<'a> {
-    One(Option<(&'a Box<[u8]>, &'a Vec<Version>)>),
-    Many(std::collections::btree_map::Range<'a, Box<[u8]>, Vec<Version>>),
+type History<V> = Vec<Version<V>>;
+
+enum Histories<'a, V> {
+    One(Option<(&'a Box<[u8]>, &'a History<V>)>),
+    Many(std::collections::btree_map::Range<'a, Box<[u8]>, History<V>>),
 }
 
-impl<'a> Iterator for Histories<'a> {
-    type Item = (&'a [u8], &'a Vec<Version>);
+impl<'a, V> Iterator for Histories<'a, V> {
+    type Item = (&'a [u8], &'a History<V>);
     fn next(&mut self) -> Option<Self::Item> {
         match self {
             Histories::One(o) => o.take().map(|(k, h)| (&k[..], h)),
@@ -245,7 +305,7 @@ impl<'a> Iterator for Histories<'a> {
     }
 }
 
-fn visible(hist: &[Version], rev: Rev) -> Option<&Version> {
+fn visible<V>(hist: &[Version<V>], rev: Rev) -> Option<&Version<V>> {
     let n = hist.partition_point(|v| v.mod_rev <= rev);
     if n == 0 {
         return None;
@@ -262,6 +322,10 @@ fn visible(hist: &[Version], rev: Rev) -> Option<&Version> {
 mod tests {
     use super::*;
 
+    /// The tests keep the bytes in the index: what it stores does not
+    /// change how it answers.
+    type Ix = Index<Box<[u8]>>;
+
     fn val(s: &str) -> Box<[u8]> {
         s.as_bytes().into()
     }
@@ -269,8 +333,8 @@ mod tests {
     /// The worked example from etcd's keyIndex comment: puts at 1, 2, a
     /// delete at 3 (generation 1), puts at 4, 5, a delete at 6 (generation 2),
     /// puts at 7, 8 (generation 3, open).
-    fn example() -> Index {
-        let mut ix = Index::new();
+    fn example() -> Ix {
+        let mut ix = Ix::new();
         ix.put(b"foo", 1, val("a"), 0);
         ix.put(b"foo", 2, val("b"), 0);
         assert!(ix.tombstone(b"foo", 3));
@@ -338,7 +402,7 @@ mod tests {
 
     #[test]
     fn compaction_removes_dead_keys() {
-        let mut ix = Index::new();
+        let mut ix = Ix::new();
         ix.put(b"a", 1, val("x"), 0);
         ix.tombstone(b"a", 2);
         ix.put(b"b", 3, val("y"), 0);
@@ -351,12 +415,12 @@ mod tests {
 
     #[test]
     fn ranges() {
-        let mut ix = Index::new();
+        let mut ix = Ix::new();
         for (i, k) in ["a", "b", "c", "d"].iter().enumerate() {
             ix.put(k.as_bytes(), i as Rev + 1, val(k), 0);
         }
         ix.tombstone(b"c", 5);
-        let collect = |ix: &Index, key: &[u8], end: End, rev: Rev| {
+        let collect = |ix: &Ix, key: &[u8], end: End, rev: Rev| {
             let mut out = Vec::new();
             ix.range(key, end, rev, |k, _| {
                 out.push(String::from_utf8(k.to_vec()).unwrap());
@@ -395,7 +459,7 @@ mod tests {
             seed
         };
         for _round in 0..50 {
-            let mut ix = Index::new();
+            let mut ix = Ix::new();
             // model: per rev, full map state
             let mut states: Vec<std::collections::BTreeMap<u8, (Rev, i64)>> =
                 vec![Default::default()];
@@ -427,5 +491,37 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// A key written once keeps a history of capacity 1 (not the 4 a first
+    /// `push` reserves); later versions grow it as `Vec` does.
+    #[test]
+    fn new_key_history_has_room_for_one() {
+        let mut ix = Ix::new();
+        ix.put(b"once", 1, val("a"), 0);
+        ix.restore(
+            b"restored",
+            Version {
+                mod_rev: 2,
+                create_rev: 2,
+                version: 1,
+                lease: 0,
+                value: Some(val("b")),
+            },
+        );
+        for key in [&b"once"[..], b"restored"] {
+            assert_eq!(ix.keys[key].capacity(), 1, "{key:?}");
+        }
+        ix.put(b"once", 3, val("c"), 0);
+        assert_eq!(ix.history(b"once").len(), 2);
+        assert!(ix.keys[&b"once"[..]].capacity() >= 2);
+    }
+
+    /// What the shard keeps per version: four i64 and where the value is.
+    /// Each byte here is a megabyte at a million versions.
+    #[test]
+    fn version_of_a_location_is_48_bytes() {
+        use crate::store::segment::Loc;
+        assert!(std::mem::size_of::<Version<Loc>>() <= 48);
     }
 }

@@ -1,6 +1,7 @@
-//! The shard store: an in-memory MVCC index per shard, backed by append-only
-//! segment files, plus a checkpoint recording how far the segments are
-//! durable.
+//! The shard store: an in-memory MVCC index per shard and append-only
+//! segment files that hold the values (the index keeps where each value
+//! is; reads go through a read-only mapping of the files), plus a
+//! checkpoint recording how far the segments are durable.
 //!
 //! *Architecture invariant:* the store never sees a Raft message, a socket or
 //! a gRPC frame; it is handed operations at a revision and answers with

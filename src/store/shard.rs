@@ -1,9 +1,14 @@
-//! One shard: its index, its open segment, its checkpoint, and the shard-side
+//! One shard: its index, its segments, its checkpoint, and the shard-side
 //! halves of every KV operation (each returns a partial result that
 //! `kv::merge_*` combines across shards).
+//!
+//! The index keeps, per version, where the value is in the segments
+//! (`segment::Loc`), not the bytes: every answer that carries a value
+//! (ranges, VALUE compares, prev_kv, watch events and history, snapshot
+//! dumps) reads them through `Segments::value`.
 
 use super::index::{End, Index, Version};
-use super::segment::{self, SegmentWriter};
+use super::segment::{self, Loc, Segments};
 use crate::error::{self, Status};
 use crate::kv::{CmpPartial, OpPartial, RangePartial};
 use crate::proto::etcdserverpb::{
@@ -106,8 +111,8 @@ pub struct Shard {
     pub id: usize,
     pub shards: usize,
     dir: PathBuf,
-    index: Index,
-    seg: SegmentWriter,
+    index: Index<Loc>,
+    segs: Segments,
     /// Highest Raft index this shard has applied (or was told is globally
     /// applied, which covers entries that did not touch it).
     pub applied: u64,
@@ -167,7 +172,7 @@ impl Shard {
             }
         }
         let ids = segment::list_segments(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
-        let mut index = Index::new();
+        let mut index: Index<Loc> = Index::new();
         let mut loaded = 0usize;
         for &sid in &ids {
             let path = segment::segment_path(&dir, sid);
@@ -181,9 +186,9 @@ impl Shard {
             } else {
                 None
             };
-            segment::read_segment(&path, limit, |k, v| {
+            segment::read_segment(&dir, sid, limit, |k, v| {
                 loaded += 1;
-                index.restore(&k, v)
+                index.restore(k, v)
             })?;
         }
         if ckpt.seg_id != 0 && !ids.contains(&ckpt.seg_id) {
@@ -201,8 +206,7 @@ impl Shard {
         } else {
             (ckpt.seg_id, ckpt.seg_offset)
         };
-        let seg = SegmentWriter::open(&dir, seg_id, offset)
-            .map_err(|e| format!("{}: {e}", dir.display()))?;
+        let segs = Segments::open(&dir, seg_id, offset, segment::SEGMENT_BYTES_MAX)?;
         if loaded > 0 {
             crate::info!(
                 "shard {id}: loaded {loaded} records, {} keys, checkpoint at index {}",
@@ -222,7 +226,7 @@ impl Shard {
             shards,
             dir,
             index,
-            seg,
+            segs,
             applied: ckpt.applied,
             compact_rev: ckpt.compact_rev,
             last_rev: ckpt.last_rev,
@@ -289,24 +293,30 @@ impl Shard {
     }
 
     fn delete_key(&mut self, key: &[u8], rev: i64) {
-        let prev = self.index.latest(key).cloned();
+        let prev = self.index.latest(key).copied();
         let old = prev.as_ref().map(|v| v.lease).unwrap_or(0);
         self.attach(key, old, 0);
         self.index.tombstone(key, rev);
         self.emit(key, rev, None, prev.as_ref());
-        let tomb = Version {
+        let tomb: Version<&[u8]> = Version {
             mod_rev: rev,
             create_rev: 0,
             version: 0,
             lease: 0,
             value: None,
         };
-        self.seg.append(key, &tomb);
+        self.segs.append(key, &tomb);
     }
 
     /// Hands a change to the cores watching `key` (nothing to do when no
     /// core watches this shard). `new` is `None` for a delete.
-    fn emit(&mut self, key: &[u8], rev: i64, new: Option<&Version>, prev: Option<&Version>) {
+    fn emit(
+        &mut self,
+        key: &[u8],
+        rev: i64,
+        new: Option<&Version<Loc>>,
+        prev: Option<&Version<Loc>>,
+    ) {
         if self.interests.is_empty() {
             return;
         }
@@ -316,11 +326,11 @@ impl Shard {
         }
         let sub = ((self.op_seq as u64) << 32) | self.key_seq as u64;
         self.key_seq += 1;
-        let ev = event(key, rev, sub, new, None);
+        let ev = event(&self.segs, key, rev, sub, new, None);
         for &(core, want_prev) in &self.match_buf {
             let mut e = ev.clone();
             if want_prev {
-                e.prev = prev.map(|p| to_kv(key, p, false));
+                e.prev = prev.map(|p| to_kv(&self.segs, key, p, false));
             }
             self.watch_out.push(core, e);
         }
@@ -352,7 +362,7 @@ impl Shard {
                 |k, v, p| {
                     let new = (!v.is_tombstone()).then_some(v);
                     let prev = if prev_kv { p } else { None };
-                    events.push(event(k, v.mod_rev, 0, new, prev));
+                    events.push(event(&self.segs, k, v.mod_rev, 0, new, prev));
                 },
             );
             events.sort_by_key(|e| e.rev);
@@ -387,7 +397,7 @@ impl Shard {
             if !crate::kv::passes_filters(r, v) {
                 return true;
             }
-            kvs.push(to_kv(k, v, r.keys_only));
+            kvs.push(to_kv(&self.segs, k, v, r.keys_only));
             true
         });
         Ok(RangePartial { kvs, count })
@@ -396,13 +406,16 @@ impl Shard {
     /// This shard's part of a Compare, against the latest state.
     pub fn compare(&self, c: &Compare) -> CmpPartial {
         let end = End::from_range_end(&c.range_end);
+        // Only a VALUE compare reads the values.
+        use crate::proto::etcdserverpb::compare::CompareTarget;
+        let keys_only = CompareTarget::try_from(c.target) != Ok(CompareTarget::Value);
         let mut p = CmpPartial {
             count: 0,
             all_ok: true,
         };
         self.index.range(&c.key, end, i64::MAX, |k, v| {
             p.count += 1;
-            if !crate::kv::compare_kv(c, &to_kv(k, v, false)) {
+            if !crate::kv::compare_kv(c, &to_kv(&self.segs, k, v, keys_only)) {
                 p.all_ok = false;
                 return false;
             }
@@ -431,13 +444,19 @@ impl Shard {
                     if !self.owns(&p.key) {
                         OpPartial::Put(None)
                     } else {
-                        let prev = self.index.latest(&p.key).cloned();
-                        let value: Box<[u8]> = if p.ignore_value {
-                            prev.as_ref()
-                                .and_then(|v| v.value.clone())
-                                .unwrap_or_default()
+                        let prev = self.index.latest(&p.key).copied();
+                        // An ignore_value put writes the previous value
+                        // again: copied out first, as appending may move
+                        // the buffer it is in.
+                        let kept: Vec<u8>;
+                        let value: &[u8] = if p.ignore_value {
+                            kept = prev
+                                .and_then(|v| v.value)
+                                .map(|l| self.segs.value(l).to_vec())
+                                .unwrap_or_default();
+                            &kept
                         } else {
-                            p.value.as_slice().into()
+                            &p.value
                         };
                         let lease = if p.ignore_lease {
                             prev.as_ref().map(|v| v.lease).unwrap_or(0)
@@ -446,15 +465,26 @@ impl Shard {
                         };
                         let old = prev.as_ref().map(|v| v.lease).unwrap_or(0);
                         self.attach(&p.key, old, lease);
-                        let v = self.index.put(&p.key, rev, value, lease).clone();
+                        let segs = &mut self.segs;
+                        let v = *self
+                            .index
+                            .put_with(&p.key, rev, lease, |create_rev, version| {
+                                let record = Version {
+                                    mod_rev: rev,
+                                    create_rev,
+                                    version,
+                                    lease,
+                                    value: Some(value),
+                                };
+                                segs.append(&p.key, &record)
+                            });
                         self.last_rev = rev;
-                        self.seg.append(&p.key, &v);
                         self.emit(&p.key, rev, Some(&v), prev.as_ref());
                         changed = true;
                         OpPartial::Put(Some(PutResponse {
                             header: None,
                             prev_kv: if p.prev_kv {
-                                prev.map(|v| to_kv(&p.key, &v, false))
+                                prev.map(|v| to_kv(&self.segs, &p.key, &v, false))
                             } else {
                                 None
                             },
@@ -463,16 +493,16 @@ impl Shard {
                 }
                 Some(request_op::Request::RequestDeleteRange(d)) => {
                     let end = End::from_range_end(&d.range_end);
-                    let mut victims: Vec<(Vec<u8>, Version)> = Vec::new();
+                    let mut victims: Vec<(Vec<u8>, Version<Loc>)> = Vec::new();
                     self.index.range(&d.key, end, i64::MAX, |k, v| {
-                        victims.push((k.to_vec(), v.clone()));
+                        victims.push((k.to_vec(), *v));
                         true
                     });
                     let mut prev_kvs = Vec::new();
                     for (k, v) in &victims {
                         self.delete_key(k, rev);
                         if d.prev_kv {
-                            prev_kvs.push(to_kv(k, v, false));
+                            prev_kvs.push(to_kv(&self.segs, k, v, false));
                         }
                     }
                     if !victims.is_empty() {
@@ -502,10 +532,12 @@ impl Shard {
         (out, changed)
     }
 
-    /// Appends every version this shard holds to a snapshot body.
+    /// Appends every version this shard holds to a snapshot body (records
+    /// as in the segments, values read back from them).
     pub fn dump(&self, out: &mut Vec<u8>) {
-        self.index
-            .for_each(|k, v| segment::encode_record(out, k, v));
+        self.index.for_each(|k, v| {
+            segment::encode_record(out, k, &v.map_value(|l| self.segs.value(l)));
+        });
     }
 
     /// Replaces everything this shard has with a snapshot's records for its
@@ -519,21 +551,20 @@ impl Shard {
         compact_rev: i64,
         leases: BTreeMap<i64, i64>,
     ) -> Result<(), String> {
-        let io = |e: std::io::Error| format!("{}: restoring a snapshot: {e}", self.dir.display());
-        for id in segment::list_segments(&self.dir).map_err(io)? {
-            fs::remove_file(segment::segment_path(&self.dir, id)).map_err(io)?;
-        }
+        // The index's locations point into the segments about to go.
+        self.index = Index::new();
+        self.segs
+            .remove_all()
+            .map_err(|e| format!("restoring a snapshot: {e}"))?;
         for i in list_checkpoints(&self.dir)? {
             let _ = fs::remove_file(self.dir.join(format!("checkpoint-{i:020}")));
         }
-        self.seg = SegmentWriter::open(&self.dir, 1, 0).map_err(io)?;
-        self.index = Index::new();
         self.lease_keys.clear();
         self.last_rev = 0;
         for (i, (k, v)) in records.into_iter().enumerate() {
             self.last_rev = self.last_rev.max(v.mod_rev);
-            self.seg.append(&k, &v);
-            self.index.restore(&k, v);
+            let loc = self.segs.append(&k, &v.as_bytes());
+            self.index.restore(&k, v.map_value(|_| loc));
             if i % 1024 == 1023 {
                 self.flush()?;
             }
@@ -572,7 +603,7 @@ impl Shard {
 
     /// Writes buffered segment records to the file (no fsync).
     pub fn flush(&mut self) -> Result<(), String> {
-        self.seg
+        self.segs
             .flush()
             .map_err(|e| format!("{}: segment write failed: {e}", self.dir.display()))
     }
@@ -584,7 +615,7 @@ impl Shard {
     pub fn checkpoint(&mut self, index: u64) -> Result<Checkpoint, String> {
         self.applied = self.applied.max(index);
         self.flush()?;
-        let (seg_id, seg_offset) = self.seg.position();
+        let (seg_id, seg_offset) = self.segs.position();
         let ck = Checkpoint {
             applied: index,
             compact_rev: self.compact_rev,
@@ -595,10 +626,7 @@ impl Shard {
         };
         let dir = self.dir.clone();
         let io = |e: std::io::Error| format!("{}: checkpoint failed: {e}", dir.display());
-        self.seg
-            .sync_handle()
-            .and_then(|f| f.sync_data())
-            .map_err(io)?;
+        self.segs.sync().map_err(io)?;
         let tmp = dir.join("checkpoint.tmp");
         let mut f = File::create(&tmp).map_err(io)?;
         f.write_all(&ck.encode()).map_err(io)?;
@@ -640,38 +668,40 @@ fn list_checkpoints(dir: &Path) -> Result<Vec<u64>, String> {
 /// A watch event for a change of `key` at `rev` (`new` is `None` for a
 /// delete, which carries only the key and revision, as on etcd).
 fn event(
+    segs: &Segments,
     key: &[u8],
     rev: i64,
     sub: u64,
-    new: Option<&Version>,
-    prev: Option<&Version>,
+    new: Option<&Version<Loc>>,
+    prev: Option<&Version<Loc>>,
 ) -> ShardEvent {
     ShardEvent {
         rev,
         sub,
         delete: new.is_none(),
         kv: match new {
-            Some(v) => to_kv(key, v, false),
+            Some(v) => to_kv(segs, key, v, false),
             None => KeyValue {
                 key: key.to_vec(),
                 mod_revision: rev,
                 ..Default::default()
             },
         },
-        prev: prev.map(|p| to_kv(key, p, false)),
+        prev: prev.map(|p| to_kv(segs, key, p, false)),
     }
 }
 
-pub fn to_kv(key: &[u8], v: &Version, keys_only: bool) -> KeyValue {
+/// `key` at version `v` as etcd's KeyValue, its value read from `segs`
+/// unless `keys_only`.
+pub fn to_kv(segs: &Segments, key: &[u8], v: &Version<Loc>, keys_only: bool) -> KeyValue {
     KeyValue {
         key: key.to_vec(),
         create_revision: v.create_rev,
         mod_revision: v.mod_rev,
         version: v.version,
-        value: if keys_only {
-            Vec::new()
-        } else {
-            v.value.as_deref().unwrap_or(&[]).to_vec()
+        value: match v.value {
+            Some(loc) if !keys_only => segs.value(loc).to_vec(),
+            _ => Vec::new(),
         },
         lease: v.lease,
     }
