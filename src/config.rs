@@ -51,6 +51,12 @@ pub struct Config {
     pub watch_progress_notify_interval: Duration,
 }
 
+/// The largest `--max-request-bytes` keelson accepts: a value is one record
+/// of a segment file, and records stay well under
+/// `store::segment::RECORD_BYTES_MAX` (etcd takes any size and warns above
+/// 10 MiB).
+pub const MAX_REQUEST_BYTES_LIMIT: u64 = 128 * 1024 * 1024;
+
 /// gRPC adds this much room above `--max-request-bytes` before the transport
 /// itself refuses a message, as etcd does (grpcOverheadBytes).
 pub const GRPC_OVERHEAD_BYTES: usize = 512 * 1024;
@@ -207,6 +213,12 @@ where
             "--election-timeout[{election_ms}ms] should be at least as 5 times as --heartbeat-interval[{heartbeat_ms}ms]"
         ));
     }
+    let max_request_bytes = num("max-request-bytes", 1_572_864)?;
+    if max_request_bytes > MAX_REQUEST_BYTES_LIMIT {
+        return Err(format!(
+            "--max-request-bytes[{max_request_bytes}] must be at most {MAX_REQUEST_BYTES_LIMIT} on keelson (one value is one record of a segment file)"
+        ));
+    }
     let cores = match num("cores", 0)? {
         0 => std::thread::available_parallelism()
             .map(|n| n.get())
@@ -269,7 +281,7 @@ where
         initial_cluster_state,
         initial_cluster_token: lookup("initial-cluster-token")
             .unwrap_or_else(|| "etcd-cluster".into()),
-        max_request_bytes: num("max-request-bytes", 1_572_864)? as usize,
+        max_request_bytes: max_request_bytes as usize,
         quota_backend_bytes: num("quota-backend-bytes", 0)?,
         snapshot_count: num("snapshot-count", 100_000)?,
         snapshot_catchup_entries: num("experimental-snapshot-catchup-entries", 5000)?.max(1),
@@ -455,6 +467,18 @@ mod tests {
         assert_eq!(c.data_dir, PathBuf::from("/tmp/x"));
         assert_eq!(c.max_request_bytes, 10);
         assert_eq!(c.snapshot_count, 7);
+    }
+
+    #[test]
+    fn max_request_bytes_is_bounded() {
+        let limit = MAX_REQUEST_BYTES_LIMIT.to_string();
+        assert!(p(&["--max-request-bytes", &limit], &[]).is_ok());
+        let over = (MAX_REQUEST_BYTES_LIMIT + 1).to_string();
+        let e = p(&["--max-request-bytes", &over], &[]).unwrap_err();
+        assert!(e.contains("--max-request-bytes"), "{e}");
+        const _: () = assert!(
+            (MAX_REQUEST_BYTES_LIMIT as usize) <= crate::store::segment::RECORD_BYTES_MAX / 2
+        );
     }
 
     #[test]
