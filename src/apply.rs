@@ -392,7 +392,7 @@ pub async fn run_shard(mut shard: Shard, rx: Receiver<ShardMsg>, router: Arc<Rou
             }
             send_watch_events(&mut shard, &router);
         }
-        if let Err(e) = shard.flush() {
+        if let Err(e) = shard.flush_if_full() {
             crate::error!("shard {}: {e}; stopping", shard.id);
             std::process::exit(1);
         }

@@ -419,6 +419,16 @@ impl Segments {
         Ok(())
     }
 
+    /// Bytes appended and not written to the files yet.
+    pub fn buffered(&self) -> usize {
+        self.segs
+            .iter()
+            .rev()
+            .take_while(|s| !s.sealed)
+            .map(|s| s.buf.len())
+            .sum()
+    }
+
     /// Flushes, then fsyncs the tail (sealed segments were fsynced when
     /// sealed): everything appended so far is durable.
     pub fn sync(&mut self) -> io::Result<()> {

@@ -107,6 +107,11 @@ impl Checkpoint {
     }
 }
 
+/// How many bytes of appended records a shard keeps before it writes them
+/// to its segment file (the WAL, not the segments, is what makes a write
+/// durable; segments are synced at checkpoints).
+const FLUSH_BYTES: usize = 256 * 1024;
+
 pub struct Shard {
     pub id: usize,
     pub shards: usize,
@@ -585,13 +590,15 @@ impl Shard {
     }
 
     /// Bytes of segment files on disk (what Status reports as dbSize).
+    /// (Records still buffered count: they are on their way to the files.)
     pub fn disk_bytes(&self) -> u64 {
-        segment::list_segments(&self.dir)
+        let files: u64 = segment::list_segments(&self.dir)
             .unwrap_or_default()
             .iter()
             .filter_map(|id| fs::metadata(segment::segment_path(&self.dir, *id)).ok())
             .map(|m| m.len())
-            .sum()
+            .sum();
+        files + self.segs.buffered() as u64
     }
 
     pub fn compact(&mut self, rev: i64) {
@@ -602,6 +609,16 @@ impl Shard {
     }
 
     /// Writes buffered segment records to the file (no fsync).
+    /// Flushes once `FLUSH_BYTES` are buffered: the apply path calls this
+    /// after every batch, so one write carries many batches' records (a
+    /// value is read from the buffer until then).
+    pub fn flush_if_full(&mut self) -> Result<(), String> {
+        if self.segs.buffered() >= FLUSH_BYTES {
+            self.flush()?;
+        }
+        Ok(())
+    }
+
     pub fn flush(&mut self) -> Result<(), String> {
         self.segs
             .flush()
