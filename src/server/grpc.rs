@@ -47,16 +47,36 @@ pub async fn serve_conn(
         }
         return serve_h2(s, core, peer).await;
     }
-    // etcd serves HTTP/1 (/metrics, /health, /version) on the client port
-    // too; an HTTP/2 connection starts with "PRI".
-    let mut first = [0u8; 1];
-    if let Ok(1) = stream.peek(&mut first).await {
-        if first[0] == b'G' || first[0] == b'H' {
-            return super::http::serve(stream, core, true).await;
-        }
+    // etcd serves HTTP/1 (/metrics, /health, /version, the JSON gateway)
+    // on the client port too; an HTTP/2 connection starts with "PRI".
+    if is_http1(&stream).await {
+        return super::http::serve(stream, core, true).await;
     }
     let peer = stream.peer_addr().ok();
     serve_h2(stream, core, peer).await
+}
+
+/// Whether a plain connection speaks HTTP/1: its first bytes are a method
+/// name (GET, POST, ...) rather than HTTP/2's preface "PRI * HTTP/2.0".
+/// "P" alone decides nothing, so up to two bytes are peeked; a client that
+/// sends one byte and stalls is given `PEEK_WAIT_MAX`.
+async fn is_http1(stream: &glommio::net::TcpStream) -> bool {
+    const PEEK_WAIT_MAX: std::time::Duration = std::time::Duration::from_secs(5);
+    let start = std::time::Instant::now();
+    let mut first = [0u8; 2];
+    loop {
+        match stream.peek(&mut first).await {
+            Ok(0) | Err(_) => return false,
+            Ok(1) if first[0] == b'P' => {
+                if start.elapsed() > PEEK_WAIT_MAX {
+                    return false;
+                }
+                glommio::timer::sleep(std::time::Duration::from_millis(1)).await;
+            }
+            Ok(_) if first[0] == b'P' => return first[1] != b'R',
+            Ok(_) => return first[0].is_ascii_uppercase(),
+        }
+    }
 }
 
 /// One HTTP/2 connection (plain or TLS) until it ends.
