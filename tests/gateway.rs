@@ -4,7 +4,8 @@
 //! integers as strings, bytes as base64, defaults left out), the HTTP
 //! status and error body of each kind of failure, auth tokens in the
 //! `Authorization` header, and the HTTP handling itself (keep-alive,
-//! pipelining, chunked bodies, `Expect: 100-continue`, size limit). Also
+//! pipelining, chunked bodies, `Expect: 100-continue`, size limit) and the
+//! streams (watch, lease keep-alive) as chunked `{"result":...}` lines. Also
 //! run against etcd 3.4 with `KEELSON_TEST_SERVER=etcd cargo test --test
 //! gateway`: revisions differ between the two by design (keelson's are
 //! Raft indexes), so they are compared by relation, never by value; error
@@ -603,4 +604,127 @@ fn http_framing_keep_alive_chunked_and_limits() {
         g.send(b"POST /v3/kv/put HTTP/1.1\r\nHost: x\r\nContent-Length: 999999999\r\n\r\n");
         assert_error(&g.read(), 429, 8, None);
     }
+}
+
+impl Conn {
+    /// Sends a streaming request and reads the head of its chunked answer.
+    fn open_stream(&mut self, path: &str, body: &str) -> Resp {
+        self.send(
+            format!(
+                "POST {path} HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\n\r\n{body}",
+                body.len()
+            )
+            .as_bytes(),
+        );
+        let status_line = self.line();
+        let status = status_line.split(' ').nth(1).unwrap().parse().unwrap();
+        let mut headers = Vec::new();
+        loop {
+            let l = self.line();
+            if l.is_empty() {
+                break;
+            }
+            let (n, v) = l.split_once(':').unwrap();
+            headers.push((n.trim().to_string(), v.trim().to_string()));
+        }
+        Resp {
+            status,
+            headers,
+            body: Vec::new(),
+        }
+    }
+    /// The next chunk of a stream, as JSON (`None` at its end).
+    fn next_line(&mut self) -> Option<Value> {
+        let size = usize::from_str_radix(&self.line(), 16).unwrap();
+        if size == 0 {
+            assert_eq!(self.line(), "");
+            return None;
+        }
+        let mut chunk = vec![0; size + 2];
+        self.r.read_exact(&mut chunk).unwrap();
+        assert_eq!(&chunk[size - 1..], b"\n\r\n", "one JSON line per chunk");
+        Some(serde_json::from_slice(&chunk[..size]).unwrap())
+    }
+}
+
+#[test]
+fn watch_streams_result_lines() {
+    let m = started();
+    let mut w = Conn::new(&m);
+    let head = w.open_stream(
+        "/v3/watch",
+        r#"{"create_request":{"key":"dw==","range_end":"eA==","prev_kv":true}}"#,
+    );
+    assert_eq!(head.status, 200);
+    assert_eq!(head.header("transfer-encoding"), Some("chunked"));
+    assert_eq!(head.header("content-type"), Some("application/json"));
+    let created = w.next_line().unwrap();
+    assert_eq!(created["result"]["created"], json!(true), "{created}");
+    // watch_id 0 is left out, like every default.
+    assert!(created["result"].get("watch_id").is_none(), "{created}");
+
+    let mut c = Conn::new(&m);
+    let p1 = rev(&c
+        .post("/v3/kv/put", &json!({"key": "dzE=", "value": "YQ=="}))
+        .json());
+    let p2 = rev(&c
+        .post("/v3/kv/put", &json!({"key": "dzE=", "value": "Yg=="}))
+        .json());
+    let p3 = rev(&c.post("/v3/kv/deleterange", &json!({"key": "dzE="})).json());
+    let mut events = Vec::new();
+    while events.len() < 3 {
+        let line = w.next_line().unwrap();
+        let r = &line["result"];
+        for e in r["events"].as_array().unwrap() {
+            events.push(e.clone());
+        }
+    }
+    assert_eq!(
+        events[0],
+        json!({"kv": {"key": "dzE=", "create_revision": p1.to_string(),
+                      "mod_revision": p1.to_string(), "version": "1", "value": "YQ=="}})
+    );
+    assert_eq!(events[1]["kv"]["value"], json!("Yg=="));
+    assert_eq!(events[1]["prev_kv"]["value"], json!("YQ=="));
+    assert_eq!(int(&events[1]["kv"]["mod_revision"]) as i64, p2);
+    assert_eq!(events[2]["type"], json!("DELETE"));
+    assert_eq!(int(&events[2]["kv"]["mod_revision"]) as i64, p3);
+    assert_eq!(events[2]["prev_kv"]["value"], json!("Yg=="));
+
+    // A body that is not JSON: refused before the stream starts.
+    let bad = c.post_with("/v3/watch", "xx", "");
+    assert_error(&bad, 500, 2, None);
+    // The watcher's connection closed: the server goes on serving.
+    drop(w);
+    assert_eq!(c.post("/v3/kv/range", &json!({"key": "dzE="})).status, 200);
+}
+
+#[test]
+fn lease_keep_alive_streams_one_line_per_request() {
+    let m = started();
+    let mut c = Conn::new(&m);
+    let id = c.post("/v3/lease/grant", &json!({"TTL": 60})).json()["ID"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    // Two requests in the body: two answers, then the stream ends (the
+    // body's end is the client's half-close) and the connection is reused.
+    let head = c.open_stream(
+        "/v3/lease/keepalive",
+        &format!(r#"{{"ID":"{id}"}} {{"ID":{id}}}"#),
+    );
+    assert_eq!(head.status, 200);
+    for _ in 0..2 {
+        let r = c.next_line().unwrap();
+        assert_eq!(r["result"]["ID"], json!(id), "{r}");
+        assert_eq!(r["result"]["TTL"], json!("60"), "{r}");
+    }
+    assert!(c.next_line().is_none());
+    // An unknown lease: TTL 0, left out.
+    c.open_stream("/v3/lease/keepalive", r#"{"ID":"5"}"#);
+    let r = c.next_line().unwrap();
+    assert_eq!(r["result"]["ID"], json!("5"));
+    assert!(r["result"].get("TTL").is_none(), "{r}");
+    assert!(c.next_line().is_none());
+    assert_eq!(c.post("/v3/lease/leases", &json!({})).status, 200);
 }

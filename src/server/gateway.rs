@@ -23,7 +23,7 @@
 //! not HTTP framing (that is `http.rs`) nor any method's semantics: every
 //! call goes through `api::call`, so the gateway cannot drift from gRPC.
 
-use super::api::{self, Method};
+use super::api::{self, Method, StreamMethod};
 use super::Core;
 use crate::config::GRPC_OVERHEAD_BYTES;
 use crate::error::{Code, Status};
@@ -38,8 +38,9 @@ use serde::{Deserialize, Serialize};
 pub enum Route {
     /// A unary method, by its gRPC path (`/etcdserverpb.KV/Range`).
     Unary(&'static str, Method),
-    /// A streaming method etcd's gateway serves and keelson's does not yet.
-    Stream(&'static str, &'static str),
+    /// A streaming method, by its gRPC path: the request body holds its
+    /// requests, the answer is a chunked stream of `{"result": ...}` lines.
+    Stream(&'static str, StreamMethod),
 }
 
 /// etcd 3.4's gateway routes (the `google.api.http` options of its
@@ -114,16 +115,12 @@ const ROUTES: &[(&str, &str)] = &[
     ("election/resign", "/v3electionpb.Election/Resign"),
 ];
 
-/// etcd's streaming routes: (route, gRPC service, method).
-const STREAM_ROUTES: &[(&str, &str, &str)] = &[
-    ("watch", "etcdserverpb.Watch", "Watch"),
-    ("lease/keepalive", "etcdserverpb.Lease", "LeaseKeepAlive"),
-    (
-        "maintenance/snapshot",
-        "etcdserverpb.Maintenance",
-        "Snapshot",
-    ),
-    ("election/observe", "v3electionpb.Election", "Observe"),
+/// etcd's streaming routes → gRPC path.
+const STREAM_ROUTES: &[(&str, &str)] = &[
+    ("watch", "/etcdserverpb.Watch/Watch"),
+    ("lease/keepalive", "/etcdserverpb.Lease/LeaseKeepAlive"),
+    ("maintenance/snapshot", "/etcdserverpb.Maintenance/Snapshot"),
+    ("election/observe", "/v3electionpb.Election/Observe"),
 ];
 
 /// The gateway's prefixes in etcd 3.4 (`/v3alpha/` is gone).
@@ -140,10 +137,96 @@ pub fn route(path: &str) -> Option<Route> {
         let m = api::lookup(grpc).expect("every gateway route names a known method");
         return Some(Route::Unary(grpc, m));
     }
-    STREAM_ROUTES
-        .iter()
-        .find(|(r, _, _)| *r == rest)
-        .map(|(_, svc, m)| Route::Stream(svc, m))
+    let (_, grpc) = STREAM_ROUTES.iter().find(|(r, _)| *r == rest)?;
+    let m = api::lookup_stream(grpc).expect("every gateway stream names a known method");
+    Some(Route::Stream(grpc, m))
+}
+
+/// The requests in a stream's body: a sequence of JSON values, each a
+/// request, as grpc-gateway reads them. A body whose first value is bad is
+/// refused with Unknown (500: grpc-gateway reports a stream's decoding
+/// error without a code); after a good one, decoding stops at the first bad
+/// value and the stream half-closes there, as etcd's does.
+pub fn stream_requests(m: StreamMethod, json: &[u8]) -> Result<Vec<bytes::Bytes>, Status> {
+    let one = |v: serde_json::Value| -> Result<Vec<u8>, Status> {
+        let bad = |e: serde_json::Error| Status::new(Code::InvalidArgument, e.to_string());
+        let mut v = v;
+        drop_nulls(&mut v);
+        Ok(match m {
+            StreamMethod::Watch => WatchRequest::deserialize(v).map_err(bad)?.encode_to_vec(),
+            StreamMethod::LeaseKeepAlive => LeaseKeepAliveRequest::deserialize(v)
+                .map_err(bad)?
+                .encode_to_vec(),
+            StreamMethod::Snapshot => SnapshotRequest::deserialize(v)
+                .map_err(bad)?
+                .encode_to_vec(),
+            StreamMethod::Observe => v3electionpb::LeaderRequest::deserialize(v)
+                .map_err(bad)?
+                .encode_to_vec(),
+        })
+    };
+    let mut out = Vec::new();
+    let values = serde_json::Deserializer::from_slice(json).into_iter::<serde_json::Value>();
+    for v in values {
+        let pb = v
+            .map_err(|e| Status::new(Code::InvalidArgument, e.to_string()))
+            .and_then(one);
+        match pb {
+            Ok(pb) => out.push(pb.into()),
+            Err(st) if out.is_empty() => return Err(Status::new(Code::Unknown, st.message)),
+            Err(_) => break,
+        }
+    }
+    Ok(out)
+}
+
+/// One response of a stream as the line grpc-gateway writes:
+/// `{"result":{...}}` and a newline.
+pub fn stream_result(m: StreamMethod, pb: &[u8]) -> Vec<u8> {
+    let json = match m {
+        StreamMethod::Watch => encode_json::<WatchResponse>(pb),
+        StreamMethod::LeaseKeepAlive => encode_json::<LeaseKeepAliveResponse>(pb),
+        StreamMethod::Snapshot => encode_json::<SnapshotResponse>(pb),
+        StreamMethod::Observe => encode_json::<v3electionpb::LeaderResponse>(pb),
+    };
+    match json {
+        Ok(j) => {
+            let mut out = Vec::with_capacity(j.len() + 12);
+            out.extend_from_slice(b"{\"result\":");
+            out.extend_from_slice(&j);
+            out.extend_from_slice(b"}\n");
+            out
+        }
+        Err(st) => stream_error(&st),
+    }
+}
+
+/// The line that ends a stream with an error, as grpc-gateway v1 writes it.
+pub fn stream_error(st: &Status) -> Vec<u8> {
+    #[derive(Serialize)]
+    struct Inner<'a> {
+        grpc_code: u8,
+        http_code: u16,
+        message: &'a str,
+        http_status: &'a str,
+    }
+    #[derive(Serialize)]
+    struct Line<'a> {
+        error: Inner<'a>,
+    }
+    let status = http_status(st.code);
+    let (code, text) = status.split_once(' ').unwrap_or(("500", status));
+    let mut out = serde_json::to_vec(&Line {
+        error: Inner {
+            grpc_code: st.code as u8,
+            http_code: code.parse().unwrap_or(500),
+            message: &st.message,
+            http_status: text,
+        },
+    })
+    .expect("a struct of strings serializes");
+    out.push(b'\n');
+    out
 }
 
 /// A gateway answer: HTTP status line text and JSON body.
@@ -476,7 +559,13 @@ mod tests {
         assert_eq!(route("/v3/maintenance/hashkv"), None);
         assert_eq!(route("/v3/auth/status"), None);
         assert_eq!(route("/v3alpha/kv/range"), None);
-        assert!(matches!(route("/v3/watch"), Some(Route::Stream(..))));
+        assert_eq!(
+            route("/v3/watch"),
+            Some(Route::Stream(
+                "/etcdserverpb.Watch/Watch",
+                StreamMethod::Watch
+            ))
+        );
         for (r, _) in ROUTES {
             assert!(matches!(route(&format!("/v3/{r}")), Some(Route::Unary(..))));
         }

@@ -14,8 +14,11 @@
 //! (`REQUEST_TIMEOUT`). A request that breaks a limit or HTTP's grammar
 //! gets an error answer and the connection is closed.
 
+use super::api::{self, StreamMethod};
 use super::gateway::{self, Route};
+use super::grpc::{Metadata, MsgSink, MsgStream};
 use super::{Core, CoreMsg};
+use bytes::Bytes;
 use futures::io::{AsyncReadExt, AsyncWriteExt};
 use std::rc::Rc;
 use std::time::{Duration, Instant};
@@ -357,9 +360,17 @@ where
         };
         let a = if client_port && gateway::is_gateway_path(&req.path) {
             match serve_gateway(&mut stream, &mut buf, &req, &core, body_max).await {
-                Some(a) => a,
+                Gw::Answer(a) => a,
+                Gw::Stream(path, m) => {
+                    let more =
+                        serve_stream(&mut stream, &mut buf, &req, &core, path, m, body_max).await;
+                    if !more || !req.keep_alive {
+                        return;
+                    }
+                    continue;
+                }
                 // The client went away during a call that waits.
-                None => return,
+                Gw::Gone => return,
             }
         } else {
             plain(&req, &core, client_port).await
@@ -408,16 +419,24 @@ async fn plain(req: &Request, core: &Core, client_port: bool) -> Answer {
     }
 }
 
-/// A request under /v3/ or /v3beta/. `None` if the client went away while
-/// a call that may wait (Lock, Campaign) ran; the call is dropped then, as
-/// on a reset gRPC stream.
+/// What to do with a gateway request.
+enum Gw {
+    Answer(Answer),
+    /// A streaming method: `serve_stream`.
+    Stream(&'static str, StreamMethod),
+    /// The client went away while a call that may wait (Lock, Campaign)
+    /// ran; the call was dropped, as on a reset gRPC stream.
+    Gone,
+}
+
+/// A request under /v3/ or /v3beta/.
 async fn serve_gateway<S>(
     stream: &mut S,
     buf: &mut Vec<u8>,
     req: &Request,
     core: &Core,
     body_max: usize,
-) -> Option<Answer>
+) -> Gw
 where
     S: futures::io::AsyncRead + Unpin,
 {
@@ -429,7 +448,7 @@ where
     };
     if req.method == "OPTIONS" {
         // A CORS preflight: etcd answers it before routing.
-        return Some(Answer {
+        return Gw::Answer(Answer {
             status: "200 OK",
             content_type: "",
             extra: CORS,
@@ -437,13 +456,13 @@ where
         });
     }
     let Some(route) = gateway::route(&req.path) else {
-        return Some(text("404 Not Found", "Not Found\n"));
+        return Gw::Answer(text("404 Not Found", "Not Found\n"));
     };
     if req.method != "POST" {
-        return Some(text("405 Method Not Allowed", "Method Not Allowed\n"));
+        return Gw::Answer(text("405 Method Not Allowed", "Method Not Allowed\n"));
     }
     let reply = match route {
-        Route::Stream(svc, m) => gateway::error_reply(&crate::error::unimplemented(svc, m)),
+        Route::Stream(path, m) => return Gw::Stream(path, m),
         Route::Unary(path, m) if !m.may_wait() => {
             gateway::call(path, m, &req.body, req.token.as_deref(), core).await
         }
@@ -468,12 +487,12 @@ where
                     Some(Err(Some(n))) if buf.len() + n <= body_max => {
                         buf.extend_from_slice(&chunk[..n])
                     }
-                    _ => return None,
+                    _ => return Gw::Gone,
                 }
             }
         }
     };
-    Some(Answer {
+    Gw::Answer(Answer {
         status: reply.status,
         content_type: "application/json",
         extra: if reply.ok {
@@ -488,6 +507,133 @@ where
         },
         body: reply.body,
     })
+}
+
+/// Responses a gateway stream may have built and not yet written.
+const STREAM_QUEUE_DEPTH: usize = 16;
+
+/// A streaming method over HTTP/1 as grpc-gateway serves it: the body's
+/// JSON values are the requests (then a half-close), the answer is chunked,
+/// one `{"result":{...}}` line per response, and an error ends it with an
+/// `{"error":{...}}` line. The stream lasts until the handler ends it or
+/// the client closes the connection (seen by reading it meanwhile).
+/// Returns whether the connection may serve another request.
+async fn serve_stream<S>(
+    stream: &mut S,
+    buf: &mut Vec<u8>,
+    req: &Request,
+    core: &Core,
+    path: &'static str,
+    m: StreamMethod,
+    body_max: usize,
+) -> bool
+where
+    S: futures::io::AsyncRead + futures::io::AsyncWrite + Unpin,
+{
+    use futures::StreamExt;
+    let refuse = |st: &crate::error::Status| {
+        let r = gateway::error_reply(st);
+        Answer {
+            status: r.status,
+            content_type: "application/json",
+            extra: CORS,
+            body: r.body,
+        }
+    };
+    let msgs = match gateway::stream_requests(m, &req.body) {
+        Ok(msgs) => msgs,
+        Err(st) => return write_answer(stream, &refuse(&st), false, req.keep_alive).await,
+    };
+    let user = match super::auth::authorize_stream(core, m, req.token.as_deref()) {
+        Ok(u) => u,
+        Err(st) => return write_answer(stream, &refuse(&st), false, req.keep_alive).await,
+    };
+    let head = format!(
+        "HTTP/1.1 200 OK\r\n{CORS}Content-Type: application/json\r\nGrpc-Metadata-Content-Type: application/grpc\r\nTransfer-Encoding: chunked\r\n{}\r\n",
+        if req.keep_alive { "" } else { "Connection: close\r\n" }
+    );
+    if stream.write_all(head.as_bytes()).await.is_err() || stream.flush().await.is_err() {
+        return false;
+    }
+    let (closed_tx, closed_rx) = futures::channel::oneshot::channel::<()>();
+    let (mut sink, mut rx) = MsgSink::queued(STREAM_QUEUE_DEPTH, closed_rx);
+    let input = MsgStream::queued(msgs);
+    let meta = Metadata {
+        require_leader: false,
+        user,
+    };
+    let (mut rd, mut wr) = futures::io::AsyncReadExt::split(&mut *stream);
+    let mut pipelined = Vec::new();
+    let (end, written) = {
+        let handler = async move {
+            let end = api::call_stream(m, input, &mut sink, meta, core).await;
+            core.count_rpc(path, end.as_ref().err().map(|s| s.code as u8).unwrap_or(0));
+            // Dropping the sink ends the writer below.
+            drop(sink);
+            end
+        };
+        let wr = &mut wr;
+        let writer = async move {
+            while let Some(pb) = rx.next().await {
+                let line: Bytes = gateway::stream_result(m, &pb).into();
+                if write_chunk(wr, &line).await.is_err() {
+                    // Dropping `rx` makes the handler's next send fail.
+                    return false;
+                }
+            }
+            true
+        };
+        let both = futures::future::join(handler, writer);
+        futures::pin_mut!(both);
+        let pipelined = &mut pipelined;
+        let reader = async move {
+            let mut chunk = [0u8; 1024];
+            loop {
+                match rd.read(&mut chunk).await {
+                    Ok(n) if n > 0 && pipelined.len() + n <= body_max => {
+                        pipelined.extend_from_slice(&chunk[..n])
+                    }
+                    _ => break,
+                }
+            }
+            // The client is gone (or sent too much): the handler's
+            // `closed` resolves.
+            drop(closed_tx);
+        };
+        let first = futures_lite::future::or(async { Some(both.as_mut().await) }, async {
+            reader.await;
+            None
+        })
+        .await;
+        match first {
+            Some(r) => r,
+            None => both.await,
+        }
+    };
+    buf.extend_from_slice(&pipelined);
+    if !written {
+        return false;
+    }
+    if let Err(st) = end {
+        if write_chunk(&mut wr, &gateway::stream_error(&st))
+            .await
+            .is_err()
+        {
+            return false;
+        }
+    }
+    wr.write_all(b"0\r\n\r\n").await.is_ok() && wr.flush().await.is_ok()
+}
+
+async fn write_chunk<W>(w: &mut W, data: &[u8]) -> std::io::Result<()>
+where
+    W: futures::io::AsyncWrite + Unpin,
+{
+    let mut out = format!("{:x}\r\n", data.len()).into_bytes();
+    out.extend_from_slice(data);
+    out.extend_from_slice(b"\r\n");
+    w.write_all(&out).await?;
+    w.flush().await
 }
 
 /// etcd's /health: healthy with a leader and no alarm raised.
