@@ -17,7 +17,10 @@
 //! - errors are `{"error": m, "message": m, "code": c}` with the HTTP status
 //!   grpc-gateway v1 maps the gRPC code to (`http_status`);
 //! - the auth token comes in the `Authorization` header, unprefixed (or in
-//!   `Grpc-Metadata-Token`).
+//!   `Grpc-Metadata-Token`);
+//! - a stream's body is a sequence of JSON requests, its answer one
+//!   `{"result":...}` line per response (`stream_requests`,
+//!   `stream_result`; `http.rs` runs it).
 //!
 //! *Architecture invariant:* this module knows JSON and the route table,
 //! not HTTP framing (that is `http.rs`) nor any method's semantics: every
