@@ -1,5 +1,7 @@
 //! Compiles every .proto under proto/ with protox (pure Rust, no protoc on
-//! the machine) and generates prost message types into OUT_DIR.
+//! the machine) and generates prost message types into OUT_DIR, and for
+//! etcd's packages serde impls of the proto3 JSON mapping (pbjson-build) for
+//! the HTTP/JSON gateway, in `<package>.serde.rs`.
 
 use std::path::{Path, PathBuf};
 
@@ -23,7 +25,24 @@ fn main() {
     let mut files = Vec::new();
     collect(Path::new("proto"), &mut files);
     let fds = protox::compile(&files, ["proto"]).expect("proto files compile");
+    let encoded = prost::Message::encode_to_vec(&fds);
     prost_build::Config::new()
         .compile_fds(fds)
         .expect("prost code generation");
+    // etcd's gateway marshals with `OrigName: true` and without
+    // `EmitDefaults`, and ignores fields it does not know; both field-name
+    // styles are accepted on input.
+    pbjson_build::Builder::new()
+        .register_descriptors(&encoded)
+        .expect("descriptors for pbjson")
+        .preserve_proto_field_names()
+        .ignore_unknown_fields()
+        .build(&[
+            ".etcdserverpb",
+            ".mvccpb",
+            ".authpb",
+            ".v3lockpb",
+            ".v3electionpb",
+        ])
+        .expect("pbjson code generation");
 }

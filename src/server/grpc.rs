@@ -47,16 +47,36 @@ pub async fn serve_conn(
         }
         return serve_h2(s, core, peer).await;
     }
-    // etcd serves HTTP/1 (/metrics, /health, /version) on the client port
-    // too; an HTTP/2 connection starts with "PRI".
-    let mut first = [0u8; 1];
-    if let Ok(1) = stream.peek(&mut first).await {
-        if first[0] == b'G' || first[0] == b'H' {
-            return super::http::serve(stream, core, true).await;
-        }
+    // etcd serves HTTP/1 (/metrics, /health, /version, the JSON gateway)
+    // on the client port too; an HTTP/2 connection starts with "PRI".
+    if is_http1(&stream).await {
+        return super::http::serve(stream, core, true).await;
     }
     let peer = stream.peer_addr().ok();
     serve_h2(stream, core, peer).await
+}
+
+/// Whether a plain connection speaks HTTP/1: its first bytes are a method
+/// name (GET, POST, ...) rather than HTTP/2's preface "PRI * HTTP/2.0".
+/// "P" alone decides nothing, so up to two bytes are peeked; a client that
+/// sends one byte and stalls is given `PEEK_WAIT_MAX`.
+async fn is_http1(stream: &glommio::net::TcpStream) -> bool {
+    const PEEK_WAIT_MAX: std::time::Duration = std::time::Duration::from_secs(5);
+    let start = std::time::Instant::now();
+    let mut first = [0u8; 2];
+    loop {
+        match stream.peek(&mut first).await {
+            Ok(0) | Err(_) => return false,
+            Ok(1) if first[0] == b'P' => {
+                if start.elapsed() > PEEK_WAIT_MAX {
+                    return false;
+                }
+                glommio::timer::sleep(std::time::Duration::from_millis(1)).await;
+            }
+            Ok(_) if first[0] == b'P' => return first[1] != b'R',
+            Ok(_) => return first[0].is_ascii_uppercase(),
+        }
+    }
 }
 
 /// One HTTP/2 connection (plain or TLS) until it ends.
@@ -137,12 +157,16 @@ async fn handle_stream(
             return;
         };
         let input = MsgStream {
-            body: req.into_body(),
+            body: Some(req.into_body()),
             buf: BytesMut::new(),
             limit,
             ended: false,
+            queued: Default::default(),
         };
-        let mut sink = MsgSink { send };
+        let mut sink = MsgSink {
+            send: Some(send),
+            queue: None,
+        };
         let end = api::call_stream(sm, input, &mut sink, meta, &core).await;
         core.count_rpc(&path, end.as_ref().err().map(|s| s.code as u8).unwrap_or(0));
         sink.finish(end.err().as_ref());
@@ -228,16 +252,34 @@ pub struct Metadata {
 
 /// The requests of a client stream, one gRPC message at a time.
 pub struct MsgStream {
-    body: h2::RecvStream,
+    /// `None` for a stream of the JSON gateway (HTTP/1), whose requests
+    /// are all in `queued` and which is half-closed after them.
+    body: Option<h2::RecvStream>,
     buf: BytesMut,
     limit: usize,
     ended: bool,
+    queued: std::collections::VecDeque<Bytes>,
 }
 
 impl MsgStream {
+    /// The requests of a gateway stream: these, then a half-close (as
+    /// grpc-gateway sends them from a request body).
+    pub fn queued(msgs: Vec<Bytes>) -> MsgStream {
+        MsgStream {
+            body: None,
+            buf: BytesMut::new(),
+            limit: 0,
+            ended: true,
+            queued: msgs.into(),
+        }
+    }
+
     /// The next message's bytes; `None` when the client half-closed (or the
     /// stream is gone), `Some(Err)` for a frame that breaks the rules.
     pub async fn next(&mut self) -> Option<Result<Bytes, Status>> {
+        let Some(body) = self.body.as_mut() else {
+            return self.queued.pop_front().map(Ok);
+        };
         loop {
             if self.buf.len() >= 5 {
                 if self.buf[0] != 0 {
@@ -278,9 +320,9 @@ impl MsgStream {
                     "grpc: stream ended inside a message",
                 )));
             }
-            match self.body.data().await {
+            match body.data().await {
                 Some(Ok(chunk)) => {
-                    let _ = self.body.flow_control().release_capacity(chunk.len());
+                    let _ = body.flow_control().release_capacity(chunk.len());
                     self.buf.extend_from_slice(&chunk);
                 }
                 Some(Err(e)) => {
@@ -301,7 +343,17 @@ impl MsgStream {
 /// The responses of a stream. `send` waits for HTTP/2 send window, so what
 /// a slow client has not read stays with the handler, bounded by the window.
 pub struct MsgSink {
-    send: h2::SendStream<Bytes>,
+    /// `None` for a stream of the JSON gateway, which has `queue`.
+    send: Option<h2::SendStream<Bytes>>,
+    queue: Option<SinkQueue>,
+}
+
+/// A gateway stream's responses go to its connection task through a
+/// bounded channel (backpressure as HTTP/2's window gives); `closed`
+/// resolves when that task drops its end (the client went away).
+struct SinkQueue {
+    tx: futures::channel::mpsc::Sender<Bytes>,
+    closed: Option<futures::channel::oneshot::Receiver<()>>,
 }
 
 /// The client went away (reset or connection closed).
@@ -309,6 +361,24 @@ pub struct MsgSink {
 pub struct Gone;
 
 impl MsgSink {
+    /// A sink for a gateway stream: messages arrive on the returned
+    /// receiver; dropping `closed`'s sender tells the handler the client
+    /// is gone.
+    pub fn queued(
+        depth: usize,
+        closed: futures::channel::oneshot::Receiver<()>,
+    ) -> (MsgSink, futures::channel::mpsc::Receiver<Bytes>) {
+        let (tx, rx) = futures::channel::mpsc::channel(depth);
+        let sink = MsgSink {
+            send: None,
+            queue: Some(SinkQueue {
+                tx,
+                closed: Some(closed),
+            }),
+        };
+        (sink, rx)
+    }
+
     pub async fn send(&mut self, msg: &[u8]) -> Result<(), Gone> {
         self.send_all(&[msg]).await
     }
@@ -316,6 +386,16 @@ impl MsgSink {
     /// Sends messages in one buffer (one copy, and one DATA frame when the
     /// window allows: HTTP/2 frame boundaries mean nothing to gRPC).
     pub async fn send_all(&mut self, msgs: &[impl AsRef<[u8]>]) -> Result<(), Gone> {
+        use futures::SinkExt;
+        let Some(send) = self.send.as_mut() else {
+            let q = self.queue.as_mut().expect("a sink is h2 or queued");
+            for m in msgs {
+                q.tx.send(Bytes::copy_from_slice(m.as_ref()))
+                    .await
+                    .map_err(|_| Gone)?;
+            }
+            return Ok(());
+        };
         let len = msgs.iter().map(|m| 5 + m.as_ref().len()).sum();
         let mut framed = BytesMut::with_capacity(len);
         for m in msgs {
@@ -326,24 +406,39 @@ impl MsgSink {
         }
         let mut data = framed.freeze();
         while !data.is_empty() {
-            self.send.reserve_capacity(data.len());
-            let cap = match futures::future::poll_fn(|cx| self.send.poll_capacity(cx)).await {
+            send.reserve_capacity(data.len());
+            let cap = match futures::future::poll_fn(|cx| send.poll_capacity(cx)).await {
                 Some(Ok(n)) if n > 0 => n,
                 Some(Ok(_)) => continue,
                 _ => return Err(Gone),
             };
             let chunk = data.split_to(cap.min(data.len()));
-            self.send.send_data(chunk, false).map_err(|_| Gone)?;
+            send.send_data(chunk, false).map_err(|_| Gone)?;
         }
         Ok(())
     }
 
     /// Resolves when the client resets the stream or the connection closes.
     pub async fn closed(&mut self) {
-        let _ = futures::future::poll_fn(|cx| self.send.poll_reset(cx)).await;
+        match (self.send.as_mut(), self.queue.as_mut()) {
+            (Some(send), _) => {
+                let _ = futures::future::poll_fn(|cx| send.poll_reset(cx)).await;
+            }
+            (None, Some(q)) => {
+                // Resolves once; after that the client stays gone.
+                if let Some(c) = q.closed.as_mut() {
+                    let _ = c.await;
+                    q.closed = None;
+                }
+            }
+            (None, None) => {}
+        }
     }
 
-    fn finish(mut self, st: Option<&Status>) {
+    fn finish(&mut self, st: Option<&Status>) {
+        let Some(send) = self.send.as_mut() else {
+            return;
+        };
         let mut trailers = HeaderMap::new();
         match st {
             None => {
@@ -358,7 +453,7 @@ impl MsgSink {
                 }
             }
         }
-        let _ = self.send.send_trailers(trailers);
+        let _ = send.send_trailers(trailers);
     }
 }
 

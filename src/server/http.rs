@@ -1,52 +1,394 @@
-//! HTTP/1 on the client port (and on `--listen-metrics-urls`), as etcd
+//! HTTP/1.1 on the client port (and on `--listen-metrics-urls`), as etcd
 //! serves it next to gRPC: `GET /health` (JSON, 503 without a leader or
-//! with an alarm raised), `GET /version`, and `GET /metrics` in the
+//! with an alarm raised), `GET /version`, `GET /metrics` in the
 //! Prometheus text format — gRPC calls completed per method and code
 //! (`grpc_server_handled_total`, summed over every core) and a few of
-//! etcd's server gauges. One request per connection.
+//! etcd's server gauges — and, on the client port, etcd's JSON gateway
+//! under `/v3/` and `/v3beta/` (`gateway.rs`).
+//!
+//! Connections are kept alive (HTTP/1.1 unless `Connection: close`;
+//! HTTP/1.0 closes). Request bodies come with `Content-Length` or chunked;
+//! `Expect: 100-continue` is answered. Everything is bounded: the head
+//! (`HEAD_BYTES_MAX`), the body (`gateway::body_bytes_max`), the wait for
+//! a next request (`IDLE_TIMEOUT`) and the time to read one
+//! (`REQUEST_TIMEOUT`). A request that breaks a limit or HTTP's grammar
+//! gets an error answer and the connection is closed.
 
+use super::api::{self, StreamMethod};
+use super::gateway::{self, Route};
+use super::grpc::{Metadata, MsgSink, MsgStream};
 use super::{Core, CoreMsg};
+use bytes::Bytes;
 use futures::io::{AsyncReadExt, AsyncWriteExt};
 use std::rc::Rc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-const HEAD_MAX: usize = 8 << 10;
+/// Request line and headers.
+const HEAD_BYTES_MAX: usize = 16 << 10;
+const HEADERS_MAX: usize = 64;
+/// How long a kept-alive connection may wait for its next request.
+const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long one request may take to arrive once its first byte has.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+const READ_CHUNK_BYTES: usize = 16 << 10;
 
-/// Serves one request; `client_port` adds /version (etcd's metrics
-/// listener has only /metrics and /health).
+/// etcd's gateway answers every route with these (its CORS wrapper).
+const CORS: &str = "Access-Control-Allow-Headers: accept, content-type, authorization\r\nAccess-Control-Allow-Methods: POST, GET, OPTIONS, PUT, DELETE\r\nAccess-Control-Allow-Origin: *\r\n";
+
+/// One parsed request.
+struct Request {
+    method: String,
+    path: String,
+    /// `Authorization`, or else `Grpc-Metadata-Token`.
+    token: Option<String>,
+    keep_alive: bool,
+    body: Vec<u8>,
+}
+
+/// Why no request was read.
+enum ReadError {
+    /// The peer closed, went quiet or timed out: nothing to answer.
+    Gone,
+    /// Answer with this status line and plain-text body, then close.
+    Bad(&'static str, &'static str),
+    /// A body over the limit (gateway error JSON), then close.
+    TooLarge(usize, usize),
+}
+
+/// Reads more bytes into `buf` before `deadline`; `Gone` on EOF, error or
+/// timeout.
+async fn fill<S>(stream: &mut S, buf: &mut Vec<u8>, deadline: Instant) -> Result<(), ReadError>
+where
+    S: futures::io::AsyncRead + Unpin,
+{
+    let mut chunk = [0u8; READ_CHUNK_BYTES];
+    let read = async {
+        match stream.read(&mut chunk).await {
+            Ok(0) | Err(_) => None,
+            Ok(n) => Some(n),
+        }
+    };
+    let timeout = async {
+        glommio::timer::sleep(deadline.saturating_duration_since(Instant::now())).await;
+        None
+    };
+    match futures_lite::future::or(read, timeout).await {
+        Some(n) => {
+            buf.extend_from_slice(&chunk[..n]);
+            Ok(())
+        }
+        None => Err(ReadError::Gone),
+    }
+}
+
+/// Reads one request; `buf` holds bytes already read (a pipelined next
+/// request stays in it).
+async fn read_request<S>(
+    stream: &mut S,
+    buf: &mut Vec<u8>,
+    body_max: usize,
+) -> Result<Request, ReadError>
+where
+    S: futures::io::AsyncRead + futures::io::AsyncWrite + Unpin,
+{
+    if buf.is_empty() {
+        fill(stream, buf, Instant::now() + IDLE_TIMEOUT).await?;
+    }
+    let deadline = Instant::now() + REQUEST_TIMEOUT;
+    let mut scanned: usize = 0;
+    let head_len = loop {
+        if let Some(i) = buf[scanned.saturating_sub(3)..]
+            .windows(4)
+            .position(|w| w == b"\r\n\r\n")
+        {
+            break scanned.saturating_sub(3) + i + 4;
+        }
+        if buf.len() > HEAD_BYTES_MAX {
+            return Err(ReadError::Bad(
+                "431 Request Header Fields Too Large",
+                "431 Request Header Fields Too Large",
+            ));
+        }
+        scanned = buf.len();
+        fill(stream, buf, deadline).await?;
+    };
+    if head_len > HEAD_BYTES_MAX {
+        return Err(ReadError::Bad(
+            "431 Request Header Fields Too Large",
+            "431 Request Header Fields Too Large",
+        ));
+    }
+    let mut headers = [httparse::EMPTY_HEADER; HEADERS_MAX];
+    let mut parsed = httparse::Request::new(&mut headers);
+    match parsed.parse(&buf[..head_len]) {
+        Ok(httparse::Status::Complete(_)) => {}
+        Err(httparse::Error::TooManyHeaders) => {
+            return Err(ReadError::Bad(
+                "431 Request Header Fields Too Large",
+                "431 Request Header Fields Too Large",
+            ))
+        }
+        _ => return Err(ReadError::Bad("400 Bad Request", "400 Bad Request")),
+    }
+    let method = parsed.method.unwrap_or("").to_string();
+    let path = parsed.path.unwrap_or("/");
+    let path = path.split('?').next().unwrap_or("/").to_string();
+    let http10 = parsed.version == Some(0);
+    let (mut token, mut md_token) = (None, None);
+    let (mut close, mut chunked, mut expect) = (http10, false, false);
+    let mut length: Option<usize> = None;
+    for h in parsed.headers.iter() {
+        let value = std::str::from_utf8(h.value).ok().map(str::trim);
+        let name = h.name;
+        if name.eq_ignore_ascii_case("authorization") {
+            token = value.map(str::to_string);
+        } else if name.eq_ignore_ascii_case("grpc-metadata-token") {
+            md_token = value.map(str::to_string);
+        } else if name.eq_ignore_ascii_case("connection") {
+            let v = value.unwrap_or("");
+            if v.eq_ignore_ascii_case("close") {
+                close = true;
+            }
+        } else if name.eq_ignore_ascii_case("transfer-encoding") {
+            match value {
+                Some(v) if v.eq_ignore_ascii_case("chunked") => chunked = true,
+                Some(v) if v.eq_ignore_ascii_case("identity") => {}
+                _ => {
+                    return Err(ReadError::Bad(
+                        "501 Not Implemented",
+                        "Unsupported transfer encoding",
+                    ))
+                }
+            }
+        } else if name.eq_ignore_ascii_case("content-length") {
+            let n = value.and_then(|v| v.parse::<usize>().ok());
+            match (n, length) {
+                (None, _) => {
+                    return Err(ReadError::Bad(
+                        "400 Bad Request",
+                        "400 Bad Request: bad Content-Length",
+                    ))
+                }
+                (Some(n), Some(l)) if n != l => {
+                    return Err(ReadError::Bad(
+                        "400 Bad Request",
+                        "400 Bad Request: bad Content-Length",
+                    ))
+                }
+                (Some(n), _) => length = Some(n),
+            }
+        } else if name.eq_ignore_ascii_case("expect") {
+            expect = value
+                .map(|v| v.eq_ignore_ascii_case("100-continue"))
+                .unwrap_or(false);
+        }
+    }
+    buf.drain(..head_len);
+    if let Some(n) = length {
+        if !chunked && n > body_max {
+            return Err(ReadError::TooLarge(n, body_max));
+        }
+    }
+    if expect && (chunked || length.unwrap_or(0) > buf.len()) {
+        let _ = stream.write_all(b"HTTP/1.1 100 Continue\r\n\r\n").await;
+        let _ = stream.flush().await;
+    }
+    let body = if chunked {
+        let mut chunks = Chunked::default();
+        loop {
+            match chunks.decode(buf, body_max) {
+                Ok(Some(used)) => {
+                    buf.drain(..used);
+                    break chunks.body;
+                }
+                Ok(None) => fill(stream, buf, deadline).await?,
+                Err(ChunkError::TooLarge) => {
+                    return Err(ReadError::TooLarge(chunks.body.len(), body_max))
+                }
+                Err(ChunkError::Malformed) => {
+                    return Err(ReadError::Bad(
+                        "400 Bad Request",
+                        "400 Bad Request: malformed chunked encoding",
+                    ))
+                }
+            }
+        }
+    } else {
+        let n = length.unwrap_or(0);
+        while buf.len() < n {
+            fill(stream, buf, deadline).await?;
+        }
+        buf.drain(..n).collect()
+    };
+    Ok(Request {
+        method,
+        path,
+        token: token.or(md_token),
+        keep_alive: !close,
+        body,
+    })
+}
+
+enum ChunkError {
+    Malformed,
+    TooLarge,
+}
+
+/// An incremental decoder of a chunked body: `decode` is called again with
+/// the same buffer grown, and goes on where it stopped.
+#[derive(Default)]
+struct Chunked {
+    /// Bytes of the buffer already decoded.
+    pos: usize,
+    body: Vec<u8>,
+    /// The last chunk (size 0) was seen; only trailers remain.
+    last: bool,
+}
+
+impl Chunked {
+    /// `Some(bytes used)` once the body and its trailers are complete.
+    fn decode(&mut self, buf: &[u8], body_max: usize) -> Result<Option<usize>, ChunkError> {
+        loop {
+            let rest = &buf[self.pos..];
+            let Some(eol) = rest.windows(2).position(|w| w == b"\r\n") else {
+                // A size line or trailer longer than this is not HTTP.
+                return if rest.len() > 1024 {
+                    Err(ChunkError::Malformed)
+                } else {
+                    Ok(None)
+                };
+            };
+            if self.last {
+                // Trailers, up to an empty line.
+                self.pos += eol + 2;
+                if eol == 0 {
+                    return Ok(Some(self.pos));
+                }
+                continue;
+            }
+            let line = std::str::from_utf8(&rest[..eol]).map_err(|_| ChunkError::Malformed)?;
+            let size = line.split(';').next().unwrap_or("").trim();
+            let size = usize::from_str_radix(size, 16).map_err(|_| ChunkError::Malformed)?;
+            if size == 0 {
+                self.last = true;
+                self.pos += eol + 2;
+                continue;
+            }
+            if size > body_max || self.body.len() + size > body_max {
+                return Err(ChunkError::TooLarge);
+            }
+            let data = eol + 2;
+            if rest.len() < data + size + 2 {
+                return Ok(None);
+            }
+            if &rest[data + size..data + size + 2] != b"\r\n" {
+                return Err(ChunkError::Malformed);
+            }
+            self.body.extend_from_slice(&rest[data..data + size]);
+            self.pos += data + size + 2;
+        }
+    }
+}
+
+/// An answer to write.
+struct Answer {
+    status: &'static str,
+    content_type: &'static str,
+    /// Extra header lines, each ending in CRLF.
+    extra: &'static str,
+    body: Vec<u8>,
+}
+
+async fn write_answer<S>(stream: &mut S, a: &Answer, head_only: bool, keep_alive: bool) -> bool
+where
+    S: futures::io::AsyncWrite + Unpin,
+{
+    let mut out = format!("HTTP/1.1 {}\r\n{}", a.status, a.extra);
+    if !a.content_type.is_empty() {
+        out.push_str(&format!("Content-Type: {}\r\n", a.content_type));
+    }
+    out.push_str(&format!("Content-Length: {}\r\n", a.body.len()));
+    if !keep_alive {
+        out.push_str("Connection: close\r\n");
+    }
+    out.push_str("\r\n");
+    let mut bytes = out.into_bytes();
+    if !head_only {
+        bytes.extend_from_slice(&a.body);
+    }
+    stream.write_all(&bytes).await.is_ok() && stream.flush().await.is_ok()
+}
+
+/// Serves requests on one connection until it closes; `client_port` adds
+/// /version and the gateway (etcd's metrics listener has only /metrics and
+/// /health).
 pub async fn serve<S>(mut stream: S, core: Rc<Core>, client_port: bool)
 where
     S: futures::io::AsyncRead + futures::io::AsyncWrite + Unpin,
 {
-    let mut buf = Vec::with_capacity(512);
-    let read = async {
-        let mut chunk = [0u8; 1024];
-        loop {
-            if buf.windows(4).any(|w| w == b"\r\n\r\n") || buf.len() > HEAD_MAX {
-                return true;
+    let mut buf = Vec::with_capacity(1024);
+    let body_max = gateway::body_bytes_max(&core);
+    loop {
+        let req = match read_request(&mut stream, &mut buf, body_max).await {
+            Ok(r) => r,
+            Err(ReadError::Gone) => return,
+            Err(ReadError::Bad(status, text)) => {
+                let a = Answer {
+                    status,
+                    content_type: "text/plain; charset=utf-8",
+                    extra: "",
+                    body: format!("{text}\n").into_bytes(),
+                };
+                write_answer(&mut stream, &a, false, false).await;
+                return;
             }
-            match stream.read(&mut chunk).await {
-                Ok(0) | Err(_) => return false,
-                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            Err(ReadError::TooLarge(n, max)) => {
+                let st = crate::error::Status::new(
+                    crate::error::Code::ResourceExhausted,
+                    format!("request body larger than max ({n} vs. {max})"),
+                );
+                let r = gateway::error_reply(&st);
+                let a = Answer {
+                    status: r.status,
+                    content_type: "application/json",
+                    extra: CORS,
+                    body: r.body,
+                };
+                write_answer(&mut stream, &a, false, false).await;
+                return;
             }
+        };
+        let a = if client_port && gateway::is_gateway_path(&req.path) {
+            match serve_gateway(&mut stream, &mut buf, &req, &core, body_max).await {
+                Gw::Answer(a) => a,
+                Gw::Stream(path, m) => {
+                    let more =
+                        serve_stream(&mut stream, &mut buf, &req, &core, path, m, body_max).await;
+                    if !more || !req.keep_alive {
+                        return;
+                    }
+                    continue;
+                }
+                // The client went away during a call that waits.
+                Gw::Gone => return,
+            }
+        } else {
+            plain(&req, &core, client_port).await
+        };
+        if !write_answer(&mut stream, &a, req.method == "HEAD", req.keep_alive).await
+            || !req.keep_alive
+        {
+            return;
         }
-    };
-    let timeout = async {
-        glommio::timer::sleep(Duration::from_secs(5)).await;
-        false
-    };
-    if !futures_lite::future::or(read, timeout).await || buf.len() > HEAD_MAX {
-        return;
     }
-    let line = buf.split(|b| *b == b'\n').next().unwrap_or(&[]);
-    let line = String::from_utf8_lossy(line);
-    let mut parts = line.split_whitespace();
-    let method = parts.next().unwrap_or("");
-    let target = parts.next().unwrap_or("/");
-    let path = target.split('?').next().unwrap_or("/");
-    let (status, ctype, body) = match (method, path) {
-        ("GET", "/metrics") => ("200 OK", "text/plain; version=0.0.4", metrics(&core).await),
-        ("GET", "/health") | ("GET", "/livez") | ("GET", "/readyz") => health(&core),
+}
+
+/// /health, /version, /metrics.
+async fn plain(req: &Request, core: &Core, client_port: bool) -> Answer {
+    let (status, content_type, body) = match (req.method.as_str(), req.path.as_str()) {
+        // Prometheus' handler takes any method.
+        (_, "/metrics") => ("200 OK", "text/plain; version=0.0.4", metrics(core).await),
+        ("GET", "/health") | ("GET", "/livez") | ("GET", "/readyz") => health(core),
         ("GET", "/version") if client_port => (
             "200 OK",
             "application/json",
@@ -55,22 +397,243 @@ where
                 v = crate::ETCD_VERSION
             ),
         ),
-        ("GET", _) => ("404 Not Found", "text/plain", "404 page not found\n".into()),
-        _ => (
+        (_, "/health" | "/livez" | "/readyz") => (
             "405 Method Not Allowed",
             "text/plain",
             "Method Not Allowed\n".into(),
         ),
+        (_, "/version") if client_port => (
+            "405 Method Not Allowed",
+            "text/plain",
+            "Method Not Allowed\n".into(),
+        ),
+        // Go's mux: an unknown path is 404 whatever the method.
+        _ => ("404 Not Found", "text/plain", "404 page not found\n".into()),
+    };
+    Answer {
+        status,
+        content_type,
+        // etcd wraps every client-port handler in its CORS handler.
+        extra: if client_port { CORS } else { "" },
+        body: body.into_bytes(),
+    }
+}
+
+/// What to do with a gateway request.
+enum Gw {
+    Answer(Answer),
+    /// A streaming method: `serve_stream`.
+    Stream(&'static str, StreamMethod),
+    /// The client went away while a call that may wait (Lock, Campaign)
+    /// ran; the call was dropped, as on a reset gRPC stream.
+    Gone,
+}
+
+/// A request under /v3/ or /v3beta/.
+async fn serve_gateway<S>(
+    stream: &mut S,
+    buf: &mut Vec<u8>,
+    req: &Request,
+    core: &Core,
+    body_max: usize,
+) -> Gw
+where
+    S: futures::io::AsyncRead + Unpin,
+{
+    let text = |status, body: &str| Answer {
+        status,
+        content_type: "text/plain; charset=utf-8",
+        extra: CORS,
+        body: body.as_bytes().to_vec(),
+    };
+    if req.method == "OPTIONS" {
+        // A CORS preflight: etcd answers it before routing.
+        return Gw::Answer(Answer {
+            status: "200 OK",
+            content_type: "",
+            extra: CORS,
+            body: Vec::new(),
+        });
+    }
+    let Some(route) = gateway::route(&req.path) else {
+        return Gw::Answer(text("404 Not Found", "Not Found\n"));
+    };
+    if req.method != "POST" {
+        return Gw::Answer(text("405 Method Not Allowed", "Method Not Allowed\n"));
+    }
+    let reply = match route {
+        Route::Stream(path, m) => return Gw::Stream(path, m),
+        Route::Unary(path, m) if !m.may_wait() => {
+            gateway::call(path, m, &req.body, req.token.as_deref(), core).await
+        }
+        Route::Unary(path, m) => {
+            let call = gateway::call(path, m, &req.body, req.token.as_deref(), core);
+            futures::pin_mut!(call);
+            loop {
+                let done = async { Some(call.as_mut().await) };
+                let mut chunk = [0u8; 1024];
+                let gone = async {
+                    match stream.read(&mut chunk).await {
+                        Ok(0) | Err(_) => None,
+                        Ok(n) => Some(n),
+                    }
+                };
+                let next = futures_lite::future::or(async { done.await.map(Ok) }, async {
+                    Some(Err(gone.await))
+                })
+                .await;
+                match next {
+                    Some(Ok(r)) => break r,
+                    Some(Err(Some(n))) if buf.len() + n <= body_max => {
+                        buf.extend_from_slice(&chunk[..n])
+                    }
+                    _ => return Gw::Gone,
+                }
+            }
+        }
+    };
+    Gw::Answer(Answer {
+        status: reply.status,
+        content_type: "application/json",
+        extra: if reply.ok {
+            concat!(
+                "Access-Control-Allow-Headers: accept, content-type, authorization\r\n",
+                "Access-Control-Allow-Methods: POST, GET, OPTIONS, PUT, DELETE\r\n",
+                "Access-Control-Allow-Origin: *\r\n",
+                "Grpc-Metadata-Content-Type: application/grpc\r\n"
+            )
+        } else {
+            CORS
+        },
+        body: reply.body,
+    })
+}
+
+/// Responses a gateway stream may have built and not yet written.
+const STREAM_QUEUE_DEPTH: usize = 16;
+
+/// A streaming method over HTTP/1 as grpc-gateway serves it: the body's
+/// JSON values are the requests (then a half-close), the answer is chunked,
+/// one `{"result":{...}}` line per response, and an error ends it with an
+/// `{"error":{...}}` line. The stream lasts until the handler ends it or
+/// the client closes the connection (seen by reading it meanwhile).
+/// Returns whether the connection may serve another request.
+async fn serve_stream<S>(
+    stream: &mut S,
+    buf: &mut Vec<u8>,
+    req: &Request,
+    core: &Core,
+    path: &'static str,
+    m: StreamMethod,
+    body_max: usize,
+) -> bool
+where
+    S: futures::io::AsyncRead + futures::io::AsyncWrite + Unpin,
+{
+    use futures::StreamExt;
+    let refuse = |st: &crate::error::Status| {
+        let r = gateway::error_reply(st);
+        Answer {
+            status: r.status,
+            content_type: "application/json",
+            extra: CORS,
+            body: r.body,
+        }
+    };
+    let msgs = match gateway::stream_requests(m, &req.body) {
+        Ok(msgs) => msgs,
+        Err(st) => return write_answer(stream, &refuse(&st), false, req.keep_alive).await,
+    };
+    let user = match super::auth::authorize_stream(core, m, req.token.as_deref()) {
+        Ok(u) => u,
+        Err(st) => return write_answer(stream, &refuse(&st), false, req.keep_alive).await,
     };
     let head = format!(
-        "HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-        body.len()
+        "HTTP/1.1 200 OK\r\n{CORS}Content-Type: application/json\r\nGrpc-Metadata-Content-Type: application/grpc\r\nTransfer-Encoding: chunked\r\n{}\r\n",
+        if req.keep_alive { "" } else { "Connection: close\r\n" }
     );
-    let _ = stream.write_all(head.as_bytes()).await;
-    if method != "HEAD" {
-        let _ = stream.write_all(body.as_bytes()).await;
+    if stream.write_all(head.as_bytes()).await.is_err() || stream.flush().await.is_err() {
+        return false;
     }
-    let _ = stream.flush().await;
+    let (closed_tx, closed_rx) = futures::channel::oneshot::channel::<()>();
+    let (mut sink, mut rx) = MsgSink::queued(STREAM_QUEUE_DEPTH, closed_rx);
+    let input = MsgStream::queued(msgs);
+    let meta = Metadata {
+        require_leader: false,
+        user,
+    };
+    let (mut rd, mut wr) = futures::io::AsyncReadExt::split(&mut *stream);
+    let mut pipelined = Vec::new();
+    let (end, written) = {
+        let handler = async move {
+            let end = api::call_stream(m, input, &mut sink, meta, core).await;
+            core.count_rpc(path, end.as_ref().err().map(|s| s.code as u8).unwrap_or(0));
+            // Dropping the sink ends the writer below.
+            drop(sink);
+            end
+        };
+        let wr = &mut wr;
+        let writer = async move {
+            while let Some(pb) = rx.next().await {
+                let line: Bytes = gateway::stream_result(m, &pb).into();
+                if write_chunk(wr, &line).await.is_err() {
+                    // Dropping `rx` makes the handler's next send fail.
+                    return false;
+                }
+            }
+            true
+        };
+        let both = futures::future::join(handler, writer);
+        futures::pin_mut!(both);
+        let pipelined = &mut pipelined;
+        let reader = async move {
+            let mut chunk = [0u8; 1024];
+            loop {
+                match rd.read(&mut chunk).await {
+                    Ok(n) if n > 0 && pipelined.len() + n <= body_max => {
+                        pipelined.extend_from_slice(&chunk[..n])
+                    }
+                    _ => break,
+                }
+            }
+            // The client is gone (or sent too much): the handler's
+            // `closed` resolves.
+            drop(closed_tx);
+        };
+        let first = futures_lite::future::or(async { Some(both.as_mut().await) }, async {
+            reader.await;
+            None
+        })
+        .await;
+        match first {
+            Some(r) => r,
+            None => both.await,
+        }
+    };
+    buf.extend_from_slice(&pipelined);
+    if !written {
+        return false;
+    }
+    if let Err(st) = end {
+        if write_chunk(&mut wr, &gateway::stream_error(&st))
+            .await
+            .is_err()
+        {
+            return false;
+        }
+    }
+    wr.write_all(b"0\r\n\r\n").await.is_ok() && wr.flush().await.is_ok()
+}
+
+async fn write_chunk<W>(w: &mut W, data: &[u8]) -> std::io::Result<()>
+where
+    W: futures::io::AsyncWrite + Unpin,
+{
+    let mut out = format!("{:x}\r\n", data.len()).into_bytes();
+    out.extend_from_slice(data);
+    out.extend_from_slice(b"\r\n");
+    w.write_all(&out).await?;
+    w.flush().await
 }
 
 /// etcd's /health: healthy with a leader and no alarm raised.

@@ -9,6 +9,7 @@
 pub mod api;
 pub mod auth;
 pub mod coord;
+pub mod gateway;
 pub mod grpc;
 pub mod http;
 pub mod tls;
