@@ -956,7 +956,10 @@ impl Applier {
     fn advance(&mut self) {
         let before = (self.st.applied, self.st.current_rev, self.st.compact_rev);
         while self.pending.front().map(|p| p.done).unwrap_or(false) {
-            let p = self.pending.pop_front().expect("front exists");
+            let mut p = self.pending.pop_front().expect("front exists");
+            if let Some(Ok(txn)) = &mut p.result {
+                kv::fill_revision_before(&mut txn.responses, self.st.current_rev);
+            }
             if p.changed {
                 self.st.current_rev = self.st.current_rev.max(p.index as i64);
             }

@@ -568,7 +568,69 @@ pub async fn run_txn<A: Access>(a: &mut A, t: &TxnRequest) -> Result<TxnResponse
             }
         }
     }
-    Ok(apply_path(a, t, &path).await)
+    let mut resp = apply_path(a, t, &path).await;
+    mark_reads_before_changes(&mut resp.responses, &mut false);
+    Ok(resp)
+}
+
+/// Stands, in an op's header, for "the store's revision before this
+/// entry": a range, or a delete that deleted nothing, ahead of the txn's
+/// first change reports it, as etcd's does (its read view is still at the
+/// old revision). The applier knows that revision only when it completes
+/// the entry in log order, and puts it in with `fill_revision_before`.
+pub const REVISION_BEFORE: i64 = -1;
+
+/// Marks the headers of the reads that ran before the txn changed
+/// anything (walking nested txns in execution order).
+fn mark_reads_before_changes(responses: &mut [ResponseOp], changed: &mut bool) {
+    for r in responses {
+        match &mut r.response {
+            Some(response_op::Response::ResponsePut(_)) => *changed = true,
+            Some(response_op::Response::ResponseDeleteRange(d)) => {
+                if d.deleted > 0 {
+                    *changed = true;
+                } else if !*changed {
+                    d.header = Some(ResponseHeader {
+                        revision: REVISION_BEFORE,
+                        ..Default::default()
+                    });
+                }
+            }
+            Some(response_op::Response::ResponseRange(g)) => {
+                if !*changed {
+                    g.header = Some(ResponseHeader {
+                        revision: REVISION_BEFORE,
+                        ..Default::default()
+                    });
+                }
+            }
+            Some(response_op::Response::ResponseTxn(t)) => {
+                mark_reads_before_changes(&mut t.responses, changed)
+            }
+            None => {}
+        }
+    }
+}
+
+/// Replaces every `REVISION_BEFORE` in a txn's op headers with `rev`.
+pub fn fill_revision_before(responses: &mut [ResponseOp], rev: i64) {
+    for r in responses {
+        let header = match &mut r.response {
+            Some(response_op::Response::ResponsePut(p)) => &mut p.header,
+            Some(response_op::Response::ResponseDeleteRange(d)) => &mut d.header,
+            Some(response_op::Response::ResponseRange(g)) => &mut g.header,
+            Some(response_op::Response::ResponseTxn(t)) => {
+                fill_revision_before(&mut t.responses, rev);
+                &mut t.header
+            }
+            None => continue,
+        };
+        if let Some(h) = header {
+            if h.revision == REVISION_BEFORE {
+                h.revision = rev;
+            }
+        }
+    }
 }
 
 type TxnFuture<'a> = Pin<Box<dyn Future<Output = TxnResponse> + 'a>>;

@@ -459,6 +459,37 @@ async fn txns() {
         .await
         .unwrap();
     assert_eq!(r.header().unwrap().revision(), before);
+    match &r.op_responses()[0] {
+        TxnOpResponse::Get(g) => assert_eq!(g.header().unwrap().revision(), before),
+        other => panic!("{other:?}"),
+    }
+
+    // Each op's header: reads (and a delete of nothing) before the txn's
+    // first change report the revision before the txn; the put and
+    // everything after it, the txn's revision.
+    let r = c
+        .txn(Txn::new().and_then(vec![
+            TxnOp::get("k", None),
+            TxnOp::delete("no-such-key", None),
+            TxnOp::put("h", "1", None),
+            TxnOp::get("k", None),
+            TxnOp::delete("n", None),
+        ]))
+        .await
+        .unwrap();
+    let txn_rev = r.header().unwrap().revision();
+    assert!(txn_rev > before);
+    let revs: Vec<i64> = r
+        .op_responses()
+        .iter()
+        .map(|op| match op {
+            TxnOpResponse::Get(g) => g.header().unwrap().revision(),
+            TxnOpResponse::Delete(d) => d.header().unwrap().revision(),
+            TxnOpResponse::Put(p) => p.header().unwrap().revision(),
+            TxnOpResponse::Txn(t) => t.header().unwrap().revision(),
+        })
+        .collect();
+    assert_eq!(revs, vec![before, before, txn_rev, txn_rev, txn_rev]);
 }
 
 #[tokio::test]
