@@ -32,6 +32,8 @@ async fn alarms_raised_by_hand_refuse_puts_until_cleared() {
         .await
         .unwrap();
     assert!(r.alarms().is_empty());
+    // etcd answers Alarm without a header.
+    assert!(r.header().is_none());
     c.put("k", "1", None).await.unwrap();
 
     let mut on = AlarmOptions::new();
@@ -43,6 +45,7 @@ async fn alarms_raised_by_hand_refuse_puts_until_cleared() {
     assert_eq!(r.alarms().len(), 1);
     assert_eq!(r.alarms()[0].member_id(), me);
     assert_eq!(r.alarms()[0].alarm(), AlarmType::Nospace);
+    assert!(r.header().is_none());
     let r = c
         .alarm(AlarmAction::Get, AlarmType::None, None)
         .await

@@ -528,8 +528,9 @@ async fn alarm(core: &Core, req: AlarmRequest) -> Result<AlarmResponse, Status> 
         core.router.raft.send(RaftMsg::Alarm { req, reply: tx });
         list(with_timeout(core, rx).await??)
     };
+    // etcd's maintenance server answers Alarm without a header.
     Ok(AlarmResponse {
-        header: header(core, core.view.revision.get()),
+        header: None,
         alarms,
     })
 }
@@ -636,8 +637,9 @@ async fn snapshot(core: &Core, mut input: MsgStream, sink: &mut MsgSink) -> Resu
     let mut off = 0;
     while off < total {
         let end = (off + (64 << 10)).min(total);
+        // etcd sends snapshot chunks without a header.
         let resp = SnapshotResponse {
-            header: header(core, core.view.revision.get()),
+            header: None,
             remaining_bytes: (total - end) as u64,
             blob: file[off..end].to_vec(),
             version: crate::ETCD_VERSION.to_string(),
@@ -649,7 +651,7 @@ async fn snapshot(core: &Core, mut input: MsgStream, sink: &mut MsgSink) -> Resu
     }
     // Then the checksum, in a message of its own, as etcd sends it.
     let resp = SnapshotResponse {
-        header: header(core, core.view.revision.get()),
+        header: None,
         remaining_bytes: 0,
         blob: sum.to_vec(),
         version: crate::ETCD_VERSION.to_string(),
