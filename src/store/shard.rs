@@ -608,7 +608,6 @@ impl Shard {
         }
     }
 
-    /// Writes buffered segment records to the file (no fsync).
     /// Flushes once `FLUSH_BYTES` are buffered: the apply path calls this
     /// after every batch, so one write carries many batches' records (a
     /// value is read from the buffer until then).
@@ -619,6 +618,7 @@ impl Shard {
         Ok(())
     }
 
+    /// Writes buffered segment records to the file (no fsync).
     pub fn flush(&mut self) -> Result<(), String> {
         self.segs
             .flush()
