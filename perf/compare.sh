@@ -141,15 +141,23 @@ wratio() { # a b -> a/b, or - when either is missing
   awk -v a="$1" -v b="$2" 'BEGIN { if (a ~ /^[0-9.]+$/ && b ~ /^[0-9.]+$/ && b > 0) printf "%.2f", a/b; else print "-" }'
 }
 
-rss_after_keys() { # kind port -> prints VmRSS in MiB
+rss_of() { # field -> the server's (summed) /proc status field in MiB
+  local p sum=0
+  for p in ${server_pid//,/ }; do sum=$(( sum + $(awk -v f="$1:" '$1 == f {print $2}' "/proc/$p/status") )); done
+  echo $(( sum / 1024 ))
+}
+
+rss_after_keys() { # kind port -> "VmRSS RssAnon RssFile" in MiB after the puts, then the same after reading every key once
   local kind=$1 port=$2
   start_server "$kind" "$port"
   "$bench" --endpoints "$endpoints" --workload put --sequential-keys --key-space "$memory_keys" \
     --total "$memory_keys" --clients 64 --conns 8 --key-size 8 --val-size 256 --duration-secs 600 >/dev/null
   sleep 2
-  local p sum=0
-  for p in ${server_pid//,/ }; do sum=$(( sum + $(awk '/VmRSS/ {print $2}' "/proc/$p/status") )); done
-  echo $(( sum / 1024 ))
+  echo "$(rss_of VmRSS) $(rss_of RssAnon) $(rss_of RssFile)"
+  "$bench" --endpoints "$endpoints" --workload range-serializable --sequential-keys --key-space "$memory_keys" \
+    --total "$memory_keys" --clients 64 --conns 8 --key-size 8 --val-size 256 --duration-secs 600 >/dev/null
+  sleep 2
+  echo "$(rss_of VmRSS) $(rss_of RssAnon) $(rss_of RssFile)"
   stop_server
 }
 
@@ -186,9 +194,16 @@ fi
       echo "| $w$note | ${eo%.*} | ${ko%.*} | $ratio | $ep | $kp | $ec | $kc | $cratio | $eb / $kb |"
     done
     if [ "$memory" = 1 ]; then
-      em=$(rss_after_keys etcd 42379); km=$(rss_after_keys keelson 43379)
+      read -r -d '' em < <(rss_after_keys etcd 42379) || true
+      read -r -d '' km < <(rss_after_keys keelson 43379) || true
+      # shellcheck disable=SC2086
+      set -- $em; e1=$1 e1a=$2 e1f=$3 e2=$4 e2a=$5 e2f=$6
+      # shellcheck disable=SC2086
+      set -- $km; k1=$1 k1a=$2 k1f=$3 k2=$4 k2a=$5 k2f=$6
+      r() { awk -v a="$1" -v b="$2" 'BEGIN { if (b > 0) printf "%.2f", a/b; else print "-" }'; }
       echo
-      echo "Memory after putting $memory_keys distinct 8-byte keys with 256-byte values: etcd RSS ${em} MiB, keelson RSS ${km} MiB (ratio $(awk -v a="$km" -v b="$em" 'BEGIN { printf "%.2f", a/b }'))."
+      echo "Memory after putting $memory_keys distinct 8-byte keys with 256-byte values: etcd RSS ${e1} MiB, keelson RSS ${k1} MiB (ratio $(r "$k1" "$e1")); anonymous / file-backed: etcd ${e1a} / ${e1f}, keelson ${k1a} / ${k1f} MiB."
+      echo "After then reading every key once (serializable ranges of one key): etcd RSS ${e2} MiB, keelson RSS ${k2} MiB (ratio $(r "$k2" "$e2")); anonymous / file-backed: etcd ${e2a} / ${e2f}, keelson ${k2a} / ${k2f} MiB (ratio of anonymous memory $(r "$k2a" "$e2a"))."
     fi
   fi
   if [ "$watch" = 1 ]; then
