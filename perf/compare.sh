@@ -5,9 +5,13 @@
 #
 #   perf/compare.sh [--total N] [--duration-secs S] [--memory] [--memory-keys N]
 #                   [--watch | --watch-only] [--watch-drain-secs S] [--members N]
+#                   [--member-cores N]
 #
 # --members 3 runs every server as a cluster of 3 members on loopback (the
 # load spread over all members' client ports; CPU is the sum over members).
+# --member-cores N gives every member N cores, the same way for both:
+# keelson `--cores N`, etcd `GOMAXPROCS=N` (default: each takes all cores,
+# so 3 members on 2 cores run 3x oversubscribed).
 #
 # Workload: 64 clients over 8 HTTP/2 connections, 8-byte keys, 256-byte
 # values (the issue's target shape). CPU per op is utime+stime of the server
@@ -33,6 +37,7 @@ watch_drain=60
 # (memory freed after the burst: Go's scavenger, keelson's collector).
 watch_settle=3
 members=1
+member_cores=""
 # Watch cases, watchers:streams:conns:puts-in-flight:puts. The first
 # measures delivery latency at light load (etcd 3.4 keeps up with 100
 # watchers at one put in flight, not with 1000), the other two fan-out
@@ -51,6 +56,7 @@ while [ $# -gt 0 ]; do
     --watch-only) watch=1; watch_only=1; shift ;;
     --watch-drain-secs) watch_drain=$2; shift 2 ;;
     --members) members=$2; shift 2 ;;
+    --member-cores) member_cores=$2; shift 2 ;;
     *) echo "unknown argument $1" >&2; exit 2 ;;
   esac
 done
@@ -79,9 +85,13 @@ start_server() { # kind port -> sets server_pid (comma list) and endpoints
       --listen-peer-urls "http://127.0.0.1:$peer" --initial-advertise-peer-urls "http://127.0.0.1:$peer"
       --initial-cluster "$cluster" --initial-cluster-token "perf-$kind")
     if [ "$kind" = etcd ]; then
-      etcd "${args[@]}" >"$tmp/$kind-$i.log" 2>&1 &
+      if [ -n "$member_cores" ]; then
+        GOMAXPROCS=$member_cores etcd "${args[@]}" >"$tmp/$kind-$i.log" 2>&1 &
+      else
+        etcd "${args[@]}" >"$tmp/$kind-$i.log" 2>&1 &
+      fi
     else
-      target/release/keelson "${args[@]}" >"$tmp/$kind-$i.log" 2>&1 &
+      target/release/keelson "${args[@]}" ${member_cores:+--cores "$member_cores"} >"$tmp/$kind-$i.log" 2>&1 &
     fi
     pids+=("$!")
     server_pid+="${server_pid:+,}$!"
@@ -174,7 +184,7 @@ fi
   echo
   echo "## $(date -u +%Y-%m-%d) $([ "$members" = 1 ] && echo "single member" || echo "$members members"): keelson vs etcd $(etcd --version | awk '/etcd Version/ {print $3}')"
   echo
-  echo "Command: \`perf/compare.sh --total $total --duration-secs $duration$([ $memory = 1 ] && echo " --memory --memory-keys $memory_keys")$([ $watch_only = 1 ] && echo " --watch-only" || { [ $watch = 1 ] && echo " --watch"; })$([ $watch = 1 ] && echo " --watch-drain-secs $watch_drain")$([ "$members" != 1 ] && echo " --members $members")\`"
+  echo "Command: \`perf/compare.sh --total $total --duration-secs $duration$([ $memory = 1 ] && echo " --memory --memory-keys $memory_keys")$([ $watch_only = 1 ] && echo " --watch-only" || { [ $watch = 1 ] && echo " --watch"; })$([ $watch = 1 ] && echo " --watch-drain-secs $watch_drain")$([ "$members" != 1 ] && echo " --members $members")$([ -n "$member_cores" ] && echo " --member-cores $member_cores")\`"
   echo "Machine: $(nproc) cores, $(uname -sr), $(awk '/MemTotal/ {printf "%.0f GiB", $2/1048576}' /proc/meminfo).$([ $watch_only = 0 ] && echo " Load: 64 clients over 8 connections, 8-byte keys, 256-byte values, 1 bench thread sharing the cores.")"
   if [ "$watch_only" = 0 ]; then
     echo
