@@ -109,6 +109,9 @@ stop_server() {
   for p in ${server_pid//,/ }; do kill -9 "$p" 2>/dev/null || true; wait "$p" 2>/dev/null || true; done
 }
 
+# Ports: below the kernel's ephemeral range (32768-60999 here), so no
+# outgoing connection of one member can hold a port another member is about
+# to listen on.
 run_all() { # kind port
   local kind=$1 port=$2
   start_server "$kind" "$port"
@@ -172,12 +175,12 @@ rss_after_keys() { # kind port -> "VmRSS RssAnon RssFile" in MiB after the puts,
 }
 
 if [ "$watch_only" = 0 ]; then
-  run_all etcd 42379
-  run_all keelson 43379
+  run_all etcd 26379
+  run_all keelson 27379
 fi
 if [ "$watch" = 1 ]; then
-  run_watch etcd 42379
-  run_watch keelson 43379
+  run_watch etcd 26379
+  run_watch keelson 27379
 fi
 
 {
@@ -204,8 +207,8 @@ fi
       echo "| $w$note | ${eo%.*} | ${ko%.*} | $ratio | $ep | $kp | $ec | $kc | $cratio | $eb / $kb |"
     done
     if [ "$memory" = 1 ]; then
-      read -r -d '' em < <(rss_after_keys etcd 42379) || true
-      read -r -d '' km < <(rss_after_keys keelson 43379) || true
+      read -r -d '' em < <(rss_after_keys etcd 26379) || true
+      read -r -d '' km < <(rss_after_keys keelson 27379) || true
       # shellcheck disable=SC2086
       set -- $em; e1=$1 e1a=$2 e1f=$3 e2=$4 e2a=$5 e2f=$6
       # shellcheck disable=SC2086
