@@ -60,6 +60,19 @@ impl Conn {
         self.r.read_line(&mut l).unwrap();
         l.trim_end_matches(['\r', '\n']).to_string()
     }
+    /// Reads header lines up to the blank line that ends them.
+    fn headers(&mut self) -> Vec<(String, String)> {
+        let mut headers = Vec::new();
+        loop {
+            let l = self.line();
+            if l.is_empty() {
+                return headers;
+            }
+            let (n, v) = l.split_once(':').unwrap();
+            headers.push((n.trim().to_string(), v.trim().to_string()));
+        }
+    }
+
     /// Reads one response (a `100 Continue` is skipped).
     fn read(&mut self) -> Resp {
         loop {
@@ -69,15 +82,7 @@ impl Conn {
                 .nth(1)
                 .and_then(|s| s.parse().ok())
                 .unwrap_or_else(|| panic!("bad status line {status_line:?}"));
-            let mut headers = Vec::new();
-            loop {
-                let l = self.line();
-                if l.is_empty() {
-                    break;
-                }
-                let (n, v) = l.split_once(':').unwrap();
-                headers.push((n.trim().to_string(), v.trim().to_string()));
-            }
+            let headers = self.headers();
             if status == 100 {
                 continue;
             }
@@ -618,15 +623,7 @@ impl Conn {
         );
         let status_line = self.line();
         let status = status_line.split(' ').nth(1).unwrap().parse().unwrap();
-        let mut headers = Vec::new();
-        loop {
-            let l = self.line();
-            if l.is_empty() {
-                break;
-            }
-            let (n, v) = l.split_once(':').unwrap();
-            headers.push((n.trim().to_string(), v.trim().to_string()));
-        }
+        let headers = self.headers();
         Resp {
             status,
             headers,
