@@ -596,18 +596,16 @@ fn mark_reads_before_changes(responses: &mut [ResponseOp], changed: &mut bool) {
                     });
                 }
             }
-            Some(response_op::Response::ResponseRange(g)) => {
-                if !*changed {
-                    g.header = Some(ResponseHeader {
-                        revision: REVISION_BEFORE,
-                        ..Default::default()
-                    });
-                }
+            Some(response_op::Response::ResponseRange(g)) if !*changed => {
+                g.header = Some(ResponseHeader {
+                    revision: REVISION_BEFORE,
+                    ..Default::default()
+                });
             }
             Some(response_op::Response::ResponseTxn(t)) => {
                 mark_reads_before_changes(&mut t.responses, changed)
             }
-            None => {}
+            Some(response_op::Response::ResponseRange(_)) | None => {}
         }
     }
 }
