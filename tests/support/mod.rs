@@ -208,7 +208,34 @@ impl Drop for Member {
     }
 }
 
+/// A loopback port nobody listens on, picked below the kernel's ephemeral
+/// port range when there is room there: a port the kernel handed out (port
+/// 0) can be taken again, between the pick and the server's bind, as the
+/// source port of some outgoing connection, such as a member dialing its
+/// peers. Ports below the range are only ever taken by a bind, and this
+/// process hands each out once (other test binaries run one at a time).
 pub fn free_port() -> u16 {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    const LOW: u32 = 10_000;
+    let ephemeral_low: u32 = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|s| s.split_whitespace().next()?.parse().ok())
+        .unwrap_or(32_768);
+    if ephemeral_low > LOW + 1000 {
+        let span = ephemeral_low - LOW;
+        let start = std::process::id().wrapping_mul(7919) % span;
+        loop {
+            let n = NEXT.fetch_add(1, Ordering::Relaxed);
+            if n >= span {
+                break;
+            }
+            let port = (LOW + (start + n) % span) as u16;
+            if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+                return port;
+            }
+        }
+    }
     std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
