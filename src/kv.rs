@@ -646,10 +646,8 @@ fn apply_path<'a, A: Access>(a: &'a mut A, t: &'a TxnRequest, p: &'a Path) -> Tx
                 }
                 let np = nested.next().expect("one path per nested txn");
                 let mut r = apply_path(a, n, np).await;
-                r.header = Some(ResponseHeader {
-                    revision: a.rev(),
-                    ..Default::default()
-                });
+                // etcd gives a nested txn's response an empty header.
+                r.header = Some(ResponseHeader::default());
                 responses.push(ResponseOp {
                     response: Some(response_op::Response::ResponseTxn(r)),
                 });
