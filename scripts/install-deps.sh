@@ -10,25 +10,33 @@ command -v protoc >/dev/null 2>&1 || need+=(protobuf-compiler)
 [ -f /usr/include/google/protobuf/descriptor.proto ] || need+=(libprotobuf-dev)
 command -v etcdctl >/dev/null 2>&1 || need+=(etcd-client)
 command -v etcd >/dev/null 2>&1 || need+=(etcd-server)
-if [ ${#need[@]} -eq 0 ]; then
-  exit 0
+# A venv for the Python clients the tests run (tests/python_clients.rs).
+python3 -c 'import venv, ensurepip' >/dev/null 2>&1 || need+=(python3-venv)
+if [ ${#need[@]} -gt 0 ]; then
+  if [ "$(id -u)" != 0 ]; then
+    echo "install-deps: need root to install: ${need[*]}" >&2
+    exit 1
+  fi
+  export DEBIAN_FRONTEND=noninteractive
+  # Keep package scripts from starting an etcd service on 2379.
+  policy=/usr/sbin/policy-rc.d
+  created_policy=0
+  if [ ! -e "$policy" ]; then
+    printf '#!/bin/sh\nexit 101\n' > "$policy"
+    chmod +x "$policy"
+    created_policy=1
+  fi
+  apt-get update -qq
+  apt-get install -y -qq --no-install-recommends "${need[@]}"
+  if [ "$created_policy" = 1 ]; then rm -f "$policy"; fi
+  # If a service started anyway, stop it: tests want their own servers.
+  if command -v systemctl >/dev/null 2>&1; then systemctl stop etcd >/dev/null 2>&1 || true; fi
+  pkill -x etcd >/dev/null 2>&1 || true
 fi
-if [ "$(id -u)" != 0 ]; then
-  echo "install-deps: need root to install: ${need[*]}" >&2
-  exit 1
+# Python clients (from PyPI, pinned), in target/pyclients.
+venv="$(cd "$(dirname "$0")/.." && pwd)/target/pyclients"
+if ! "$venv/bin/python" -c 'import etcd3gw' >/dev/null 2>&1; then
+  rm -rf "$venv"
+  python3 -m venv "$venv"
+  "$venv/bin/pip" install -q --disable-pip-version-check etcd3gw==2.7.0
 fi
-export DEBIAN_FRONTEND=noninteractive
-# Keep package scripts from starting an etcd service on 2379.
-policy=/usr/sbin/policy-rc.d
-created_policy=0
-if [ ! -e "$policy" ]; then
-  printf '#!/bin/sh\nexit 101\n' > "$policy"
-  chmod +x "$policy"
-  created_policy=1
-fi
-apt-get update -qq
-apt-get install -y -qq --no-install-recommends "${need[@]}"
-if [ "$created_policy" = 1 ]; then rm -f "$policy"; fi
-# If a service started anyway, stop it: tests want their own servers.
-if command -v systemctl >/dev/null 2>&1; then systemctl stop etcd >/dev/null 2>&1 || true; fi
-pkill -x etcd >/dev/null 2>&1 || true
