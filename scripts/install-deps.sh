@@ -35,8 +35,10 @@ if [ ${#need[@]} -gt 0 ]; then
 fi
 # Python clients (from PyPI, pinned), in target/pyclients.
 venv="$(cd "$(dirname "$0")/.." && pwd)/target/pyclients"
-if ! "$venv/bin/python" -c 'import etcd3gw' >/dev/null 2>&1; then
+# etcd3 0.12's generated protobuf code needs the protobuf 3 runtime.
+if ! "$venv/bin/python" -c 'import etcd3gw, etcd3' >/dev/null 2>&1; then
   rm -rf "$venv"
   python3 -m venv "$venv"
-  "$venv/bin/pip" install -q --disable-pip-version-check etcd3gw==2.7.0
+  "$venv/bin/pip" install -q --disable-pip-version-check \
+    etcd3gw==2.7.0 etcd3==0.12.0 'protobuf>=3.20,<4'
 fi

@@ -1,6 +1,7 @@
-//! Python clients, unchanged, against the real binary: etcd3gw (OpenStack's
-//! client for etcd's JSON gateway) runs `tests/clients/etcd3gw_smoke.py`,
-//! which checks every answer and exits non-zero on the first wrong one.
+//! Python clients, unchanged, against the real binary: python-etcd3 (gRPC)
+//! and etcd3gw (OpenStack's client for etcd's JSON gateway) run the scripts
+//! in `tests/clients/`, which check every answer and exit non-zero on the
+//! first wrong one.
 //! The client lives in the venv `target/pyclients` that
 //! `scripts/install-deps.sh` makes. Passes against etcd 3.4 too
 //! (`KEELSON_TEST_SERVER=etcd`).
@@ -70,6 +71,19 @@ fn etcd3gw_works_through_the_json_gateway() {
     let port = ep.rsplit(':').next().unwrap();
     run_python(
         "tests/clients/etcd3gw_smoke.py",
+        &[port],
+        Duration::from_secs(60),
+    );
+}
+
+#[test]
+fn python_etcd3_works_over_grpc() {
+    let mut m = Member::new(&[]);
+    assert!(m.start().is_none(), "{}", m.log_text());
+    let ep = m.endpoint();
+    let port = ep.rsplit(':').next().unwrap();
+    run_python(
+        "tests/clients/etcd3_smoke.py",
         &[port],
         Duration::from_secs(60),
     );
