@@ -288,6 +288,15 @@ impl Segments {
                 )
             })
         };
+        // Checked before the tail file is touched, and with room for the
+        // tail to roll over once (`append` names the next segment id + 1).
+        let tail32 = id32(tail_id)?;
+        if tail32 == u32::MAX {
+            return Err(format!(
+                "{}: segment id {tail_id} leaves no id for the next segment",
+                segment_path(dir, tail_id).display()
+            ));
+        }
         let mut segs = Vec::new();
         for id in list_segments(dir).map_err(|e| format!("{}: {e}", dir.display()))? {
             if id >= tail_id {
@@ -327,7 +336,7 @@ impl Segments {
             tail_offset
         };
         let mut tail = Segment {
-            id: id32(tail_id)?,
+            id: tail32,
             file: Some(file),
             map: Map::empty(),
             flushed,
@@ -363,6 +372,8 @@ impl Segments {
     /// starts the next segment, whose file the next `flush` creates.
     pub fn append(&mut self, key: &[u8], v: &Version<&[u8]>) -> Loc {
         if self.tail().end() >= self.segment_bytes_max {
+            // `open` leaves room for one roll; 2^32 segments of 64 MiB
+            // written in one run is beyond reach.
             let id = self.tail().id.checked_add(1).expect("segment ids < 2^32");
             let mut buf = Vec::with_capacity(TAIL_BUF_BYTES);
             buf.extend_from_slice(MAGIC);
@@ -863,5 +874,14 @@ mod tests {
         fs::write(segment_path(dir.path(), big), MAGIC).unwrap();
         assert!(read_segment(dir.path(), big, None, |_, _| ()).is_err());
         assert!(Segments::open(dir.path(), big, MAGIC.len() as u64, SEGMENT_BYTES_MAX).is_err());
+        // Nor may the tail be the last id (it could not roll over), and the
+        // refusal leaves its file as it was.
+        let last = u32::MAX as u64;
+        fs::write(segment_path(dir.path(), last), b"not touched").unwrap();
+        assert!(Segments::open(dir.path(), last, 4, SEGMENT_BYTES_MAX).is_err());
+        assert_eq!(
+            fs::read(segment_path(dir.path(), last)).unwrap(),
+            b"not touched"
+        );
     }
 }
