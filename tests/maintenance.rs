@@ -154,15 +154,18 @@ async fn hash_kv_hash_defragment_and_snapshot() {
     let sum = s.message().await.unwrap().expect("the checksum");
     assert_eq!(sum.blob().len(), 32);
     assert!(s.message().await.unwrap().is_none());
+    let (_dir, file) = snapshot_save(&m.endpoint());
+    assert_eq!(std::fs::metadata(&file).unwrap().len() % 512, 32);
+}
+
+/// `etcdctl snapshot save` into a fresh temp dir (kept alive by the
+/// returned guard); returns the file.
+fn snapshot_save(ep: &str) -> (tempfile::TempDir, std::path::PathBuf) {
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("snap.db");
-    let (ok, out, err) = etcdctl(
-        &m.endpoint(),
-        &["snapshot", "save", file.to_str().unwrap()],
-        None,
-    );
+    let (ok, out, err) = etcdctl(ep, &["snapshot", "save", file.to_str().unwrap()], None);
     assert!(ok, "{out}{err}");
-    assert_eq!(std::fs::metadata(&file).unwrap().len() % 512, 32);
+    (dir, file)
 }
 
 fn http_get(addr: &str, path: &str) -> (u16, String) {
@@ -261,14 +264,7 @@ async fn a_saved_snapshot_restores_into_a_new_member() {
         .header()
         .unwrap()
         .revision();
-    let dir = tempfile::tempdir().unwrap();
-    let file = dir.path().join("backup.db");
-    let (ok, out, err) = etcdctl(
-        &m.endpoint(),
-        &["snapshot", "save", file.to_str().unwrap()],
-        None,
-    );
-    assert!(ok, "{out}{err}");
+    let (dir, file) = snapshot_save(&m.endpoint());
     drop(c);
     drop(m);
     let st = keelson_cmd(&["snapshot", "status", file.to_str().unwrap()]);
