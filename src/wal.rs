@@ -369,7 +369,7 @@ impl Wal {
             tail: Vec::new(),
             align,
         };
-        wal.write(head)
+        wal.write(&head)
             .await
             .map_err(|e| format!("{}: {e}", path.display()))?;
         wal.file
@@ -386,7 +386,7 @@ impl Wal {
     /// partial block kept in `tail`, then `data`, then zeros up to the next
     /// block boundary, or up to the next `PREALLOC_BYTES` boundary when the
     /// write reaches past what the file has.
-    async fn write(&mut self, data: Vec<u8>) -> Result<(), String> {
+    async fn write(&mut self, data: &[u8]) -> Result<(), String> {
         let align = self.align;
         let start = self.pos - self.tail.len() as u64;
         let end = self.pos + data.len() as u64;
@@ -399,7 +399,7 @@ impl Wal {
         let b = dma.as_bytes_mut();
         let t = self.tail.len();
         b[..t].copy_from_slice(&self.tail);
-        b[t..t + data.len()].copy_from_slice(&data);
+        b[t..t + data.len()].copy_from_slice(data);
         b[t + data.len()..].fill(0);
         // The new partial block, kept before the buffer goes to the kernel.
         let tail_from = (end / align * align - start) as usize;
@@ -441,8 +441,12 @@ impl Wal {
         if self.buf.is_empty() {
             return Ok(());
         }
-        let buf = std::mem::take(&mut self.buf);
-        self.write(buf).await?;
+        // Taken for the write and given back empty, so the next batch
+        // reuses its capacity.
+        let mut buf = std::mem::take(&mut self.buf);
+        self.write(&buf).await?;
+        buf.clear();
+        self.buf = buf;
         self.file
             .fdatasync()
             .await
