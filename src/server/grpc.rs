@@ -163,10 +163,7 @@ async fn handle_stream(
             ended: false,
             queued: Default::default(),
         };
-        let mut sink = MsgSink {
-            send: Some(send),
-            queue: None,
-        };
+        let mut sink = MsgSink::H2(send);
         let end = api::call_stream(sm, input, &mut sink, meta, &core).await;
         core.count_rpc(&path, end.as_ref().err().map(|s| s.code as u8).unwrap_or(0));
         sink.finish(end.err().as_ref());
@@ -342,16 +339,17 @@ impl MsgStream {
 
 /// The responses of a stream. `send` waits for HTTP/2 send window, so what
 /// a slow client has not read stays with the handler, bounded by the window.
-pub struct MsgSink {
-    /// `None` for a stream of the JSON gateway, which has `queue`.
-    send: Option<h2::SendStream<Bytes>>,
-    queue: Option<SinkQueue>,
+pub enum MsgSink {
+    /// A gRPC stream's HTTP/2 send half.
+    H2(h2::SendStream<Bytes>),
+    /// A stream of the JSON gateway.
+    Queued(SinkQueue),
 }
 
 /// A gateway stream's responses go to its connection task through a
 /// bounded channel (backpressure as HTTP/2's window gives); `closed`
 /// resolves when that task drops its end (the client went away).
-struct SinkQueue {
+pub struct SinkQueue {
     tx: futures::channel::mpsc::Sender<Bytes>,
     closed: Option<futures::channel::oneshot::Receiver<()>>,
 }
@@ -369,13 +367,10 @@ impl MsgSink {
         closed: futures::channel::oneshot::Receiver<()>,
     ) -> (MsgSink, futures::channel::mpsc::Receiver<Bytes>) {
         let (tx, rx) = futures::channel::mpsc::channel(depth);
-        let sink = MsgSink {
-            send: None,
-            queue: Some(SinkQueue {
-                tx,
-                closed: Some(closed),
-            }),
-        };
+        let sink = MsgSink::Queued(SinkQueue {
+            tx,
+            closed: Some(closed),
+        });
         (sink, rx)
     }
 
@@ -387,14 +382,16 @@ impl MsgSink {
     /// window allows: HTTP/2 frame boundaries mean nothing to gRPC).
     pub async fn send_all(&mut self, msgs: &[impl AsRef<[u8]>]) -> Result<(), Gone> {
         use futures::SinkExt;
-        let Some(send) = self.send.as_mut() else {
-            let q = self.queue.as_mut().expect("a sink is h2 or queued");
-            for m in msgs {
-                q.tx.send(Bytes::copy_from_slice(m.as_ref()))
-                    .await
-                    .map_err(|_| Gone)?;
+        let send = match self {
+            MsgSink::H2(send) => send,
+            MsgSink::Queued(q) => {
+                for m in msgs {
+                    q.tx.send(Bytes::copy_from_slice(m.as_ref()))
+                        .await
+                        .map_err(|_| Gone)?;
+                }
+                return Ok(());
             }
-            return Ok(());
         };
         let len = msgs.iter().map(|m| 5 + m.as_ref().len()).sum();
         let mut framed = BytesMut::with_capacity(len);
@@ -420,23 +417,22 @@ impl MsgSink {
 
     /// Resolves when the client resets the stream or the connection closes.
     pub async fn closed(&mut self) {
-        match (self.send.as_mut(), self.queue.as_mut()) {
-            (Some(send), _) => {
+        match self {
+            MsgSink::H2(send) => {
                 let _ = futures::future::poll_fn(|cx| send.poll_reset(cx)).await;
             }
-            (None, Some(q)) => {
+            MsgSink::Queued(q) => {
                 // Resolves once; after that the client stays gone.
                 if let Some(c) = q.closed.as_mut() {
                     let _ = c.await;
                     q.closed = None;
                 }
             }
-            (None, None) => {}
         }
     }
 
     fn finish(&mut self, st: Option<&Status>) {
-        let Some(send) = self.send.as_mut() else {
+        let MsgSink::H2(send) = self else {
             return;
         };
         let mut trailers = HeaderMap::new();
