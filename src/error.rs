@@ -116,6 +116,14 @@ etcd_errors! {
     not_supported_for_learner => (Unavailable, "etcdserver: rpc not supported for learner");
 }
 
+/// What grpc-go answers for a message over the server's receive limit.
+pub fn message_too_large(len: usize, limit: usize) -> Status {
+    Status::new(
+        Code::ResourceExhausted,
+        format!("grpc: received message larger than max ({len} vs. {limit})"),
+    )
+}
+
 /// What grpc-go answers for a method the server does not have; keelson uses
 /// it for etcd methods it does not implement yet (listed in the README).
 pub fn unimplemented(service: &str, method: &str) -> Status {

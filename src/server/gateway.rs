@@ -258,20 +258,11 @@ pub async fn call(
         let pb = json_to_pb(m, json)?;
         let limit = core.router.member.max_request_bytes + GRPC_OVERHEAD_BYTES;
         if pb.len() > limit {
-            return Err(Status::new(
-                Code::ResourceExhausted,
-                format!(
-                    "grpc: received message larger than max ({} vs. {limit})",
-                    pb.len()
-                ),
-            ));
+            return Err(crate::error::message_too_large(pb.len(), limit));
         }
         super::auth::authorize(core, m, &pb, token)?;
         let out = api::call(m, &pb, core).await;
-        core.count_rpc(
-            grpc_path,
-            out.as_ref().err().map(|s| s.code as u8).unwrap_or(0),
-        );
+        core.count_result(grpc_path, &out);
         pb_to_json(m, &out?)
     }
     .await;

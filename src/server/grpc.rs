@@ -165,7 +165,7 @@ async fn handle_stream(
         };
         let mut sink = MsgSink::H2(send);
         let end = api::call_stream(sm, input, &mut sink, meta, &core).await;
-        core.count_rpc(&path, end.as_ref().err().map(|s| s.code as u8).unwrap_or(0));
+        core.count_result(&path, &end);
         sink.finish(end.err().as_ref());
         return;
     }
@@ -215,7 +215,7 @@ async fn handle_stream(
         futures_lite::future::or(call, reset).await
     };
     if let Some(r) = &result {
-        core.count_rpc(&path, r.as_ref().err().map(|s| s.code as u8).unwrap_or(0));
+        core.count_result(&path, &r);
     }
     match result {
         Some(Ok(reply)) => send_ok(&mut respond, reply),
@@ -288,13 +288,7 @@ impl MsgStream {
                 let len = u32::from_be_bytes([self.buf[1], self.buf[2], self.buf[3], self.buf[4]])
                     as usize;
                 if len > self.limit {
-                    return Some(Err(Status::new(
-                        Code::ResourceExhausted,
-                        format!(
-                            "grpc: received message larger than max ({len} vs. {})",
-                            self.limit
-                        ),
-                    )));
+                    return Some(Err(crate::error::message_too_large(len, self.limit)));
                 }
                 if self.buf.len() >= 5 + len {
                     let mut m = self.buf.split_to(5 + len);
@@ -464,10 +458,7 @@ async fn read_message(mut body: h2::RecvStream, limit: usize) -> Result<Bytes, S
         if buf.len() >= 5 {
             let len = u32::from_be_bytes([buf[1], buf[2], buf[3], buf[4]]) as usize;
             if len > limit {
-                return Err(Status::new(
-                    Code::ResourceExhausted,
-                    format!("grpc: received message larger than max ({len} vs. {limit})"),
-                ));
+                return Err(crate::error::message_too_large(len, limit));
             }
         }
     }

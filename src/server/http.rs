@@ -567,7 +567,7 @@ where
     let (end, written) = {
         let handler = async move {
             let end = api::call_stream(m, input, &mut sink, meta, core).await;
-            core.count_rpc(path, end.as_ref().err().map(|s| s.code as u8).unwrap_or(0));
+            core.count_result(path, &end);
             // Dropping the sink ends the writer below.
             drop(sink);
             end

@@ -170,7 +170,12 @@ pub struct Core {
 }
 
 impl Core {
-    pub fn count_rpc(&self, path: &str, code: u8) {
+    /// Counts a finished RPC under its gRPC code (0 for success).
+    pub fn count_result<T>(&self, path: &str, r: &Result<T, crate::error::Status>) {
+        self.count_rpc(path, r.as_ref().err().map(|s| s.code as u8).unwrap_or(0));
+    }
+
+    fn count_rpc(&self, path: &str, code: u8) {
         let code = (code as usize).min(16);
         let mut m = self.rpcs.borrow_mut();
         // Looked up by &str: a String is made once per method, not per call.
