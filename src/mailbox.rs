@@ -98,3 +98,56 @@ impl<T> Receiver<T> {
         self.rx.try_recv().ok()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::{Duration, Instant};
+
+    /// keelson's cores run glommio without preemption timers (see
+    /// third_party/glommio/PATCHES.md). Such an executor must still sleep and
+    /// be woken by a message from another thread, and still fire its timers;
+    /// and the knob must really turn the timers off: after a task has run
+    /// well past the preemption period, `need_preempt` is false without
+    /// them and true with them.
+    #[test]
+    fn executor_without_preempt_timers_sleeps_wakes_and_never_preempts() {
+        for timers in [false, true] {
+            let (tx, rx) = mailbox::<u32>();
+            let sender = std::thread::spawn(move || {
+                for i in 0..50u32 {
+                    // Long enough for the executor to go to sleep.
+                    std::thread::sleep(Duration::from_millis(2));
+                    tx.send(i);
+                }
+            });
+            let preempted = glommio::LocalExecutorBuilder::default()
+                .preempt_timer(Duration::from_millis(1))
+                .preempt_timers(timers)
+                .spawn(move || async move {
+                    let mut got = Vec::new();
+                    let mut batch = Vec::new();
+                    while got.len() < 50 {
+                        batch.clear();
+                        assert!(rx.recv_batch(&mut batch, 64).await);
+                        got.extend_from_slice(&batch);
+                    }
+                    assert_eq!(got, (0..50).collect::<Vec<_>>());
+                    let t = Instant::now();
+                    glommio::timer::sleep(Duration::from_millis(5)).await;
+                    assert!(t.elapsed() >= Duration::from_millis(5));
+                    // Busy for 20 preemption periods.
+                    let t = Instant::now();
+                    while t.elapsed() < Duration::from_millis(20) {
+                        std::hint::spin_loop();
+                    }
+                    glommio::executor().need_preempt()
+                })
+                .unwrap()
+                .join()
+                .unwrap();
+            sender.join().unwrap();
+            assert_eq!(preempted, timers, "preempt_timers({timers})");
+        }
+    }
+}

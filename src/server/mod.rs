@@ -846,6 +846,10 @@ pub fn run(cfg: Config) -> Result<(), String> {
         };
         let h = LocalExecutorBuilder::new(Placement::Unbound)
             .name(&format!("keelson-core-{core}"))
+            // One task queue of cooperative tasks per core: the preemption
+            // timers would only add io_uring work to every reactor poll
+            // (third_party/glommio/PATCHES.md).
+            .preempt_timers(false)
             .spawn(move || async move {
                 let ctx = Rc::new_cyclic(|me| Core {
                     id: core,

@@ -470,6 +470,8 @@ pub struct LocalExecutorBuilder {
     ring_depth: usize,
     /// How often to yield to other task queues
     preempt_timer_duration: Duration,
+    /// keelson patch: whether to arm the preemption timers at all
+    preempt_timers: bool,
     /// Whether to record the latencies of individual IO requests
     record_io_latencies: bool,
     /// The placement policy of the blocking thread pool
@@ -496,6 +498,7 @@ impl LocalExecutorBuilder {
             io_memory: DEFAULT_IO_MEMORY,
             ring_depth: DEFAULT_RING_SUBMISSION_DEPTH,
             preempt_timer_duration: DEFAULT_PREEMPT_TIMER,
+            preempt_timers: true,
             record_io_latencies: false,
             blocking_thread_pool_placement: PoolPlacement::from(placement),
             detect_stalls: None,
@@ -556,6 +559,22 @@ impl LocalExecutorBuilder {
     #[must_use = "The builder must be built to be useful"]
     pub fn preempt_timer(mut self, dur: Duration) -> LocalExecutorBuilder {
         self.preempt_timer_duration = dur;
+        self
+    }
+
+    /// keelson patch: whether the executor arms its preemption timers (the
+    /// latency timer behind [`need_preempt`] and the throughput timer that
+    /// fires after a ring's depth of completions). Glommio cancels and
+    /// re-arms both every time the reactor is polled, which costs several
+    /// io_uring submissions and `io_uring_enter` calls per poll. An executor
+    /// that runs one task queue of cooperative tasks gains nothing from
+    /// them: without them, the executor runs its queue until it is empty
+    /// and then polls for I/O. Default: `true` (upstream behaviour).
+    ///
+    /// [`need_preempt`]: ExecutorProxy::need_preempt
+    #[must_use = "The builder must be built to be useful"]
+    pub fn preempt_timers(mut self, on: bool) -> LocalExecutorBuilder {
+        self.preempt_timers = on;
         self
     }
 
@@ -620,6 +639,7 @@ impl LocalExecutorBuilder {
                 io_memory: self.io_memory,
                 ring_depth: self.ring_depth,
                 preempt_timer: self.preempt_timer_duration,
+                preempt_timers: self.preempt_timers,
                 record_io_latencies: self.record_io_latencies,
                 spin_before_park: self.spin_before_park,
                 thread_pool_placement: self.blocking_thread_pool_placement,
@@ -686,6 +706,7 @@ impl LocalExecutorBuilder {
         let io_memory = self.io_memory;
         let ring_depth = self.ring_depth;
         let preempt_timer_duration = self.preempt_timer_duration;
+        let preempt_timers = self.preempt_timers;
         let spin_before_park = self.spin_before_park;
         let detect_stalls = self.detect_stalls;
         let record_io_latencies = self.record_io_latencies;
@@ -701,6 +722,7 @@ impl LocalExecutorBuilder {
                         io_memory,
                         ring_depth,
                         preempt_timer: preempt_timer_duration,
+                        preempt_timers,
                         record_io_latencies,
                         spin_before_park,
                         thread_pool_placement: blocking_thread_pool_placement,
@@ -984,6 +1006,7 @@ impl LocalExecutorPoolBuilder {
                             io_memory,
                             ring_depth,
                             preempt_timer: preempt_timer_duration,
+                            preempt_timers: true,
                             record_io_latencies,
                             spin_before_park,
                             thread_pool_placement: blocking_thread_pool_placement,
@@ -1079,6 +1102,8 @@ pub struct LocalExecutorConfig {
     pub io_memory: usize,
     pub ring_depth: usize,
     pub preempt_timer: Duration,
+    /// keelson patch: see [`LocalExecutorBuilder::preempt_timers`]
+    pub preempt_timers: bool,
     pub record_io_latencies: bool,
     pub spin_before_park: Option<Duration>,
     pub thread_pool_placement: PoolPlacement,
@@ -1160,7 +1185,8 @@ impl LocalExecutor {
         let queues = ExecutorQueues::new(config.preempt_timer, config.spin_before_park);
         let id = notifier.id();
         trace!(id = id, "Creating executor");
-        Ok(LocalExecutor {
+        let preempt_timers = config.preempt_timers;
+        let ex = LocalExecutor {
             queues: Rc::new(RefCell::new(queues)),
             parker: p,
             id,
@@ -1177,7 +1203,9 @@ impl LocalExecutor {
                     .map(|x| StallDetector::new(id, x))
                     .transpose()?,
             ),
-        })
+        };
+        ex.reactor.sys.set_preempt_timers(preempt_timers);
+        Ok(ex)
     }
 
     /// Enable or disable task stall detection at runtime
