@@ -150,4 +150,40 @@ mod tests {
             assert_eq!(preempted, timers, "preempt_timers({timers})");
         }
     }
+
+    /// Without preemption timers the patched reactor keeps the io_uring
+    /// timeout for the earliest user timer armed across sleeps; a timer that
+    /// comes due earlier than the armed one must still wake the executor on
+    /// time, and the later one must still fire.
+    #[test]
+    fn an_earlier_timer_replaces_the_armed_one() {
+        let (tx, rx) = mailbox::<()>();
+        let (early, late) = glommio::LocalExecutorBuilder::default()
+            .preempt_timers(false)
+            .spawn(move || async move {
+                let start = Instant::now();
+                let late = glommio::spawn_local(async move {
+                    glommio::timer::sleep(Duration::from_millis(400)).await;
+                    start.elapsed()
+                });
+                // Sleep with only the 400 ms timer armed until another
+                // thread sends a message.
+                std::thread::spawn(move || {
+                    std::thread::sleep(Duration::from_millis(30));
+                    tx.send(());
+                });
+                let mut got = Vec::new();
+                assert!(rx.recv_batch(&mut got, 1).await);
+                let t = Instant::now();
+                glommio::timer::sleep(Duration::from_millis(10)).await;
+                (t.elapsed(), late.await)
+            })
+            .unwrap()
+            .join()
+            .unwrap();
+        assert!(early >= Duration::from_millis(10), "{early:?}");
+        assert!(early < Duration::from_millis(200), "{early:?}");
+        assert!(late >= Duration::from_millis(400), "{late:?}");
+        assert!(late < Duration::from_millis(1000), "{late:?}");
+    }
 }

@@ -1225,6 +1225,10 @@ pub(crate) struct Reactor {
     throughput_preemption_timeout_src: Cell<Option<Source>>,
     // keelson patch: whether `wait` arms the two preemption timers
     preempt_timers: Cell<bool>,
+    // keelson patch: when the preemption timers are off, the deadline of the
+    // user timer armed in `latency_preemption_timeout_src`, kept armed across
+    // polls and sleeps while no earlier deadline comes up
+    armed_user_deadline: Cell<Option<std::time::Instant>>,
 
     link_fd: RawFd,
 
@@ -1357,6 +1361,7 @@ impl Reactor {
             latency_preemption_timeout_src: Cell::new(None),
             throughput_preemption_timeout_src: Cell::new(None),
             preempt_timers: Cell::new(true),
+            armed_user_deadline: Cell::new(None),
             blocking_thread,
             link_fd,
             notifier,
@@ -1828,7 +1833,19 @@ impl Reactor {
         //
         // But if we will sleep, there might be a timer registered that needs
         // to be removed otherwise we'll wake up when it expires.
-        drop(self.latency_preemption_timeout_src.take());
+        //
+        // keelson patch: without preemption timers, the source only ever
+        // holds a user timer, which stays armed until it fires or an earlier
+        // deadline replaces it (below).
+        if self.preempt_timers.get() {
+            drop(self.latency_preemption_timeout_src.take());
+        } else if let Some(src) = self.latency_preemption_timeout_src.take() {
+            if src.result().is_none() {
+                self.latency_preemption_timeout_src.set(Some(src));
+            } else {
+                self.armed_user_deadline.set(None);
+            }
+        }
 
         // Schedule the throughput-based timeout immediately: it won't matter if we end
         // up sleeping.
@@ -1861,9 +1878,24 @@ impl Reactor {
             // We are about to go to sleep. It's ok to sleep, but if there
             // is a timer set, we need to make sure we wake up to handle it.
             if let Some(dur) = user_timer {
-                self.latency_preemption_timeout_src
-                    .set(Some(lat_ring.prepare_latency_preemption_timer(dur)));
-                assert!(flush_rings!(lat_ring)? > 0);
+                // keelson patch: keep a timer that is armed for this deadline
+                // or an earlier one (an earlier one at worst wakes us once for
+                // nothing); otherwise replace it. Upstream always arms anew,
+                // and cancels it again on the next poll.
+                let deadline = std::time::Instant::now() + dur;
+                let armed = self.latency_preemption_timeout_src.take();
+                let keep = !self.preempt_timers.get()
+                    && armed.is_some()
+                    && self.armed_user_deadline.get().is_some_and(|d| d <= deadline);
+                if keep {
+                    self.latency_preemption_timeout_src.set(armed);
+                } else {
+                    drop(armed);
+                    self.latency_preemption_timeout_src
+                        .set(Some(lat_ring.prepare_latency_preemption_timer(dur)));
+                    self.armed_user_deadline.set(Some(deadline));
+                    assert!(flush_rings!(lat_ring)? > 0);
+                }
             }
             // From this moment on the remote executors are aware that we are sleeping
             // We have to sweep the remote channels function once more because since
