@@ -75,6 +75,11 @@ pub enum ShardMsg {
         rev: i64,
         reply: oneshot::Sender<()>,
     },
+    /// Rewrite the shard's live versions into new segments (Maintenance
+    /// Defragment); replies when done.
+    Defrag {
+        reply: oneshot::Sender<()>,
+    },
     Checkpoint {
         index: u64,
     },
@@ -288,7 +293,14 @@ pub async fn run_shard(mut shard: Shard, rx: Receiver<ShardMsg>, router: Arc<Rou
                 }
                 ShardMsg::Applied { index } => shard.applied = shard.applied.max(index),
                 ShardMsg::Compact { rev, reply } => {
-                    shard.compact(rev);
+                    let worth_defrag = shard.compact(rev);
+                    let _ = reply.send(());
+                    if worth_defrag {
+                        defrag(&mut shard);
+                    }
+                }
+                ShardMsg::Defrag { reply } => {
+                    defrag(&mut shard);
                     let _ = reply.send(());
                 }
                 ShardMsg::Checkpoint { index } => {
@@ -402,6 +414,25 @@ pub async fn run_shard(mut shard: Shard, rx: Receiver<ShardMsg>, router: Arc<Rou
                 .send(ApplierMsg::Done(std::mem::take(&mut done)));
         }
     }
+}
+
+/// Rewrites the shard's segments (`Shard::defrag`). A failure leaves the
+/// index pointing partly into segments that were not fully written: stop,
+/// and let recovery read the old segments and replay the WAL.
+fn defrag(shard: &mut Shard) {
+    let t = std::time::Instant::now();
+    let before = shard.disk_bytes();
+    if let Err(e) = shard.defrag() {
+        crate::error!("shard {}: {e}; stopping", shard.id);
+        std::process::exit(1);
+    }
+    crate::info!(
+        "shard {}: defragmented {} -> {} bytes in {:?}",
+        shard.id,
+        before,
+        shard.disk_bytes(),
+        t.elapsed()
+    );
 }
 
 /// Sends the shard's pending watch events to the cores that watch them.

@@ -219,8 +219,8 @@ pub async fn call(m: Method, body: &[u8], core: &Core) -> Result<Vec<u8>, Status
         Method::Alarm => alarm(core, decode(body)?).await?.encode_to_vec(),
         Method::Defragment => {
             let _: DefragmentRequest = decode(body)?;
-            // Nothing is rewritten (see the README); etcd's answer carries
-            // no header either.
+            defragment(core).await?;
+            // etcd's answer carries no header either.
             DefragmentResponse { header: None }.encode_to_vec()
         }
         Method::Hash => hash(core, decode(body)?).await?.encode_to_vec(),
@@ -290,6 +290,17 @@ async fn with_timeout<T>(
     };
     let work = async { f.await.map_err(|_| error::stopped()) };
     futures_lite::future::or(work, timed).await
+}
+
+/// Rewrites every shard's segments of this member (etcd's defragment is
+/// per member too), one shard after another as etcd rewrites one file.
+async fn defragment(core: &Core) -> Result<(), Status> {
+    for s in &core.router.shards {
+        let (tx, rx) = oneshot::channel();
+        s.send(ShardMsg::Defrag { reply: tx });
+        rx.await.map_err(|_| error::stopped())?;
+    }
+    Ok(())
 }
 
 /// Proposes a command and waits until it is applied.

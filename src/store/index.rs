@@ -191,6 +191,17 @@ impl<V> Index<V> {
         hist.last().expect("just pushed")
     }
 
+    /// Calls `f` for every version of every key, keys in order and each
+    /// key's versions oldest first, with the version mutable (only its
+    /// value's location is to change: `Shard::defrag`).
+    pub fn for_each_mut<F: FnMut(&[u8], &mut Version<V>)>(&mut self, mut f: F) {
+        for (k, hist) in self.keys.iter_mut() {
+            for v in hist.iter_mut() {
+                f(k, v);
+            }
+        }
+    }
+
     /// Restores a version read back from a segment (recovery).
     pub fn restore(&mut self, key: &[u8], v: Version<V>) {
         self.history_mut(key).push(v);

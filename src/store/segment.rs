@@ -91,6 +91,12 @@ impl Loc {
     }
 }
 
+/// Bytes a record of a `key_len`-byte key and a `value_len`-byte value
+/// takes in a segment.
+pub fn record_bytes(key_len: usize, value_len: usize) -> usize {
+    RECORD_HEADER_BYTES + BODY_FIXED_BYTES + key_len + value_len
+}
+
 pub fn encode_record<V: AsRef<[u8]>>(out: &mut Vec<u8>, key: &[u8], v: &Version<V>) {
     let value: &[u8] = v.value.as_ref().map(|b| b.as_ref()).unwrap_or(&[]);
     let len = BODY_FIXED_BYTES + key.len() + value.len();
@@ -263,14 +269,17 @@ pub struct Segments {
 }
 
 impl Segments {
-    /// Opens the segments in `dir`: every one below `tail_id` as sealed
-    /// (mapped whole; recovery has read and checked them), and `tail_id`
-    /// for appending at `tail_offset`, cutting anything after it (created
-    /// with its magic when `tail_offset` is 0). Segments above `tail_id`
-    /// MUST have been removed first. `segment_bytes_max` is the roll-over
-    /// size (`SEGMENT_BYTES_MAX` but in tests).
+    /// Opens the segments in `dir`: every one from `first_id` to below
+    /// `tail_id` as sealed (mapped whole; recovery has read and checked
+    /// them), and `tail_id` for appending at `tail_offset`, cutting
+    /// anything after it (created with its magic when `tail_offset` is 0).
+    /// Segments below `first_id` (retired by a defragmentation, see
+    /// `Shard::defrag`) are left alone; segments above `tail_id` MUST have
+    /// been removed first. `segment_bytes_max` is the roll-over size
+    /// (`SEGMENT_BYTES_MAX` but in tests).
     pub fn open(
         dir: &Path,
+        first_id: u64,
         tail_id: u64,
         tail_offset: u64,
         segment_bytes_max: u64,
@@ -299,6 +308,9 @@ impl Segments {
         }
         let mut segs = Vec::new();
         for id in list_segments(dir).map_err(|e| format!("{}: {e}", dir.display()))? {
+            if id < first_id {
+                continue;
+            }
             if id >= tail_id {
                 if id > tail_id {
                     return Err(format!(
@@ -363,8 +375,42 @@ impl Segments {
         for id in list_segments(&self.dir).map_err(io)? {
             fs::remove_file(segment_path(&self.dir, id)).map_err(io)?;
         }
-        *self = Segments::open(&self.dir, 1, 0, self.segment_bytes_max)?;
+        *self = Segments::open(&self.dir, 0, 1, 0, self.segment_bytes_max)?;
         Ok(())
+    }
+
+    /// Starts a new tail segment (its file is created and the old tail is
+    /// written out, fsynced and sealed right away) and returns its id: every
+    /// record appended from now on goes to it or to later segments.
+    pub fn roll(&mut self) -> io::Result<u64> {
+        let id = self.tail().id.checked_add(1).ok_or_else(|| {
+            io::Error::new(io::ErrorKind::Other, "segment ids exhausted (2^32)")
+        })?;
+        let mut buf = Vec::with_capacity(TAIL_BUF_BYTES);
+        buf.extend_from_slice(MAGIC);
+        self.segs.push(Segment {
+            id,
+            file: None,
+            map: Map::empty(),
+            flushed: 0,
+            buf,
+            sealed: false,
+        });
+        self.flush()?;
+        Ok(id as u64)
+    }
+
+    /// Unmaps every segment below `id` (their files stay): no `Loc` may
+    /// point into them any more.
+    pub fn forget_below(&mut self, id: u64) {
+        self.segs.retain(|s| (s.id as u64) >= id);
+        debug_assert!(!self.segs.is_empty(), "the tail stays");
+    }
+
+    /// Bytes of the segments in use (every one not forgotten), written or
+    /// still buffered.
+    pub fn bytes(&self) -> u64 {
+        self.segs.iter().map(|s| s.end()).sum()
     }
 
     /// Appends the record of `key` at version `v` and returns where its
@@ -665,7 +711,7 @@ mod tests {
     #[test]
     fn writer_and_reader() {
         let dir = tempfile::tempdir().unwrap();
-        let mut w = Segments::open(dir.path(), 1, 0, SEGMENT_BYTES_MAX).unwrap();
+        let mut w = Segments::open(dir.path(), 0, 1, 0, SEGMENT_BYTES_MAX).unwrap();
         for i in 1..=100 {
             w.append(format!("key{i}").as_bytes(), &v(i, Some("x")));
         }
@@ -684,7 +730,7 @@ mod tests {
         f.set_len(off - 3).unwrap();
         assert!(read_segment(dir.path(), 1, Some(off), |_, _| ()).is_err());
         // Re-opening at an earlier offset cuts the tail.
-        let mut w = Segments::open(dir.path(), 1, MAGIC.len() as u64, SEGMENT_BYTES_MAX).unwrap();
+        let mut w = Segments::open(dir.path(), 0, 1, MAGIC.len() as u64, SEGMENT_BYTES_MAX).unwrap();
         w.append(b"only", &v(1, Some("y")));
         w.flush().unwrap();
         let mut keys = Vec::new();
@@ -754,7 +800,7 @@ mod tests {
         ];
         for &(size, every) in table {
             let dir = tempfile::tempdir().unwrap();
-            let mut segs = Segments::open(dir.path(), 1, 0, size).unwrap();
+            let mut segs = Segments::open(dir.path(), 0, 1, 0, size).unwrap();
             let mut locs = Vec::new();
             append_and_check(&mut segs, &mut locs, 0, 400, every);
             segs.flush().unwrap();
@@ -790,7 +836,7 @@ mod tests {
             let want: Vec<(Vec<u8>, Option<Loc>)> =
                 locs.iter().map(|&(i, loc)| (key_of(i), loc)).collect();
             assert_eq!(got, want, "{size}/{every}: recovered locations");
-            let mut segs = Segments::open(dir.path(), tail, tail_off, size).unwrap();
+            let mut segs = Segments::open(dir.path(), 0, tail, tail_off, size).unwrap();
             for &(i, loc) in &locs {
                 if let Some(loc) = loc {
                     assert_eq!(segs.value(loc), &value_of(i)[..], "{size}/{every}: {i}");
@@ -807,7 +853,7 @@ mod tests {
     #[test]
     fn mapping_sees_later_writes() {
         let dir = tempfile::tempdir().unwrap();
-        let mut segs = Segments::open(dir.path(), 1, 0, SEGMENT_BYTES_MAX).unwrap();
+        let mut segs = Segments::open(dir.path(), 0, 1, 0, SEGMENT_BYTES_MAX).unwrap();
         let before = segs.tail().map.len;
         let loc = segs.append(b"k", &v(1, Some("written after mmap")));
         segs.flush().unwrap();
@@ -823,7 +869,7 @@ mod tests {
     #[test]
     fn location_past_written_is_not_read() {
         let dir = tempfile::tempdir().unwrap();
-        let mut segs = Segments::open(dir.path(), 1, 0, SEGMENT_BYTES_MAX).unwrap();
+        let mut segs = Segments::open(dir.path(), 0, 1, 0, SEGMENT_BYTES_MAX).unwrap();
         let loc = segs.append(b"k", &v(1, Some("abc")));
         segs.flush().unwrap();
         assert!(segs.tail().map.len > 1 << 20);
@@ -873,12 +919,12 @@ mod tests {
         let big = u32::MAX as u64 + 1;
         fs::write(segment_path(dir.path(), big), MAGIC).unwrap();
         assert!(read_segment(dir.path(), big, None, |_, _| ()).is_err());
-        assert!(Segments::open(dir.path(), big, MAGIC.len() as u64, SEGMENT_BYTES_MAX).is_err());
+        assert!(Segments::open(dir.path(), 0, big, MAGIC.len() as u64, SEGMENT_BYTES_MAX).is_err());
         // Nor may the tail be the last id (it could not roll over), and the
         // refusal leaves its file as it was.
         let last = u32::MAX as u64;
         fs::write(segment_path(dir.path(), last), b"not touched").unwrap();
-        assert!(Segments::open(dir.path(), last, 4, SEGMENT_BYTES_MAX).is_err());
+        assert!(Segments::open(dir.path(), 0, last, 4, SEGMENT_BYTES_MAX).is_err());
         assert_eq!(
             fs::read(segment_path(dir.path(), last)).unwrap(),
             b"not touched"

@@ -22,9 +22,11 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-/// Version 1: the fixed fields. Version 2 adds the lease table.
+/// Version 1: the fixed fields. Version 2 adds the lease table. Version 3
+/// adds `first_seg`, after `seg_offset`.
 const CHECKPOINT_MAGIC_V1: &[u8; 8] = b"KLSNCKP1";
-const CHECKPOINT_MAGIC: &[u8; 8] = b"KLSNCKP2";
+const CHECKPOINT_MAGIC_V2: &[u8; 8] = b"KLSNCKP2";
+const CHECKPOINT_MAGIC: &[u8; 8] = b"KLSNCKP3";
 const CHECKPOINT_LEASES_MAX: usize = 64 << 20;
 
 /// What a checkpoint file says: everything up to `applied` is in the
@@ -39,6 +41,10 @@ pub struct Checkpoint {
     pub last_rev: i64,
     pub seg_id: u64,
     pub seg_offset: u64,
+    /// The oldest segment this checkpoint's data is in: segments below it
+    /// were rewritten by a defragmentation before the checkpoint and are
+    /// not read (0 in files older than version 3: every segment is).
+    pub first_seg: u64,
     /// Lease ID → granted TTL in seconds.
     pub leases: BTreeMap<i64, i64>,
 }
@@ -51,6 +57,7 @@ impl Checkpoint {
         b.extend_from_slice(&self.last_rev.to_le_bytes());
         b.extend_from_slice(&self.seg_id.to_le_bytes());
         b.extend_from_slice(&self.seg_offset.to_le_bytes());
+        b.extend_from_slice(&self.first_seg.to_le_bytes());
         b.extend_from_slice(&(self.leases.len() as u64).to_le_bytes());
         for (id, ttl) in &self.leases {
             b.extend_from_slice(&id.to_le_bytes());
@@ -65,9 +72,10 @@ impl Checkpoint {
         if b.len() < 8 + 40 + 4 {
             return Err("checkpoint file is truncated".into());
         }
-        let v2 = match &b[..8] {
-            m if m == CHECKPOINT_MAGIC => true,
-            m if m == CHECKPOINT_MAGIC_V1 => false,
+        let version = match &b[..8] {
+            m if m == CHECKPOINT_MAGIC => 3,
+            m if m == CHECKPOINT_MAGIC_V2 => 2,
+            m if m == CHECKPOINT_MAGIC_V1 => 1,
             _ => return Err("bad checkpoint header".into()),
         };
         let body = &b[..b.len() - 4];
@@ -82,25 +90,37 @@ impl Checkpoint {
             last_rev: u(24) as i64,
             seg_id: u(32),
             seg_offset: u(40),
+            first_seg: 0,
             leases: BTreeMap::new(),
         };
-        if !v2 {
+        if version == 1 {
             if body.len() != 48 {
                 return Err("checkpoint has trailing bytes".into());
             }
             return Ok(ck);
         }
-        if body.len() < 56 {
+        // Where the lease count is.
+        let at = if version == 3 { 56 } else { 48 };
+        if body.len() < at + 8 {
             return Err("checkpoint file is truncated".into());
         }
-        let n = u(48) as usize;
-        if n > CHECKPOINT_LEASES_MAX || body.len() != 56 + 16 * n {
+        if version == 3 {
+            ck.first_seg = u(48);
+            if ck.first_seg > ck.seg_id {
+                return Err(format!(
+                    "checkpoint's first segment {} is after its last {}",
+                    ck.first_seg, ck.seg_id
+                ));
+            }
+        }
+        let n = u(at) as usize;
+        if n > CHECKPOINT_LEASES_MAX || body.len() != at + 8 + 16 * n {
             return Err(format!(
                 "checkpoint lease table does not match its length ({n} leases)"
             ));
         }
         for i in 0..n {
-            let o = 56 + 16 * i;
+            let o = at + 8 + 16 * i;
             ck.leases.insert(u(o) as i64, u(o + 8) as i64);
         }
         Ok(ck)
@@ -125,6 +145,8 @@ pub struct Shard {
     /// The newest revision at which this shard changed anything.
     pub last_rev: i64,
     pub checkpointed: Checkpoint,
+    /// The oldest segment in use: `defrag` rewrote everything below it.
+    first_seg: u64,
     /// Every lease that exists (the whole table, kept in log order like the
     /// keys): ID → granted TTL. Lets this shard check a put's lease itself.
     pub leases: BTreeMap<i64, i64>,
@@ -186,6 +208,11 @@ impl Shard {
                 fs::remove_file(&path).map_err(|e| format!("{}: {e}", path.display()))?;
                 continue;
             }
+            if sid < ckpt.first_seg {
+                // Rewritten by a defragmentation into the segments from
+                // `first_seg` on; kept while an older checkpoint needs it.
+                continue;
+            }
             let limit = if sid == ckpt.seg_id {
                 Some(ckpt.seg_offset)
             } else {
@@ -211,7 +238,14 @@ impl Shard {
         } else {
             (ckpt.seg_id, ckpt.seg_offset)
         };
-        let segs = Segments::open(&dir, seg_id, offset, segment::SEGMENT_BYTES_MAX)?;
+        let segs = Segments::open(
+            &dir,
+            ckpt.first_seg,
+            seg_id,
+            offset,
+            segment::SEGMENT_BYTES_MAX,
+        )?;
+        drop_unneeded_segments(&dir)?;
         if loaded > 0 {
             crate::info!(
                 "shard {id}: loaded {loaded} records, {} keys, checkpoint at index {}",
@@ -236,6 +270,7 @@ impl Shard {
             compact_rev: ckpt.compact_rev,
             last_rev: ckpt.last_rev,
             leases: ckpt.leases.clone(),
+            first_seg: ckpt.first_seg,
             checkpointed: ckpt,
             lease_keys,
             interests: Interests::default(),
@@ -585,27 +620,85 @@ impl Shard {
         self.compact_rev = compact_rev;
         self.leases = leases;
         self.applied = index;
+        self.first_seg = 0;
         self.checkpoint(index)?;
         Ok(())
     }
 
-    /// Bytes of segment files on disk (what Status reports as dbSize).
-    /// (Records still buffered count: they are on their way to the files.)
+    /// Bytes of the segments in use (what Status reports as dbSize):
+    /// written or still buffered, without the segments a defragmentation
+    /// retired, whose files stay until no checkpoint needs them.
     pub fn disk_bytes(&self) -> u64 {
-        let files: u64 = segment::list_segments(&self.dir)
-            .unwrap_or_default()
-            .iter()
-            .filter_map(|id| fs::metadata(segment::segment_path(&self.dir, *id)).ok())
-            .map(|m| m.len())
-            .sum();
-        files + self.segs.buffered() as u64
+        self.segs.bytes()
     }
 
-    pub fn compact(&mut self, rev: i64) {
-        if rev > self.compact_rev {
-            self.index.compact(rev);
-            self.compact_rev = rev;
+    /// Bytes the records of the versions in the index take: what a
+    /// defragmentation would write.
+    pub fn live_bytes(&self) -> u64 {
+        let mut n = segment::MAGIC.len() as u64;
+        self.index.for_each(|k, v| {
+            n += segment::record_bytes(k.len(), v.value.map_or(0, |l| l.len as usize)) as u64;
+        });
+        n
+    }
+
+    /// Drops history at or below `rev`. Returns true when the segments
+    /// then hold more than twice what the index still needs, plus a
+    /// segment's worth (`defrag` is worth its cost).
+    pub fn compact(&mut self, rev: i64) -> bool {
+        if rev <= self.compact_rev {
+            return false;
         }
+        self.index.compact(rev);
+        self.compact_rev = rev;
+        self.disk_bytes() > 2 * self.live_bytes() + segment::SEGMENT_BYTES_MAX
+    }
+
+    /// Rewrites every version the index holds into new segments and stops
+    /// reading the old ones, so what compaction dropped stops taking disk
+    /// space. Each key's versions are written oldest first, keys in order,
+    /// so recovery reads them back as ever. Blocking: it copies every live
+    /// value.
+    ///
+    /// Crash safety: the old segments are not touched. The new ones count
+    /// from the next checkpoint on, which records `first_seg`; a recovery
+    /// from an earlier checkpoint removes the new segments (they are past
+    /// it) and reads the old ones. An old segment's file is removed once no
+    /// checkpoint kept on disk names a `first_seg` at or below it
+    /// (`drop_unneeded_segments`, after every checkpoint).
+    pub fn defrag(&mut self) -> Result<(), String> {
+        let err = |e: std::io::Error| format!("{}: defragmentation failed: {e}", self.dir.display());
+        let first = self.segs.roll().map_err(err)?;
+        let segs = &mut self.segs;
+        let mut value = Vec::new();
+        let mut failed = None;
+        self.index.for_each_mut(|k, v| {
+            value.clear();
+            if let Some(loc) = v.value {
+                value.extend_from_slice(segs.value(loc));
+            }
+            let rec = Version {
+                mod_rev: v.mod_rev,
+                create_rev: v.create_rev,
+                version: v.version,
+                lease: v.lease,
+                value: v.value.map(|_| &value[..]),
+            };
+            let loc = segs.append(k, &rec);
+            if v.value.is_some() {
+                v.value = Some(loc);
+            }
+            if failed.is_none() && segs.buffered() >= FLUSH_BYTES {
+                failed = segs.flush().err();
+            }
+        });
+        if let Some(e) = failed {
+            return Err(err(e));
+        }
+        self.segs.flush().map_err(err)?;
+        self.segs.forget_below(first);
+        self.first_seg = first;
+        Ok(())
     }
 
     /// Flushes once `FLUSH_BYTES` are buffered: the apply path calls this
@@ -639,6 +732,7 @@ impl Shard {
             last_rev: self.last_rev,
             seg_id,
             seg_offset,
+            first_seg: self.first_seg,
             leases: self.leases.clone(),
         };
         let dir = self.dir.clone();
@@ -656,9 +750,40 @@ impl Shard {
                 let _ = fs::remove_file(dir.join(format!("checkpoint-{i:020}")));
             }
         }
+        drop_unneeded_segments(&dir)?;
         self.checkpointed = ck.clone();
         Ok(ck)
     }
+}
+
+/// Removes the segment files below the `first_seg` of every checkpoint in
+/// `dir`: no recovery can read them any more (recovery only ever opens a
+/// checkpoint that is on disk). Nothing goes while there is no checkpoint.
+fn drop_unneeded_segments(dir: &Path) -> Result<(), String> {
+    let mut needed_from = u64::MAX;
+    for i in list_checkpoints(dir)? {
+        let path = dir.join(format!("checkpoint-{i:020}"));
+        // A checkpoint that cannot be read here needs everything.
+        let first = fs::read(&path)
+            .ok()
+            .and_then(|b| Checkpoint::decode(&b).ok())
+            .map_or(0, |ck| ck.first_seg);
+        needed_from = needed_from.min(first);
+    }
+    if needed_from == u64::MAX {
+        return Ok(());
+    }
+    let io = |e: std::io::Error| format!("{}: {e}", dir.display());
+    for id in segment::list_segments(dir).map_err(io)? {
+        if id < needed_from {
+            fs::remove_file(segment::segment_path(dir, id)).map_err(io)?;
+            crate::info!(
+                "{}: removed segment {id}, rewritten by a defragmentation",
+                dir.display()
+            );
+        }
+    }
+    Ok(())
 }
 
 fn list_checkpoints(dir: &Path) -> Result<Vec<u64>, String> {
@@ -736,6 +861,7 @@ mod tests {
             last_rev: 40,
             seg_id: 3,
             seg_offset: 4096,
+            first_seg: 2,
             leases: BTreeMap::new(),
         };
         assert_eq!(Checkpoint::decode(&ck.encode()).unwrap(), ck);
@@ -764,5 +890,189 @@ mod tests {
         b.extend_from_slice(&crc.to_le_bytes());
         let ck = Checkpoint::decode(&b).unwrap();
         assert_eq!((ck.applied, ck.seg_offset, ck.leases.len()), (9, 100, 0));
+    }
+
+    #[test]
+    fn version_2_checkpoints_still_read() {
+        let mut b = CHECKPOINT_MAGIC_V2.to_vec();
+        for v in [9u64, 2, 8, 3, 100, 1, 5, 60] {
+            b.extend_from_slice(&v.to_le_bytes());
+        }
+        let crc = crc32c::crc32c(&b);
+        b.extend_from_slice(&crc.to_le_bytes());
+        let ck = Checkpoint::decode(&b).unwrap();
+        assert_eq!((ck.seg_id, ck.seg_offset, ck.first_seg), (3, 100, 0));
+        assert_eq!(ck.leases, BTreeMap::from([(5, 60)]));
+    }
+
+    fn put_op(key: &[u8], value: &[u8]) -> RequestOp {
+        RequestOp {
+            request: Some(request_op::Request::RequestPut(
+                crate::proto::etcdserverpb::PutRequest {
+                    key: key.to_vec(),
+                    value: value.to_vec(),
+                    ..Default::default()
+                },
+            )),
+        }
+    }
+
+    fn delete_op(key: &[u8]) -> RequestOp {
+        RequestOp {
+            request: Some(request_op::Request::RequestDeleteRange(
+                crate::proto::etcdserverpb::DeleteRangeRequest {
+                    key: key.to_vec(),
+                    ..Default::default()
+                },
+            )),
+        }
+    }
+
+    /// Every version the shard holds, values included, as snapshot bytes.
+    fn contents(sh: &Shard) -> Vec<u8> {
+        let mut out = Vec::new();
+        sh.dump(&mut out);
+        out
+    }
+
+    /// Every key's versions are strictly ascending by revision (recovery
+    /// read no record twice).
+    fn assert_histories_ascend(sh: &Shard) {
+        let mut last: Option<(Vec<u8>, i64)> = None;
+        sh.index.for_each(|k, v| {
+            if let Some((lk, lr)) = &last {
+                if lk.as_slice() == k {
+                    assert!(v.mod_rev > *lr, "{k:?}: {} after {lr}", v.mod_rev);
+                }
+            }
+            last = Some((k.to_vec(), v.mod_rev));
+        });
+    }
+
+    fn copy_dir(from: &Path, to: &Path) {
+        fs::create_dir_all(to).unwrap();
+        for e in fs::read_dir(from).unwrap() {
+            let e = e.unwrap();
+            if e.file_type().unwrap().is_dir() {
+                copy_dir(&e.path(), &to.join(e.file_name()));
+            } else {
+                fs::copy(e.path(), to.join(e.file_name())).unwrap();
+            }
+        }
+    }
+
+    /// Defragmentation rewrites exactly the versions the index holds
+    /// (deleted and compacted ones do not come back), recovery from the
+    /// checkpoint before it still reads the old segments, and the old
+    /// segment files go only once no checkpoint on disk needs them.
+    #[test]
+    fn defrag_keeps_every_version_and_old_segments_go_after_two_checkpoints() {
+        let dir = tempfile::tempdir().unwrap();
+        let data = dir.path().join("data");
+        let mut sh = Shard::open(&data, 0, 1, 0).unwrap();
+        let rev = std::cell::Cell::new(0i64);
+        let apply = |sh: &mut Shard, op: RequestOp| {
+            rev.set(rev.get() + 1);
+            sh.apply_ops(&[op], rev.get(), 0);
+            rev.get()
+        };
+        let value = |k: usize, round: usize| vec![(k * 7 + round) as u8; 1024];
+        for round in 0..4 {
+            for k in 0..50 {
+                apply(&mut sh, put_op(format!("k{k:02}").as_bytes(), &value(k, round)));
+            }
+        }
+        for k in 0..10 {
+            apply(&mut sh, delete_op(format!("k{k:02}").as_bytes()));
+        }
+        let compacted = apply(&mut sh, put_op(b"k00", &value(0, 9)));
+        // Versions above the compaction stay.
+        apply(&mut sh, put_op(b"k20", &value(20, 9)));
+        apply(&mut sh, delete_op(b"k21"));
+        for round in 10..13 {
+            apply(&mut sh, put_op(b"k40", &value(40, round)));
+        }
+        assert!(!sh.compact(compacted), "too small to be worth it by itself");
+        let a = sh.checkpoint(rev.get() as u64).unwrap();
+        let before = contents(&sh);
+        let bytes_before = sh.disk_bytes();
+        sh.defrag().unwrap();
+        assert_eq!(contents(&sh), before);
+        assert!(sh.disk_bytes() < bytes_before / 3, "{} of {bytes_before}", sh.disk_bytes());
+        let sdir = Shard::dir_for(&data, 0);
+        let old = segment::list_segments(&sdir).unwrap()[0];
+        assert!(old < sh.first_seg);
+
+        // New writes after the defragmentation, then a checkpoint.
+        apply(&mut sh, put_op(b"k30", &value(30, 10)));
+        let b = sh.checkpoint(rev.get() as u64).unwrap();
+        assert_eq!(b.first_seg, sh.first_seg);
+        // Checkpoint `a` still needs the old segment.
+        assert!(segment::segment_path(&sdir, old).exists());
+
+        // A crash that leaves only checkpoint `a` usable (another shard did
+        // not reach `b`): recovery reads the old segments.
+        let crashed = dir.path().join("crashed");
+        copy_dir(&data, &crashed);
+        let back = Shard::open(&crashed, 0, 1, a.applied).unwrap();
+        assert_eq!(contents(&back), before);
+        drop(back);
+        // Recovery from `b` reads only the new segments, though the old
+        // ones are still there.
+        let at_b = contents(&sh);
+        let crashed = dir.path().join("crashed-at-b");
+        copy_dir(&data, &crashed);
+        let back = Shard::open(&crashed, 0, 1, b.applied).unwrap();
+        assert_histories_ascend(&back);
+        assert_eq!(contents(&back), at_b);
+        assert!(segment::segment_path(&Shard::dir_for(&crashed, 0), old).exists());
+        drop(back);
+
+        // One more checkpoint: neither kept one needs the old segments.
+        apply(&mut sh, put_op(b"k31", &value(31, 10)));
+        let c = sh.checkpoint(rev.get() as u64).unwrap();
+        assert!(!segment::segment_path(&sdir, old).exists());
+        assert!(segment::list_segments(&sdir)
+            .unwrap()
+            .iter()
+            .all(|&id| id >= sh.first_seg));
+        let now = contents(&sh);
+        drop(sh);
+        let back = Shard::open(&data, 0, 1, c.applied).unwrap();
+        assert_histories_ascend(&back);
+        assert_eq!(contents(&back), now);
+        assert!(back.index.latest(b"k05").is_none(), "a deleted key stays deleted");
+        assert!(back.index.latest(b"k21").is_none());
+        assert_eq!(back.index.history(b"k21").len(), 2, "put and delete above the compaction");
+    }
+
+    /// Compaction reports when the segments hold more than twice what the
+    /// index needs plus a segment's worth.
+    #[test]
+    fn compaction_says_when_defrag_is_worth_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut sh = Shard::open(dir.path(), 0, 1, 0).unwrap();
+        let big = vec![1u8; 1 << 20];
+        let mut rev = 0;
+        for _ in 0..(3 * segment::SEGMENT_BYTES_MAX >> 20) {
+            rev += 1;
+            sh.apply_ops(&[put_op(b"k", &big)], rev, 0);
+        }
+        sh.flush().unwrap();
+        assert!(sh.compact(rev));
+        sh.defrag().unwrap();
+        assert!(sh.disk_bytes() < 2 << 20, "{}", sh.disk_bytes());
+        assert_eq!(sh.index.history(b"k").len(), 1);
+    }
+
+    #[test]
+    fn a_first_segment_after_the_last_is_refused() {
+        let ck = Checkpoint {
+            seg_id: 3,
+            first_seg: 4,
+            ..Checkpoint::default()
+        };
+        let e = Checkpoint::decode(&ck.encode()).unwrap_err();
+        assert!(e.contains("first segment 4"), "{e}");
     }
 }
