@@ -41,7 +41,7 @@
 
 use super::index::Version;
 use std::fs::{self, File, OpenOptions};
-use std::io::{self, Read};
+use std::io;
 use std::os::unix::fs::FileExt;
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
@@ -209,10 +209,15 @@ where
             path.display()
         ));
     }
-    let mut data = Vec::new();
-    File::open(&path)
-        .and_then(|mut fh| fh.read_to_end(&mut data))
-        .map_err(|e| format!("{}: {e}", path.display()))?;
+    // Mapped, not read into memory: a segment is up to 64 MiB, and only
+    // the records' headers and keys are needed here.
+    let io = |e: io::Error| format!("{}: {e}", path.display());
+    let file = File::open(&path).map_err(io)?;
+    let file_len = file.metadata().map_err(io)?.len();
+    let map = Map::new(&file, file_len).map_err(io)?;
+    let data = map
+        .slice(0, usize::try_from(file_len).map_err(|_| io(io::ErrorKind::InvalidInput.into()))?)
+        .expect("the mapping covers the file");
     let end = match limit {
         Some(l) if l as usize > data.len() => {
             return Err(format!(
