@@ -156,6 +156,8 @@ pub enum ShardMsg {
 pub struct ShardStats {
     pub keys: usize,
     pub bytes: u64,
+    /// What the versions still held take (dbSizeInUse).
+    pub in_use: u64,
 }
 
 pub struct ShardDone {
@@ -322,6 +324,7 @@ pub async fn run_shard(mut shard: Shard, rx: Receiver<ShardMsg>, router: Arc<Rou
                     let _ = reply.send(ShardStats {
                         keys: shard.key_count(),
                         bytes: shard.disk_bytes(),
+                        in_use: shard.in_use_bytes(),
                     });
                 }
                 ShardMsg::LeaseGrant { index, id, ttl } => {

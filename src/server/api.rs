@@ -491,10 +491,11 @@ async fn status(core: &Core, _req: StatusRequest) -> Result<StatusResponse, Stat
         s.send(ShardMsg::Stats { reply: tx });
         waits.push(rx);
     }
-    let mut db_size = 0i64;
+    let (mut db_size, mut in_use) = (0i64, 0i64);
     for w in waits {
         if let Ok(st) = w.await {
             db_size += st.bytes as i64;
+            in_use += st.in_use as i64;
         }
     }
     let v = &core.view;
@@ -512,7 +513,9 @@ async fn status(core: &Core, _req: StatusRequest) -> Result<StatusResponse, Stat
         raft_term: v.term.get(),
         raft_applied_index: v.applied.get(),
         errors,
-        db_size_in_use: db_size,
+        // Never above dbSize, as etcd's (records still buffered count in
+        // both).
+        db_size_in_use: in_use.min(db_size),
         is_learner: core.view.learner.get(),
         ..Default::default()
     })

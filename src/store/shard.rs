@@ -147,6 +147,9 @@ pub struct Shard {
     pub checkpointed: Checkpoint,
     /// The oldest segment in use: `defrag` rewrote everything below it.
     first_seg: u64,
+    /// Bytes the records of the index's versions take (`live_bytes`),
+    /// kept up to date as versions are added and recomputed at compaction.
+    live: u64,
     /// Every lease that exists (the whole table, kept in log order like the
     /// keys): ID → granted TTL. Lets this shard check a put's lease itself.
     pub leases: BTreeMap<i64, i64>,
@@ -260,7 +263,7 @@ impl Shard {
             }
             true
         });
-        Ok(Shard {
+        let mut sh = Shard {
             id,
             shards,
             dir,
@@ -271,6 +274,7 @@ impl Shard {
             last_rev: ckpt.last_rev,
             leases: ckpt.leases.clone(),
             first_seg: ckpt.first_seg,
+            live: 0,
             checkpointed: ckpt,
             lease_keys,
             interests: Interests::default(),
@@ -278,7 +282,9 @@ impl Shard {
             match_buf: Vec::new(),
             op_seq: 0,
             key_seq: 0,
-        })
+        };
+        sh.live = sh.live_bytes();
+        Ok(sh)
     }
 
     pub fn lease_exists(&self, id: i64) -> bool {
@@ -336,7 +342,9 @@ impl Shard {
         let prev = self.index.latest(key).copied();
         let old = prev.as_ref().map(|v| v.lease).unwrap_or(0);
         self.attach(key, old, 0);
-        self.index.tombstone(key, rev);
+        if self.index.tombstone(key, rev) {
+            self.live += segment::record_bytes(key.len(), 0) as u64;
+        }
         self.emit(key, rev, None, prev.as_ref());
         let tomb: Version<&[u8]> = Version {
             mod_rev: rev,
@@ -519,6 +527,7 @@ impl Shard {
                                 segs.append(&p.key, &record)
                             });
                         self.last_rev = rev;
+                        self.live += segment::record_bytes(p.key.len(), value.len()) as u64;
                         self.emit(&p.key, rev, Some(&v), prev.as_ref());
                         changed = true;
                         OpPartial::Put(Some(PutResponse {
@@ -621,6 +630,7 @@ impl Shard {
         self.leases = leases;
         self.applied = index;
         self.first_seg = 0;
+        self.live = self.live_bytes();
         self.checkpoint(index)?;
         Ok(())
     }
@@ -632,9 +642,14 @@ impl Shard {
         self.segs.bytes()
     }
 
-    /// Bytes the records of the versions in the index take: what a
-    /// defragmentation would write.
-    pub fn live_bytes(&self) -> u64 {
+    /// Bytes the records of the versions in the index take (what a
+    /// defragmentation would write; Status reports it as dbSizeInUse).
+    pub fn in_use_bytes(&self) -> u64 {
+        self.live
+    }
+
+    /// `in_use_bytes` counted from the index, version by version.
+    fn live_bytes(&self) -> u64 {
         let mut n = segment::MAGIC.len() as u64;
         self.index.for_each(|k, v| {
             n += segment::record_bytes(k.len(), v.value.map_or(0, |l| l.len as usize)) as u64;
@@ -651,7 +666,8 @@ impl Shard {
         }
         self.index.compact(rev);
         self.compact_rev = rev;
-        self.disk_bytes() > 2 * self.live_bytes() + segment::SEGMENT_BYTES_MAX
+        self.live = self.live_bytes();
+        self.disk_bytes() > 2 * self.live + segment::SEGMENT_BYTES_MAX
     }
 
     /// Rewrites every version the index holds into new segments and stops
@@ -992,12 +1008,16 @@ mod tests {
         for round in 10..13 {
             apply(&mut sh, put_op(b"k40", &value(40, round)));
         }
+        assert_eq!(sh.in_use_bytes(), sh.live_bytes());
         assert!(!sh.compact(compacted), "too small to be worth it by itself");
+        assert_eq!(sh.in_use_bytes(), sh.live_bytes());
         let a = sh.checkpoint(rev.get() as u64).unwrap();
         let before = contents(&sh);
         let bytes_before = sh.disk_bytes();
         sh.defrag().unwrap();
         assert_eq!(contents(&sh), before);
+        // One new segment holding exactly the versions' records.
+        assert_eq!(sh.disk_bytes(), sh.in_use_bytes());
         assert!(sh.disk_bytes() < bytes_before / 3, "{} of {bytes_before}", sh.disk_bytes());
         let sdir = Shard::dir_for(&data, 0);
         let old = segment::list_segments(&sdir).unwrap()[0];
@@ -1037,8 +1057,11 @@ mod tests {
             .iter()
             .all(|&id| id >= sh.first_seg));
         let now = contents(&sh);
+        let in_use = sh.in_use_bytes();
+        assert_eq!(in_use, sh.live_bytes());
         drop(sh);
         let back = Shard::open(&data, 0, 1, c.applied).unwrap();
+        assert_eq!(back.in_use_bytes(), in_use);
         assert_histories_ascend(&back);
         assert_eq!(contents(&back), now);
         assert!(back.index.latest(b"k05").is_none(), "a deleted key stays deleted");
