@@ -272,6 +272,58 @@ async fn a_minority_cannot_write() {
         .await
         .unwrap();
     assert_eq!(r.kvs()[0].value(), b"1");
+
+    // Once it knows no leader (check-quorum), a call that requires one
+    // (clientv3's WithRequireLeader: `hasleader` metadata) is refused at
+    // once, unary or stream, over gRPC and through the JSON gateway, as
+    // etcd's interceptors refuse it.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while c.status().await.unwrap().leader() != 0 {
+        assert!(Instant::now() < deadline, "the survivor still has a leader");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let mut rl = Client::connect(
+        [ms[l].endpoint()],
+        Some(
+            ConnectOptions::new()
+                .with_require_leader(true)
+                .with_timeout(Duration::from_secs(5)),
+        ),
+    )
+    .await
+    .unwrap();
+    let e = rl
+        .get("before", Some(GetOptions::new().with_serializable()))
+        .await
+        .unwrap_err();
+    assert!(e.to_string().contains("etcdserver: no leader"), "{e}");
+    let e = match rl.watch("before", None).await {
+        Err(e) => e.to_string(),
+        Ok(mut s) => s.message().await.unwrap_err().to_string(),
+    };
+    assert!(e.contains("etcdserver: no leader"), "{e}");
+    let gw = |headers: &str| {
+        use std::io::{Read, Write};
+        let body = r#"{"key":"YmVmb3Jl","serializable":true}"#;
+        let mut s = std::net::TcpStream::connect(ms[l].endpoint().trim_start_matches("http://"))
+            .unwrap();
+        write!(
+            s,
+            "POST /v3/kv/range HTTP/1.1\r\nHost: x\r\nConnection: close\r\n{headers}Content-Length: {}\r\n\r\n{body}",
+            body.len()
+        )
+        .unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).unwrap();
+        out
+    };
+    let refused = gw("Grpc-Metadata-Hasleader: true\r\n");
+    assert!(
+        refused.starts_with("HTTP/1.1 503") && refused.contains("etcdserver: no leader"),
+        "{refused}"
+    );
+    let served = gw("");
+    assert!(served.starts_with("HTTP/1.1 200"), "{served}");
 }
 
 /// A lease whose keep-alives stopped, across a leader kill: the new leader

@@ -127,13 +127,13 @@ async fn handle_stream(
             return;
         }
         let mut meta = Metadata {
-            require_leader: req
-                .headers()
-                .get("hasleader")
-                .map(|v| v.as_bytes() == b"true")
-                .unwrap_or(false),
+            require_leader: requires_leader(req.headers()),
             user: None,
         };
+        if let Err(st) = check_leader(&core, meta.require_leader) {
+            send_status(&mut respond, &st);
+            return;
+        }
         let token = req
             .headers()
             .get("token")
@@ -185,6 +185,10 @@ async fn handle_stream(
         send_status(&mut respond, &st);
         return;
     }
+    if let Err(st) = check_leader(&core, requires_leader(req.headers())) {
+        send_status(&mut respond, &st);
+        return;
+    }
     let token = req
         .headers()
         .get("token")
@@ -222,6 +226,21 @@ async fn handle_stream(
         Some(Err(st)) => send_status(&mut respond, &st),
         None => {}
     }
+}
+
+/// Whether the call carries etcd's `hasleader: true` metadata (clientv3's
+/// `WithRequireLeader`).
+fn requires_leader(h: &HeaderMap) -> bool {
+    h.get("hasleader").map(|v| v.as_bytes() == b"true").unwrap_or(false)
+}
+
+/// etcd's interceptors refuse a call that requires a leader while the
+/// member knows none, before running it (unary and streams alike).
+pub(super) fn check_leader(core: &Core, required: bool) -> Result<(), Status> {
+    if required && core.view.leader.get() == 0 {
+        return Err(crate::error::no_leader());
+    }
+    Ok(())
 }
 
 fn bad_encoding(h: &HeaderMap) -> Option<Status> {

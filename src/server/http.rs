@@ -41,6 +41,9 @@ struct Request {
     path: String,
     /// `Authorization`, or else `Grpc-Metadata-Token`.
     token: Option<String>,
+    /// `Grpc-Metadata-Hasleader: true` (grpc-gateway passes it on as the
+    /// `hasleader` metadata).
+    require_leader: bool,
     keep_alive: bool,
     body: Vec<u8>,
 }
@@ -135,6 +138,7 @@ where
     let path = path.split('?').next().unwrap_or("/").to_string();
     let http10 = parsed.version == Some(0);
     let (mut token, mut md_token) = (None, None);
+    let mut require_leader = false;
     let (mut close, mut chunked, mut expect) = (http10, false, false);
     let mut length: Option<usize> = None;
     for h in parsed.headers.iter() {
@@ -144,6 +148,8 @@ where
             token = value.map(str::to_string);
         } else if name.eq_ignore_ascii_case("grpc-metadata-token") {
             md_token = value.map(str::to_string);
+        } else if name.eq_ignore_ascii_case("grpc-metadata-hasleader") {
+            require_leader = value == Some("true");
         } else if name.eq_ignore_ascii_case("connection") {
             let v = value.unwrap_or("");
             if v.eq_ignore_ascii_case("close") {
@@ -224,6 +230,7 @@ where
         method,
         path,
         token: token.or(md_token),
+        require_leader,
         keep_alive: !close,
         body,
     })
@@ -461,6 +468,17 @@ where
     if req.method != "POST" {
         return Gw::Answer(text("405 Method Not Allowed", "Method Not Allowed\n"));
     }
+    if let Route::Unary(..) = route {
+        if let Err(st) = super::grpc::check_leader(core, req.require_leader) {
+            let r = gateway::error_reply(&st);
+            return Gw::Answer(Answer {
+                status: r.status,
+                content_type: "application/json",
+                extra: CORS,
+                body: r.body,
+            });
+        }
+    }
     let reply = match route {
         Route::Stream(path, m) => return Gw::Stream(path, m),
         Route::Unary(path, m) if !m.may_wait() => {
@@ -540,6 +558,9 @@ where
             body: r.body,
         }
     };
+    if let Err(st) = super::grpc::check_leader(core, req.require_leader) {
+        return write_answer(stream, &refuse(&st), false, req.keep_alive).await;
+    }
     let msgs = match gateway::stream_requests(m, &req.body) {
         Ok(msgs) => msgs,
         Err(st) => return write_answer(stream, &refuse(&st), false, req.keep_alive).await,
@@ -559,7 +580,7 @@ where
     let (mut sink, mut rx) = MsgSink::queued(STREAM_QUEUE_DEPTH, closed_rx);
     let input = MsgStream::queued(msgs);
     let meta = Metadata {
-        require_leader: false,
+        require_leader: req.require_leader,
         user,
     };
     let (mut rd, mut wr) = futures::io::AsyncReadExt::split(&mut *stream);
