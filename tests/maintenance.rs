@@ -315,12 +315,49 @@ async fn health_version_and_metrics_over_http() {
             .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
             .sum();
         assert!(puts >= 3.0, "{body}");
+        // The process collector's figures and the backend's size, as
+        // etcd's /metrics has them (dashboards and `etcdctl check
+        // datascale` read them).
+        let value = |name: &str| -> f64 {
+            body.lines()
+                .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
+                .unwrap_or_else(|| panic!("no {name} in\n{body}"))
+                .trim()
+                .parse()
+                .unwrap()
+        };
+        let rss = value("process_resident_memory_bytes");
+        assert!(rss > 1e6 && rss < 4e9, "{rss}");
+        assert!(value("process_cpu_seconds_total") > 0.0);
+        assert!(value("process_open_fds") >= 3.0);
+        assert!(value("process_max_fds") >= value("process_open_fds"));
+        assert!(value("process_start_time_seconds") > 1.5e9);
+        assert!(value("etcd_mvcc_db_total_size_in_bytes") > 0.0);
+        assert!(
+            value("etcd_mvcc_db_total_size_in_use_in_bytes")
+                <= value("etcd_mvcc_db_total_size_in_bytes")
+        );
     }
     let (code, body) = http_get(&m.endpoint(), "/version");
     assert_eq!(code, 200);
     assert!(body.contains("etcdserver"), "{body}");
     // gRPC still works on the same port afterwards.
     c.put("after", "http", None).await.unwrap();
+}
+
+/// `etcdctl check datascale` (memory from /metrics around 10000 puts,
+/// then compact and defrag) passes. (`etcdctl check perf` passes too, by
+/// hand; it runs for a minute.)
+#[tokio::test]
+async fn etcdctl_checks_pass() {
+    let (m, _c) = started(&[]).await;
+    let (ok, out, err) = etcdctl(
+        &m.endpoint(),
+        &["check", "datascale", "--load", "s", "--auto-compact", "--auto-defrag"],
+        None,
+    );
+    assert!(ok && out.contains("PASS"), "{out}{err}");
+    assert!(!out.contains("FAIL"), "{out}{err}");
 }
 
 /// Runs the keelson binary with `args` (its CLI subcommands).
