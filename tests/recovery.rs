@@ -300,3 +300,82 @@ async fn hostile_input_never_crashes_the_server() {
     );
     assert!(m.child.as_mut().unwrap().try_wait().unwrap().is_none());
 }
+
+/// Runs the binary with `args` and waits (at most 20 s) for it to exit;
+/// returns whether it succeeded and what it printed.
+fn run_to_exit(args: &[String]) -> (bool, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("out");
+    let f = std::fs::File::create(&log).unwrap();
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_keelson"))
+        .args(args)
+        .stdout(f.try_clone().unwrap())
+        .stderr(f)
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let st = loop {
+        if let Some(st) = child.try_wait().unwrap() {
+            break st;
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!(
+                "still running after 20 s:\n{}",
+                std::fs::read_to_string(&log).unwrap()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    (st.success(), std::fs::read_to_string(&log).unwrap())
+}
+
+/// A second member on a port a running one listens on, or on its data dir,
+/// is refused at start with a clear error (the cores' SO_REUSEPORT sockets
+/// would otherwise let it share the port and take part of the connections).
+#[tokio::test]
+async fn a_port_or_data_dir_in_use_is_refused() {
+    if support::is_etcd() {
+        return;
+    }
+    let mut a = Member::new(&[]);
+    assert!(a.start().is_none(), "{}", a.log_text());
+    let mut c = a.client().await;
+    c.put("k", "a", None).await.unwrap();
+    let fresh = tempfile::tempdir().unwrap();
+    let url = |p: u16| format!("http://127.0.0.1:{p}");
+    let args = |data: &Path, client: String, peer: String| -> Vec<String> {
+        vec![
+            "--data-dir".into(),
+            data.to_str().unwrap().into(),
+            "--listen-client-urls".into(),
+            client.clone(),
+            "--advertise-client-urls".into(),
+            client,
+            "--listen-peer-urls".into(),
+            peer.clone(),
+            "--initial-advertise-peer-urls".into(),
+            peer.clone(),
+            "--initial-cluster".into(),
+            format!("default={peer}"),
+        ]
+    };
+    let (ok, out) = run_to_exit(&args(
+        &fresh.path().join("d"),
+        format!("http://{}", a.endpoint().trim_start_matches("http://")),
+        url(support::free_port()),
+    ));
+    assert!(!ok && out.contains("Address already in use"), "{out}");
+    let (ok, out) = run_to_exit(&args(
+        &a.data(),
+        url(support::free_port()),
+        url(support::free_port()),
+    ));
+    assert!(!ok && out.contains("in use by another process"), "{out}");
+    // The running member is untouched and serves alone.
+    for _ in 0..20 {
+        let r = c.get("k", None).await.unwrap();
+        assert_eq!(r.kvs()[0].value(), b"a");
+    }
+}

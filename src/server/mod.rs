@@ -656,6 +656,62 @@ async fn publish_attributes(router: Arc<Router>) {
     }
 }
 
+/// Takes an exclusive lock on `data-dir/lock` (etcd locks its WAL files):
+/// a second member started on the same data dir is refused instead of
+/// writing the same files. The lock goes with the returned file, or with
+/// the process.
+fn lock_data_dir(dir: &std::path::Path) -> Result<fs::File, String> {
+    use std::os::fd::AsRawFd;
+    let path = dir.join("lock");
+    let f = fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(|e| format!("{}: {e}", path.display()))?;
+    // SAFETY: flock on a file descriptor this function owns.
+    if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        let e = std::io::Error::last_os_error();
+        return Err(format!(
+            "{}: the data dir is in use by another process ({e})",
+            dir.display()
+        ));
+    }
+    Ok(f)
+}
+
+/// Refuses an address something already listens on. The cores bind with
+/// SO_REUSEPORT, which would let a second keelson process (same user) share
+/// the port silently and take part of its connections; a probe bound
+/// without it fails with "address in use" while anyone listens there (and
+/// with SO_REUSEADDR, connections in TIME_WAIT do not count).
+///
+/// A member killed a moment ago can still hold its listening sockets: the
+/// kernel tears down a dead process's io_uring instances, and the files
+/// their requests hold, after the process is gone. So "in use" is retried
+/// for up to `PORT_WAIT` before it is an error.
+fn check_port_free(addr: SocketAddr) -> Result<(), String> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    const PORT_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+    let probe = || -> std::io::Result<()> {
+        let sk = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+        sk.set_reuse_address(true)?;
+        sk.bind(&addr.into())
+    };
+    let start = std::time::Instant::now();
+    loop {
+        match probe() {
+            Ok(()) => return Ok(()),
+            Err(e)
+                if e.kind() == std::io::ErrorKind::AddrInUse && start.elapsed() < PORT_WAIT =>
+            {
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            Err(e) => return Err(format!("listen on {addr}: {e}")),
+        }
+    }
+}
+
 /// A listening socket on this executor: SO_REUSEPORT (every core listens
 /// on the same address) and SO_REUSEADDR, so the port can be taken again
 /// at once while connections of a previous server on it (etcd's, say) are
@@ -727,6 +783,11 @@ pub fn run(cfg: Config) -> Result<(), String> {
     let tls_cfg = tls::server_config(&cfg)?;
 
     fs::create_dir_all(&cfg.data_dir).map_err(|e| format!("{}: {e}", cfg.data_dir.display()))?;
+    // Held until `run` returns, i.e. for the life of the member.
+    let _lock = lock_data_dir(&cfg.data_dir)?;
+    for a in client_addrs.iter().chain(&peer_addrs).chain(&metrics_addrs) {
+        check_port_free(*a)?;
+    }
     let meta = load_or_create_meta(&cfg)?;
     let membership = load_membership(&cfg, &meta)?;
     if membership.removed.contains(&meta.member_id) {
