@@ -388,19 +388,12 @@ impl Segments {
     /// written out, fsynced and sealed right away) and returns its id: every
     /// record appended from now on goes to it or to later segments.
     pub fn roll(&mut self) -> io::Result<u64> {
-        let id = self.tail().id.checked_add(1).ok_or_else(|| {
-            io::Error::new(io::ErrorKind::Other, "segment ids exhausted (2^32)")
-        })?;
-        let mut buf = Vec::with_capacity(TAIL_BUF_BYTES);
-        buf.extend_from_slice(MAGIC);
-        self.segs.push(Segment {
-            id,
-            file: None,
-            map: Map::empty(),
-            flushed: 0,
-            buf,
-            sealed: false,
-        });
+        // Room stays for `append`'s own roll-over after this one.
+        let id = match self.tail().id.checked_add(1) {
+            Some(id) if id < u32::MAX => id,
+            _ => return Err(io::Error::other("segment ids exhausted (2^32)")),
+        };
+        self.segs.push(Segment::started(id));
         self.flush()?;
         Ok(id as u64)
     }
@@ -426,16 +419,7 @@ impl Segments {
             // `open` leaves room for one roll; 2^32 segments of 64 MiB
             // written in one run is beyond reach.
             let id = self.tail().id.checked_add(1).expect("segment ids < 2^32");
-            let mut buf = Vec::with_capacity(TAIL_BUF_BYTES);
-            buf.extend_from_slice(MAGIC);
-            self.segs.push(Segment {
-                id,
-                file: None,
-                map: Map::empty(),
-                flushed: 0,
-                buf,
-                sealed: false,
-            });
+            self.segs.push(Segment::started(id));
         }
         let tail = self.segs.last_mut().expect("a tail");
         let off = tail.end();
@@ -538,6 +522,21 @@ struct Segment {
 }
 
 impl Segment {
+    /// A new segment that holds only its magic, in its buffer; `write`
+    /// creates its file.
+    fn started(id: u32) -> Segment {
+        let mut buf = Vec::with_capacity(TAIL_BUF_BYTES);
+        buf.extend_from_slice(MAGIC);
+        Segment {
+            id,
+            file: None,
+            map: Map::empty(),
+            flushed: 0,
+            buf,
+            sealed: false,
+        }
+    }
+
     /// Offset after the last record appended.
     fn end(&self) -> u64 {
         self.flushed + self.buf.len() as u64
@@ -934,5 +933,13 @@ mod tests {
             fs::read(segment_path(dir.path(), last)).unwrap(),
             b"not touched"
         );
+        // A tail one below the last id opens, and a defragmentation's roll
+        // is refused (an error, not a panic) so that appending can still
+        // roll over once.
+        let dir = tempfile::tempdir().unwrap();
+        let mut segs =
+            Segments::open(dir.path(), 0, last - 1, 0, SEGMENT_BYTES_MAX).unwrap();
+        assert!(segs.roll().is_err());
+        assert_eq!(segs.position().0, last - 1);
     }
 }
