@@ -109,6 +109,22 @@ pub enum RaftMsg {
         seq: u64,
         status: Status,
     },
+    /// A lease TimeToLive asked of a follower: the leader's lessor answers
+    /// (it alone sees every keep-alive), as etcd forwards it to the leader.
+    LeaseTtl { id: i64, reply: TtlReply },
+    /// A follower's TimeToLive, for this member to answer as leader.
+    LeaseTtlAsked {
+        from: u64,
+        nonce: u64,
+        seq: u64,
+        id: i64,
+    },
+    /// The leader's answer to a TimeToLive this member forwarded.
+    LeaseTtlAnswer {
+        nonce: u64,
+        seq: u64,
+        answer: Result<Option<(i64, i64)>, Status>,
+    },
 }
 
 pub type AlarmReply = futures::channel::oneshot::Sender<Result<Vec<(u64, i32)>, Status>>;
@@ -146,6 +162,16 @@ pub const PAYLOAD_SNAPSHOT_CHUNK: u8 = 1;
 pub const PAYLOAD_MEMBER_CHANGE: u8 = 2;
 /// The leader's refusal of one: nonce u64, seq u64, gRPC code u8, message.
 pub const PAYLOAD_MEMBER_REFUSED: u8 = 3;
+/// A follower's lease TimeToLive for the leader: nonce u64, seq u64, lease
+/// ID i64.
+pub const PAYLOAD_LEASE_TTL_ASK: u8 = 4;
+/// The leader's answer: nonce u64, seq u64, then 0 (no such lease), 1 and
+/// the granted TTL i64 and remaining seconds i64, or 2 (not the leader).
+pub const PAYLOAD_LEASE_TTL_ANSWER: u8 = 5;
+
+/// Where a lease TimeToLive's answer goes: (granted TTL, remaining
+/// seconds), `None` when there is no such lease.
+pub type TtlReply = futures::channel::oneshot::Sender<Result<Option<(i64, i64)>, Status>>;
 
 /// Decodes a membership payload from peer `from` into the raft core's
 /// message (None: not one, or malformed).
@@ -162,6 +188,24 @@ pub fn decode_member_payload(from: u64, p: &[u8]) -> Option<RaftMsg> {
             seq,
             change: MemberChange::decode(&p[17..]).ok()?,
         }),
+        PAYLOAD_LEASE_TTL_ASK if p.len() == 25 => Some(RaftMsg::LeaseTtlAsked {
+            from,
+            nonce,
+            seq,
+            id: i64::from_le_bytes(p[17..25].try_into().ok()?),
+        }),
+        PAYLOAD_LEASE_TTL_ANSWER => {
+            let answer = match p.get(17..)? {
+                [0] => Ok(None),
+                [1, rest @ ..] if rest.len() == 16 => Ok(Some((
+                    i64::from_le_bytes(rest[..8].try_into().ok()?),
+                    i64::from_le_bytes(rest[8..].try_into().ok()?),
+                ))),
+                [2] => Err(error::no_leader()),
+                _ => return None,
+            };
+            Some(RaftMsg::LeaseTtlAnswer { nonce, seq, answer })
+        }
         PAYLOAD_MEMBER_REFUSED if p.len() >= 18 => Some(RaftMsg::ChangeRefused {
             nonce,
             seq,
@@ -197,10 +241,13 @@ pub fn decode_payload(from: u64, me: u64, payload: &[u8]) -> Option<RaftMsg> {
                 }
             }
         }
-        Some(&PAYLOAD_MEMBER_CHANGE) | Some(&PAYLOAD_MEMBER_REFUSED) => {
+        Some(&PAYLOAD_MEMBER_CHANGE)
+        | Some(&PAYLOAD_MEMBER_REFUSED)
+        | Some(&PAYLOAD_LEASE_TTL_ASK)
+        | Some(&PAYLOAD_LEASE_TTL_ANSWER) => {
             let m = decode_member_payload(from, payload);
             if m.is_none() {
-                crate::warn!("peer {from:x}: a malformed membership message; dropped");
+                crate::warn!("peer {from:x}: a malformed membership or lease message; dropped");
             }
             m
         }
@@ -209,6 +256,17 @@ pub fn decode_payload(from: u64, me: u64, payload: &[u8]) -> Option<RaftMsg> {
             None
         }
     }
+}
+
+/// Asks this member's lessor (in the applier) for a lease's
+/// (granted TTL, remaining seconds).
+fn ask_lessor_ttl(
+    router: &Router,
+    id: i64,
+) -> futures::channel::oneshot::Receiver<Option<(i64, i64)>> {
+    let (tx, rx) = futures::channel::oneshot::channel();
+    router.applier.send(ApplierMsg::LeaseTimeToLive { id, reply: tx });
+    rx
 }
 
 fn member_payload(kind: u8, nonce: u64, seq: u64, rest: &[u8]) -> Vec<u8> {
@@ -352,6 +410,8 @@ struct Members {
     waiters: HashMap<u64, ChangeReply>,
     alarm_waiters: HashMap<u64, AlarmReply>,
     auth_waiters: HashMap<u64, futures::channel::oneshot::Sender<Result<(), Status>>>,
+    /// Lease TimeToLives forwarded to the leader, by sequence number.
+    ttl_waiters: HashMap<u64, TtlReply>,
     token: String,
     strict: bool,
     /// (enabled, revision) of the auth store the cores were last sent.
@@ -561,6 +621,7 @@ pub async fn run_raft(
         waiters: HashMap::new(),
         alarm_waiters: HashMap::new(),
         auth_waiters: HashMap::new(),
+        ttl_waiters: HashMap::new(),
         token: boot.cfg.initial_cluster_token.clone(),
         strict: boot.cfg.strict_reconfig_check,
         auth_sent: None,
@@ -712,6 +773,77 @@ pub async fn run_raft(
                     if n == nonce {
                         if let Some(r) = ms.waiters.remove(&seq) {
                             let _ = r.send(Err(status));
+                        }
+                    }
+                }
+                RaftMsg::LeaseTtl { id, reply } => {
+                    let leader = node.raft.leader_id;
+                    if leader == me {
+                        let rx = ask_lessor_ttl(&router, id);
+                        glommio::spawn_local(async move {
+                            let _ = reply.send(rx.await.map_err(|_| error::stopped()));
+                        })
+                        .detach();
+                    } else if leader == raft::INVALID_ID {
+                        let _ = reply.send(Err(error::no_leader()));
+                    } else {
+                        let seq = next_id;
+                        next_id += 1;
+                        let payload =
+                            member_payload(PAYLOAD_LEASE_TTL_ASK, nonce, seq, &id.to_le_bytes());
+                        if peers.send(leader, payload.into()) {
+                            // Asks whose client gave up (timed out) and
+                            // whose answer never came go here.
+                            if ms.ttl_waiters.len() >= 1024 {
+                                ms.ttl_waiters.retain(|_, r| !r.is_canceled());
+                            }
+                            ms.ttl_waiters.insert(seq, reply);
+                        } else {
+                            let _ = reply.send(Err(error::no_leader()));
+                        }
+                    }
+                }
+                RaftMsg::LeaseTtlAsked {
+                    from,
+                    nonce: n,
+                    seq,
+                    id,
+                } => {
+                    if ms.m.removed.contains(&from) {
+                        continue;
+                    }
+                    let leads = node.raft.state == StateRole::Leader;
+                    let rx = leads.then(|| ask_lessor_ttl(&router, id));
+                    let peers = peers_rc.clone();
+                    glommio::spawn_local(async move {
+                        let rest: Vec<u8> = match rx {
+                            None => vec![2],
+                            Some(rx) => match rx.await {
+                                Ok(None) => vec![0],
+                                Ok(Some((granted, remaining))) => {
+                                    let mut b = vec![1];
+                                    b.extend_from_slice(&granted.to_le_bytes());
+                                    b.extend_from_slice(&remaining.to_le_bytes());
+                                    b
+                                }
+                                Err(_) => vec![2],
+                            },
+                        };
+                        let _ = peers.send(
+                            from,
+                            member_payload(PAYLOAD_LEASE_TTL_ANSWER, n, seq, &rest).into(),
+                        );
+                    })
+                    .detach();
+                }
+                RaftMsg::LeaseTtlAnswer {
+                    nonce: n,
+                    seq,
+                    answer,
+                } => {
+                    if n == nonce {
+                        if let Some(r) = ms.ttl_waiters.remove(&seq) {
+                            let _ = r.send(answer);
                         }
                     }
                 }
@@ -1583,9 +1715,36 @@ mod tests {
             }
             _ => panic!("a refusal"),
         }
+        let ask = member_payload(PAYLOAD_LEASE_TTL_ASK, 11, 22, &(-5i64).to_le_bytes());
+        match decode_member_payload(3, &ask) {
+            Some(RaftMsg::LeaseTtlAsked { from, nonce, seq, id }) => {
+                assert_eq!((from, nonce, seq, id), (3, 11, 22, -5))
+            }
+            _ => panic!("a TimeToLive ask"),
+        }
+        let mut found = vec![1u8];
+        found.extend_from_slice(&60i64.to_le_bytes());
+        found.extend_from_slice(&42i64.to_le_bytes());
+        let answers = [
+            (vec![0u8], Some(Ok(None))),
+            (found, Some(Ok(Some((60, 42))))),
+            (vec![2u8], Some(Err(error::no_leader()))),
+            (vec![1u8, 0], None),
+            (vec![3u8], None),
+            (vec![], None),
+        ];
+        for (rest, want) in answers {
+            let p = member_payload(PAYLOAD_LEASE_TTL_ANSWER, 11, 22, &rest);
+            let got = match decode_member_payload(3, &p) {
+                Some(RaftMsg::LeaseTtlAnswer { nonce: 11, seq: 22, answer }) => Some(answer),
+                None => None,
+                _ => panic!("a TimeToLive answer"),
+            };
+            assert_eq!(got, want, "{rest:?}");
+        }
         // Every cut of both, every byte flipped, and junk: an answer or
         // None, never a panic.
-        for p in [&good, &refused] {
+        for p in [&good, &refused, &ask] {
             for n in 0..p.len() {
                 let _ = decode_payload(3, 1, &p[..n]);
                 let mut q = p.clone();

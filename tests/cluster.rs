@@ -866,3 +866,38 @@ async fn a_watch_requiring_a_leader_ends_when_its_member_loses_it() {
     );
     proxy.heal();
 }
+
+/// A lease kept alive through the leader alone (keep-alives sent to the
+/// leader are not logged) reads alive on a follower too: TimeToLive asked
+/// of a follower is answered by the leader's lessor, as etcd forwards it.
+#[tokio::test]
+async fn lease_time_to_live_on_a_follower_asks_the_leader() {
+    let mut ms = cluster(3, &[]);
+    start_all(&mut ms);
+    let l = leader(&ms, &[0, 1, 2]).await;
+    let f = (l + 1) % 3;
+    let mut cl = connect(&ms[l]).await;
+    let mut cf = connect(&ms[f]).await;
+    let id = cl.lease_grant(3, None).await.unwrap().id();
+    cl.put("leased", "v", Some(PutOptions::new().with_lease(id)))
+        .await
+        .unwrap();
+    let (mut keeper, mut stream) = cl.lease_keep_alive(id).await.unwrap();
+    // Twice the TTL, renewed through the leader only.
+    let start = Instant::now();
+    while start.elapsed() < Duration::from_secs(6) {
+        keeper.keep_alive().await.unwrap();
+        let r = stream.message().await.unwrap().unwrap();
+        assert!(r.ttl() > 0, "the lease expired under keep-alives");
+        tokio::time::sleep(Duration::from_millis(700)).await;
+    }
+    let t = cf
+        .lease_time_to_live(id, Some(LeaseTimeToLiveOptions::new().with_keys()))
+        .await
+        .unwrap();
+    assert_eq!(t.granted_ttl(), 3);
+    assert!((1..=3).contains(&t.ttl()), "remaining {}", t.ttl());
+    assert_eq!(t.keys(), [b"leased".to_vec()]);
+    let unknown = cf.lease_time_to_live(id ^ 1, None).await.unwrap();
+    assert_eq!(unknown.ttl(), -1);
+}

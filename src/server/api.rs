@@ -874,11 +874,19 @@ async fn lease_time_to_live(
     // before the request is applied (a revoke just acknowledged, or
     // replayed after a restart, must be visible).
     read_revision(core, false).await?;
-    let info = ask_applier(core, |reply| crate::apply::ApplierMsg::LeaseTimeToLive {
-        id,
-        reply,
-    })
-    .await?;
+    let info = if core.view.leader.get() == core.router.member.id {
+        ask_applier(core, |reply| crate::apply::ApplierMsg::LeaseTimeToLive {
+            id,
+            reply,
+        })
+        .await?
+    } else {
+        // The leader's lessor alone sees every keep-alive (those sent to
+        // it are not logged): ask it, as etcd forwards TimeToLive.
+        let (tx, rx) = oneshot::channel();
+        core.router.raft.send(RaftMsg::LeaseTtl { id, reply: tx });
+        with_timeout(core, rx).await??
+    };
     let Some((granted, remaining)) = info else {
         // etcd answers an unknown lease with TTL -1, not an error.
         return Ok(LeaseTimeToLiveResponse {
