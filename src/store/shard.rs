@@ -248,7 +248,7 @@ impl Shard {
             offset,
             segment::SEGMENT_BYTES_MAX,
         )?;
-        drop_unneeded_segments(&dir)?;
+        drop_unneeded_segments(&dir);
         if loaded > 0 {
             crate::info!(
                 "shard {id}: loaded {loaded} records, {} keys, checkpoint at index {}",
@@ -766,7 +766,7 @@ impl Shard {
                 let _ = fs::remove_file(dir.join(format!("checkpoint-{i:020}")));
             }
         }
-        drop_unneeded_segments(&dir)?;
+        drop_unneeded_segments(&dir);
         self.checkpointed = ck.clone();
         Ok(ck)
     }
@@ -775,7 +775,15 @@ impl Shard {
 /// Removes the segment files below the `first_seg` of every checkpoint in
 /// `dir`: no recovery can read them any more (recovery only ever opens a
 /// checkpoint that is on disk). Nothing goes while there is no checkpoint.
-fn drop_unneeded_segments(dir: &Path) -> Result<(), String> {
+/// A file that cannot be removed only costs disk space: logged, and tried
+/// again at the next checkpoint.
+fn drop_unneeded_segments(dir: &Path) {
+    if let Err(e) = try_drop_unneeded_segments(dir) {
+        crate::warn!("{}: removing rewritten segments: {e}", dir.display());
+    }
+}
+
+fn try_drop_unneeded_segments(dir: &Path) -> Result<(), String> {
     let mut needed_from = u64::MAX;
     for i in list_checkpoints(dir)? {
         let path = dir.join(format!("checkpoint-{i:020}"));
