@@ -636,9 +636,13 @@ pub async fn run_raft(
         u64,
     )> = None;
     let transfer_ticks = (request_timeout(&boot.cfg).as_millis() / tick.as_millis().max(1)) as u64;
+    // etcd's readIndexRetryTime: 500 ms.
+    let read_retry_ticks = (500 / tick.as_millis().max(1)).max(1) as u64;
     let mut waiters: HashMap<u64, Reply> = HashMap::new();
     let mut reads: Vec<ReadReply> = Vec::new();
-    let mut read_batches: HashMap<u64, Vec<ReadReply>> = HashMap::new();
+    // Read batches waiting for their ReadIndex: id → (tick it was last
+    // asked at, replies).
+    let mut read_batches: HashMap<u64, (u64, Vec<ReadReply>)> = HashMap::new();
     let mut checkpoints = vec![0u64; router.shards.len()];
     let mut published = (0u64, 0u64, 0u64, false, 0u8);
     let mut msgs = Vec::with_capacity(256);
@@ -679,10 +683,28 @@ pub async fn run_raft(
                         ms.waiters.retain(|_, r| !r.is_canceled());
                         ms.alarm_waiters.retain(|_, r| !r.is_canceled());
                         ms.auth_waiters.retain(|_, r| !r.is_canceled());
-                        read_batches.retain(|_, rs| {
+                        read_batches.retain(|_, (_, rs)| {
                             rs.retain(|r| !r.is_canceled());
                             !rs.is_empty()
                         });
+                    }
+                    // A ReadIndex that got no answer (the request or the
+                    // heartbeats answering it were lost, say to a peer
+                    // connection that was down) is asked again, as etcd
+                    // retries its read index every 500 ms; answers to the
+                    // same batch twice are harmless (the first takes it).
+                    let can_read = if node.raft.state == StateRole::Leader {
+                        node.raft.commit_to_current_term()
+                    } else {
+                        node.raft.leader_id != raft::INVALID_ID
+                    };
+                    if can_read {
+                        for (id, (at, _)) in read_batches.iter_mut() {
+                            if ticks.saturating_sub(*at) >= read_retry_ticks {
+                                *at = ticks;
+                                node.read_index(id.to_le_bytes().to_vec());
+                            }
+                        }
                     }
                 }
                 RaftMsg::TransferLeader { target, reply } => {
@@ -909,14 +931,14 @@ pub async fn run_raft(
                 } else {
                     let id = next_id;
                     next_id += 1;
-                    read_batches.insert(id, std::mem::take(&mut reads));
+                    read_batches.insert(id, (ticks, std::mem::take(&mut reads)));
                     node.read_index(id.to_le_bytes().to_vec());
                 }
             } else if node.raft.leader_id != raft::INVALID_ID {
                 // A follower asks the leader (raft-rs forwards it).
                 let id = next_id;
                 next_id += 1;
-                read_batches.insert(id, std::mem::take(&mut reads));
+                read_batches.insert(id, (ticks, std::mem::take(&mut reads)));
                 node.read_index(id.to_le_bytes().to_vec());
             } else {
                 for r in reads.drain(..) {
@@ -997,7 +1019,7 @@ pub async fn run_raft(
         // 4. Read states: released by the applier once applied reaches them.
         for rs in ready.take_read_states() {
             let id = u64::from_le_bytes(<[u8; 8]>::try_from(&rs.request_ctx[..]).unwrap_or([0; 8]));
-            if let Some(replies) = read_batches.remove(&id) {
+            if let Some((_, replies)) = read_batches.remove(&id) {
                 router.applier.send(ApplierMsg::Reads {
                     index: rs.index,
                     replies,
