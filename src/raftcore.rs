@@ -111,7 +111,10 @@ pub enum RaftMsg {
     },
     /// A lease TimeToLive asked of a follower: the leader's lessor answers
     /// (it alone sees every keep-alive), as etcd forwards it to the leader.
-    LeaseTtl { id: i64, reply: TtlReply },
+    LeaseTtl {
+        id: i64,
+        reply: TtlReply,
+    },
     /// A follower's TimeToLive, for this member to answer as leader.
     LeaseTtlAsked {
         from: u64,
@@ -265,7 +268,9 @@ fn ask_lessor_ttl(
     id: i64,
 ) -> futures::channel::oneshot::Receiver<Option<(i64, i64)>> {
     let (tx, rx) = futures::channel::oneshot::channel();
-    router.applier.send(ApplierMsg::LeaseTimeToLive { id, reply: tx });
+    router
+        .applier
+        .send(ApplierMsg::LeaseTimeToLive { id, reply: tx });
     rx
 }
 
@@ -1739,7 +1744,12 @@ mod tests {
         }
         let ask = member_payload(PAYLOAD_LEASE_TTL_ASK, 11, 22, &(-5i64).to_le_bytes());
         match decode_member_payload(3, &ask) {
-            Some(RaftMsg::LeaseTtlAsked { from, nonce, seq, id }) => {
+            Some(RaftMsg::LeaseTtlAsked {
+                from,
+                nonce,
+                seq,
+                id,
+            }) => {
                 assert_eq!((from, nonce, seq, id), (3, 11, 22, -5))
             }
             _ => panic!("a TimeToLive ask"),
@@ -1758,7 +1768,11 @@ mod tests {
         for (rest, want) in answers {
             let p = member_payload(PAYLOAD_LEASE_TTL_ANSWER, 11, 22, &rest);
             let got = match decode_member_payload(3, &p) {
-                Some(RaftMsg::LeaseTtlAnswer { nonce: 11, seq: 22, answer }) => Some(answer),
+                Some(RaftMsg::LeaseTtlAnswer {
+                    nonce: 11,
+                    seq: 22,
+                    answer,
+                }) => Some(answer),
                 None => None,
                 _ => panic!("a TimeToLive answer"),
             };

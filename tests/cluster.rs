@@ -305,8 +305,8 @@ async fn a_minority_cannot_write() {
     let gw = |headers: &str| {
         use std::io::{Read, Write};
         let body = r#"{"key":"YmVmb3Jl","serializable":true}"#;
-        let mut s = std::net::TcpStream::connect(ms[l].endpoint().trim_start_matches("http://"))
-            .unwrap();
+        let mut s =
+            std::net::TcpStream::connect(ms[l].endpoint().trim_start_matches("http://")).unwrap();
         write!(
             s,
             "POST /v3/kv/range HTTP/1.1\r\nHost: x\r\nConnection: close\r\n{headers}Content-Length: {}\r\n\r\n{body}",

@@ -176,7 +176,13 @@ async fn defragment_shrinks_the_data_and_loses_nothing() {
     for i in 0..20 {
         c.delete(format!("k{i:03}"), None).await.unwrap();
     }
-    let rev = c.put("last", "1", None).await.unwrap().header().unwrap().revision();
+    let rev = c
+        .put("last", "1", None)
+        .await
+        .unwrap()
+        .header()
+        .unwrap()
+        .revision();
     let full = c.status().await.unwrap();
     c.compact(rev, None).await.unwrap();
     let st = c.status().await.unwrap();
@@ -192,7 +198,11 @@ async fn defragment_shrinks_the_data_and_loses_nothing() {
             st.raft_used_db_size()
         );
     }
-    assert!(before >= full.db_size(), "dbSize {} -> {before}", full.db_size());
+    assert!(
+        before >= full.db_size(),
+        "dbSize {} -> {before}",
+        full.db_size()
+    );
     let (ok, out, err) = etcdctl(&m.endpoint(), &["defrag"], None);
     assert!(ok, "{out}{err}");
     let st = c.status().await.unwrap();
@@ -205,7 +215,11 @@ async fn defragment_shrinks_the_data_and_loses_nothing() {
             .get("k", Some(GetOptions::new().with_prefix()))
             .await
             .unwrap();
-        let keys: Vec<String> = r.kvs().iter().map(|kv| kv.key_str().unwrap().to_string()).collect();
+        let keys: Vec<String> = r
+            .kvs()
+            .iter()
+            .map(|kv| kv.key_str().unwrap().to_string())
+            .collect();
         let want: Vec<String> = (20..100).map(|i| format!("k{i:03}")).collect();
         assert_eq!(keys, want);
         for kv in r.kvs() {
@@ -215,7 +229,10 @@ async fn defragment_shrinks_the_data_and_loses_nothing() {
         let last = c.get("last", None).await.unwrap();
         assert_eq!(last.kvs()[0].value(), b"1");
         let r = c
-            .get("more", Some(GetOptions::new().with_prefix().with_count_only()))
+            .get(
+                "more",
+                Some(GetOptions::new().with_prefix().with_count_only()),
+            )
             .await
             .unwrap();
         assert_eq!(r.count(), more as i64);
@@ -355,7 +372,14 @@ async fn etcdctl_checks_pass() {
     let (m, _c) = started(&[]).await;
     let (ok, out, err) = etcdctl(
         &m.endpoint(),
-        &["check", "datascale", "--load", "s", "--auto-compact", "--auto-defrag"],
+        &[
+            "check",
+            "datascale",
+            "--load",
+            "s",
+            "--auto-compact",
+            "--auto-defrag",
+        ],
         None,
     );
     assert!(ok && out.contains("PASS"), "{out}{err}");

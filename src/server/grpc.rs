@@ -231,7 +231,9 @@ async fn handle_stream(
 /// Whether the call carries etcd's `hasleader: true` metadata (clientv3's
 /// `WithRequireLeader`).
 fn requires_leader(h: &HeaderMap) -> bool {
-    h.get("hasleader").map(|v| v.as_bytes() == b"true").unwrap_or(false)
+    h.get("hasleader")
+        .map(|v| v.as_bytes() == b"true")
+        .unwrap_or(false)
 }
 
 /// etcd's interceptors refuse a call that requires a leader while the

@@ -702,9 +702,7 @@ fn check_port_free(addr: SocketAddr) -> Result<(), String> {
     loop {
         match probe() {
             Ok(()) => return Ok(()),
-            Err(e)
-                if e.kind() == std::io::ErrorKind::AddrInUse && start.elapsed() < PORT_WAIT =>
-            {
+            Err(e) if e.kind() == std::io::ErrorKind::AddrInUse && start.elapsed() < PORT_WAIT => {
                 std::thread::sleep(std::time::Duration::from_millis(20));
             }
             Err(e) => return Err(format!("listen on {addr}: {e}")),

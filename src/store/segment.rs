@@ -216,7 +216,10 @@ where
     let file_len = file.metadata().map_err(io)?.len();
     let map = Map::new(&file, file_len).map_err(io)?;
     let data = map
-        .slice(0, usize::try_from(file_len).map_err(|_| io(io::ErrorKind::InvalidInput.into()))?)
+        .slice(
+            0,
+            usize::try_from(file_len).map_err(|_| io(io::ErrorKind::InvalidInput.into()))?,
+        )
         .expect("the mapping covers the file");
     let end = match limit {
         Some(l) if l as usize > data.len() => {
@@ -734,7 +737,8 @@ mod tests {
         f.set_len(off - 3).unwrap();
         assert!(read_segment(dir.path(), 1, Some(off), |_, _| ()).is_err());
         // Re-opening at an earlier offset cuts the tail.
-        let mut w = Segments::open(dir.path(), 0, 1, MAGIC.len() as u64, SEGMENT_BYTES_MAX).unwrap();
+        let mut w =
+            Segments::open(dir.path(), 0, 1, MAGIC.len() as u64, SEGMENT_BYTES_MAX).unwrap();
         w.append(b"only", &v(1, Some("y")));
         w.flush().unwrap();
         let mut keys = Vec::new();
@@ -937,8 +941,7 @@ mod tests {
         // is refused (an error, not a panic) so that appending can still
         // roll over once.
         let dir = tempfile::tempdir().unwrap();
-        let mut segs =
-            Segments::open(dir.path(), 0, last - 1, 0, SEGMENT_BYTES_MAX).unwrap();
+        let mut segs = Segments::open(dir.path(), 0, last - 1, 0, SEGMENT_BYTES_MAX).unwrap();
         assert!(segs.roll().is_err());
         assert_eq!(segs.position().0, last - 1);
     }

@@ -683,7 +683,8 @@ impl Shard {
     /// checkpoint kept on disk names a `first_seg` at or below it
     /// (`drop_unneeded_segments`, after every checkpoint).
     pub fn defrag(&mut self) -> Result<(), String> {
-        let err = |e: std::io::Error| format!("{}: defragmentation failed: {e}", self.dir.display());
+        let err =
+            |e: std::io::Error| format!("{}: defragmentation failed: {e}", self.dir.display());
         let first = self.segs.roll().map_err(err)?;
         let segs = &mut self.segs;
         let mut value = Vec::new();
@@ -1003,7 +1004,10 @@ mod tests {
         let value = |k: usize, round: usize| vec![(k * 7 + round) as u8; 1024];
         for round in 0..4 {
             for k in 0..50 {
-                apply(&mut sh, put_op(format!("k{k:02}").as_bytes(), &value(k, round)));
+                apply(
+                    &mut sh,
+                    put_op(format!("k{k:02}").as_bytes(), &value(k, round)),
+                );
             }
         }
         for k in 0..10 {
@@ -1026,7 +1030,11 @@ mod tests {
         assert_eq!(contents(&sh), before);
         // One new segment holding exactly the versions' records.
         assert_eq!(sh.disk_bytes(), sh.in_use_bytes());
-        assert!(sh.disk_bytes() < bytes_before / 3, "{} of {bytes_before}", sh.disk_bytes());
+        assert!(
+            sh.disk_bytes() < bytes_before / 3,
+            "{} of {bytes_before}",
+            sh.disk_bytes()
+        );
         let sdir = Shard::dir_for(&data, 0);
         let old = segment::list_segments(&sdir).unwrap()[0];
         assert!(old < sh.first_seg);
@@ -1072,9 +1080,16 @@ mod tests {
         assert_eq!(back.in_use_bytes(), in_use);
         assert_histories_ascend(&back);
         assert_eq!(contents(&back), now);
-        assert!(back.index.latest(b"k05").is_none(), "a deleted key stays deleted");
+        assert!(
+            back.index.latest(b"k05").is_none(),
+            "a deleted key stays deleted"
+        );
         assert!(back.index.latest(b"k21").is_none());
-        assert_eq!(back.index.history(b"k21").len(), 2, "put and delete above the compaction");
+        assert_eq!(
+            back.index.history(b"k21").len(),
+            2,
+            "put and delete above the compaction"
+        );
     }
 
     /// Compaction reports when the segments hold more than twice what the
