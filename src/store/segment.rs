@@ -408,6 +408,12 @@ impl Segments {
         debug_assert!(!self.segs.is_empty(), "the tail stays");
     }
 
+    /// The oldest segment in use (every one below it was forgotten, or
+    /// never existed).
+    pub fn first_id(&self) -> u64 {
+        self.segs.first().map_or(0, |s| s.id as u64)
+    }
+
     /// Bytes of the segments in use (every one not forgotten), written or
     /// still buffered.
     pub fn bytes(&self) -> u64 {

@@ -145,8 +145,6 @@ pub struct Shard {
     /// The newest revision at which this shard changed anything.
     pub last_rev: i64,
     pub checkpointed: Checkpoint,
-    /// The oldest segment in use: `defrag` rewrote everything below it.
-    first_seg: u64,
     /// Bytes the records of the index's versions take (`live_bytes`),
     /// kept up to date as versions are added and recomputed at compaction.
     live: u64,
@@ -273,7 +271,6 @@ impl Shard {
             compact_rev: ckpt.compact_rev,
             last_rev: ckpt.last_rev,
             leases: ckpt.leases.clone(),
-            first_seg: ckpt.first_seg,
             live: 0,
             checkpointed: ckpt,
             lease_keys,
@@ -629,7 +626,6 @@ impl Shard {
         self.compact_rev = compact_rev;
         self.leases = leases;
         self.applied = index;
-        self.first_seg = 0;
         self.live = self.live_bytes();
         self.checkpoint(index)?;
         Ok(())
@@ -714,7 +710,6 @@ impl Shard {
         }
         self.segs.flush().map_err(err)?;
         self.segs.forget_below(first);
-        self.first_seg = first;
         Ok(())
     }
 
@@ -749,7 +744,8 @@ impl Shard {
             last_rev: self.last_rev,
             seg_id,
             seg_offset,
-            first_seg: self.first_seg,
+            // The oldest segment in use: `defrag` retired those below.
+            first_seg: self.segs.first_id(),
             leases: self.leases.clone(),
         };
         let dir = self.dir.clone();
@@ -1037,12 +1033,12 @@ mod tests {
         );
         let sdir = Shard::dir_for(&data, 0);
         let old = segment::list_segments(&sdir).unwrap()[0];
-        assert!(old < sh.first_seg);
+        assert!(old < sh.segs.first_id());
 
         // New writes after the defragmentation, then a checkpoint.
         apply(&mut sh, put_op(b"k30", &value(30, 10)));
         let b = sh.checkpoint(rev.get() as u64).unwrap();
-        assert_eq!(b.first_seg, sh.first_seg);
+        assert_eq!(b.first_seg, sh.segs.first_id());
         // Checkpoint `a` still needs the old segment.
         assert!(segment::segment_path(&sdir, old).exists());
 
@@ -1071,7 +1067,7 @@ mod tests {
         assert!(segment::list_segments(&sdir)
             .unwrap()
             .iter()
-            .all(|&id| id >= sh.first_seg));
+            .all(|&id| id >= sh.segs.first_id()));
         let now = contents(&sh);
         let in_use = sh.in_use_bytes();
         assert_eq!(in_use, sh.live_bytes());
