@@ -4,6 +4,7 @@
 #[macro_use]
 pub mod logging;
 
+pub mod alloc;
 pub mod apply;
 pub mod auth;
 pub mod config;

@@ -1,9 +1,10 @@
 use keelson::config::{self, Parsed};
 
 // Many small allocations cross cores (requests, responses, entries):
-// mimalloc's per-thread heaps free them without glibc's consolidation work.
+// mimalloc's per-thread heaps free them without glibc's consolidation work
+// (`keelson::alloc`: called as `System` calls malloc).
 #[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static GLOBAL: keelson::alloc::Mimalloc = keelson::alloc::Mimalloc;
 
 fn main() {
     let all: Vec<String> = std::env::args().skip(1).collect();
