@@ -1273,6 +1273,26 @@ impl<B: Buf> SendResponse<B> {
             .map_err(Into::into)
     }
 
+    /// keelson patch: sends a whole response at once (one lock, one stream
+    /// state transition): HEADERS with `head`, an HPACK-encoded block for
+    /// `status`; one DATA frame; then HEADERS with the `trailers` block and
+    /// END_STREAM. Both blocks MUST use only static-table indexes and
+    /// literal fields without indexing, so the connection's HPACK encoder
+    /// (and its dynamic table) is left as it was; it puts any table size
+    /// update it owes the peer in front of them. The data is sent as
+    /// `SendStream::send_data` sends it (buffered until the window allows).
+    pub fn send_encoded_response(
+        &mut self,
+        status: http::StatusCode,
+        head: Bytes,
+        data: B,
+        trailers: Bytes,
+    ) -> Result<(), crate::Error> {
+        self.inner
+            .send_encoded_response(status, head, data, trailers)
+            .map_err(Into::into)
+    }
+
     /// Push a request and response to the client
     ///
     /// On success, a [`SendResponse`] instance is returned.

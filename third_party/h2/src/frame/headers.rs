@@ -6,7 +6,7 @@ use crate::hpack::{self, BytesStr};
 use http::header::{self, HeaderName, HeaderValue};
 use http::{uri, HeaderMap, Method, Request, StatusCode, Uri};
 
-use bytes::{Buf, BufMut, BytesMut};
+use bytes::{Buf, BufMut, Bytes, BytesMut};
 
 use std::fmt;
 use std::io::Cursor;
@@ -100,6 +100,11 @@ struct HeaderBlock {
     /// Pseudo headers, these are broken out as they must be sent as part of the
     /// headers frame.
     pseudo: Pseudo,
+
+    /// keelson patch: the block already HPACK-encoded by the caller (static
+    /// table indexes and literals without indexing only, so the encoder's
+    /// dynamic table is not involved); `fields` is then empty.
+    encoded: Option<Bytes>,
 }
 
 #[derive(Debug)]
@@ -126,6 +131,7 @@ impl Headers {
                 fields,
                 is_over_size: false,
                 pseudo,
+                encoded: None,
             },
             flags: HeadersFlag::default(),
         }
@@ -143,9 +149,40 @@ impl Headers {
                 fields,
                 is_over_size: false,
                 pseudo: Pseudo::default(),
+                encoded: None,
             },
             flags,
         }
+    }
+
+    /// keelson patch: a HEADERS frame whose block is given HPACK-encoded.
+    /// The block MUST use only static-table indexes and literal fields
+    /// without indexing (or never indexed): the connection's encoder still
+    /// owns the dynamic table and puts any pending table size update in
+    /// front of it. `pseudo` carries the status the block encodes (the
+    /// stream state machine reads it).
+    pub fn encoded(stream_id: StreamId, pseudo: Pseudo, block: Bytes, end_stream: bool) -> Self {
+        let mut flags = HeadersFlag::default();
+        if end_stream {
+            flags.set_end_stream();
+        }
+        Headers {
+            stream_id,
+            stream_dep: None,
+            header_block: HeaderBlock {
+                fields: HeaderMap::new(),
+                field_size: 0,
+                is_over_size: false,
+                pseudo,
+                encoded: Some(block),
+            },
+            flags,
+        }
+    }
+
+    /// Whether the block was given HPACK-encoded (`Headers::encoded`).
+    pub fn is_encoded(&self) -> bool {
+        self.header_block.encoded.is_some()
     }
 
     /// Loads the header frame but doesn't actually do HPACK decoding.
@@ -208,6 +245,7 @@ impl Headers {
                 field_size: 0,
                 is_over_size: false,
                 pseudo: Pseudo::default(),
+                encoded: None,
             },
             flags,
         };
@@ -368,6 +406,7 @@ impl PushPromise {
                 fields,
                 is_over_size: false,
                 pseudo,
+                encoded: None,
             },
             promised_id,
             stream_id,
@@ -459,6 +498,7 @@ impl PushPromise {
                 field_size: 0,
                 is_over_size: false,
                 pseudo: Pseudo::default(),
+                encoded: None,
             },
             promised_id,
             stream_id: head.stream_id(),
@@ -992,6 +1032,11 @@ impl HeaderBlock {
     fn into_encoding(self, encoder: &mut hpack::Encoder) -> EncodingHeaderBlock {
         let mut hpack = encoder.take_scratch();
         hpack.clear();
+        if let Some(block) = self.encoded {
+            encoder.encode_pending_size_updates(&mut hpack);
+            hpack.extend_from_slice(&block);
+            return EncodingHeaderBlock { hpack };
+        }
         let headers = Iter {
             pseudo: Some(self.pseudo),
             fields: self.fields.into_iter(),

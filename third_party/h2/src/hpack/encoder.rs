@@ -136,6 +136,12 @@ impl Encoder {
         }
     }
 
+    /// keelson patch: the dynamic table size updates owed to the peer, in
+    /// front of a block encoded elsewhere (`frame::Headers::encoded`).
+    pub(crate) fn encode_pending_size_updates(&mut self, dst: &mut BytesMut) {
+        self.encode_size_updates(dst)
+    }
+
     fn encode_size_updates(&mut self, dst: &mut BytesMut) {
         match self.size_update.take() {
             Some(SizeUpdate::One(val)) => {

@@ -136,7 +136,10 @@ impl Send {
             self.init_window_sz
         );
 
-        Self::check_headers(frame.fields())?;
+        // keelson patch: an encoded block has no fields to check.
+        if !frame.is_encoded() {
+            Self::check_headers(frame.fields())?;
+        }
 
         let end_stream = frame.is_end_stream();
 
@@ -325,7 +328,9 @@ impl Send {
         // caller cannot make this crate *generate* a message §8.2.2 forbids.
         // Checked before the state transition so a rejected call leaves the stream
         // untouched and still able to send valid trailers.
-        Self::check_headers(frame.fields())?;
+        if !frame.is_encoded() {
+            Self::check_headers(frame.fields())?;
+        }
 
         // TODO: Should this logic be moved into state.rs?
         if !stream.state.is_send_streaming() {

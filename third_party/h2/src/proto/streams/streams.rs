@@ -1214,6 +1214,48 @@ impl<B> StreamRef<B> {
         })
     }
 
+    /// keelson patch: a whole response under one lock: a HEADERS frame
+    /// with the given HPACK-encoded block, one DATA frame, and a trailing
+    /// HEADERS frame (END_STREAM) with the given block (see
+    /// `frame::Headers::encoded` for what the blocks may contain).
+    pub fn send_encoded_response(
+        &mut self,
+        status: http::StatusCode,
+        head: Bytes,
+        data: B,
+        trailers: Bytes,
+    ) -> Result<(), UserError>
+    where
+        B: Buf,
+    {
+        let mut me = self.opaque.inner.lock().unwrap();
+        let me = &mut *me;
+
+        let stream = me.store.resolve(self.opaque.key);
+        let actions = &mut me.actions;
+        let mut send_buffer = self.send_buffer.inner.lock().unwrap();
+        let send_buffer = &mut *send_buffer;
+
+        me.counts.transition(stream, |counts, stream| {
+            let id = stream.id;
+            let head = frame::Headers::encoded(id, frame::Pseudo::response(status), head, false);
+            actions
+                .send
+                .send_headers(head, send_buffer, stream, counts, &mut actions.task)?;
+            actions.send.send_data(
+                frame::Data::new(id, data),
+                send_buffer,
+                stream,
+                counts,
+                &mut actions.task,
+            )?;
+            let trailers = frame::Headers::encoded(id, frame::Pseudo::default(), trailers, true);
+            actions
+                .send
+                .send_trailers(trailers, send_buffer, stream, counts, &mut actions.task)
+        })
+    }
+
     pub fn send_trailers(&mut self, trailers: HeaderMap) -> Result<(), UserError> {
         let mut me = self.opaque.inner.lock().unwrap();
         let me = &mut *me;
