@@ -202,7 +202,10 @@ impl Header {
                     | header::COOKIE
                     | header::SET_COOKIE
             ),
-            Header::Path(..) => true,
+            // keelson patch: `:path` values are indexed, as grpc-go's
+            // encoder (golang.org/x/net/http2/hpack) indexes them; a gRPC
+            // client sends the same few paths over and over.
+            Header::Path(..) => false,
             _ => false,
         }
     }
