@@ -47,7 +47,65 @@ pub struct WriteResult {
     pub lease_ttl: i64,
 }
 
-pub type Reply = oneshot::Sender<Result<WriteResult, Status>>;
+/// Where the answer to a write goes.
+pub enum Reply {
+    /// A oneshot channel (the raft core's own proposals, lease expiry,
+    /// the member's published attributes, tests).
+    Chan(oneshot::Sender<Result<WriteResult, Status>>),
+    /// A slot in core `core`'s table of client writes (`server::writes`):
+    /// the applier answers it in the next `CoreMsg::Applied` it sends that
+    /// core, with every other write of the batch.
+    Core {
+        core: usize,
+        slot: crate::server::writes::WriteSlot,
+    },
+}
+
+/// A write's answer bound for a core: (core, slot, result).
+pub type CoreAnswer = (
+    usize,
+    crate::server::writes::WriteSlot,
+    Result<WriteResult, Status>,
+);
+
+impl Reply {
+    /// Answers a channel at once; an answer bound for a core is returned
+    /// for the caller to deliver.
+    pub fn answer(self, res: Result<WriteResult, Status>) -> Option<CoreAnswer> {
+        match self {
+            Reply::Chan(tx) => {
+                let _ = tx.send(res);
+                None
+            }
+            Reply::Core { core, slot } => Some((core, slot, res)),
+        }
+    }
+
+    /// Answers now, a core by a message of its own (the raft core's
+    /// refusals; the applier batches its answers instead).
+    pub fn send(self, res: Result<WriteResult, Status>, router: &Router) {
+        if let Some((core, slot, res)) = self.answer(res) {
+            if let Some(c) = router.cores.get(core) {
+                c.send(crate::server::CoreMsg::Written(vec![(slot, res)]));
+            }
+        }
+    }
+
+    /// Whether nobody waits for the answer any more (known for channels
+    /// only: a core gives up its slots by itself).
+    pub fn is_canceled(&self) -> bool {
+        match self {
+            Reply::Chan(tx) => tx.is_canceled(),
+            Reply::Core { .. } => false,
+        }
+    }
+}
+
+impl From<oneshot::Sender<Result<WriteResult, Status>>> for Reply {
+    fn from(tx: oneshot::Sender<Result<WriteResult, Status>>) -> Reply {
+        Reply::Chan(tx)
+    }
+}
 pub type ReadReply = oneshot::Sender<Result<i64, Status>>;
 
 pub enum ShardMsg {
@@ -562,6 +620,14 @@ pub struct Applier {
     is_leader: bool,
     /// The last entry handed to the shards.
     dispatched: u64,
+    /// Per core, the answers to its clients' writes completed since the
+    /// last `publish`.
+    written: Vec<
+        Vec<(
+            crate::server::writes::WriteSlot,
+            Result<WriteResult, Status>,
+        )>,
+    >,
 }
 
 impl Applier {
@@ -578,6 +644,7 @@ impl Applier {
             lessor,
             is_leader: false,
             dispatched: last,
+            written: Vec::new(),
         }
     }
 
@@ -662,7 +729,7 @@ impl Applier {
                     let (tx, _rx) = oneshot::channel();
                     self.router.raft.send(crate::raftcore::RaftMsg::Propose {
                         data: prost::Message::encode_to_vec(&cmd),
-                        reply: tx,
+                        reply: tx.into(),
                     });
                 }
             }
@@ -1008,7 +1075,12 @@ impl Applier {
                         lease_id: p.lease_id,
                         lease_ttl: p.lease_ttl,
                     });
-                let _ = reply.send(res);
+                if let Some((core, slot, res)) = reply.answer(res) {
+                    if self.written.len() <= core {
+                        self.written.resize_with(core + 1, Vec::new);
+                    }
+                    self.written[core].push((slot, res));
+                }
             }
         }
         if !self.reads.is_empty() {
@@ -1024,18 +1096,27 @@ impl Applier {
                 }
             }
         }
-        if before != (self.st.applied, self.st.current_rev, self.st.compact_rev) {
+        if before != (self.st.applied, self.st.current_rev, self.st.compact_rev)
+            || self.written.iter().any(|w| !w.is_empty())
+        {
             self.publish();
         }
     }
 
-    /// Tells every core the new applied index and revisions.
-    fn publish(&self) {
-        for c in &self.router.cores {
+    /// Tells every core the new applied index and revisions, with the
+    /// answers to its clients' writes completed since the last time.
+    fn publish(&mut self) {
+        for (i, c) in self.router.cores.iter().enumerate() {
+            let written = self
+                .written
+                .get_mut(i)
+                .map(std::mem::take)
+                .unwrap_or_default();
             c.send(crate::server::CoreMsg::Applied {
                 applied: self.st.applied,
                 revision: self.st.current_rev,
                 compact_revision: self.st.compact_rev,
+                written,
             });
         }
     }

@@ -643,7 +643,12 @@ pub async fn run_raft(
     let transfer_ticks = (request_timeout(&boot.cfg).as_millis() / tick.as_millis().max(1)) as u64;
     // etcd's readIndexRetryTime: 500 ms.
     let read_retry_ticks = (500 / tick.as_millis().max(1)).max(1) as u64;
-    let mut waiters: HashMap<u64, Reply> = HashMap::new();
+    // Writes waiting for their entry: sequence → (tick proposed, reply).
+    // A reply to a core cannot tell when its client gave up, so a waiter
+    // older than twice the request timeout goes too (its client timed out
+    // long ago; its entry was lost in a leader change).
+    let mut waiters: Waiters = HashMap::default();
+    let waiter_ticks_max = 2 * transfer_ticks.max(1);
     let mut reads: Vec<ReadReply> = Vec::new();
     // Read batches waiting for their ReadIndex: id → (tick it was last
     // asked at, replies).
@@ -684,7 +689,9 @@ pub async fn run_raft(
                     if ticks % 16 == 0 {
                         // Requests whose client gave up (timed out) while
                         // their entry or read was lost in a leader change.
-                        waiters.retain(|_, r| !r.is_canceled());
+                        waiters.retain(|_, (t, r)| {
+                            !r.is_canceled() && ticks.saturating_sub(*t) < waiter_ticks_max
+                        });
                         ms.waiters.retain(|_, r| !r.is_canceled());
                         ms.alarm_waiters.retain(|_, r| !r.is_canceled());
                         ms.auth_waiters.retain(|_, r| !r.is_canceled());
@@ -895,7 +902,7 @@ pub async fn run_raft(
                 }
                 RaftMsg::Propose { data, reply } => {
                     if node.raft.leader_id == raft::INVALID_ID {
-                        let _ = reply.send(Err(error::no_leader()));
+                        reply.send(Err(error::no_leader()), &router);
                         continue;
                     }
                     let id = next_id;
@@ -905,13 +912,16 @@ pub async fn run_raft(
                     ctx.extend_from_slice(&id.to_le_bytes());
                     match node.propose(ctx, data) {
                         Ok(()) => {
-                            waiters.insert(id, reply);
+                            waiters.insert(id, (ticks, reply));
                         }
                         Err(e) => {
-                            let _ = reply.send(Err(Status::new(
-                                error::Code::Unavailable,
-                                format!("etcdserver: {e}"),
-                            )));
+                            reply.send(
+                                Err(Status::new(
+                                    error::Code::Unavailable,
+                                    format!("etcdserver: {e}"),
+                                )),
+                                &router,
+                            );
                         }
                     }
                 }
@@ -1127,6 +1137,28 @@ pub async fn run_raft(
     }
 }
 
+/// Client writes waiting for their entries, by proposal sequence number.
+type Waiters = HashMap<u64, (u64, Reply), std::hash::BuildHasherDefault<SeqHasher>>;
+
+/// Hashes the sequence numbers of `Waiters` (unique, from one counter):
+/// a multiply spreads them over the table, with none of SipHash's cost.
+#[derive(Default)]
+struct SeqHasher(u64);
+
+impl std::hash::Hasher for SeqHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = (self.0.rotate_left(8) ^ b as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+        }
+    }
+    fn write_u64(&mut self, n: u64) {
+        self.0 = n.wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    }
+}
+
 /// This member applied its own removal: the raft core stops at once, and
 /// the process a second later (time for the answers to go out), as
 /// etcd's server does.
@@ -1326,7 +1358,7 @@ fn hand_off(
     node: &mut RawNode<MemStorage>,
     nonce: u64,
     entries: Vec<Entry>,
-    waiters: &mut HashMap<u64, Reply>,
+    waiters: &mut Waiters,
     ms: &mut Members,
     peers: &dyn Transport,
     router: &Router,
@@ -1343,7 +1375,7 @@ fn hand_off(
             )),
             _ => None,
         };
-        let reply = seq.and_then(|s| waiters.remove(&s));
+        let reply = seq.and_then(|s| waiters.remove(&s)).map(|(_, r)| r);
         let cmd = match e.get_entry_type() {
             EntryType::EntryNormal if e.data.is_empty() => None,
             EntryType::EntryNormal => match RaftCommand::decode(e.data.as_ref()) {

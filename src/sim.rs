@@ -414,7 +414,8 @@ fn drain_applier(node: &mut Node, ck: &mut Checker, seed: u64) {
                     }
                     run.applied = c.index;
                     if let Some(r) = c.reply {
-                        let _ = r.send(Ok(WriteResult {
+                        // The simulation proposes with channels only.
+                        let _ = r.answer(Ok(WriteResult {
                             revision: c.index as i64,
                             ..Default::default()
                         }));
@@ -514,7 +515,7 @@ impl Sim {
         let (tx, rx) = oneshot::channel();
         run.raft.send(RaftMsg::Propose {
             data: cmd.to_vec(),
-            reply: tx,
+            reply: tx.into(),
         });
         Some(rx)
     }

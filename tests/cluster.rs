@@ -215,7 +215,10 @@ async fn leader_killed_under_load_loses_nothing_acknowledged() {
     for &i in &up {
         let mut c = connect(&ms[i]).await;
         for (k, rev) in &acked {
-            let r = c.get(k.as_str(), None).await.unwrap();
+            let r = c
+                .get(k.as_str(), None)
+                .await
+                .unwrap_or_else(|e| panic!("get {k} on member {i}: {e}"));
             assert_eq!(r.kvs().len(), 1, "acknowledged {k} missing on member {i}");
             assert_eq!(r.kvs()[0].mod_revision(), *rev, "{k} on member {i}");
         }

@@ -310,9 +310,18 @@ async fn propose(core: &Core, cmd: RaftCommand) -> Result<WriteResult, Status> {
     if data.len() > core.router.member.max_request_bytes {
         return Err(error::request_too_large());
     }
-    let (tx, rx) = oneshot::channel();
-    core.router.raft.send(RaftMsg::Propose { data, reply: tx });
-    let res = with_timeout(core, rx).await??;
+    // Answered through this core's write table (`writes`), which also
+    // times the write out; dropping this future gives the slot up.
+    let slot = core.writes.begin();
+    let wait = core.writes.wait(slot);
+    core.router.raft.send(RaftMsg::Propose {
+        data,
+        reply: crate::apply::Reply::Core {
+            core: core.id,
+            slot,
+        },
+    });
+    let res = wait.await?;
     core.view
         .revision
         .set(core.view.revision.get().max(res.revision));

@@ -14,6 +14,7 @@ pub mod grpc;
 pub mod http;
 pub mod tls;
 pub mod watch;
+pub mod writes;
 
 use crate::apply::{self, ApplierMsg, ShardMsg};
 use crate::config::Config;
@@ -64,7 +65,20 @@ pub enum CoreMsg {
         applied: u64,
         revision: i64,
         compact_revision: i64,
+        /// Answers to this core's clients' writes that completed with it.
+        written: Vec<(
+            writes::WriteSlot,
+            Result<apply::WriteResult, crate::error::Status>,
+        )>,
     },
+    /// Answers to writes that did not get as far as the log (refused by
+    /// the raft core).
+    Written(
+        Vec<(
+            writes::WriteSlot,
+            Result<apply::WriteResult, crate::error::Status>,
+        )>,
+    ),
     Raft {
         term: u64,
         leader: u64,
@@ -127,12 +141,14 @@ impl View {
             | CoreMsg::WatchHistory { .. }
             | CoreMsg::WatchRegistered { .. }
             | CoreMsg::WatchResync
+            | CoreMsg::Written(_)
             | CoreMsg::Rpcs { .. } => {}
             CoreMsg::Auth(a) => *self.auth.borrow_mut() = a,
             CoreMsg::Applied {
                 applied,
                 revision,
                 compact_revision,
+                ..
             } => {
                 self.applied.set(self.applied.get().max(applied));
                 self.revision.set(self.revision.get().max(revision));
@@ -167,6 +183,8 @@ pub struct Core {
     /// RPCs completed here: method path → count per gRPC code (only
     /// known methods are counted, so it stays small).
     pub rpcs: std::cell::RefCell<std::collections::HashMap<String, [u64; 17]>>,
+    /// Writes this core's clients wait for.
+    pub writes: writes::Writes,
 }
 
 impl Core {
@@ -208,10 +226,28 @@ impl Core {
                     rev,
                 } => self.watch.on_registered(shard, group, tag, rev),
                 CoreMsg::Applied {
-                    applied, revision, ..
+                    applied,
+                    revision,
+                    compact_revision,
+                    written,
                 } => {
                     self.watch.on_applied(applied, revision);
-                    self.view.apply(m);
+                    // The view first: a client answered here reads at
+                    // least the revision of its own write.
+                    self.view.apply(CoreMsg::Applied {
+                        applied,
+                        revision,
+                        compact_revision,
+                        written: Vec::new(),
+                    });
+                    for (slot, res) in written {
+                        self.writes.finish(slot, res);
+                    }
+                }
+                CoreMsg::Written(written) => {
+                    for (slot, res) in written {
+                        self.writes.finish(slot, res);
+                    }
                 }
                 CoreMsg::Raft { .. } | CoreMsg::Auth(_) => self.view.apply(m),
                 CoreMsg::Rpcs { reply } => {
@@ -643,7 +679,7 @@ async fn publish_attributes(router: Arc<Router>) {
         let (tx, rx) = futures::channel::oneshot::channel();
         router.raft.send(RaftMsg::Propose {
             data: data.clone(),
-            reply: tx,
+            reply: tx.into(),
         });
         let timed = async {
             glommio::timer::sleep(m.request_timeout).await;
@@ -917,6 +953,7 @@ pub fn run(cfg: Config) -> Result<(), String> {
                     watch: watch::Hub::default(),
                     me: me.clone(),
                     rpcs: Default::default(),
+                    writes: writes::Writes::new(router.member.request_timeout),
                 });
                 // Listeners first, so a port in use is reported before
                 // anything else starts.
@@ -971,6 +1008,10 @@ pub fn run(cfg: Config) -> Result<(), String> {
                     glommio::spawn_local(publish_attributes(router.clone())).detach();
                 }
                 spawn_memory_collector();
+                {
+                    let ctx = ctx.clone();
+                    glommio::spawn_local(async move { ctx.writes.sweep().await }).detach();
+                }
                 {
                     let ctx = ctx.clone();
                     glommio::spawn_local(async move {
