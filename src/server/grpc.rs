@@ -14,7 +14,6 @@ use crate::error::{Code, Status};
 use bytes::{BufMut, Bytes, BytesMut};
 use http::{HeaderMap, HeaderValue, Response};
 use std::rc::Rc;
-use tokio_util::compat::FuturesAsyncReadCompatExt;
 
 /// Concurrent streams one connection may have open.
 const STREAMS_PER_CONN_MAX: u32 = 4096;
@@ -84,7 +83,7 @@ async fn serve_h2<S>(stream: S, core: Rc<Core>, peer: Option<std::net::SocketAdd
 where
     S: futures::io::AsyncRead + futures::io::AsyncWrite + Unpin + 'static,
 {
-    let io = stream.compat();
+    let io = super::io::TokioIo::new(stream);
     let mut conn = match h2::server::Builder::new()
         .initial_window_size(1 << 20)
         .initial_connection_window_size(16 << 20)

@@ -12,6 +12,7 @@ pub mod coord;
 pub mod gateway;
 pub mod grpc;
 pub mod http;
+mod io;
 pub mod tls;
 pub mod watch;
 pub mod writes;
