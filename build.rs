@@ -27,6 +27,9 @@ fn main() {
     let fds = protox::compile(&files, ["proto"]).expect("proto files compile");
     let encoded = prost::Message::encode_to_vec(&fds);
     prost_build::Config::new()
+        // A put's key and value are slices of the request (or log entry)
+        // they were decoded from, not copies (decoded from `Bytes`).
+        .bytes([".etcdserverpb.PutRequest"])
         .compile_fds(fds)
         .expect("prost code generation");
     // etcd's gateway marshals with `OrigName: true` and without

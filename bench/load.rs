@@ -232,15 +232,17 @@ fn grpc_frame(msg: &impl Message) -> Bytes {
 /// (gRPC path, framed request) for op number `n`.
 fn request(o: &Opts, workload: &str, n: u64, value: &[u8]) -> (&'static str, Bytes) {
     let put = |k: Vec<u8>| PutRequest {
-        key: k,
-        value: value.to_vec(),
+        key: k.into(),
+        value: value.to_vec().into(),
         ..Default::default()
     };
     match workload {
         "put" => ("/etcdserverpb.KV/Put", grpc_frame(&put(key(o, n)))),
         "watch" => {
             let mut req = put([WATCH_PREFIX, &key(o, n)].concat());
-            req.value[..8].copy_from_slice(&now_ns().to_le_bytes());
+            let mut v = req.value.to_vec();
+            v[..8].copy_from_slice(&now_ns().to_le_bytes());
+            req.value = v.into();
             ("/etcdserverpb.KV/Put", grpc_frame(&req))
         }
         "range" | "range-serializable" => (

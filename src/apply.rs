@@ -743,7 +743,7 @@ impl Applier {
         let n = self.router.shards.len();
         let mut shard = None;
         for k in keys {
-            let s = shard_of(k.as_deref()?, n);
+            let s = shard_of(k?, n);
             match shard {
                 None => shard = Some(s),
                 Some(x) if x != s => return None,

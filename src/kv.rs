@@ -176,10 +176,10 @@ fn check_intervals(ops: &[RequestOp]) -> Result<(Vec<Vec<u8>>, Vec<Interval>), S
     }
     for op in ops {
         if let Some(request_op::Request::RequestPut(p)) = &op.request {
-            if puts.contains(&p.key) || hit(&dels, &p.key) {
+            if puts.iter().any(|k| k[..] == p.key[..]) || hit(&dels, &p.key) {
                 return Err(error::duplicate_key());
             }
-            puts.push(p.key.clone());
+            puts.push(p.key.to_vec());
         }
     }
     Ok((puts, dels))
@@ -187,10 +187,10 @@ fn check_intervals(ops: &[RequestOp]) -> Result<(Vec<Vec<u8>>, Vec<Interval>), S
 
 /// Every key a txn may read or write is `Some(key)`; a range is `None`
 /// (it may touch every shard).
-pub fn txn_keys(t: &TxnRequest, out: &mut Vec<Option<Vec<u8>>>) {
+pub fn txn_keys<'a>(t: &'a TxnRequest, out: &mut Vec<Option<&'a [u8]>>) {
     for c in &t.compare {
         out.push(if c.range_end.is_empty() {
-            Some(c.key.clone())
+            Some(&c.key)
         } else {
             None
         });
@@ -198,14 +198,14 @@ pub fn txn_keys(t: &TxnRequest, out: &mut Vec<Option<Vec<u8>>>) {
     for op in t.success.iter().chain(&t.failure) {
         match &op.request {
             Some(request_op::Request::RequestRange(r)) => out.push(if r.range_end.is_empty() {
-                Some(r.key.clone())
+                Some(&r.key)
             } else {
                 None
             }),
-            Some(request_op::Request::RequestPut(p)) => out.push(Some(p.key.clone())),
+            Some(request_op::Request::RequestPut(p)) => out.push(Some(&p.key)),
             Some(request_op::Request::RequestDeleteRange(d)) => {
                 out.push(if d.range_end.is_empty() {
-                    Some(d.key.clone())
+                    Some(&d.key)
                 } else {
                     None
                 })
@@ -497,7 +497,7 @@ fn path_checks(
                     checks.push(Check::KeyExists(Compare {
                         result: compare::CompareResult::Greater as i32,
                         target: compare::CompareTarget::Create as i32,
-                        key: put.key.clone(),
+                        key: put.key.to_vec(),
                         range_end: vec![],
                         target_union: Some(compare::TargetUnion::CreateRevision(0)),
                     }));
@@ -673,8 +673,8 @@ mod tests {
     fn put(k: &str) -> RequestOp {
         RequestOp {
             request: Some(request_op::Request::RequestPut(PutRequest {
-                key: k.into(),
-                value: b"v".to_vec(),
+                key: k.as_bytes().to_vec().into(),
+                value: b"v".to_vec().into(),
                 ..Default::default()
             })),
         }

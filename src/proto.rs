@@ -43,8 +43,8 @@ mod tests {
     #[test]
     fn put_request_wire_bytes() {
         let p = PutRequest {
-            key: b"k".to_vec(),
-            value: b"v".to_vec(),
+            key: b"k".to_vec().into(),
+            value: b"v".to_vec().into(),
             lease: 5,
             prev_kv: true,
             ..Default::default()

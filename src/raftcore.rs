@@ -1378,7 +1378,9 @@ fn hand_off(
         let reply = seq.and_then(|s| waiters.remove(&s)).map(|(_, r)| r);
         let cmd = match e.get_entry_type() {
             EntryType::EntryNormal if e.data.is_empty() => None,
-            EntryType::EntryNormal => match RaftCommand::decode(e.data.as_ref()) {
+            // From the entry's `Bytes`: a put's key and value stay slices
+            // of the entry's data.
+            EntryType::EntryNormal => match RaftCommand::decode(e.data.clone()) {
                 Ok(c) => {
                     use crate::proto::keelson::raft_command::Cmd;
                     if let Some(Cmd::MemberAttributes(a)) = &c.cmd {

@@ -353,8 +353,8 @@ fn put_cmd(key: &str, value: &str) -> Vec<u8> {
         cmd: Some(raft_command::Cmd::Txn(TxnRequest {
             success: vec![RequestOp {
                 request: Some(request_op::Request::RequestPut(PutRequest {
-                    key: key.as_bytes().to_vec(),
-                    value: value.as_bytes().to_vec(),
+                    key: key.as_bytes().to_vec().into(),
+                    value: value.as_bytes().to_vec().into(),
                     ..Default::default()
                 })),
             }],
@@ -408,7 +408,7 @@ fn drain_applier(node: &mut Node, ck: &mut Checker, seed: u64) {
                     if let Some(raft_command::Cmd::Txn(t)) = c.cmd.and_then(|c| c.cmd) {
                         for op in t.success {
                             if let Some(request_op::Request::RequestPut(p)) = op.request {
-                                run.kv.insert(p.key, p.value);
+                                run.kv.insert(p.key.to_vec(), p.value.to_vec());
                             }
                         }
                     }

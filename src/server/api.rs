@@ -185,8 +185,10 @@ pub async fn call_stream(
     }
 }
 
-fn decode<M: Message + Default>(body: &[u8]) -> Result<M, Status> {
-    M::decode(body).map_err(|e| {
+/// Decodes a request; its bytes fields that are `Bytes` (a put's key and
+/// value) become slices of `body`, not copies.
+fn decode<M: Message + Default>(body: &bytes::Bytes) -> Result<M, Status> {
+    M::decode(body.clone()).map_err(|e| {
         Status::new(
             Code::Internal,
             format!("grpc: error unmarshalling request: {e}"),
@@ -194,13 +196,13 @@ fn decode<M: Message + Default>(body: &[u8]) -> Result<M, Status> {
     })
 }
 
-pub async fn call(m: Method, body: &[u8], core: &Core) -> Result<Vec<u8>, Status> {
+pub async fn call(m: Method, body: &bytes::Bytes, core: &Core) -> Result<Vec<u8>, Status> {
     if core.view.learner.get() {
         // A learner serves what etcd's does: status, the member list and
         // serializable ranges.
         let supported = match m {
             Method::Status | Method::MemberList => true,
-            Method::Range => RangeRequest::decode(body)
+            Method::Range => RangeRequest::decode(&body[..])
                 .map(|r| r.serializable)
                 .unwrap_or(false),
             _ => false,
@@ -211,7 +213,7 @@ pub async fn call(m: Method, body: &[u8], core: &Core) -> Result<Vec<u8>, Status
     }
     Ok(match m {
         Method::Range => range(core, decode(body)?).await?.encode_to_vec(),
-        Method::Put => put(core, decode(body)?).await?.encode_to_vec(),
+        Method::Put => put(core, decode(body)?, body).await?.encode_to_vec(),
         Method::DeleteRange => delete_range(core, decode(body)?).await?.encode_to_vec(),
         Method::Txn => txn(core, decode(body)?).await?.encode_to_vec(),
         Method::Compact => compact(core, decode(body)?).await?.encode_to_vec(),
@@ -306,7 +308,12 @@ async fn defragment(core: &Core) -> Result<(), Status> {
 /// Proposes a command and waits until it is applied.
 async fn propose(core: &Core, cmd: RaftCommand) -> Result<WriteResult, Status> {
     check_alarms(core, &cmd)?;
-    let data = cmd.encode_to_vec();
+    propose_encoded(core, cmd.encode_to_vec()).await
+}
+
+/// Proposes an encoded `RaftCommand` (its alarms checked) and waits until
+/// it is applied.
+async fn propose_encoded(core: &Core, data: Vec<u8>) -> Result<WriteResult, Status> {
     if data.len() > core.router.member.max_request_bytes {
         return Err(error::request_too_large());
     }
@@ -362,7 +369,7 @@ fn check_alarms(core: &Core, cmd: &RaftCommand) -> Result<(), Status> {
     Ok(())
 }
 
-fn single_op_txn(op: request_op::Request) -> RaftCommand {
+pub(crate) fn single_op_txn(op: request_op::Request) -> RaftCommand {
     RaftCommand {
         cmd: Some(raft_command::Cmd::Txn(TxnRequest {
             compare: vec![],
@@ -372,9 +379,32 @@ fn single_op_txn(op: request_op::Request) -> RaftCommand {
     }
 }
 
-pub(super) async fn put(core: &Core, req: PutRequest) -> Result<PutResponse, Status> {
+/// The `RaftCommand` of a one-put txn, built around the put's encoding
+/// `put` as it came from the client: what encoding the decoded request in
+/// `single_op_txn` would give, less fields this build does not know
+/// (which decoding drops anyway), without a decode-and-encode round.
+fn put_command(put: &[u8]) -> Vec<u8> {
+    use prost::encoding::{encode_key, encode_varint, encoded_len_varint, WireType};
+    // RaftCommand.txn = 1 { TxnRequest.success = 2 { RequestOp.request_put = 2 { put } } }
+    let op_len = 1 + encoded_len_varint(put.len() as u64) + put.len();
+    let txn_len = 1 + encoded_len_varint(op_len as u64) + op_len;
+    let mut out = Vec::with_capacity(1 + encoded_len_varint(txn_len as u64) + txn_len);
+    encode_key(1, WireType::LengthDelimited, &mut out);
+    encode_varint(txn_len as u64, &mut out);
+    encode_key(2, WireType::LengthDelimited, &mut out);
+    encode_varint(op_len as u64, &mut out);
+    encode_key(2, WireType::LengthDelimited, &mut out);
+    encode_varint(put.len() as u64, &mut out);
+    out.extend_from_slice(put);
+    out
+}
+
+pub(super) async fn put(core: &Core, req: PutRequest, raw: &[u8]) -> Result<PutResponse, Status> {
     kv::check_put(&req)?;
-    let res = propose(core, single_op_txn(request_op::Request::RequestPut(req))).await?;
+    if core.view.alarms.get() != 0 {
+        check_alarms(core, &single_op_txn(request_op::Request::RequestPut(req)))?;
+    }
+    let res = propose_encoded(core, put_command(raw)).await?;
     let prev_kv = match res
         .txn
         .responses
@@ -978,4 +1008,44 @@ async fn lease_keep_alive(
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A put proposed around its own encoding decodes to the command a
+    /// decode-and-encode round would propose, for puts with and without
+    /// options, empty and long values (lengths of one and two varint bytes).
+    #[test]
+    fn a_put_command_built_around_the_request_is_the_encoded_txn() {
+        let long = vec![7u8; 300];
+        let puts = [
+            PutRequest {
+                key: b"k".to_vec().into(),
+                ..Default::default()
+            },
+            PutRequest {
+                key: b"key".to_vec().into(),
+                value: long.clone().into(),
+                lease: 5,
+                prev_kv: true,
+                ..Default::default()
+            },
+            PutRequest {
+                key: vec![1u8; 200].into(),
+                value: vec![2u8; 70000].into(),
+                ignore_value: true,
+                ignore_lease: true,
+                ..Default::default()
+            },
+        ];
+        for p in puts {
+            let raw = p.encode_to_vec();
+            let built = put_command(&raw);
+            let want = single_op_txn(request_op::Request::RequestPut(p)).encode_to_vec();
+            assert_eq!(built, want);
+            assert!(RaftCommand::decode(&built[..]).is_ok());
+        }
+    }
 }

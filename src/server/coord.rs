@@ -103,8 +103,8 @@ fn create_rev_is(key: &[u8], rev: i64) -> Compare {
 fn op_put(key: &[u8], value: &[u8], lease: i64) -> RequestOp {
     RequestOp {
         request: Some(request_op::Request::RequestPut(PutRequest {
-            key: key.to_vec(),
-            value: value.to_vec(),
+            key: key.to_vec().into(),
+            value: value.to_vec().into(),
             lease,
             ..Default::default()
         })),

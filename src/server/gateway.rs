@@ -261,6 +261,7 @@ pub async fn call(
             return Err(crate::error::message_too_large(pb.len(), limit));
         }
         super::auth::authorize(core, m, &pb, token)?;
+        let pb = bytes::Bytes::from(pb);
         let out = api::call(m, &pb, core).await;
         core.count_result(grpc_path, &out);
         pb_to_json(m, &out?)

@@ -930,8 +930,8 @@ mod tests {
         RequestOp {
             request: Some(request_op::Request::RequestPut(
                 crate::proto::etcdserverpb::PutRequest {
-                    key: key.to_vec(),
-                    value: value.to_vec(),
+                    key: key.to_vec().into(),
+                    value: value.to_vec().into(),
                     ..Default::default()
                 },
             )),
