@@ -191,6 +191,49 @@ impl<V> Index<V> {
         hist.last().expect("just pushed")
     }
 
+    /// Records a put of `key` at `rev` with one lookup of the key (the put
+    /// path of the shard). `f` gets the live version before it, if any,
+    /// and the new version's `(create_rev, version)`, and returns the new
+    /// version's lease and value. Returns that previous live version and
+    /// the new one.
+    pub fn put_after<F>(&mut self, key: &[u8], rev: Rev, f: F) -> (Option<Version<V>>, Version<V>)
+    where
+        V: Copy,
+        F: FnOnce(Option<&Version<V>>, Rev, i64) -> (i64, V),
+    {
+        fn push<V: Copy>(
+            hist: &mut Vec<Version<V>>,
+            rev: Rev,
+            f: impl FnOnce(Option<&Version<V>>, Rev, i64) -> (i64, V),
+        ) -> (Option<Version<V>>, Version<V>) {
+            let prev = hist.last().filter(|v| !v.is_tombstone()).copied();
+            debug_assert!(hist.last().map(|v| v.mod_rev < rev).unwrap_or(true));
+            let (create_rev, version) = match &prev {
+                Some(v) => (v.create_rev, v.version + 1),
+                None => (rev, 1),
+            };
+            let (lease, value) = f(prev.as_ref(), create_rev, version);
+            let v = Version {
+                mod_rev: rev,
+                create_rev,
+                version,
+                lease,
+                value: Some(value),
+            };
+            hist.push(v);
+            (prev, v)
+        }
+        if let Some(hist) = self.keys.get_mut(key) {
+            return push(hist, rev, f);
+        }
+        // A new key's history starts with room for one version (most keys
+        // never get a second).
+        let mut hist = Vec::with_capacity(1);
+        let out = push(&mut hist, rev, f);
+        self.keys.insert(key.into(), hist);
+        out
+    }
+
     /// Calls `f` for every version of every key, keys in order and each
     /// key's versions oldest first, with the version mutable (only its
     /// value's location is to change: `Shard::defrag`).
@@ -213,7 +256,7 @@ impl<V> Index<V> {
         // for one version (most keys never get a second); a plain `push`
         // would reserve four (192 bytes of `Version<Loc>`). Growth after
         // that is `Vec`'s doubling.
-        if !self.keys.contains_key(key) {
+        if self.keys.get(key).is_none() {
             self.keys.insert(key.into(), Vec::with_capacity(1));
         }
         self.keys.get_mut(key).expect("present")
@@ -534,5 +577,40 @@ mod tests {
     fn version_of_a_location_is_48_bytes() {
         use crate::store::segment::Loc;
         assert!(std::mem::size_of::<Version<Loc>>() <= 48);
+    }
+
+    /// `put_after` (the shard's one-lookup put) gives what `latest` and
+    /// `put` give, generation by generation: a first put, a second, a put
+    /// after a tombstone, a put on a new key.
+    #[test]
+    fn put_after_matches_latest_then_put() {
+        let mut a: Index<u32> = Index::new();
+        let mut b: Index<u32> = Index::new();
+        let steps: &[(&[u8], Rev, Option<u32>, i64)] = &[
+            (b"k", 2, Some(1), 0),
+            (b"k", 3, Some(2), 7),
+            (b"k", 4, None, 0),
+            (b"k", 6, Some(3), 0),
+            (b"j", 7, Some(4), 9),
+            (b"k", 8, Some(5), 7),
+        ];
+        for &(k, rev, val, lease) in steps {
+            let Some(val) = val else {
+                a.tombstone(k, rev);
+                b.tombstone(k, rev);
+                continue;
+            };
+            let want_prev = b.latest(k).copied();
+            let want = *b.put(k, rev, val, lease);
+            let mut seen = None;
+            let (prev, got) = a.put_after(k, rev, |p, c, v| {
+                seen = Some((p.copied(), c, v));
+                (lease, val)
+            });
+            assert_eq!(prev, want_prev, "prev at {rev}");
+            assert_eq!(got, want, "new at {rev}");
+            assert_eq!(seen, Some((want_prev, want.create_rev, want.version)));
+            assert_eq!(a.history(k), b.history(k));
+        }
     }
 }

@@ -489,42 +489,45 @@ impl Shard {
                     if !self.owns(&p.key) {
                         OpPartial::Put(None)
                     } else {
-                        let prev = self.index.latest(&p.key).copied();
-                        // An ignore_value put writes the previous value
-                        // again: copied out first, as appending may move
-                        // the buffer it is in.
-                        let kept: Vec<u8>;
-                        let value: &[u8] = if p.ignore_value {
-                            kept = prev
-                                .and_then(|v| v.value)
-                                .map(|l| self.segs.value(l).to_vec())
-                                .unwrap_or_default();
-                            &kept
-                        } else {
-                            &p.value
-                        };
-                        let lease = if p.ignore_lease {
-                            prev.as_ref().map(|v| v.lease).unwrap_or(0)
-                        } else {
-                            p.lease
-                        };
-                        let old = prev.as_ref().map(|v| v.lease).unwrap_or(0);
-                        self.attach(&p.key, old, lease);
+                        // One lookup of the key: the index hands over the
+                        // previous live version while the record is written.
                         let segs = &mut self.segs;
-                        let v = *self
-                            .index
-                            .put_with(&p.key, rev, lease, |create_rev, version| {
-                                let record = Version {
-                                    mod_rev: rev,
-                                    create_rev,
-                                    version,
-                                    lease,
-                                    value: Some(value),
-                                };
-                                segs.append(&p.key, &record)
-                            });
+                        let mut value_len = 0;
+                        let (prev, v) =
+                            self.index
+                                .put_after(&p.key, rev, |prev, create_rev, version| {
+                                    // An ignore_value put writes the previous
+                                    // value again: copied out first, as
+                                    // appending may move the buffer it is in.
+                                    let kept: Vec<u8>;
+                                    let value: &[u8] = if p.ignore_value {
+                                        kept = prev
+                                            .and_then(|v| v.value)
+                                            .map(|l| segs.value(l).to_vec())
+                                            .unwrap_or_default();
+                                        &kept
+                                    } else {
+                                        &p.value
+                                    };
+                                    let lease = if p.ignore_lease {
+                                        prev.map(|v| v.lease).unwrap_or(0)
+                                    } else {
+                                        p.lease
+                                    };
+                                    value_len = value.len();
+                                    let record = Version {
+                                        mod_rev: rev,
+                                        create_rev,
+                                        version,
+                                        lease,
+                                        value: Some(value),
+                                    };
+                                    (lease, segs.append(&p.key, &record))
+                                });
+                        let old = prev.as_ref().map(|v| v.lease).unwrap_or(0);
+                        self.attach(&p.key, old, v.lease);
                         self.last_rev = rev;
-                        self.live += segment::record_bytes(p.key.len(), value.len()) as u64;
+                        self.live += segment::record_bytes(p.key.len(), value_len) as u64;
                         self.emit(&p.key, rev, Some(&v), prev.as_ref());
                         changed = true;
                         OpPartial::Put(Some(PutResponse {
