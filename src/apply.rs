@@ -628,6 +628,9 @@ pub struct Applier {
             Result<WriteResult, Status>,
         )>,
     >,
+    /// The highest index handed over by the raft core (its commit index
+    /// as the cores see it).
+    committed: u64,
 }
 
 impl Applier {
@@ -645,6 +648,7 @@ impl Applier {
             is_leader: false,
             dispatched: last,
             written: Vec::new(),
+            committed: last,
         }
     }
 
@@ -667,6 +671,9 @@ impl Applier {
             for m in std::mem::take(&mut msgs) {
                 match m {
                     ApplierMsg::Committed(entries) => {
+                        if let Some(c) = entries.last() {
+                            self.committed = self.committed.max(c.index);
+                        }
                         self.backlog.extend(entries);
                         while let Some(c) = self.backlog.pop_front() {
                             self.dispatch(c, &rx).await;
@@ -1034,7 +1041,12 @@ impl Applier {
                     }
                 }
                 // Entries after the compaction: dispatched after it, in order.
-                ApplierMsg::Committed(entries) => self.backlog.extend(entries),
+                ApplierMsg::Committed(entries) => {
+                    if let Some(c) = entries.last() {
+                        self.committed = self.committed.max(c.index);
+                    }
+                    self.backlog.extend(entries)
+                }
                 ApplierMsg::Done(r) => self.complete(r),
                 other => self.lease_msg(other),
             }
@@ -1116,6 +1128,7 @@ impl Applier {
                 applied: self.st.applied,
                 revision: self.st.current_rev,
                 compact_revision: self.st.compact_rev,
+                commit: self.committed.max(self.st.applied),
                 written,
             });
         }

@@ -1100,10 +1100,13 @@ pub async fn run_raft(
                 let _ = node.mut_store().wl().compact(to);
             }
         }
+        // The commit index is not part of it: every core learns it with
+        // each applied batch (`CoreMsg::Applied`), so a write batch costs no
+        // message of its own to every core.
         let state = (
             node.raft.term,
             node.raft.leader_id,
-            node.raft.raft_log.committed,
+            0u64,
             ms.m.is_learner(me),
             alarm_mask(&ms.m),
         );
@@ -1116,7 +1119,7 @@ pub async fn run_raft(
                 c.send(CoreMsg::Raft {
                     term: state.0,
                     leader: state.1,
-                    commit: state.2,
+                    commit: node.raft.raft_log.committed,
                     learner: state.3,
                     alarms: state.4,
                 });

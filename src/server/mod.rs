@@ -66,6 +66,8 @@ pub enum CoreMsg {
         applied: u64,
         revision: i64,
         compact_revision: i64,
+        /// The highest log index the applier was handed (committed).
+        commit: u64,
         /// Answers to this core's clients' writes that completed with it.
         written: Vec<(
             writes::WriteSlot,
@@ -149,8 +151,10 @@ impl View {
                 applied,
                 revision,
                 compact_revision,
+                commit,
                 ..
             } => {
+                self.commit.set(self.commit.get().max(commit));
                 self.applied.set(self.applied.get().max(applied));
                 self.revision.set(self.revision.get().max(revision));
                 self.compact_revision
@@ -166,7 +170,7 @@ impl View {
                 self.alarms.set(alarms);
                 self.term.set(term);
                 self.leader.set(leader);
-                self.commit.set(commit);
+                self.commit.set(self.commit.get().max(commit));
                 self.learner.set(learner);
             }
         }
@@ -230,6 +234,7 @@ impl Core {
                     applied,
                     revision,
                     compact_revision,
+                    commit,
                     written,
                 } => {
                     self.watch.on_applied(applied, revision);
@@ -239,6 +244,7 @@ impl Core {
                         applied,
                         revision,
                         compact_revision,
+                        commit,
                         written: Vec::new(),
                     });
                     for (slot, res) in written {
