@@ -114,6 +114,7 @@ async fn acknowledged_writes_survive_kill9() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn acknowledged_writes_survive_kill9_across_checkpoints() {
-    // Frequent checkpoints: crashes land between and during them.
-    crash_rounds(&["--snapshot-count", "50"]).await;
+    // Frequent checkpoints: crashes land between and during them, on
+    // several shards (one is the default on 2 cores).
+    crash_rounds(&["--snapshot-count", "50", "--shards", "3"]).await;
 }

@@ -10,6 +10,10 @@ mod support;
 use etcd_client::*;
 use support::started;
 
+/// Ranges, deletes, txns and compaction run across shards (a member on
+/// this 2-core machine has one shard by default).
+const MULTI_SHARD: &[&str] = &["--shards", "3"];
+
 // gRPC status codes.
 const INVALID_ARGUMENT: i32 = 3;
 const NOT_FOUND: i32 = 5;
@@ -119,7 +123,7 @@ async fn put_and_get_revisions_and_versions() {
 
 #[tokio::test]
 async fn ranges_limits_sorts_and_filters() {
-    let (_m, mut c) = started(&[]).await;
+    let (_m, mut c) = started(MULTI_SHARD).await;
     // Values chosen so every sort target orders differently.
     let data = [("a", "3"), ("b", "1"), ("c", "4"), ("d", "2"), ("e", "0")];
     let mut revs = Vec::new();
@@ -304,7 +308,7 @@ async fn ranges_limits_sorts_and_filters() {
 
 #[tokio::test]
 async fn deletes() {
-    let (_m, mut c) = started(&[]).await;
+    let (_m, mut c) = started(MULTI_SHARD).await;
     for k in ["a", "b", "c", "p/1", "p/2", "q"] {
         c.put(k, format!("v-{k}"), None).await.unwrap();
     }
@@ -348,7 +352,7 @@ async fn deletes() {
 
 #[tokio::test]
 async fn txns() {
-    let (_m, mut c) = started(&[]).await;
+    let (_m, mut c) = started(MULTI_SHARD).await;
     let r = c.put("k", "m", None).await.unwrap();
     let rev = r.header().unwrap().revision();
     c.put("r/1", "1", None).await.unwrap();
@@ -498,7 +502,7 @@ async fn txns() {
 
 #[tokio::test]
 async fn compaction() {
-    let (_m, mut c) = started(&[]).await;
+    let (_m, mut c) = started(MULTI_SHARD).await;
     let r1 = c
         .put("c", "1", None)
         .await

@@ -417,7 +417,7 @@ pub(crate) fn load_or_create_meta(cfg: &Config) -> Result<Meta, String> {
             if e.kind() == std::io::ErrorKind::NotFound
                 && cfg.initial_cluster_state == "existing" =>
         {
-            let shards = cfg.shards.unwrap_or(cfg.cores).max(1);
+            let shards = cfg.new_data_dir_shards();
             let (me, m) = join_existing(cfg)?;
             let mut text = format!(
                 "format=keelson-1\nshards={shards}\nmember_id={me:x}\ncluster_id={:x}\n",
@@ -453,7 +453,7 @@ pub(crate) fn load_or_create_meta(cfg: &Config) -> Result<Meta, String> {
             })
         }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            let shards = cfg.shards.unwrap_or(cfg.cores).max(1);
+            let shards = cfg.new_data_dir_shards();
             let peers = initial_peers(cfg)?;
             let mut mine = cfg.initial_advertise_peer_urls.clone();
             mine.sort();
