@@ -1,7 +1,8 @@
 //! Criterion benches for the in-memory MVCC index as the shard uses it (each
 //! version keeps where its value is, a `Loc`): put (new and existing keys),
 //! point reads at the latest and at an old revision, a 100-key range, and
-//! compaction. Run: `cargo bench --bench index`.
+//! compaction. Puts go through `put_after`, the shard's one-lookup put.
+//! Run: `cargo bench --bench index`.
 
 use criterion::{black_box, criterion_group, criterion_main, BatchSize, Criterion, Throughput};
 use keelson::store::index::{End, Index};
@@ -29,7 +30,7 @@ fn filled(versions: usize) -> Index<Loc> {
     let mut rev = 1;
     for _ in 0..versions {
         for i in 0..KEYS {
-            ix.put(&key(i), rev, loc(rev), 0);
+            ix.put_after(&key(i), rev, |_, _, _| (0, loc(rev)));
             rev += 1;
         }
     }
@@ -46,7 +47,7 @@ fn bench_index(c: &mut Criterion) {
             Index::new,
             |ix| {
                 for (i, k) in keys.iter().take(1000).enumerate() {
-                    ix.put(k, i as i64 + 1, loc(i as i64 + 1), 0);
+                    ix.put_after(k, i as i64 + 1, |_, _, _| (0, loc(i as i64 + 1)));
                 }
             },
             BatchSize::SmallInput,
@@ -60,7 +61,7 @@ fn bench_index(c: &mut Criterion) {
     g.bench_function("put_existing_key", |b| {
         b.iter(|| {
             i = (i + 7919) % KEYS;
-            ix.put(&keys[i], rev, loc(rev), 0);
+            ix.put_after(&keys[i], rev, |_, _, _| (0, loc(rev)));
             rev += 1;
         })
     });

@@ -35,7 +35,7 @@ fn bench_segment(c: &mut Criterion) {
     });
 
     let dir = tempfile::tempdir().unwrap();
-    let mut w = Segments::open(dir.path(), 1, 0, SEGMENT_BYTES_MAX).unwrap();
+    let mut w = Segments::open(dir.path(), 0, 1, 0, SEGMENT_BYTES_MAX).unwrap();
     let mut rev = 1i64;
     g.bench_function("append_256b_flush_every_64", |b| {
         b.iter(|| {
@@ -54,7 +54,7 @@ fn bench_segment(c: &mut Criterion) {
     // Recovery read of one segment of 20k records, and reads of their
     // values through the mapping.
     let rdir = tempfile::tempdir().unwrap();
-    let mut w = Segments::open(rdir.path(), 1, 0, SEGMENT_BYTES_MAX).unwrap();
+    let mut w = Segments::open(rdir.path(), 0, 1, 0, SEGMENT_BYTES_MAX).unwrap();
     let locs: Vec<_> = (1..=20_000)
         .map(|r| w.append(format!("k{:07}", r).as_bytes(), &version(r)))
         .collect();

@@ -119,26 +119,23 @@ async fn handle_stream(
     mut respond: h2::server::SendResponse<Bytes>,
     core: Rc<Core>,
 ) {
-    let path = req.uri().path().to_string();
-    if let Some(sm) = api::lookup_stream(&path) {
-        if let Some(st) = bad_encoding(req.headers()) {
+    let (parts, body) = req.into_parts();
+    let path = parts.uri.path();
+    let h = CallHeaders::of(&parts.headers);
+    if let Some(sm) = api::lookup_stream(path) {
+        if let Some(st) = h.bad_encoding() {
             send_status(&mut respond, &st);
             return;
         }
         let mut meta = Metadata {
-            require_leader: requires_leader(req.headers()),
+            require_leader: h.require_leader,
             user: None,
         };
         if let Err(st) = check_leader(&core, meta.require_leader) {
             send_status(&mut respond, &st);
             return;
         }
-        let token = req
-            .headers()
-            .get("token")
-            .and_then(|v| v.to_str().ok())
-            .map(|s| s.to_string());
-        let user = match super::auth::authorize_stream(&core, sm, token.as_deref()) {
+        let user = match super::auth::authorize_stream(&core, sm, h.token) {
             Ok(u) => u,
             Err(st) => {
                 send_status(&mut respond, &st);
@@ -156,7 +153,7 @@ async fn handle_stream(
             return;
         };
         let input = MsgStream {
-            body: Some(req.into_body()),
+            body: Some(body),
             buf: BytesMut::new(),
             limit,
             ended: false,
@@ -164,11 +161,11 @@ async fn handle_stream(
         };
         let mut sink = MsgSink::H2(send);
         let end = api::call_stream(sm, input, &mut sink, meta, &core).await;
-        core.count_result(&path, &end);
+        core.count_result(path, &end);
         sink.finish(end.err().as_ref());
         return;
     }
-    let Some(method) = api::lookup(&path) else {
+    let Some(method) = api::lookup(path) else {
         let st = match path.trim_start_matches('/').split_once('/') {
             Some((svc, m)) if api::known_service(svc) => crate::error::unimplemented(svc, m),
             Some((svc, _)) => Status::new(Code::Unimplemented, format!("unknown service {svc}")),
@@ -180,28 +177,23 @@ async fn handle_stream(
         send_status(&mut respond, &st);
         return;
     };
-    if let Some(st) = bad_encoding(req.headers()) {
+    if let Some(st) = h.bad_encoding() {
         send_status(&mut respond, &st);
         return;
     }
-    if let Err(st) = check_leader(&core, requires_leader(req.headers())) {
+    if let Err(st) = check_leader(&core, h.require_leader) {
         send_status(&mut respond, &st);
         return;
     }
-    let token = req
-        .headers()
-        .get("token")
-        .and_then(|v| v.to_str().ok())
-        .map(|s| s.to_string());
     let limit = core.router.member.max_request_bytes + GRPC_OVERHEAD_BYTES;
-    let body = match read_message(req.into_body(), limit).await {
+    let body = match read_message(body, limit).await {
         Ok(b) => b,
         Err(st) => {
             send_status(&mut respond, &st);
             return;
         }
     };
-    if let Err(st) = super::auth::authorize(&core, method, &body, token.as_deref()) {
+    if let Err(st) = super::auth::authorize(&core, method, &body, h.token) {
         send_status(&mut respond, &st);
         return;
     }
@@ -218,7 +210,7 @@ async fn handle_stream(
         futures_lite::future::or(call, reset).await
     };
     if let Some(r) = &result {
-        core.count_result(&path, &r);
+        core.count_result(path, &r);
     }
     match result {
         Some(Ok(reply)) => send_ok(&mut respond, reply),
@@ -227,12 +219,58 @@ async fn handle_stream(
     }
 }
 
-/// Whether the call carries etcd's `hasleader: true` metadata (clientv3's
-/// `WithRequireLeader`).
-fn requires_leader(h: &HeaderMap) -> bool {
-    h.get("hasleader")
-        .map(|v| v.as_bytes() == b"true")
-        .unwrap_or(false)
+/// The request headers a call looks at, found in one pass over them (a
+/// lookup by name hashes and parses the name each time).
+struct CallHeaders<'a> {
+    /// `grpc-encoding`, unless it is `identity`.
+    encoding: Option<&'a HeaderValue>,
+    /// etcd's `hasleader: true` (clientv3's `WithRequireLeader`).
+    require_leader: bool,
+    /// The auth token.
+    token: Option<&'a str>,
+}
+
+impl<'a> CallHeaders<'a> {
+    fn of(h: &'a HeaderMap) -> CallHeaders<'a> {
+        let mut out = CallHeaders {
+            encoding: None,
+            require_leader: false,
+            token: None,
+        };
+        // Several values under one name: the first counts, as `get` did.
+        let (mut enc, mut leader, mut token) = (false, false, false);
+        for (name, value) in h {
+            match name.as_str() {
+                "grpc-encoding" if !enc => {
+                    enc = true;
+                    if value != "identity" {
+                        out.encoding = Some(value);
+                    }
+                }
+                "hasleader" if !leader => {
+                    leader = true;
+                    out.require_leader = value.as_bytes() == b"true";
+                }
+                "token" if !token => {
+                    token = true;
+                    out.token = value.to_str().ok();
+                }
+                _ => {}
+            }
+        }
+        out
+    }
+
+    fn bad_encoding(&self) -> Option<Status> {
+        let enc = self.encoding?;
+        Some(Status::new(
+            Code::Unimplemented,
+            format!(
+                "grpc: Decompressor is not installed for grpc-encoding {:?}",
+                enc.to_str().unwrap_or("?")
+            ),
+        ))
+    }
 }
 
 /// etcd's interceptors refuse a call that requires a leader while the
@@ -242,20 +280,6 @@ pub(super) fn check_leader(core: &Core, required: bool) -> Result<(), Status> {
         return Err(crate::error::no_leader());
     }
     Ok(())
-}
-
-fn bad_encoding(h: &HeaderMap) -> Option<Status> {
-    let enc = h.get("grpc-encoding")?;
-    if enc == "identity" {
-        return None;
-    }
-    Some(Status::new(
-        Code::Unimplemented,
-        format!(
-            "grpc: Decompressor is not installed for grpc-encoding {:?}",
-            enc.to_str().unwrap_or("?")
-        ),
-    ))
 }
 
 /// Request metadata a streaming handler may need.

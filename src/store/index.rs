@@ -103,10 +103,129 @@ impl<'a> End<'a> {
     }
 }
 
+/// The longest key kept in place in the index's tree nodes.
+const KEY_INLINE_MAX: usize = 22;
+
+/// A key as the index keeps it: up to `KEY_INLINE_MAX` bytes in place in
+/// the tree node (no allocation of its own, and a lookup compares it
+/// without following a pointer to another cache line), longer ones boxed.
+/// Ordered as its bytes are.
+#[derive(Clone)]
+enum Key {
+    Inline {
+        len: u8,
+        bytes: [u8; KEY_INLINE_MAX],
+    },
+    Boxed(Box<[u8]>),
+}
+
+impl Key {
+    fn as_slice(&self) -> &[u8] {
+        match self {
+            Key::Inline { len, bytes } => &bytes[..*len as usize],
+            Key::Boxed(b) => b,
+        }
+    }
+}
+
+impl From<&[u8]> for Key {
+    fn from(k: &[u8]) -> Key {
+        if k.len() <= KEY_INLINE_MAX {
+            let mut bytes = [0u8; KEY_INLINE_MAX];
+            bytes[..k.len()].copy_from_slice(k);
+            Key::Inline {
+                len: k.len() as u8,
+                bytes,
+            }
+        } else {
+            Key::Boxed(k.into())
+        }
+    }
+}
+
+impl std::borrow::Borrow<[u8]> for Key {
+    fn borrow(&self) -> &[u8] {
+        self.as_slice()
+    }
+}
+
+impl PartialEq for Key {
+    fn eq(&self, other: &Key) -> bool {
+        self.as_slice() == other.as_slice()
+    }
+}
+impl Eq for Key {}
+impl PartialOrd for Key {
+    fn partial_cmp(&self, other: &Key) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+impl Ord for Key {
+    fn cmp(&self, other: &Key) -> std::cmp::Ordering {
+        self.as_slice().cmp(other.as_slice())
+    }
+}
+
+/// The versions of one key, oldest first, never empty. A key with one
+/// version (most keys, and every key after a compaction) keeps it in the
+/// tree node, with no allocation and no pointer to follow.
+enum Hist<V> {
+    One(Version<V>),
+    Many(Vec<Version<V>>),
+}
+
+impl<V> Hist<V> {
+    fn as_slice(&self) -> &[Version<V>] {
+        match self {
+            Hist::One(v) => std::slice::from_ref(v),
+            Hist::Many(vs) => vs,
+        }
+    }
+
+    fn as_mut_slice(&mut self) -> &mut [Version<V>] {
+        match self {
+            Hist::One(v) => std::slice::from_mut(v),
+            Hist::Many(vs) => vs,
+        }
+    }
+
+    fn push(&mut self, v: Version<V>) {
+        if let Hist::Many(vs) = self {
+            vs.push(v);
+            return;
+        }
+        // A second version: room for four, as a `Vec` grows from one.
+        let mut vs = Vec::with_capacity(4);
+        if let Hist::One(first) = std::mem::replace(self, Hist::Many(Vec::new())) {
+            vs.push(first);
+        }
+        vs.push(v);
+        *self = Hist::Many(vs);
+    }
+
+    /// Drops the versions before `from`; false if none is left.
+    fn drop_before(&mut self, from: usize) -> bool {
+        match self {
+            Hist::One(_) => from == 0,
+            Hist::Many(vs) => {
+                vs.drain(..from);
+                if vs.len() == 1 {
+                    if let Some(v) = vs.pop() {
+                        *self = Hist::One(v);
+                    }
+                } else {
+                    vs.shrink_to_fit();
+                }
+                !self.as_slice().is_empty()
+            }
+        }
+    }
+}
+
 /// The index of one shard. `V` is what a version keeps of its value: the
 /// shard keeps `segment::Loc`, where the bytes are in its segment files.
 pub struct Index<V> {
-    keys: BTreeMap<Box<[u8]>, Vec<Version<V>>>,
+    keys: BTreeMap<Key, Hist<V>>,
 }
 
 impl<V> Default for Index<V> {
@@ -128,7 +247,7 @@ impl<V> Index<V> {
 
     /// The newest version of `key` at or below `rev`, if it is live.
     pub fn get(&self, key: &[u8], rev: Rev) -> Option<&Version<V>> {
-        self.keys.get(key).and_then(|h| visible(h, rev))
+        self.keys.get(key).and_then(|h| visible(h.as_slice(), rev))
     }
 
     /// The newest live version now (what a write in progress sees).
@@ -143,7 +262,7 @@ impl<V> Index<V> {
         F: FnMut(&[u8], &Version<V>) -> bool,
     {
         for (k, h) in self.histories(key, end) {
-            if let Some(v) = visible(h, rev) {
+            if let Some(v) = visible(h.as_slice(), rev) {
                 if !f(k, v) {
                     return;
                 }
@@ -175,20 +294,31 @@ impl<V> Index<V> {
     where
         F: FnOnce(Rev, i64) -> V,
     {
-        let hist = self.history_mut(key);
-        let (create_rev, version) = match hist.last() {
-            Some(v) if !v.is_tombstone() => (v.create_rev, v.version + 1),
-            _ => (rev, 1),
-        };
-        debug_assert!(hist.last().map(|v| v.mod_rev < rev).unwrap_or(true));
-        hist.push(Version {
+        fn next<V>(hist: &[Version<V>], rev: Rev) -> (Rev, i64) {
+            debug_assert!(hist.last().map(|v| v.mod_rev < rev).unwrap_or(true));
+            match hist.last() {
+                Some(v) if !v.is_tombstone() => (v.create_rev, v.version + 1),
+                _ => (rev, 1),
+            }
+        }
+        let make = |(create_rev, version): (Rev, i64)| Version {
             mod_rev: rev,
             create_rev,
             version,
             lease,
             value: Some(value(create_rev, version)),
-        });
-        hist.last().expect("just pushed")
+        };
+        if self.keys.get(key).is_none() {
+            let v = make((rev, 1));
+            self.keys.insert(key.into(), Hist::One(v));
+        } else if let Some(hist) = self.keys.get_mut(key) {
+            let v = make(next(hist.as_slice(), rev));
+            hist.push(v);
+        }
+        self.keys
+            .get(key)
+            .and_then(|h| h.as_slice().last())
+            .expect("just put")
     }
 
     /// Records a put of `key` at `rev` with one lookup of the key (the put
@@ -202,12 +332,13 @@ impl<V> Index<V> {
         F: FnOnce(Option<&Version<V>>, Rev, i64) -> (i64, V),
     {
         fn push<V: Copy>(
-            hist: &mut Vec<Version<V>>,
+            hist: Option<&mut Hist<V>>,
             rev: Rev,
             f: impl FnOnce(Option<&Version<V>>, Rev, i64) -> (i64, V),
         ) -> (Option<Version<V>>, Version<V>) {
-            let prev = hist.last().filter(|v| !v.is_tombstone()).copied();
-            debug_assert!(hist.last().map(|v| v.mod_rev < rev).unwrap_or(true));
+            let last = hist.as_ref().and_then(|h| h.as_slice().last());
+            let prev = last.filter(|v| !v.is_tombstone()).copied();
+            debug_assert!(last.map(|v| v.mod_rev < rev).unwrap_or(true));
             let (create_rev, version) = match &prev {
                 Some(v) => (v.create_rev, v.version + 1),
                 None => (rev, 1),
@@ -220,17 +351,17 @@ impl<V> Index<V> {
                 lease,
                 value: Some(value),
             };
-            hist.push(v);
+            if let Some(h) = hist {
+                h.push(v);
+            }
             (prev, v)
         }
         if let Some(hist) = self.keys.get_mut(key) {
-            return push(hist, rev, f);
+            return push(Some(hist), rev, f);
         }
-        // A new key's history starts with room for one version (most keys
-        // never get a second).
-        let mut hist = Vec::with_capacity(1);
-        let out = push(&mut hist, rev, f);
-        self.keys.insert(key.into(), hist);
+        // A new key: its one version stays in the tree node.
+        let out = push(None, rev, f);
+        self.keys.insert(key.into(), Hist::One(out.1));
         out
     }
 
@@ -239,33 +370,31 @@ impl<V> Index<V> {
     /// value's location is to change: `Shard::defrag`).
     pub fn for_each_mut<F: FnMut(&[u8], &mut Version<V>)>(&mut self, mut f: F) {
         for (k, hist) in self.keys.iter_mut() {
-            for v in hist.iter_mut() {
-                f(k, v);
+            for v in hist.as_mut_slice() {
+                f(k.as_slice(), v);
             }
         }
     }
 
     /// Restores a version read back from a segment (recovery).
     pub fn restore(&mut self, key: &[u8], v: Version<V>) {
-        self.history_mut(key).push(v);
-    }
-
-    fn history_mut(&mut self, key: &[u8]) -> &mut Vec<Version<V>> {
-        // Look up by slice first: most puts hit an existing key and must
-        // not allocate a boxed key. A new key's history starts with room
-        // for one version (most keys never get a second); a plain `push`
-        // would reserve four (192 bytes of `Version<Loc>`). Growth after
-        // that is `Vec`'s doubling.
-        if self.keys.get(key).is_none() {
-            self.keys.insert(key.into(), Vec::with_capacity(1));
+        match self.keys.get_mut(key) {
+            Some(h) => h.push(v),
+            None => {
+                self.keys.insert(key.into(), Hist::One(v));
+            }
         }
-        self.keys.get_mut(key).expect("present")
     }
 
     /// Records a delete of `key` at `rev`; false if the key was not live.
     pub fn tombstone(&mut self, key: &[u8], rev: Rev) -> bool {
         match self.keys.get_mut(key) {
-            Some(h) if h.last().map(|v| !v.is_tombstone()).unwrap_or(false) => {
+            Some(h)
+                if h.as_slice()
+                    .last()
+                    .map(|v| !v.is_tombstone())
+                    .unwrap_or(false) =>
+            {
                 h.push(Version {
                     mod_rev: rev,
                     create_rev: 0,
@@ -283,14 +412,13 @@ impl<V> Index<V> {
     pub fn compact(&mut self, rev: Rev) {
         self.keys.retain(|_, hist| {
             // Position of the newest version at or below rev.
-            let n = hist.partition_point(|v| v.mod_rev <= rev);
+            let vs = hist.as_slice();
+            let n = vs.partition_point(|v| v.mod_rev <= rev);
             if n == 0 {
                 return true;
             }
-            let keep_from = if hist[n - 1].is_tombstone() { n } else { n - 1 };
-            hist.drain(..keep_from);
-            hist.shrink_to_fit();
-            !hist.is_empty()
+            let keep_from = if vs[n - 1].is_tombstone() { n } else { n - 1 };
+            hist.drop_before(keep_from)
         });
     }
 
@@ -298,7 +426,7 @@ impl<V> Index<V> {
     /// before it (for a watch event's prev_kv), if `rev` is still in the
     /// index.
     pub fn version_at(&self, key: &[u8], rev: Rev) -> Option<(&Version<V>, Option<&Version<V>>)> {
-        let hist = self.keys.get(key)?;
+        let hist = self.keys.get(key)?.as_slice();
         let i = hist.binary_search_by_key(&rev, |v| v.mod_rev).ok()?;
         let prev = i
             .checked_sub(1)
@@ -315,6 +443,7 @@ impl<V> Index<V> {
         F: FnMut(&[u8], &Version<V>, Option<&Version<V>>),
     {
         for (k, hist) in self.histories(key, end) {
+            let hist = hist.as_slice();
             let i = hist.partition_point(|v| v.mod_rev < from);
             for j in i..hist.len() {
                 let prev = j
@@ -330,8 +459,8 @@ impl<V> Index<V> {
     /// key, oldest first (snapshots).
     pub fn for_each<F: FnMut(&[u8], &Version<V>)>(&self, mut f: F) {
         for (k, hist) in &self.keys {
-            for v in hist {
-                f(k, v);
+            for v in hist.as_slice() {
+                f(k.as_slice(), v);
             }
         }
     }
@@ -342,19 +471,17 @@ impl<V> Index<V> {
     }
 }
 
-type History<V> = Vec<Version<V>>;
-
 enum Histories<'a, V> {
-    One(Option<(&'a Box<[u8]>, &'a History<V>)>),
-    Many(std::collections::btree_map::Range<'a, Box<[u8]>, History<V>>),
+    One(Option<(&'a Key, &'a Hist<V>)>),
+    Many(std::collections::btree_map::Range<'a, Key, Hist<V>>),
 }
 
 impl<'a, V> Iterator for Histories<'a, V> {
-    type Item = (&'a [u8], &'a History<V>);
+    type Item = (&'a [u8], &'a Hist<V>);
     fn next(&mut self) -> Option<Self::Item> {
         match self {
-            Histories::One(o) => o.take().map(|(k, h)| (&k[..], h)),
-            Histories::Many(r) => r.next().map(|(k, h)| (&k[..], h)),
+            Histories::One(o) => o.take().map(|(k, h)| (k.as_slice(), h)),
+            Histories::Many(r) => r.next().map(|(k, h)| (k.as_slice(), h)),
         }
     }
 }
@@ -550,7 +677,7 @@ mod tests {
     /// A key written once keeps a history of capacity 1 (not the 4 a first
     /// `push` reserves); later versions grow it as `Vec` does.
     #[test]
-    fn new_key_history_has_room_for_one() {
+    fn a_single_version_stays_in_place_until_a_second_and_after_compaction() {
         let mut ix = Ix::new();
         ix.put(b"once", 1, val("a"), 0);
         ix.restore(
@@ -564,11 +691,64 @@ mod tests {
             },
         );
         for key in [&b"once"[..], b"restored"] {
-            assert_eq!(ix.keys[key].capacity(), 1, "{key:?}");
+            assert!(matches!(ix.keys[key], Hist::One(_)), "{key:?}");
         }
         ix.put(b"once", 3, val("c"), 0);
         assert_eq!(ix.history(b"once").len(), 2);
-        assert!(ix.keys[&b"once"[..]].capacity() >= 2);
+        assert!(matches!(ix.keys[&b"once"[..]], Hist::Many(_)));
+        ix.compact(3);
+        assert!(matches!(ix.keys[&b"once"[..]], Hist::One(_)));
+        assert_eq!(ix.history(b"once")[0].mod_rev, 3);
+        assert_eq!(ix.get(b"once", 3).map(|v| v.version), Some(2));
+    }
+
+    /// Keys kept in place (up to 22 bytes) and boxed ones order as their
+    /// bytes do, and each is found by its bytes, around the boundary.
+    #[test]
+    fn keys_in_place_and_boxed_order_and_look_up_as_bytes() {
+        let mut keys: Vec<Vec<u8>> = Vec::new();
+        for len in [0usize, 1, 7, 8, 21, 22, 23, 24, 40] {
+            for fill in [0u8, 1, 0x7f, 0xff] {
+                let mut k = vec![fill; len];
+                keys.push(k.clone());
+                if len > 0 {
+                    k[len - 1] = fill.wrapping_add(1);
+                    keys.push(k);
+                }
+            }
+        }
+        keys.sort();
+        keys.dedup();
+        let mut ix = Ix::new();
+        for (i, k) in keys.iter().enumerate() {
+            ix.put(k, i as Rev + 1, val("v"), 0);
+        }
+        let mut seen = Vec::new();
+        ix.range(b"", End::Unbounded, Rev::MAX, |k, _| {
+            seen.push(k.to_vec());
+            true
+        });
+        assert_eq!(seen, keys, "keys come back in byte order");
+        for (i, k) in keys.iter().enumerate() {
+            assert_eq!(ix.get(k, Rev::MAX).map(|v| v.mod_rev), Some(i as Rev + 1));
+            let key = Key::from(&k[..]);
+            assert_eq!(key.as_slice(), &k[..]);
+            assert_eq!(matches!(key, Key::Inline { .. }), k.len() <= KEY_INLINE_MAX);
+        }
+        for a in &keys {
+            for b in &keys {
+                assert_eq!(Key::from(&a[..]).cmp(&Key::from(&b[..])), a.cmp(b));
+            }
+        }
+    }
+
+    /// What the index keeps per key in its tree nodes: the key (in place
+    /// up to 22 bytes) and a one-version history in place.
+    #[test]
+    fn key_and_history_sizes() {
+        use crate::store::segment::Loc;
+        assert_eq!(std::mem::size_of::<Key>(), 24);
+        assert!(std::mem::size_of::<Hist<Loc>>() <= 56);
     }
 
     /// What the shard keeps per version: four i64 and where the value is.
