@@ -196,7 +196,7 @@ fn decode<M: Message + Default>(body: &bytes::Bytes) -> Result<M, Status> {
     })
 }
 
-pub async fn call(m: Method, body: &bytes::Bytes, core: &Core) -> Result<Vec<u8>, Status> {
+pub async fn call(m: Method, body: &bytes::Bytes, core: &Core) -> Result<Framed, Status> {
     if core.view.learner.get() {
         // A learner serves what etcd's does: status, the member list and
         // serializable ranges.
@@ -212,20 +212,20 @@ pub async fn call(m: Method, body: &bytes::Bytes, core: &Core) -> Result<Vec<u8>
         }
     }
     Ok(match m {
-        Method::Range => range(core, decode(body)?).await?.encode_to_vec(),
-        Method::Put => put(core, decode(body)?, body).await?.encode_to_vec(),
-        Method::DeleteRange => delete_range(core, decode(body)?).await?.encode_to_vec(),
-        Method::Txn => txn(core, decode(body)?).await?.encode_to_vec(),
-        Method::Compact => compact(core, decode(body)?).await?.encode_to_vec(),
-        Method::Status => status(core, decode(body)?).await?.encode_to_vec(),
-        Method::Alarm => alarm(core, decode(body)?).await?.encode_to_vec(),
+        Method::Range => range(core, decode(body)?).await?.framed(),
+        Method::Put => put(core, decode(body)?, body).await?.framed(),
+        Method::DeleteRange => delete_range(core, decode(body)?).await?.framed(),
+        Method::Txn => txn(core, decode(body)?).await?.framed(),
+        Method::Compact => compact(core, decode(body)?).await?.framed(),
+        Method::Status => status(core, decode(body)?).await?.framed(),
+        Method::Alarm => alarm(core, decode(body)?).await?.framed(),
         Method::Defragment => {
             let _: DefragmentRequest = decode(body)?;
             defragment(core).await?;
             // etcd's answer carries no header either.
-            DefragmentResponse { header: None }.encode_to_vec()
+            DefragmentResponse { header: None }.framed()
         }
-        Method::Hash => hash(core, decode(body)?).await?.encode_to_vec(),
+        Method::Hash => hash(core, decode(body)?).await?.framed(),
         Method::AuthEnable
         | Method::AuthDisable
         | Method::AuthStatus
@@ -242,34 +242,77 @@ pub async fn call(m: Method, body: &bytes::Bytes, core: &Core) -> Result<Vec<u8>
         | Method::RoleList
         | Method::RoleDelete
         | Method::RoleGrantPermission
-        | Method::RoleRevokePermission => super::auth::call(core, m, body).await?,
-        Method::HashKV => hash_kv(core, decode(body)?).await?.encode_to_vec(),
-        Method::MemberList => member_list(core, decode(body)?).await?.encode_to_vec(),
-        Method::MemberAdd => member_add(core, decode(body)?).await?.encode_to_vec(),
-        Method::MemberRemove => member_remove(core, decode(body)?).await?.encode_to_vec(),
-        Method::MemberUpdate => member_update(core, decode(body)?).await?.encode_to_vec(),
-        Method::MemberPromote => member_promote(core, decode(body)?).await?.encode_to_vec(),
-        Method::LeaseGrant => lease_grant(core, decode(body)?).await?.encode_to_vec(),
-        Method::LeaseRevoke => lease_revoke(core, decode(body)?).await?.encode_to_vec(),
-        Method::LeaseTimeToLive => lease_time_to_live(core, decode(body)?)
-            .await?
-            .encode_to_vec(),
-        Method::LeaseLeases => lease_leases(core, decode(body)?).await?.encode_to_vec(),
-        Method::MoveLeader => move_leader(core, decode(body)?).await?.encode_to_vec(),
-        Method::Lock => coord::lock(core, decode(body)?).await?.encode_to_vec(),
-        Method::Unlock => coord::unlock(core, decode(body)?).await?.encode_to_vec(),
-        Method::Campaign => coord::campaign(core, decode(body)?).await?.encode_to_vec(),
-        Method::Proclaim => coord::proclaim(core, decode(body)?).await?.encode_to_vec(),
-        Method::Leader => coord::leader(core, decode(body)?).await?.encode_to_vec(),
-        Method::Resign => coord::resign(core, decode(body)?).await?.encode_to_vec(),
+        | Method::RoleRevokePermission => {
+            Framed::of_encoded(&super::auth::call(core, m, body).await?)
+        }
+        Method::HashKV => hash_kv(core, decode(body)?).await?.framed(),
+        Method::MemberList => member_list(core, decode(body)?).await?.framed(),
+        Method::MemberAdd => member_add(core, decode(body)?).await?.framed(),
+        Method::MemberRemove => member_remove(core, decode(body)?).await?.framed(),
+        Method::MemberUpdate => member_update(core, decode(body)?).await?.framed(),
+        Method::MemberPromote => member_promote(core, decode(body)?).await?.framed(),
+        Method::LeaseGrant => lease_grant(core, decode(body)?).await?.framed(),
+        Method::LeaseRevoke => lease_revoke(core, decode(body)?).await?.framed(),
+        Method::LeaseTimeToLive => lease_time_to_live(core, decode(body)?).await?.framed(),
+        Method::LeaseLeases => lease_leases(core, decode(body)?).await?.framed(),
+        Method::MoveLeader => move_leader(core, decode(body)?).await?.framed(),
+        Method::Lock => coord::lock(core, decode(body)?).await?.framed(),
+        Method::Unlock => coord::unlock(core, decode(body)?).await?.framed(),
+        Method::Campaign => coord::campaign(core, decode(body)?).await?.framed(),
+        Method::Proclaim => coord::proclaim(core, decode(body)?).await?.framed(),
+        Method::Leader => coord::leader(core, decode(body)?).await?.framed(),
+        Method::Resign => coord::resign(core, decode(body)?).await?.framed(),
         Method::HealthCheck => {
             let _: crate::proto::health::HealthCheckRequest = decode(body)?;
             crate::proto::health::HealthCheckResponse {
                 status: crate::proto::health::health_check_response::ServingStatus::Serving as i32,
             }
-            .encode_to_vec()
+            .framed()
         }
     })
+}
+
+/// A unary call's answer as gRPC frames it: a 5-byte message prefix
+/// (uncompressed, length) and the encoded message, in one buffer, so the
+/// gRPC layer sends it as it is (the gateway reads `message`).
+pub struct Framed(Vec<u8>);
+
+impl Framed {
+    fn of_encoded(msg: &[u8]) -> Framed {
+        let mut v = Vec::with_capacity(GRPC_PREFIX_BYTES + msg.len());
+        v.push(0);
+        v.extend_from_slice(&(msg.len() as u32).to_be_bytes());
+        v.extend_from_slice(msg);
+        Framed(v)
+    }
+
+    /// The encoded message.
+    pub fn message(&self) -> &[u8] {
+        &self.0[GRPC_PREFIX_BYTES..]
+    }
+
+    /// The whole gRPC message frame.
+    pub fn into_frame(self) -> bytes::Bytes {
+        self.0.into()
+    }
+}
+
+const GRPC_PREFIX_BYTES: usize = 5;
+
+/// Encodes a message after room for its gRPC prefix (one buffer, no copy).
+trait EncodeFramed {
+    fn framed(&self) -> Framed;
+}
+
+impl<M: Message> EncodeFramed for M {
+    fn framed(&self) -> Framed {
+        let len = self.encoded_len();
+        let mut v = Vec::with_capacity(GRPC_PREFIX_BYTES + len);
+        v.push(0);
+        v.extend_from_slice(&(len as u32).to_be_bytes());
+        self.encode_raw(&mut v);
+        Framed(v)
+    }
 }
 
 pub(crate) fn header(core: &Core, revision: i64) -> Option<ResponseHeader> {

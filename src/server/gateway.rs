@@ -264,7 +264,7 @@ pub async fn call(
         let pb = bytes::Bytes::from(pb);
         let out = api::call(m, &pb, core).await;
         core.count_result(grpc_path, &out);
-        pb_to_json(m, &out?)
+        pb_to_json(m, out?.message())
     }
     .await;
     match result {

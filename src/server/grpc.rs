@@ -542,15 +542,11 @@ const TRAILERS_OK_HPACK: &[u8] = b"\x00\x0bgrpc-status\x010";
 
 /// A unary call's answer: head, the message, OK trailers, queued at once
 /// with blocks encoded here once (no header maps, no HPACK table lookups).
-fn send_ok(respond: &mut h2::server::SendResponse<Bytes>, msg: Vec<u8>) {
-    let mut framed = BytesMut::with_capacity(5 + msg.len());
-    framed.put_u8(0);
-    framed.put_u32(msg.len() as u32);
-    framed.extend_from_slice(&msg);
+fn send_ok(respond: &mut h2::server::SendResponse<Bytes>, msg: api::Framed) {
     let _ = respond.send_encoded_response(
         http::StatusCode::OK,
         Bytes::from_static(HEAD_OK_HPACK),
-        framed.freeze(),
+        msg.into_frame(),
         Bytes::from_static(TRAILERS_OK_HPACK),
     );
 }

@@ -187,7 +187,9 @@ pub struct Core {
     pub me: std::rc::Weak<Core>,
     /// RPCs completed here: method path → count per gRPC code (only
     /// known methods are counted, so it stays small).
-    pub rpcs: std::cell::RefCell<std::collections::HashMap<String, [u64; 17]>>,
+    pub rpcs: std::cell::RefCell<
+        std::collections::HashMap<String, [u64; 17], std::hash::BuildHasherDefault<Fnv>>,
+    >,
     /// Writes this core's clients wait for.
     pub writes: writes::Writes,
 }
@@ -269,6 +271,30 @@ impl Core {
             }
         }
         self.watch.flush(self);
+    }
+}
+
+/// FNV-1a, for the small maps the request path hashes into on every call
+/// (method paths: short, few, not chosen by an attacker to collide in a
+/// way that matters: the map holds only the known methods).
+#[derive(Default)]
+pub struct Fnv(u64);
+
+impl std::hash::Hasher for Fnv {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        let mut h = if self.0 == 0 {
+            0xcbf2_9ce4_8422_2325
+        } else {
+            self.0
+        };
+        for b in bytes {
+            h ^= *b as u64;
+            h = h.wrapping_mul(0x0000_0100_0000_01b3);
+        }
+        self.0 = h;
     }
 }
 
