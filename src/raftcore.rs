@@ -522,6 +522,75 @@ impl SnapshotInbox {
         }
     }
 }
+/// Client writes taken in one turn of the loop, stepped into raft as one
+/// MsgPropose. raft-rs's leader sends an append to every follower for each
+/// MsgPropose it steps (and a follower forwards each one to the leader as a
+/// message of its own), so proposing writes one at a time costs a message,
+/// its encoding, its decoding and its answer per write and per follower;
+/// one MsgPropose per turn costs that once per batch.
+#[derive(Default)]
+struct Proposals {
+    entries: Vec<Entry>,
+    replies: Vec<(u64, Reply)>,
+    bytes: usize,
+}
+
+/// Bounds one MsgPropose (a follower forwards it whole to the leader).
+const PROPOSE_BATCH_ENTRIES: usize = 1024;
+const PROPOSE_BATCH_BYTES: usize = 1 << 20;
+
+impl Proposals {
+    fn add(&mut self, ctx: Vec<u8>, data: Vec<u8>, id: u64, reply: Reply) {
+        self.bytes += data.len() + ctx.len();
+        let mut e = Entry::default();
+        e.data = data.into();
+        e.context = ctx.into();
+        self.entries.push(e);
+        self.replies.push((id, reply));
+    }
+
+    fn full(&self) -> bool {
+        self.entries.len() >= PROPOSE_BATCH_ENTRIES || self.bytes >= PROPOSE_BATCH_BYTES
+    }
+
+    /// Steps the batch (what `RawNode::propose` does for one entry): each
+    /// write waits for its entry, or all get raft's refusal.
+    fn step(
+        &mut self,
+        node: &mut RawNode<MemStorage>,
+        waiters: &mut Waiters,
+        ticks: u64,
+        router: &Router,
+    ) {
+        if self.entries.is_empty() {
+            return;
+        }
+        self.bytes = 0;
+        let mut m = raft::eraftpb::Message::default();
+        m.set_msg_type(raft::eraftpb::MessageType::MsgPropose);
+        m.from = node.raft.id;
+        m.set_entries(std::mem::take(&mut self.entries).into());
+        match node.raft.step(m) {
+            Ok(()) => {
+                for (id, reply) in self.replies.drain(..) {
+                    waiters.insert(id, (ticks, reply));
+                }
+            }
+            Err(e) => {
+                for (_, reply) in self.replies.drain(..) {
+                    reply.send(
+                        Err(Status::new(
+                            error::Code::Unavailable,
+                            format!("etcdserver: {e}"),
+                        )),
+                        router,
+                    );
+                }
+            }
+        }
+    }
+}
+
 /// Proposals and reads taken per turn of the loop: bounds one batch.
 const BATCH_MAX: usize = 4096;
 
@@ -656,6 +725,7 @@ pub async fn run_raft(
     let mut checkpoints = vec![0u64; router.shards.len()];
     let mut published = (0u64, 0u64, 0u64, false, 0u8);
     let mut msgs = Vec::with_capacity(256);
+    let mut proposals = Proposals::default();
 
     // Ticks arrive as messages (`spawn_ticker`), so the loop sleeps only on
     // its mailbox and never re-arms a timer per turn.
@@ -910,19 +980,9 @@ pub async fn run_raft(
                     let mut ctx = Vec::with_capacity(16);
                     ctx.extend_from_slice(&nonce.to_le_bytes());
                     ctx.extend_from_slice(&id.to_le_bytes());
-                    match node.propose(ctx, data) {
-                        Ok(()) => {
-                            waiters.insert(id, (ticks, reply));
-                        }
-                        Err(e) => {
-                            reply.send(
-                                Err(Status::new(
-                                    error::Code::Unavailable,
-                                    format!("etcdserver: {e}"),
-                                )),
-                                &router,
-                            );
-                        }
+                    proposals.add(ctx, data, id, reply);
+                    if proposals.full() {
+                        proposals.step(&mut node, &mut waiters, ticks, &router);
                     }
                 }
                 RaftMsg::ReadIndex { reply } => reads.push(reply),
@@ -937,6 +997,8 @@ pub async fn run_raft(
                 }
             }
         }
+        // Client writes of this turn: one MsgPropose for them all.
+        proposals.step(&mut node, &mut waiters, ticks, &router);
         if !reads.is_empty() {
             if node.raft.state == StateRole::Leader {
                 // raft-rs drops a ReadIndex until the leader has committed an
