@@ -225,10 +225,14 @@ pub fn decode_member_payload(from: u64, p: &[u8]) -> Option<RaftMsg> {
 /// message: a raft message (dropped unless it names `from` and `me`) or a
 /// membership message. Snapshot chunks are the `SnapshotInbox`'s; anything
 /// else is dropped with a log line.
-pub fn decode_payload(from: u64, me: u64, payload: &[u8]) -> Option<RaftMsg> {
+pub fn decode_payload(from: u64, me: u64, payload: &bytes::Bytes) -> Option<RaftMsg> {
     match payload.first() {
         Some(&PAYLOAD_RAFT) => {
-            match <raft::eraftpb::Message as protobuf::Message>::parse_from_bytes(&payload[1..]) {
+            // Entries' data and context are slices of the payload (no copy
+            // and no allocation per entry).
+            let body = payload.slice(1..);
+            match <raft::eraftpb::Message as protobuf::Message>::parse_from_carllerche_bytes(&body)
+            {
                 Ok(m) if m.from == from && m.to == me => Some(RaftMsg::Step(Box::new(m))),
                 Ok(m) => {
                     crate::debug!(
@@ -726,6 +730,11 @@ pub async fn run_raft(
     let mut published = (0u64, 0u64, 0u64, false, 0u8);
     let mut msgs = Vec::with_capacity(256);
     let mut proposals = Proposals::default();
+    // Term and vote as last synced to the WAL (recovered ones are durable).
+    let mut durable_vote = {
+        let hs = node.raft.hard_state();
+        (hs.term, hs.vote)
+    };
 
     // Ticks arrive as messages (`spawn_ticker`), so the loop sleeps only on
     // its mailbox and never re-arms a timer per turn.
@@ -1082,7 +1091,16 @@ pub async fn run_raft(
             // own configuration (etcd's server stops here too).
             return stop_removed(exit_on_removal);
         }
-        // 3. Append and hard state, then one fdatasync.
+        // 3. Append and hard state, then one fdatasync — when durability
+        // needs one (etcd's raft.MustSync): new entries, or a new term or
+        // vote. A hard state that only moves the commit index is written
+        // with the next synced batch; recovery does not depend on it (see
+        // build_node), and an fdatasync for it alone (each commit a leader
+        // learns, each commit a follower hears) would double the syncs.
+        let must_sync = !ready.entries().is_empty()
+            || ready
+                .hs()
+                .is_some_and(|hs| (hs.term, hs.vote) != durable_vote);
         if !ready.entries().is_empty() {
             wal.push_entries(ready.entries());
             if let Err(e) = node.mut_store().wl().append(ready.entries()) {
@@ -1103,13 +1121,14 @@ pub async fn run_raft(
                 });
             }
         }
-        if wal.has_pending() {
+        if must_sync && wal.has_pending() {
             let li = node.store().last_index().unwrap_or(0);
             let last = (li, node.store().term(li).unwrap_or(0));
             let hs = node.raft.hard_state();
             if let Err(e) = wal.sync(last, &hs).await {
                 fatal(&e);
             }
+            durable_vote = (hs.term, hs.vote);
         }
         send_messages(
             &mut node,
@@ -1881,10 +1900,10 @@ mod tests {
         // None, never a panic.
         for p in [&good, &refused, &ask] {
             for n in 0..p.len() {
-                let _ = decode_payload(3, 1, &p[..n]);
+                let _ = decode_payload(3, 1, &bytes::Bytes::copy_from_slice(&p[..n]));
                 let mut q = p.clone();
                 q[n] ^= 0xff;
-                let _ = decode_payload(3, 1, &q);
+                let _ = decode_payload(3, 1, &bytes::Bytes::from(q));
             }
         }
         for junk in [
@@ -1895,7 +1914,7 @@ mod tests {
             b"\x03\x01",
             b"\x09abc",
         ] {
-            let _ = decode_payload(3, 1, junk);
+            let _ = decode_payload(3, 1, &bytes::Bytes::copy_from_slice(junk));
         }
         // A raft message that names another sender or receiver is dropped.
         let mut m = raft::eraftpb::Message::default();
@@ -1903,9 +1922,12 @@ mod tests {
         m.to = 1;
         let mut b = vec![PAYLOAD_RAFT];
         protobuf::Message::write_to_vec(&m, &mut b).unwrap();
-        assert!(decode_payload(3, 1, &b).is_none());
-        assert!(matches!(decode_payload(4, 1, &b), Some(RaftMsg::Step(_))));
-        assert!(decode_payload(4, 2, &b).is_none());
+        assert!(decode_payload(3, 1, &bytes::Bytes::from(b.clone())).is_none());
+        assert!(matches!(
+            decode_payload(4, 1, &bytes::Bytes::from(b.clone())),
+            Some(RaftMsg::Step(_))
+        ));
+        assert!(decode_payload(4, 2, &bytes::Bytes::from(b.clone())).is_none());
     }
 
     #[test]

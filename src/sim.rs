@@ -482,8 +482,10 @@ impl Sim {
                 .iter()
                 .find(|n| n.id == to)
                 .and_then(|n| n.run.as_ref());
-            if let (Some(run), Some(m)) = (run, crate::raftcore::decode_payload(from, to, &payload))
-            {
+            if let (Some(run), Some(m)) = (
+                run,
+                crate::raftcore::decode_payload(from, to, &bytes::Bytes::from(payload)),
+            ) {
                 run.raft.send(m);
             }
         }
