@@ -581,18 +581,27 @@ impl Proposals {
                 }
             }
             Err(e) => {
+                let st = raft_refused(e);
                 for (_, reply) in self.replies.drain(..) {
-                    reply.send(
-                        Err(Status::new(
-                            error::Code::Unavailable,
-                            format!("etcdserver: {e}"),
-                        )),
-                        router,
-                    );
+                    reply.send(Err(st.clone()), router);
                 }
             }
         }
     }
+}
+
+/// A proposal's context: the proposing process's nonce and its sequence
+/// number, so the member that proposed an entry answers its client.
+fn proposal_ctx(nonce: u64, seq: u64) -> Vec<u8> {
+    let mut ctx = Vec::with_capacity(16);
+    ctx.extend_from_slice(&nonce.to_le_bytes());
+    ctx.extend_from_slice(&seq.to_le_bytes());
+    ctx
+}
+
+/// raft-rs refusing a proposal (no leader, a transfer in progress, ...).
+fn raft_refused(e: raft::Error) -> Status {
+    Status::new(error::Code::Unavailable, format!("etcdserver: {e}"))
 }
 
 /// Proposals and reads taken per turn of the loop: bounds one batch.
@@ -986,10 +995,7 @@ pub async fn run_raft(
                     }
                     let id = next_id;
                     next_id += 1;
-                    let mut ctx = Vec::with_capacity(16);
-                    ctx.extend_from_slice(&nonce.to_le_bytes());
-                    ctx.extend_from_slice(&id.to_le_bytes());
-                    proposals.add(ctx, data, id, reply);
+                    proposals.add(proposal_ctx(nonce, id), data, id, reply);
                     if proposals.full() {
                         proposals.step(&mut node, &mut waiters, ticks, &router);
                     }
@@ -1552,19 +1558,13 @@ fn propose_own<T>(
         let _ = reply.send(Err(error::no_leader()));
         return;
     }
-    let mut ctx = Vec::with_capacity(16);
-    ctx.extend_from_slice(&nonce.to_le_bytes());
-    ctx.extend_from_slice(&seq.to_le_bytes());
     let data = RaftCommand { cmd: Some(cmd) }.encode_to_vec();
-    match node.propose(ctx, data) {
+    match node.propose(proposal_ctx(nonce, seq), data) {
         Ok(()) => {
             waiters.insert(seq, reply);
         }
         Err(e) => {
-            let _ = reply.send(Err(Status::new(
-                error::Code::Unavailable,
-                format!("etcdserver: {e}"),
-            )));
+            let _ = reply.send(Err(raft_refused(e)));
         }
     }
 }
@@ -1814,11 +1814,8 @@ fn propose_change(
     cc.set_change_type(ms.m.raft_change(&change));
     cc.node_id = change.id;
     cc.context = change.encode_to_vec().into();
-    let mut ctx = Vec::with_capacity(16);
-    ctx.extend_from_slice(&nonce.to_le_bytes());
-    ctx.extend_from_slice(&seq.to_le_bytes());
-    node.propose_conf_change(ctx, cc)
-        .map_err(|e| Status::new(error::Code::Unavailable, format!("etcdserver: {e}")))
+    node.propose_conf_change(proposal_ctx(nonce, seq), cc)
+        .map_err(raft_refused)
 }
 
 /// etcd's default request timeout: 5s plus two election timeouts.
@@ -1922,12 +1919,10 @@ mod tests {
         m.to = 1;
         let mut b = vec![PAYLOAD_RAFT];
         protobuf::Message::write_to_vec(&m, &mut b).unwrap();
-        assert!(decode_payload(3, 1, &bytes::Bytes::from(b.clone())).is_none());
-        assert!(matches!(
-            decode_payload(4, 1, &bytes::Bytes::from(b.clone())),
-            Some(RaftMsg::Step(_))
-        ));
-        assert!(decode_payload(4, 2, &bytes::Bytes::from(b.clone())).is_none());
+        let b = bytes::Bytes::from(b);
+        assert!(decode_payload(3, 1, &b).is_none());
+        assert!(matches!(decode_payload(4, 1, &b), Some(RaftMsg::Step(_))));
+        assert!(decode_payload(4, 2, &b).is_none());
     }
 
     #[test]
