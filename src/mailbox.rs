@@ -186,4 +186,59 @@ mod tests {
         assert!(late >= Duration::from_millis(400), "{late:?}");
         assert!(late < Duration::from_millis(1000), "{late:?}");
     }
+
+    /// The patched reactor keeps its link to the latency ring (where timers
+    /// complete) armed across sleeps and arms a new one only once it has
+    /// fired. Timers must wake an executor that sleeps on nothing else, one
+    /// after another (the link re-armed each time it fired), and a timer
+    /// must still fire on time while foreign wake-ups keep waking the
+    /// executor before it (the link armed once, slept on many times).
+    #[test]
+    fn timers_wake_a_sleeping_executor_across_many_sleeps() {
+        let (done_tx, done_rx) = std::sync::mpsc::channel();
+        let (tx, rx) = mailbox::<u32>();
+        std::thread::spawn(move || {
+            let r = glommio::LocalExecutorBuilder::default()
+                .preempt_timers(false)
+                .spawn(move || async move {
+                    // Timers alone, one after another.
+                    let t = Instant::now();
+                    for _ in 0..20 {
+                        glommio::timer::sleep(Duration::from_millis(2)).await;
+                    }
+                    let alone = t.elapsed();
+                    // A timer pending while another thread wakes us 40 times.
+                    let t = Instant::now();
+                    let timer = glommio::spawn_local(async move {
+                        glommio::timer::sleep(Duration::from_millis(150)).await;
+                        t.elapsed()
+                    });
+                    std::thread::spawn(move || {
+                        for i in 0..40u32 {
+                            std::thread::sleep(Duration::from_millis(1));
+                            tx.send(i);
+                        }
+                    });
+                    let mut got = Vec::new();
+                    let mut batch = Vec::new();
+                    while got.len() < 40 {
+                        batch.clear();
+                        assert!(rx.recv_batch(&mut batch, 64).await);
+                        got.extend_from_slice(&batch);
+                    }
+                    (alone, timer.await)
+                })
+                .unwrap()
+                .join()
+                .unwrap();
+            let _ = done_tx.send(r);
+        });
+        let (alone, pending) = done_rx
+            .recv_timeout(Duration::from_secs(10))
+            .expect("a timer never woke the executor");
+        assert!(alone >= Duration::from_millis(40), "{alone:?}");
+        assert!(alone < Duration::from_secs(2), "{alone:?}");
+        assert!(pending >= Duration::from_millis(150), "{pending:?}");
+        assert!(pending < Duration::from_millis(1000), "{pending:?}");
+    }
 }

@@ -1044,7 +1044,12 @@ impl SleepableRing {
         }
     }
 
-    fn sleep(&mut self, link: &Source) -> io::Result<usize> {
+    /// Arms `link` (a POLL_ADD of the latency ring's fd) and sleeps until
+    /// this ring has a completion. keelson patch: the SQE is submitted and
+    /// waited for in one `io_uring_enter` (upstream: two), and the result
+    /// says whether the link is armed in the kernel now (`Ok(false)`: no SQE
+    /// was free, nothing was waited for).
+    fn sleep(&mut self, link: &Source) -> io::Result<bool> {
         assert_eq!(
             self.waiting_kernel_submission(),
             0,
@@ -1069,16 +1074,18 @@ impl SleepableRing {
                 &mut self.source_map.borrow_mut(),
             );
 
-            // We have now prepared the SQE that links the two rings. We now need to submit
-            // it successfully to be able to safely sleep.
-
-            if self
-                .submit_sqes()
+            // We have now prepared the SQE that links the two rings. The
+            // kernel waits only once it has taken it (io_uring_enter returns
+            // early, having waited for nothing, if it could not).
+            let submitted = self
+                .ring
+                .submit_sqes_and_wait(1)
+                .map(|x| x as usize)
                 .or_else(Reactor::busy_ok)
                 .or_else(Reactor::again_ok)
-                .or_else(Reactor::intr_ok)?
-                != 1
-            {
+                .or_else(Reactor::intr_ok)?;
+            self.in_kernel += submitted;
+            if submitted != 1 {
                 // We failed to submit the `SQE` that links the rings. Just can't sleep.
                 // Waiting here is unsafe because we could end up waiting much longer than
                 // needed.
@@ -1086,14 +1093,7 @@ impl SleepableRing {
                 unsafe { crate::uring_sys::io_uring_prep_nop(sqe_ptr) };
                 Err(io::Error::from_raw_os_error(libc::EBUSY))
             } else {
-                // The rings are linked. Goodnight!
-                self.ring
-                    .cq()
-                    .wait(1)
-                    .map(|_| 1)
-                    .or_else(Reactor::busy_ok)
-                    .or_else(Reactor::again_ok)
-                    .or_else(Reactor::intr_ok)
+                Ok(true)
             }
         } else {
             // Can't link rings because we ran out of `CQE`s. Just can't sleep.
@@ -1103,7 +1103,25 @@ impl SleepableRing {
                 .or_else(Reactor::busy_ok)
                 .or_else(Reactor::again_ok)
                 .or_else(Reactor::intr_ok)
+                .map(|_| false)
         }
+    }
+
+    /// keelson patch: sleeps until this ring has a completion, with the link
+    /// to the latency ring armed by an earlier `sleep` and not fired yet.
+    fn sleep_linked(&mut self) -> io::Result<usize> {
+        assert_eq!(
+            self.waiting_kernel_submission(),
+            0,
+            "sleeping with pending SQEs"
+        );
+        self.ring
+            .cq()
+            .wait(1)
+            .map(|_| 1)
+            .or_else(Reactor::busy_ok)
+            .or_else(Reactor::again_ok)
+            .or_else(Reactor::intr_ok)
     }
 }
 
@@ -1166,10 +1184,10 @@ impl UringCommon for SleepableRing {
         let source_map = self.source_map.clone();
         process_one_event(
             self.ring.peek_for_cqe(),
-            |source| match source.source_type {
-                SourceType::LinkRings => Some(()),
-                _ => None,
-            },
+            // keelson patch: a fired link gets its result like any source
+            // (it has no waiters), so `link_rings_and_sleep` can tell it
+            // fired and arm a new one.
+            |_source| None,
             |mut src, res| {
                 record_stats(self, &mut src, &res);
                 if let SourceType::ForeignNotifier(_, installed) = &mut src.source_type {
@@ -1231,6 +1249,10 @@ pub(crate) struct Reactor {
     armed_user_deadline: Cell<Option<std::time::Instant>>,
 
     link_fd: RawFd,
+    // keelson patch: the POLL_ADD of the latency ring's fd into the main
+    // ring, kept armed across sleeps until it fires (upstream arms a new one
+    // each time the executor sleeps and never cancels the old ones).
+    link_src: RefCell<Option<Source>>,
 
     // This keeps the `eventfd` alive. Drop will close it when we're done
     notifier: Arc<sys::SleepNotifier>,
@@ -1364,6 +1386,7 @@ impl Reactor {
             armed_user_deadline: Cell::new(None),
             blocking_thread,
             link_fd,
+            link_src: RefCell::new(None),
             notifier,
             eventfd_src,
             source_map,
@@ -1734,6 +1757,14 @@ impl Reactor {
     /// We may not be able to register an `SQE` at this point, so we return an
     /// Error and will just not sleep.
     fn link_rings_and_sleep(&self, ring: &mut SleepableRing) -> io::Result<()> {
+        // keelson patch: a link that has not fired yet is still armed in the
+        // kernel; sleep on it without arming another (one io_uring_enter
+        // per sleep instead of two, and one poll on the latency ring's fd
+        // instead of one per sleep since it last fired).
+        let mut link = self.link_src.borrow_mut();
+        if link.as_ref().is_some_and(|src| src.result().is_none()) {
+            return ring.sleep_linked().or_else(Self::busy_ok).map(|_| {});
+        }
         let link_rings = Source::new(
             IoRequirements::default(),
             self.link_fd,
@@ -1741,7 +1772,15 @@ impl Reactor {
             None,
             None,
         );
-        ring.sleep(&link_rings).or_else(Self::busy_ok).map(|_| {})
+        match ring.sleep(&link_rings) {
+            Ok(armed) => {
+                if armed {
+                    *link = Some(link_rings);
+                }
+                Ok(())
+            }
+            Err(e) => Self::busy_ok::<()>(e),
+        }
     }
 
     /// keelson patch: see `LocalExecutorBuilder::preempt_timers`.
