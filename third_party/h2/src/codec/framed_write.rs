@@ -1,6 +1,6 @@
 use crate::codec::UserError;
 use crate::codec::UserError::*;
-use crate::frame::{self, Frame, FrameSize};
+use crate::frame::{self, Frame, FrameSize, Head, Kind, StreamId};
 use crate::hpack;
 
 use bytes::{Buf, BufMut, BytesMut};
@@ -132,6 +132,39 @@ where
     /// accepted.
     pub fn buffer(&mut self, item: Frame<B>) -> Result<(), UserError> {
         self.encoder.buffer(item)
+    }
+
+    /// keelson patch: buffers a whole response of `Prioritize::send_direct`
+    /// (the caller checked `has_capacity`): HEADERS with `head`, DATA with
+    /// `data`, HEADERS with `trailers` and END_STREAM, both blocks
+    /// HPACK-encoded by the caller with the static table only and small
+    /// enough for one frame, `data` at most the smallest max frame size a
+    /// peer may set (16 KiB); the dynamic table size updates the encoder
+    /// owes the peer go in front of the first block, as for any block.
+    pub fn buffer_direct_response(
+        &mut self,
+        id: StreamId,
+        head: &[u8],
+        data: &[u8],
+        trailers: &[u8],
+    ) {
+        const END_STREAM: u8 = 0x1;
+        const END_HEADERS: u8 = 0x4;
+        assert!(self.encoder.has_capacity());
+        debug_assert!(data.len() <= frame::DEFAULT_MAX_FRAME_SIZE as usize);
+        let buf = self.encoder.buf.get_mut();
+        let head_pos = buf.len();
+        Head::new(Kind::Headers, END_HEADERS, id).encode(0, buf);
+        let block_pos = buf.len();
+        self.encoder.hpack.encode_pending_size_updates(buf);
+        buf.extend_from_slice(head);
+        let block_len = (buf.len() - block_pos) as u32;
+        assert!(block_len <= frame::DEFAULT_MAX_FRAME_SIZE);
+        buf[head_pos..head_pos + 3].copy_from_slice(&block_len.to_be_bytes()[1..]);
+        Head::new(Kind::Data, 0, id).encode(data.len(), buf);
+        buf.extend_from_slice(data);
+        Head::new(Kind::Headers, END_HEADERS | END_STREAM, id).encode(trailers.len(), buf);
+        buf.extend_from_slice(trailers);
     }
 
     /// Flush buffered data to the wire

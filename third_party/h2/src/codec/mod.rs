@@ -7,7 +7,7 @@ pub use self::error::{SendError, UserError};
 use self::framed_read::FramedRead;
 use self::framed_write::FramedWrite;
 
-use crate::frame::{self, Data, Frame};
+use crate::frame::{self, Data, Frame, StreamId};
 use crate::proto::Error;
 
 use bytes::Buf;
@@ -150,6 +150,18 @@ where
     /// TODO: Rename this to avoid conflicts with Sink::buffer
     pub fn buffer(&mut self, item: Frame<B>) -> Result<(), UserError> {
         self.framed_write().buffer(item)
+    }
+
+    /// keelson patch: see `FramedWrite::buffer_direct_response`.
+    pub fn buffer_direct_response(
+        &mut self,
+        id: StreamId,
+        head: &[u8],
+        data: &[u8],
+        trailers: &[u8],
+    ) {
+        self.framed_write()
+            .buffer_direct_response(id, head, data, trailers)
     }
 
     /// Flush buffered data to the wire

@@ -56,6 +56,20 @@ pub(super) struct Prioritize {
 
     /// The maximum amount of bytes a stream should buffer.
     max_buffer_size: usize,
+
+    /// keelson patch: whole responses sent by `send_direct`, in the order
+    /// they were sent; written before any stream's frames.
+    direct: std::collections::VecDeque<DirectResponse>,
+}
+
+/// keelson patch: a whole response of `send_direct`, to be written as
+/// HEADERS, DATA and trailing HEADERS (`Codec::buffer_direct_response`).
+#[derive(Debug)]
+struct DirectResponse {
+    id: StreamId,
+    head: bytes::Bytes,
+    data: bytes::Bytes,
+    trailers: bytes::Bytes,
 }
 
 #[derive(Debug, Eq, PartialEq)]
@@ -101,6 +115,7 @@ impl Prioritize {
             last_opened_id: StreamId::ZERO,
             in_flight_data_frame: InFlightData::Nothing,
             max_buffer_size: config.local_max_buffer_size,
+            direct: std::collections::VecDeque::new(),
         }
     }
 
@@ -109,6 +124,65 @@ impl Prioritize {
     }
 
     /// Queue a frame to be sent to the remote
+    /// keelson patch: whether a whole response (HEADERS, one DATA frame of
+    /// `sz` bytes, trailing HEADERS) can go out at once without being
+    /// scheduled with the stream: nothing of the stream is queued or
+    /// waiting, the payload fits the smallest frame size a peer may set, and
+    /// both the stream's window and the connection's unassigned capacity
+    /// cover it.
+    pub fn can_send_direct(&self, stream: &store::Ptr, sz: usize) -> bool {
+        sz <= frame::DEFAULT_MAX_FRAME_SIZE as usize
+            && stream.pending_send.is_empty()
+            && !stream.is_pending_send
+            && !stream.is_pending_open
+            && !stream.is_pending_send_capacity
+            && stream.buffered_send_data == 0
+            && stream.requested_send_capacity == 0
+            && stream.send_flow.window_size() as usize >= sz
+            && self.flow.available().as_size() as usize >= sz
+    }
+
+    /// keelson patch: sends a whole response, checked by `can_send_direct`
+    /// (`head` and `trailers` HPACK-encoded with the static table only):
+    /// the stream's state goes to sent-and-closed and both windows are
+    /// charged now, and the response joins the connection-level queue that
+    /// `buffer_pending` writes first, as three frames encoded in one step.
+    /// Nothing of the stream is needed after this, so it may be released
+    /// before its frames are written, and the per-stream scheduling (queue,
+    /// capacity assignment, one pop and one encode per frame) is skipped.
+    pub fn send_direct(
+        &mut self,
+        head: bytes::Bytes,
+        data: bytes::Bytes,
+        trailers: bytes::Bytes,
+        stream: &mut store::Ptr,
+        task: &mut Option<Waker>,
+    ) -> Result<(), UserError> {
+        stream.state.send_open(false)?;
+        let sz = data.len() as WindowSize;
+        if sz > 0 {
+            // The stream had no capacity assigned: what it sends now comes
+            // out of the connection's unassigned capacity.
+            let _res = stream.send_flow.assign_capacity(sz);
+            debug_assert!(_res.is_ok());
+            let _res = stream.send_flow.send_data(sz);
+            debug_assert!(_res.is_ok());
+            let _res = self.flow.send_data(sz);
+            debug_assert!(_res.is_ok());
+        }
+        stream.state.send_close();
+        self.direct.push_back(DirectResponse {
+            id: stream.id,
+            head,
+            data,
+            trailers,
+        });
+        if let Some(task) = task.take() {
+            task.wake();
+        }
+        Ok(())
+    }
+
     pub fn queue_frame<B>(
         &mut self,
         frame: Frame<B>,
@@ -523,6 +597,15 @@ impl Prioritize {
         let max_frame_len = dst.max_send_frame_size();
 
         tracing::trace!("buffer_pending");
+
+        // keelson patch: whole responses from `send_direct` first, in order.
+        while let Some(r) = self.direct.front() {
+            if !dst.has_send_capacity() {
+                return Ok(BufferStatus::CodecFull);
+            }
+            dst.buffer_direct_response(r.id, &r.head, &r.data, &r.trailers);
+            self.direct.pop_front();
+        }
 
         loop {
             if !dst.has_send_capacity() {

@@ -312,6 +312,24 @@ impl Send {
             .send_data(frame, buffer, stream, counts, task)
     }
 
+    /// keelson patch: see `Prioritize::can_send_direct`.
+    pub fn can_send_direct(&self, stream: &store::Ptr, sz: usize) -> bool {
+        self.prioritize.can_send_direct(stream, sz)
+    }
+
+    /// keelson patch: see `Prioritize::send_direct`.
+    pub fn send_direct(
+        &mut self,
+        head: bytes::Bytes,
+        data: bytes::Bytes,
+        trailers: bytes::Bytes,
+        stream: &mut store::Ptr,
+        task: &mut Option<Waker>,
+    ) -> Result<(), UserError> {
+        self.prioritize
+            .send_direct(head, data, trailers, stream, task)
+    }
+
     pub fn send_trailers<B>(
         &mut self,
         frame: frame::Headers,

@@ -1238,6 +1238,15 @@ impl<B> StreamRef<B> {
 
         me.counts.transition(stream, |counts, stream| {
             let id = stream.id;
+            // keelson patch: the whole response at once when nothing of the
+            // stream waits (`Prioritize::send_direct`).
+            if actions.send.can_send_direct(stream, data.remaining()) {
+                let mut data = data;
+                let data = data.copy_to_bytes(data.remaining());
+                return actions
+                    .send
+                    .send_direct(head, data, trailers, stream, &mut actions.task);
+            }
             let head = frame::Headers::encoded(id, frame::Pseudo::response(status), head, false);
             actions
                 .send
