@@ -165,6 +165,17 @@ fn poke(ep: &str, bytes: &[u8]) {
     let _ = s.read(&mut buf);
 }
 
+/// The head of a gRPC call to `path`, as grpc clients send it.
+fn grpc_request(ep: &str, path: &str) -> http::Request<()> {
+    http::Request::builder()
+        .method("POST")
+        .uri(format!("http://{ep}{path}"))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .body(())
+        .unwrap()
+}
+
 /// An HTTP/2 client sending one gRPC request with an arbitrary body;
 /// returns (grpc-status, grpc-message).
 async fn raw_grpc(ep: &str, path: &str, body: Vec<u8>) -> (String, String) {
@@ -173,14 +184,7 @@ async fn raw_grpc(ep: &str, path: &str, body: Vec<u8>) -> (String, String) {
     tokio::spawn(async move {
         let _ = conn.await;
     });
-    let req = http::Request::builder()
-        .method("POST")
-        .uri(format!("http://{ep}{path}"))
-        .header("content-type", "application/grpc")
-        .header("te", "trailers")
-        .body(())
-        .unwrap();
-    let (resp, mut send) = h2c.send_request(req, false).unwrap();
+    let (resp, mut send) = h2c.send_request(grpc_request(ep, path), false).unwrap();
     send.send_data(body.into(), true).unwrap();
     let resp = resp.await.unwrap();
     let head = resp.headers().clone();
@@ -389,14 +393,7 @@ async fn unary(
     path: &str,
     msg: Vec<u8>,
 ) -> (Vec<u8>, String) {
-    let req = http::Request::builder()
-        .method("POST")
-        .uri(format!("http://{ep}{path}"))
-        .header("content-type", "application/grpc")
-        .header("te", "trailers")
-        .body(())
-        .unwrap();
-    let (resp, mut send) = h2c.send_request(req, false).unwrap();
+    let (resp, mut send) = h2c.send_request(grpc_request(ep, path), false).unwrap();
     send.send_data(frame(&msg).into(), true).unwrap();
     let resp = resp.await.unwrap();
     let mut recv = resp.into_body();

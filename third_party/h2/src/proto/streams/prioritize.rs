@@ -123,7 +123,6 @@ impl Prioritize {
         self.max_buffer_size
     }
 
-    /// Queue a frame to be sent to the remote
     /// keelson patch: whether a whole response (HEADERS, one DATA frame of
     /// `sz` bytes, trailing HEADERS) can go out at once without being
     /// scheduled with the stream: nothing of the stream is queued or
@@ -161,11 +160,10 @@ impl Prioritize {
         stream.state.send_open(false)?;
         let sz = data.len() as WindowSize;
         if sz > 0 {
-            // The stream had no capacity assigned: what it sends now comes
-            // out of the connection's unassigned capacity.
-            let _res = stream.send_flow.assign_capacity(sz);
-            debug_assert!(_res.is_ok());
-            let _res = stream.send_flow.send_data(sz);
+            // The stream had no capacity assigned: only its window shrinks,
+            // and what it sends comes out of the connection's unassigned
+            // capacity.
+            let _res = stream.send_flow.dec_send_window(sz);
             debug_assert!(_res.is_ok());
             let _res = self.flow.send_data(sz);
             debug_assert!(_res.is_ok());
@@ -183,6 +181,7 @@ impl Prioritize {
         Ok(())
     }
 
+    /// Queue a frame to be sent to the remote
     pub fn queue_frame<B>(
         &mut self,
         frame: Frame<B>,
