@@ -489,7 +489,11 @@ fn consume(buf: &mut Cursor<&mut BytesMut>) {
     // remove bytes from the internal BytesMut when they have been successfully
     // decoded. This is a more permanent cursor position, which will be
     // used to resume if decoding was only partial.
-    take(buf, 0);
+    // keelson patch: advance past them instead of `take(buf, 0)`, which
+    // split the buffer and froze an empty `Bytes` only to drop it.
+    let pos = buf.position() as usize;
+    buf.get_mut().advance(pos);
+    buf.set_position(0);
 }
 
 // ===== impl Table =====
