@@ -24,10 +24,24 @@ pub struct PeerProxy {
 }
 
 impl PeerProxy {
-    /// Forwards `listen` (a port members dial) to `target` (a member's
-    /// real peer port). Runs until the test's runtime ends.
-    pub async fn forward(&self, listen: u16, target: u16) {
-        let l = TcpListener::bind(("127.0.0.1", listen)).await.unwrap();
+    /// Forwards a port members dial to `target` (a member's real peer
+    /// port), and returns that port: `listen` when it can be bound, else
+    /// another free port (a port found free can be taken before this binds
+    /// it). Runs until the test's runtime ends.
+    pub async fn forward(&self, listen: u16, target: u16) -> u16 {
+        let mut port = listen;
+        let mut tries = 0;
+        let l = loop {
+            match TcpListener::bind(("127.0.0.1", port)).await {
+                Ok(l) => break l,
+                Err(e) if e.kind() == std::io::ErrorKind::AddrInUse && tries < 20 => {
+                    eprintln!("proxy: port {port} is taken, trying another");
+                    tries += 1;
+                    port = super::free_port();
+                }
+                Err(e) => panic!("proxy: cannot listen on 127.0.0.1:{port}: {e}"),
+            }
+        };
         let me = self.clone();
         tokio::spawn(async move {
             loop {
@@ -38,6 +52,7 @@ impl PeerProxy {
                 tokio::spawn(async move { me.relay(inbound, target).await });
             }
         });
+        port
     }
 
     async fn relay(&self, mut inbound: TcpStream, target: u16) {

@@ -246,6 +246,13 @@ pub fn free_port() -> u16 {
 /// `n` members of one cluster (not started yet), on free loopback ports.
 pub fn cluster(n: usize, extra: &[&str]) -> Vec<Member> {
     let mut ms: Vec<Member> = (0..n).map(|_| Member::new(extra)).collect();
+    set_initial_cluster(&mut ms);
+    ms
+}
+
+/// Gives every member of `ms` its name and the `--initial-cluster` that
+/// lists them all at their advertised peer ports.
+fn set_initial_cluster(ms: &mut [Member]) {
     let ic: Vec<String> = ms
         .iter()
         .enumerate()
@@ -255,7 +262,6 @@ pub fn cluster(n: usize, extra: &[&str]) -> Vec<Member> {
     for (i, m) in ms.iter_mut().enumerate() {
         m.cluster = Some((format!("m{i}"), ic.clone()));
     }
-    ms
 }
 
 /// Like `cluster`, with every member's peer traffic through `PeerProxy`.
@@ -264,8 +270,9 @@ pub async fn cluster_with_proxy(n: usize, extra: &[&str]) -> (Vec<Member>, fault
     let proxy = faults::PeerProxy::default();
     for m in ms.iter_mut() {
         m.peer_listen = free_port();
-        proxy.forward(m.peer, m.peer_listen).await;
+        m.peer = proxy.forward(m.peer, m.peer_listen).await;
     }
+    set_initial_cluster(&mut ms);
     (ms, proxy)
 }
 
