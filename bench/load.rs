@@ -206,6 +206,26 @@ fn cpu_us(pid: &str) -> Option<u64> {
     Some(ticks * 1_000_000 / hz.max(1))
 }
 
+/// Time the host took the machine's CPUs away from it (steal, summed over
+/// CPUs), in microseconds, from `/proc/stat`. A run with much of it is
+/// disturbed from outside: its CPU-per-op and latency figures mean little.
+fn host_steal_us() -> Option<u64> {
+    let stat = std::fs::read_to_string("/proc/stat").ok()?;
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as u64;
+    Some(steal_ticks(&stat)? * 1_000_000 / hz.max(1))
+}
+
+/// The steal column of `/proc/stat`'s first (all-CPU) line, in ticks.
+fn steal_ticks(stat: &str) -> Option<u64> {
+    let line = stat.lines().next()?;
+    let mut f = line.split_whitespace();
+    if f.next()? != "cpu" {
+        return None;
+    }
+    // user nice system idle iowait irq softirq steal
+    f.nth(7)?.parse().ok()
+}
+
 fn key(o: &Opts, n: u64) -> Vec<u8> {
     let idx = if o.sequential_keys {
         n
@@ -870,6 +890,7 @@ fn main() {
     let watchers = (o.workload == "watch").then(|| Watchers::start(&o));
     let server_before = servers_cpu_us(&o.server_pids);
     let self_before = cpu_us("self");
+    let steal_before = host_steal_us();
     let put_start_ns = now_ns();
     let (r, elapsed) = phase(&o, &o.workload, o.total);
     // For watch, CPU counts until the events are drained.
@@ -879,6 +900,9 @@ fn main() {
         _ => None,
     };
     let self_cpu = cpu_us("self").zip(self_before).map(|(a, b)| a - b);
+    let steal_ms = host_steal_us()
+        .zip(steal_before)
+        .map(|(a, b)| a.saturating_sub(b) / 1000);
     let ops = r.hist.len();
     let secs = elapsed.as_secs_f64();
     let per_op = |c: Option<u64>| c.map(|c| c as f64 / ops.max(1) as f64);
@@ -902,6 +926,9 @@ fn main() {
     }
     if let Some(c) = per_op(self_cpu) {
         println!("bench_cpu_us_per_op={c:.1}");
+    }
+    if let Some(st) = steal_ms {
+        println!("host_steal_ms={st}");
     }
     if let Some(e) = &r.first_error {
         println!("first_error={e}");
@@ -975,7 +1002,7 @@ fn main() {
     }
     if o.json {
         println!(
-            "{{\"workload\":\"{}\",\"ops\":{},\"errors\":{},\"elapsed_s\":{:.3},\"ops_per_s\":{:.1},\"p50_us\":{},\"p99_us\":{},\"p999_us\":{},\"max_us\":{},\"server_cpu_us_per_op\":{},\"bench_cpu_us_per_op\":{}{json_watch}}}",
+            "{{\"workload\":\"{}\",\"ops\":{},\"errors\":{},\"elapsed_s\":{:.3},\"ops_per_s\":{:.1},\"p50_us\":{},\"p99_us\":{},\"p999_us\":{},\"max_us\":{},\"server_cpu_us_per_op\":{},\"bench_cpu_us_per_op\":{},\"host_steal_ms\":{}{json_watch}}}",
             o.workload,
             ops,
             r.errors,
@@ -987,9 +1014,33 @@ fn main() {
             max,
             per_op(server_cpu).map(|c| format!("{c:.2}")).unwrap_or_else(|| "null".into()),
             per_op(self_cpu).map(|c| format!("{c:.2}")).unwrap_or_else(|| "null".into()),
+            steal_ms.map(|s| s.to_string()).unwrap_or_else(|| "null".into()),
         );
     }
     if ops == 0 || watch.is_some_and(|(_, w)| w.events == 0) {
         std::process::exit(1);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::steal_ticks;
+
+    #[test]
+    fn steal_is_the_eighth_number_of_the_all_cpu_line() {
+        let cases: &[(&str, Option<u64>)] = &[
+            (
+                "cpu  304229 0 69911 209252 317217 0 14288 53824 0 0\ncpu0 1 2 3 4 5 6 7 8 0 0\n",
+                Some(53824),
+            ),
+            // An old kernel's line without the steal column.
+            ("cpu  1 2 3 4 5 6 7\n", None),
+            // Only a per-CPU line: not the sum.
+            ("cpu0 1 2 3 4 5 6 7 8 0 0\n", None),
+            ("", None),
+        ];
+        for (stat, want) in cases {
+            assert_eq!(steal_ticks(stat), *want, "{stat:?}");
+        }
     }
 }

@@ -15,7 +15,10 @@
 #
 # Workload: 64 clients over 8 HTTP/2 connections, 8-byte keys, 256-byte
 # values (the issue's target shape). CPU per op is utime+stime of the server
-# process over the measured phase divided by operations.
+# process over the measured phase divided by operations. Host steal is the
+# time the hypervisor ran something else on this machine's CPUs during the
+# measured phase (/proc/stat): a run with much of it was disturbed from
+# outside, and its figures should not be compared.
 #
 # --watch adds a second table: the watch workload (watchers on one prefix,
 # puts under it, each event timed from the put's send) for each case in
@@ -191,8 +194,8 @@ fi
   echo "Machine: $(nproc) cores, $(uname -sr), $(awk '/MemTotal/ {printf "%.0f GiB", $2/1048576}' /proc/meminfo).$([ $watch_only = 0 ] && echo " Load: 64 clients over 8 connections, 8-byte keys, 256-byte values, 1 bench thread sharing the cores.")"
   if [ "$watch_only" = 0 ]; then
     echo
-    echo "| workload | etcd ops/s | keelson ops/s | ratio | etcd p99 µs | keelson p99 µs | etcd server CPU µs/op | keelson server CPU µs/op | CPU ratio | bench CPU µs/op (etcd / keelson run) |"
-    echo "|---|---|---|---|---|---|---|---|---|---|"
+    echo "| workload | etcd ops/s | keelson ops/s | ratio | etcd p99 µs | keelson p99 µs | etcd server CPU µs/op | keelson server CPU µs/op | CPU ratio | bench CPU µs/op (etcd / keelson run) | host steal ms (etcd / keelson run) |"
+    echo "|---|---|---|---|---|---|---|---|---|---|---|"
     for w in $workloads; do
       e="$tmp/etcd-$w.json"; k="$tmp/keelson-$w.json"
       eo=$(field "$e" ops_per_s); ko=$(field "$k" ops_per_s)
@@ -204,7 +207,8 @@ fi
       cratio=$(awk -v a="$kc" -v b="$ec" 'BEGIN { printf "1/%.1f", b/a }')
       note=""
       if [ "$ee" != 0 ] || [ "$ke" != 0 ]; then note=" (errors: etcd $ee, keelson $ke)"; fi
-      echo "| $w$note | ${eo%.*} | ${ko%.*} | $ratio | $ep | $kp | $ec | $kc | $cratio | $eb / $kb |"
+      es=$(field "$e" host_steal_ms); ks=$(field "$k" host_steal_ms)
+      echo "| $w$note | ${eo%.*} | ${ko%.*} | $ratio | $ep | $kp | $ec | $kc | $cratio | $eb / $kb | $es / $ks |"
     done
     if [ "$memory" = 1 ]; then
       read -r -d '' em < <(rss_after_keys etcd 26379) || true
