@@ -5,7 +5,7 @@
 #
 #   perf/compare.sh [--total N] [--duration-secs S] [--memory] [--memory-keys N]
 #                   [--watch | --watch-only] [--watch-drain-secs S] [--members N]
-#                   [--member-cores N]
+#                   [--member-cores N] [--workloads "put txn-put ..."]
 #
 # --members 3 runs every server as a cluster of 3 members on loopback (the
 # load spread over all members' client ports; CPU is the sum over members).
@@ -41,6 +41,7 @@ watch_drain=60
 watch_settle=3
 members=1
 member_cores=""
+workloads_arg=""
 # Watch cases, watchers:streams:conns:puts-in-flight:puts. The first
 # measures delivery latency at light load (etcd 3.4 keeps up with 100
 # watchers at one put in flight, not with 1000), the other two fan-out
@@ -60,6 +61,7 @@ while [ $# -gt 0 ]; do
     --watch-drain-secs) watch_drain=$2; shift 2 ;;
     --members) members=$2; shift 2 ;;
     --member-cores) member_cores=$2; shift 2 ;;
+    --workloads) workloads_arg=$2; shift 2 ;;
     *) echo "unknown argument $1" >&2; exit 2 ;;
   esac
 done
@@ -71,7 +73,7 @@ tmp=$(mktemp -d)
 pids=()
 cleanup() { for p in "${pids[@]:-}"; do kill -9 "$p" 2>/dev/null || true; done; rm -rf "$tmp"; }
 trap cleanup EXIT
-workloads="put range-serializable range txn-put mixed lease-keepalive"
+workloads=${workloads_arg:-"put range-serializable range txn-put mixed lease-keepalive"}
 
 start_server() { # kind port -> sets server_pid (comma list) and endpoints
   local kind=$1 port=$2 i cluster="" names=()
@@ -190,7 +192,7 @@ fi
   echo
   echo "## $(date -u +%Y-%m-%d) $([ "$members" = 1 ] && echo "single member" || echo "$members members"): keelson vs etcd $(etcd --version | awk '/etcd Version/ {print $3}')"
   echo
-  echo "Command: \`perf/compare.sh --total $total --duration-secs $duration$([ $memory = 1 ] && echo " --memory --memory-keys $memory_keys")$([ $watch_only = 1 ] && echo " --watch-only" || { [ $watch = 1 ] && echo " --watch"; })$([ $watch = 1 ] && echo " --watch-drain-secs $watch_drain")$([ "$members" != 1 ] && echo " --members $members")$([ -n "$member_cores" ] && echo " --member-cores $member_cores")\`"
+  echo "Command: \`perf/compare.sh --total $total --duration-secs $duration$([ $memory = 1 ] && echo " --memory --memory-keys $memory_keys")$([ $watch_only = 1 ] && echo " --watch-only" || { [ $watch = 1 ] && echo " --watch"; })$([ $watch = 1 ] && echo " --watch-drain-secs $watch_drain")$([ "$members" != 1 ] && echo " --members $members")$([ -n "$member_cores" ] && echo " --member-cores $member_cores")$([ -n "$workloads_arg" ] && echo " --workloads \"$workloads_arg\"")\`"
   echo "Machine: $(nproc) cores, $(uname -sr), $(awk '/MemTotal/ {printf "%.0f GiB", $2/1048576}' /proc/meminfo).$([ $watch_only = 0 ] && echo " Load: 64 clients over 8 connections, 8-byte keys, 256-byte values, 1 bench thread sharing the cores.")"
   if [ "$watch_only" = 0 ]; then
     echo
