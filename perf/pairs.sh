@@ -54,6 +54,7 @@ run() { # kind port -> one row
   pid=$!
   local up=0
   for _ in $(seq 1 200); do
+    kill -0 "$pid" 2>/dev/null || break
     if ETCDCTL_API=3 etcdctl --endpoints="127.0.0.1:$port" --command-timeout=1s endpoint health >/dev/null 2>&1; then up=1; break; fi
     sleep 0.1
   done
@@ -72,8 +73,10 @@ run() { # kind port -> one row
 echo "| run | keelson puts/s | keelson CPU µs/put | keelson p99 µs | etcd puts/s | etcd CPU µs/put | etcd p99 µs | CPU ratio | host steal ms (keelson / etcd run) |"
 echo "|---|---|---|---|---|---|---|---|---|"
 for i in $(seq 1 "$rounds"); do
-  read -r ko kc kp ks < <(run keelson 27379)
-  read -r eo ec ep es < <(run etcd 26379)
+  k=$(run keelson 27379)
+  e=$(run etcd 26379)
+  read -r ko kc kp ks <<<"$k"
+  read -r eo ec ep es <<<"$e"
   ratio=$(awk -v a="$kc" -v b="$ec" 'BEGIN { printf "1/%.2f", b/a }')
   echo "| $i | ${ko%.*} | $kc | $kp | ${eo%.*} | $ec | $ep | $ratio | $ks / $es |"
 done
