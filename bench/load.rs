@@ -202,8 +202,13 @@ fn cpu_us(pid: &str) -> Option<u64> {
     let rest = &s[s.rfind(')')? + 2..];
     let f: Vec<&str> = rest.split_whitespace().collect();
     let ticks = f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?;
+    Some(ticks_us(ticks))
+}
+
+/// Clock ticks (`/proc`'s unit of CPU time) in microseconds.
+fn ticks_us(ticks: u64) -> u64 {
     let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as u64;
-    Some(ticks * 1_000_000 / hz.max(1))
+    ticks * 1_000_000 / hz.max(1)
 }
 
 /// Time the host took the machine's CPUs away from it (steal, summed over
@@ -211,8 +216,7 @@ fn cpu_us(pid: &str) -> Option<u64> {
 /// disturbed from outside: its CPU-per-op and latency figures mean little.
 fn host_steal_us() -> Option<u64> {
     let stat = std::fs::read_to_string("/proc/stat").ok()?;
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as u64;
-    Some(steal_ticks(&stat)? * 1_000_000 / hz.max(1))
+    Some(ticks_us(steal_ticks(&stat)?))
 }
 
 /// The steal column of `/proc/stat`'s first (all-CPU) line, in ticks.
