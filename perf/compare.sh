@@ -65,11 +65,8 @@ while [ $# -gt 0 ]; do
     *) echo "unknown argument $1" >&2; exit 2 ;;
   esac
 done
-bash scripts/install-deps.sh
-cargo build --release --bins -q
-ulimit -l unlimited 2>/dev/null || true
-bench=target/release/keelson-bench
-tmp=$(mktemp -d)
+# shellcheck source=perf/setup.sh
+. perf/setup.sh
 pids=()
 cleanup() { for p in "${pids[@]:-}"; do kill -9 "$p" 2>/dev/null || true; done; rm -rf "$tmp"; }
 trap cleanup EXIT

@@ -16,11 +16,9 @@ while [ $# -gt 0 ]; do
     *) echo "unknown argument $1" >&2; exit 2 ;;
   esac
 done
-bash scripts/install-deps.sh
-cargo build --release --bin keelson -q
-ulimit -l unlimited 2>/dev/null || true
+# shellcheck source=perf/setup.sh
+. perf/setup.sh
 export ETCDCTL_API=3
-tmp=$(mktemp -d)
 pids=()
 cleanup() { for p in "${pids[@]:-}"; do kill -9 "$p" 2>/dev/null || true; done; [ -n "${KEEP_TMP:-}" ] || rm -rf "$tmp"; }
 trap cleanup EXIT

@@ -26,11 +26,8 @@ while [ $# -gt 0 ]; do
     *) echo "unknown argument $1" >&2; exit 2 ;;
   esac
 done
-bash scripts/install-deps.sh
-cargo build --release --bins -q
-ulimit -l unlimited 2>/dev/null || true
-bench=target/release/keelson-bench
-tmp=$(mktemp -d)
+# shellcheck source=perf/setup.sh
+. perf/setup.sh
 pid=""
 cleanup() { [ -n "$pid" ] && kill -9 "$pid" 2>/dev/null; rm -rf "$tmp"; }
 trap cleanup EXIT
