@@ -651,6 +651,9 @@ async fn maintenance_and_cluster_headers() {
     let put = c.put("h", "v", None).await.unwrap();
     let h = put.header().unwrap().clone();
     assert!(h.cluster_id() != 0 && h.member_id() != 0 && h.raft_term() >= 1);
+    // etcd derives the cluster ID from the member IDs: never equal to the
+    // lone member's.
+    assert_ne!(h.cluster_id(), h.member_id());
     let st = c.status().await.unwrap();
     assert_eq!(st.leader(), h.member_id());
     assert_eq!(st.header().unwrap().member_id(), h.member_id());

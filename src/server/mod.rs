@@ -313,6 +313,17 @@ pub fn hash64(parts: &[&str]) -> u64 {
     }
 }
 
+/// The cluster ID of a new cluster: as etcd does, a hash of its members'
+/// IDs (which already carry the cluster token), so it differs from the
+/// member ID even when there is one member.
+pub fn cluster_id_of(peers: &[PeerInfo]) -> u64 {
+    let mut ids: Vec<String> = peers.iter().map(|p| format!("{:016x}", p.id)).collect();
+    ids.sort();
+    let mut parts: Vec<&str> = vec!["cluster"];
+    parts.extend(ids.iter().map(|s| s.as_str()));
+    hash64(&parts)
+}
+
 /// A member of the cluster as bootstrapped: ID, name, peer URLs.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PeerInfo {
@@ -498,12 +509,7 @@ pub(crate) fn load_or_create_meta(cfg: &Config) -> Result<Meta, String> {
                 ));
             }
             let member_id = me.id;
-            let members = cfg.initial_members()?;
-            let mut all: Vec<String> = members.iter().map(|(_, u)| u.clone()).collect();
-            all.sort();
-            let mut cl_parts: Vec<&str> = all.iter().map(|s| s.as_str()).collect();
-            cl_parts.push(&cfg.initial_cluster_token);
-            let cluster_id = hash64(&cl_parts);
+            let cluster_id = cluster_id_of(&peers);
             let mut text = format!("format=keelson-1\nshards={shards}\nmember_id={member_id:x}\ncluster_id={cluster_id:x}\n");
             for p in &peers {
                 text.push_str(&format!(
@@ -1118,4 +1124,28 @@ pub fn run(cfg: Config) -> Result<(), String> {
         let _ = h.join();
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn peer(id: u64) -> PeerInfo {
+        PeerInfo {
+            id,
+            name: format!("m{id}"),
+            peer_urls: vec![format!("http://127.0.0.1:{id}")],
+        }
+    }
+
+    #[test]
+    fn cluster_id_differs_from_a_lone_members_id_and_ignores_order() {
+        let one = [peer(7)];
+        assert_ne!(cluster_id_of(&one), 7);
+        assert_ne!(cluster_id_of(&one), 0);
+        let (a, b, c) = (peer(1), peer(2), peer(3));
+        let abc = cluster_id_of(&[a.clone(), b.clone(), c.clone()]);
+        assert_eq!(abc, cluster_id_of(&[c, a.clone(), b]));
+        assert_ne!(abc, cluster_id_of(&[a]));
+    }
 }
