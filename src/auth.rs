@@ -305,13 +305,16 @@ impl AuthState {
                     .map_err(bad)?;
                 let perms = self.roles.get_mut(&r.name).ok_or_else(role_not_found)?;
                 let p = r.perm.unwrap_or_default();
-                // The same range granted again replaces its type (etcd).
-                match perms
-                    .iter_mut()
-                    .find(|q| q.1 == p.key && q.2 == p.range_end)
-                {
-                    Some(q) => q.0 = p.perm_type,
-                    None => perms.push((p.perm_type, p.key, p.range_end)),
+                // As etcd keeps them: sorted by key; the same range granted
+                // again (found where a binary search by key lands) replaces
+                // its type, anything else is added and the list sorted again.
+                let at = perms.partition_point(|q| q.1 < p.key);
+                match perms.get_mut(at) {
+                    Some(q) if q.1 == p.key && q.2 == p.range_end => q.0 = p.perm_type,
+                    _ => {
+                        perms.push((p.perm_type, p.key, p.range_end));
+                        perms.sort_by(|a, b| a.1.cmp(&b.1));
+                    }
                 }
             }
             "RoleRevokePermission" => {
@@ -517,6 +520,33 @@ mod tests {
             perm(permission::Type::Readwrite, b"z", b"\0"),
         ))
         .unwrap();
+        // Kept sorted by key as etcd keeps them (RoleGet lists them so),
+        // and a range granted again changes its type in place.
+        a.apply(&change(
+            "RoleGrantPermission",
+            perm(permission::Type::Read, b"d", b""),
+        ))
+        .unwrap();
+        a.apply(&change(
+            "RoleGrantPermission",
+            perm(permission::Type::Readwrite, b"d", b""),
+        ))
+        .unwrap();
+        let listed: Vec<(Vec<u8>, i32)> = a
+            .permissions("r")
+            .unwrap()
+            .into_iter()
+            .map(|p| (p.key, p.perm_type))
+            .collect();
+        assert_eq!(
+            listed,
+            [
+                (b"a".to_vec(), permission::Type::Read as i32),
+                (b"d".to_vec(), permission::Type::Readwrite as i32),
+                (b"k".to_vec(), permission::Type::Write as i32),
+                (b"z".to_vec(), permission::Type::Readwrite as i32),
+            ]
+        );
         assert!(a.allowed("u", b"b", b"", false));
         assert!(a.allowed("u", b"a", b"c", false));
         assert!(!a.allowed("u", b"a", b"d", false));

@@ -1748,8 +1748,24 @@ fn propose_change(
     if kind == Kind::Add && change.id == 0 {
         change.id = ms.new_id(&change.peer_urls);
     }
-    ms.m.check(&change)?;
     let voters: Vec<u64> = ms.m.voters().collect();
+    let started = ms.m.started_voters();
+    if kind == Kind::Promote {
+        // etcd's order (mayPromoteMember, then the change's validation):
+        // a member raft tracks must be in sync with the leader — a voter
+        // too, so promoting a voter that lags says so — then enough
+        // started voters, and only then "not found" or "not a learner".
+        let leader_match = node.raft.raft_log.last_index();
+        if let Some(p) = node.raft.prs().get(change.id) {
+            if (p.matched as f64) < (leader_match as f64) * 0.9 {
+                return Err(error::learner_not_ready());
+            }
+        }
+        if ms.strict && started + 1 < quorum(voters.len() + 1) {
+            return Err(error::member_not_enough_started());
+        }
+    }
+    ms.m.check(&change)?;
     // etcd's isConnectedFullySince: connected for the last health interval.
     let connected = |id: u64| {
         id == me
@@ -1758,7 +1774,6 @@ fn propose_change(
                 .map(|t| t.elapsed() >= HEALTH_INTERVAL)
                 .unwrap_or(false)
     };
-    let started = ms.m.started_voters();
     match kind {
         Kind::Add | Kind::Remove if !ms.strict => {}
         Kind::Add => {
@@ -1789,22 +1804,7 @@ fn propose_change(
                 }
             }
         }
-        Kind::Remove | Kind::Update => {}
-        Kind::Promote => {
-            if ms.strict && started + 1 < quorum(voters.len() + 1) {
-                return Err(error::member_not_enough_started());
-            }
-            let leader_match = node.raft.raft_log.last_index();
-            let learner_match = node
-                .raft
-                .prs()
-                .get(change.id)
-                .map(|p| p.matched)
-                .unwrap_or(0);
-            if (learner_match as f64) < (leader_match as f64) * 0.9 {
-                return Err(error::learner_not_ready());
-            }
-        }
+        Kind::Remove | Kind::Update | Kind::Promote => {}
     }
     if node.raft.has_pending_conf() {
         // raft takes one change at a time; etcd's request would time out.

@@ -326,4 +326,22 @@ async fn refused_membership_changes_get_etcds_errors() {
             .unwrap_err(),
     );
     assert_eq!(e, "etcdserver: unhealthy cluster");
+    // Promoting a voter that lags behind: etcd first checks that a member
+    // raft tracks is in sync with the leader, then that it is a learner.
+    for i in 0..60 {
+        c.put(format!("lag{i}"), "v", None).await.unwrap();
+    }
+    let down_id = c
+        .member_list()
+        .await
+        .unwrap()
+        .members()
+        .iter()
+        .find(|m| m.name() == ms[down].name())
+        .unwrap()
+        .id();
+    assert_eq!(
+        message(c.member_promote(down_id).await.unwrap_err()),
+        "etcdserver: can only promote a learner member which is in sync with leader"
+    );
 }
