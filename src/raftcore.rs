@@ -1503,11 +1503,28 @@ fn hand_off(
                         } else {
                             Vec::new()
                         };
+                        let mut acks = Vec::new();
                         if !changed.is_empty() {
                             ms.save();
+                            // Every core's copy before the answer, as
+                            // for auth; and acknowledged, so a request
+                            // the client sends after the answer, on any
+                            // connection to this member, sees the alarm.
+                            let alarms = alarm_mask(&ms.m);
+                            for c in &router.cores {
+                                let (ack, done) = futures::channel::oneshot::channel();
+                                c.send(CoreMsg::Alarms { alarms, ack });
+                                acks.push(done);
+                            }
                         }
                         if let Some(r) = seq.and_then(|s| ms.alarm_waiters.remove(&s)) {
-                            let _ = r.send(Ok(changed));
+                            glommio::spawn_local(async move {
+                                for done in acks {
+                                    let _ = done.await;
+                                }
+                                let _ = r.send(Ok(changed));
+                            })
+                            .detach();
                         }
                     }
                     Some(c)

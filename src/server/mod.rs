@@ -91,6 +91,13 @@ pub enum CoreMsg {
         /// The alarms raised (`raftcore::alarm_mask`).
         alarms: u8,
     },
+    /// The alarms changed: the core's copy, acknowledged once it is in
+    /// the `View`, so the raft core answers `Alarm` only after every core
+    /// checks requests against the new alarms.
+    Alarms {
+        alarms: u8,
+        ack: futures::channel::oneshot::Sender<()>,
+    },
     /// This core's RPC counts, for /metrics.
     Rpcs {
         reply: futures::channel::oneshot::Sender<Vec<(String, [u64; 17])>>,
@@ -147,6 +154,10 @@ impl View {
             | CoreMsg::Written(_)
             | CoreMsg::Rpcs { .. } => {}
             CoreMsg::Auth(a) => *self.auth.borrow_mut() = a,
+            CoreMsg::Alarms { alarms, ack } => {
+                self.alarms.set(alarms);
+                let _ = ack.send(());
+            }
             CoreMsg::Applied {
                 applied,
                 revision,
@@ -258,7 +269,9 @@ impl Core {
                         self.writes.finish(slot, res);
                     }
                 }
-                CoreMsg::Raft { .. } | CoreMsg::Auth(_) => self.view.apply(m),
+                CoreMsg::Raft { .. } | CoreMsg::Auth(_) | CoreMsg::Alarms { .. } => {
+                    self.view.apply(m)
+                }
                 CoreMsg::Rpcs { reply } => {
                     let _ = reply.send(
                         self.rpcs
