@@ -432,16 +432,22 @@ struct Members {
 impl Members {
     /// Sends every core a copy of the auth store if it changed since the
     /// last one they got.
-    fn publish_auth(&mut self, router: &Router) {
+    /// Sends every core its copy of the auth store if it changed; returns
+    /// the cores' acknowledgements (none if nothing was sent).
+    fn publish_auth(&mut self, router: &Router) -> Vec<futures::channel::oneshot::Receiver<()>> {
         let now = Some((self.m.auth.enabled, self.m.auth.revision));
         if self.auth_sent == now {
-            return;
+            return Vec::new();
         }
         self.auth_sent = now;
         let auth = std::sync::Arc::new(self.m.auth.clone());
+        let mut acks = Vec::new();
         for c in &router.cores {
-            c.send(CoreMsg::Auth(auth.clone()));
+            let (ack, done) = futures::channel::oneshot::channel();
+            c.send(CoreMsg::Auth(auth.clone(), Some(ack)));
+            acks.push(done);
         }
+        acks
     }
 
     fn save(&self) {
@@ -1481,20 +1487,28 @@ fn hand_off(
                         }
                     }
                     if let Some(Cmd::Auth(a)) = &c.cmd {
+                        let mut acks = Vec::new();
                         let res = if e.index > ms.m.conf_index {
                             let r = ms.m.auth.apply(a);
                             if r.is_ok() {
                                 ms.m.conf_index = e.index;
                                 ms.save();
-                                // Every core's copy, before the answer.
-                                ms.publish_auth(router);
+                                // Every core's copy, acknowledged, before
+                                // the answer (as for alarms).
+                                acks = ms.publish_auth(router);
                             }
                             r
                         } else {
                             Ok(())
                         };
                         if let Some(r) = seq.and_then(|s| ms.auth_waiters.remove(&s)) {
-                            let _ = r.send(res);
+                            glommio::spawn_local(async move {
+                                for done in acks {
+                                    let _ = done.await;
+                                }
+                                let _ = r.send(res);
+                            })
+                            .detach();
                         }
                     }
                     if let Some(Cmd::Alarm(a)) = &c.cmd {

@@ -102,8 +102,12 @@ pub enum CoreMsg {
     Rpcs {
         reply: futures::channel::oneshot::Sender<Vec<(String, [u64; 17])>>,
     },
-    /// The auth store changed: the core's copy.
-    Auth(std::sync::Arc<crate::auth::AuthState>),
+    /// The auth store changed: the core's copy, acknowledged (if asked)
+    /// once it is in the `View`.
+    Auth(
+        std::sync::Arc<crate::auth::AuthState>,
+        Option<futures::channel::oneshot::Sender<()>>,
+    ),
     /// Live changes from a shard for this core's watchers.
     WatchEvents {
         shard: usize,
@@ -153,7 +157,12 @@ impl View {
             | CoreMsg::WatchResync
             | CoreMsg::Written(_)
             | CoreMsg::Rpcs { .. } => {}
-            CoreMsg::Auth(a) => *self.auth.borrow_mut() = a,
+            CoreMsg::Auth(a, ack) => {
+                *self.auth.borrow_mut() = a;
+                if let Some(ack) = ack {
+                    let _ = ack.send(());
+                }
+            }
             CoreMsg::Alarms { alarms, ack } => {
                 self.alarms.set(alarms);
                 let _ = ack.send(());
@@ -269,7 +278,7 @@ impl Core {
                         self.writes.finish(slot, res);
                     }
                 }
-                CoreMsg::Raft { .. } | CoreMsg::Auth(_) | CoreMsg::Alarms { .. } => {
+                CoreMsg::Raft { .. } | CoreMsg::Auth(..) | CoreMsg::Alarms { .. } => {
                     self.view.apply(m)
                 }
                 CoreMsg::Rpcs { reply } => {
