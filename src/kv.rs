@@ -242,6 +242,12 @@ pub fn passes_filters<V>(r: &RangeRequest, v: &Version<V>) -> bool {
         || r.min_create_revision != 0 && v.create_rev < r.min_create_revision)
 }
 
+/// Whether a Range needs the values: unless keys only, and also then when
+/// it sorts by value (etcd sorts first and drops the values after).
+pub fn reads_values(r: &RangeRequest) -> bool {
+    !r.keys_only || r.sort_target == range_request::SortTarget::Value as i32
+}
+
 /// Merges per-shard range results as etcd's applyRange finishes a range:
 /// key order, the fetch limit, sorting, then the client's limit.
 pub fn merge_range(r: &RangeRequest, parts: Vec<RangePartial>) -> RangeResponse {
@@ -292,6 +298,12 @@ pub fn merge_range(r: &RangeRequest, parts: Vec<RangePartial>) -> RangeResponse 
     if r.limit > 0 && kvs.len() as i64 > r.limit {
         kvs.truncate(r.limit as usize);
         more = true;
+    }
+    if r.keys_only {
+        // Read only to sort by value.
+        for kv in &mut kvs {
+            kv.value = Default::default();
+        }
     }
     RangeResponse {
         header: None,

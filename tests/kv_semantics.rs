@@ -186,6 +186,25 @@ async fn ranges_limits_sorts_and_filters() {
             false,
         ),
         (
+            "sort value asc keys only limit",
+            all()
+                .with_sort(SortTarget::Value, SortOrder::Ascend)
+                .with_keys_only()
+                .with_limit(3),
+            &["e", "b", "d"],
+            5,
+            true,
+        ),
+        (
+            "sort value none keys only",
+            all()
+                .with_sort(SortTarget::Value, SortOrder::None)
+                .with_keys_only(),
+            &["e", "b", "d", "a", "c"],
+            5,
+            false,
+        ),
+        (
             "sort version asc",
             all().with_sort(SortTarget::Version, SortOrder::Ascend),
             &["a", "c", "e", "d", "b"],
@@ -253,6 +272,9 @@ async fn ranges_limits_sorts_and_filters() {
         };
         let r = c.get(key, Some(opts)).await.unwrap();
         assert_eq!(keys(&r), want.to_vec(), "{name}");
+        if name.contains("keys only") {
+            assert!(r.kvs().iter().all(|kv| kv.value().is_empty()), "{name}");
+        }
         assert_eq!((r.count(), r.more()), (count, more), "{name}: count, more");
     }
     let r = c

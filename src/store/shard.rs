@@ -442,7 +442,7 @@ impl Shard {
             if !crate::kv::passes_filters(r, v) {
                 return true;
             }
-            kvs.push(to_kv(&self.segs, k, v, r.keys_only));
+            kvs.push(to_kv(&self.segs, k, v, !crate::kv::reads_values(r)));
             true
         });
         Ok(RangePartial { kvs, count })
