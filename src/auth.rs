@@ -62,7 +62,7 @@ pub struct AuthState {
     pub revision: u64,
     pub secret: Vec<u8>,
     pub users: BTreeMap<String, User>,
-    /// Role → its permissions (type, key, range_end), in grant order.
+    /// Role → its permissions (type, key, range_end), sorted by key.
     pub roles: BTreeMap<String, Vec<(i32, Vec<u8>, Vec<u8>)>>,
 }
 

@@ -112,6 +112,57 @@ async fn users_roles_permissions_and_tokens() {
     let mut ws = alice.watch("a1", None).await.unwrap();
     let r = ws.message().await.unwrap().unwrap();
     assert!(r.created() && !r.canceled(), "{r:?}");
+    // etcd 3.4 serves these without a token: status, member list,
+    // leases, compaction, alarms.
+    c.status().await.unwrap();
+    c.member_list().await.unwrap();
+    let l = c.lease_grant(60, None).await.unwrap().id();
+    c.lease_time_to_live(l, None).await.unwrap();
+    assert!(c
+        .leases()
+        .await
+        .unwrap()
+        .leases()
+        .iter()
+        .any(|x| x.id() == l));
+    c.lease_revoke(l).await.unwrap();
+    c.alarm(AlarmAction::Get, AlarmType::None, None)
+        .await
+        .unwrap();
+    // ... not these, which answer with the auth store's own error.
+    let (ok, out, err) = etcdctl(&ep, &["defrag"], None);
+    assert!(
+        !ok && err.contains("code = Unknown desc = auth: user name is empty"),
+        "{out}{err}"
+    );
+    let (ok, out, err) = etcdctl(
+        &ep,
+        &["--user", "alice:alicepwd", "endpoint", "hashkv"],
+        None,
+    );
+    assert!(
+        !ok && err.contains("code = Unknown desc = auth: permission denied"),
+        "{out}{err}"
+    );
+    // A watch without a token is canceled with etcd's reason.
+    let mut ws = c.watch("a1", None).await.unwrap();
+    let r = ws.message().await.unwrap().unwrap();
+    assert!(r.created() && r.canceled(), "{r:?}");
+    assert_eq!(
+        r.cancel_reason(),
+        "rpc error: code = InvalidArgument desc = etcdserver: user name is empty"
+    );
+    // A user reads its own record and the roles it holds, not others'.
+    assert_eq!(
+        alice.user_get("alice").await.unwrap().roles(),
+        ["reader".to_string()]
+    );
+    assert_eq!(
+        alice.role_get("reader").await.unwrap().permissions().len(),
+        2
+    );
+    assert_eq!(message(alice.user_get("root").await.unwrap_err()), denied);
+    assert_eq!(message(alice.role_get("root").await.unwrap_err()), denied);
     // etcdctl with --user.
     let (ok, out, err) = etcdctl(&ep, &["--user", "alice:alicepwd", "get", "a1"], None);
     assert!(ok && out.contains("a1"), "{out}{err}");

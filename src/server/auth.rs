@@ -1,15 +1,18 @@
 //! The Auth service and the check every request passes while auth is
 //! enabled (see `crate::auth` for the store and its tokens).
 //!
-//! Who may do what (etcd's rules, as far as keelson has them): without a
-//! token, only `Authenticate`, `AuthStatus` and gRPC health; a valid token
-//! for any user: status, member list, alarm list, compaction, leases,
-//! locks and elections, watches and lease keep-alives; key-range permissions
-//! (read, write) for Range, Put, DeleteRange and every op and compare of a
-//! Txn; the `root` role for everything else (auth and membership
-//! management, raising or clearing alarms, hashes, snapshots, defragment,
-//! MoveLeader). A watch is created only on a range the user may read
-//! (otherwise canceled at once with etcd's "permission denied").
+//! Who may do what (etcd 3.4's rules, as far as keelson has them): with
+//! no token at all, `Authenticate`, `AuthStatus`, gRPC health, Status,
+//! MemberList, MoveLeader, lease TimeToLive, Leases and keep-alives; with
+//! no token or a valid one, lease grant and revoke, compaction and
+//! alarms; a valid token for any user: locks and elections, its own
+//! UserGet and the RoleGet of a role it holds; key-range permissions
+//! (read, write) for Range, Put, DeleteRange, every op and compare of a
+//! Txn, and watches; the `root` role for everything else (auth and
+//! membership management; hashes, snapshots and defragment, refused with
+//! the auth store's own errors, gRPC code Unknown, as etcd's maintenance
+//! server does). A watch asked for without a token or on a range the user
+//! may not read is canceled at once with etcd's reason.
 
 use super::api::{Method, StreamMethod};
 use super::Core;
@@ -72,18 +75,55 @@ fn txn_allowed(a: &AuthState, user: &str, t: &TxnRequest) -> bool {
             })
 }
 
-/// Whether a unary call may go ahead.
+/// The auth store's own error for Maintenance's admin-only calls, which
+/// etcd 3.4 returns unconverted (gRPC code Unknown, "auth: ..." text).
+fn raw(msg: &str) -> Status {
+    Status::new(Code::Unknown, msg)
+}
+
+/// etcd 3.4's `IsAdminPermitted` as its maintenance server answers it:
+/// Defragment, Hash, HashKV and Snapshot.
+fn admin_raw(a: &AuthState, token: Option<&str>) -> Result<(), Status> {
+    let token = token.ok_or_else(|| raw("auth: user name is empty"))?;
+    let user = a
+        .verify(token, now_ms())
+        .ok_or_else(|| raw("auth: invalid auth token"))?;
+    if a.is_root(&user) {
+        Ok(())
+    } else {
+        Err(raw("auth: permission denied"))
+    }
+}
+
+/// Whether a unary call may go ahead, as etcd 3.4 decides it.
 pub fn authorize(core: &Core, m: Method, body: &[u8], token: Option<&str>) -> Result<(), Status> {
     // Borrowed, not cloned: nothing here waits, and most calls stop at
     // `enabled`.
     let a = core.view.auth.borrow();
-    if !a.enabled
-        || matches!(
-            m,
-            Method::Authenticate | Method::AuthStatus | Method::HealthCheck
-        )
-    {
+    if !a.enabled {
         return Ok(());
+    }
+    match m {
+        // etcd checks nothing for these, not even a token sent with them.
+        Method::Authenticate
+        | Method::AuthStatus
+        | Method::HealthCheck
+        | Method::Status
+        | Method::MemberList
+        | Method::MoveLeader
+        | Method::LeaseTimeToLive
+        | Method::LeaseLeases => return Ok(()),
+        // Through the log without a check of their own: the token is
+        // optional, but must be valid when sent. (A lease revoke is not
+        // checked against its keys' permissions: see the README.)
+        Method::LeaseGrant | Method::LeaseRevoke | Method::Compact | Method::Alarm => {
+            if let Some(t) = token {
+                a.verify(t, now_ms()).ok_or_else(auth::invalid_auth_token)?;
+            }
+            return Ok(());
+        }
+        Method::Defragment | Method::Hash | Method::HashKV => return admin_raw(&a, token),
+        _ => {}
     }
     let Some(user) = user_of(&a, token)? else {
         return Ok(());
@@ -105,24 +145,23 @@ pub fn authorize(core: &Core, m: Method, body: &[u8], token: Option<&str>) -> Re
             a.allowed(&user, &r.key, &r.range_end, true)
         }
         Method::Txn => txn_allowed(&a, &user, &decode(body)?),
-        // etcd 3.4 lets any user compact.
-        Method::Compact
-        | Method::Status
-        | Method::MemberList
-        | Method::LeaseGrant
-        | Method::LeaseRevoke
-        | Method::LeaseTimeToLive
-        | Method::LeaseLeases
-        | Method::Lock
+        // A user may read its own record and the roles it holds.
+        Method::UserGet => {
+            let r: AuthUserGetRequest = decode(body)?;
+            r.name == user
+        }
+        Method::RoleGet => {
+            let r: AuthRoleGetRequest = decode(body)?;
+            a.users
+                .get(&user)
+                .is_some_and(|u| u.roles.contains(&r.role))
+        }
+        Method::Lock
         | Method::Unlock
         | Method::Campaign
         | Method::Proclaim
         | Method::Leader
         | Method::Resign => true,
-        Method::Alarm => {
-            let r: AlarmRequest = decode(body)?;
-            r.action == alarm_request::AlarmAction::Get as i32
-        }
         _ => false,
     };
     if ok {
@@ -132,28 +171,45 @@ pub fn authorize(core: &Core, m: Method, body: &[u8], token: Option<&str>) -> Re
     }
 }
 
-/// Whether a stream may open; the user it acts as (None: auth is off).
+/// Whether a stream may open; the user it acts as (None: auth is off, or
+/// the stream needs none). A watch stream opens without a token, as on
+/// etcd, as user "" (no name), and each watch it asks for is then
+/// canceled (`watch_refusal`).
 pub fn authorize_stream(
     core: &Core,
     m: StreamMethod,
     token: Option<&str>,
 ) -> Result<Option<String>, Status> {
     let a = core.view.auth.borrow();
-    let Some(user) = user_of(&a, token)? else {
+    if !a.enabled {
         return Ok(None);
-    };
-    match m {
-        StreamMethod::Snapshot if !a.is_root(&user) => Err(auth::permission_denied()),
-        _ => Ok(Some(user)),
+    }
+    match (m, token) {
+        // etcd's lease keep-alive checks nothing.
+        (StreamMethod::LeaseKeepAlive, _) => Ok(None),
+        (StreamMethod::Snapshot, _) => admin_raw(&a, token).map(|_| None),
+        (StreamMethod::Watch, None) => Ok(Some(String::new())),
+        _ => user_of(&a, token),
     }
 }
 
-/// Whether `user` may watch [key, range_end) (read permission).
-pub fn watch_permitted(core: &Core, user: Option<&str>, key: &[u8], range_end: &[u8]) -> bool {
+/// Why `user` may not watch [key, range_end), as etcd words the cancel
+/// reason; None if it may (read permission).
+pub fn watch_refusal(
+    core: &Core,
+    user: Option<&str>,
+    key: &[u8],
+    range_end: &[u8],
+) -> Option<&'static str> {
     let a = core.view.auth.borrow();
     match user {
-        Some(u) if a.enabled => a.allowed(u, key, range_end, false),
-        _ => true,
+        Some("") if a.enabled => {
+            Some("rpc error: code = InvalidArgument desc = etcdserver: user name is empty")
+        }
+        Some(u) if a.enabled && !a.allowed(u, key, range_end, false) => {
+            Some("rpc error: code = PermissionDenied desc = etcdserver: permission denied")
+        }
+        _ => None,
     }
 }
 
@@ -222,6 +278,12 @@ pub async fn call(core: &Core, m: Method, body: &[u8]) -> Result<Vec<u8>, Status
             let r: AuthenticateRequest = decode(body)?;
             if !a.enabled {
                 return Err(auth::auth_not_enabled());
+            }
+            if a.users.get(&r.name).is_some_and(|u| u.password.is_none()) {
+                // etcd 3.4's ErrNoPasswordUser, which it does not convert.
+                return Err(raw(
+                    "auth: authentication failed, password was given for no password user",
+                ));
             }
             if !a.check_password(&r.name, &r.password) {
                 return Err(auth::auth_failed());

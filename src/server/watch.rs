@@ -1494,20 +1494,18 @@ fn handle_request(
     match req.request_union {
         Some(watch_request::RequestUnion::CreateRequest(c)) => {
             let key: &[u8] = if c.key.is_empty() { &[0] } else { &c.key };
-            if super::auth::watch_permitted(core, user, key, &c.range_end) {
-                core.watch.create(core, stream, c)
-            } else {
+            if let Some(reason) = super::auth::watch_refusal(core, user, key, &c.range_end) {
                 // etcd: created and canceled at once, with its reason.
                 stream.push(encode(&WatchResponse {
                     header: header(core, core.view.revision.get()),
                     watch_id: -1,
                     created: true,
                     canceled: true,
-                    cancel_reason:
-                        "rpc error: code = PermissionDenied desc = etcdserver: permission denied"
-                            .into(),
+                    cancel_reason: reason.into(),
                     ..Default::default()
                 }));
+            } else {
+                core.watch.create(core, stream, c)
             }
         }
         Some(watch_request::RequestUnion::CancelRequest(c)) => {
