@@ -7,6 +7,7 @@ pub mod logging;
 pub mod alloc;
 pub mod apply;
 pub mod auth;
+pub mod bbolt;
 pub mod config;
 pub mod error;
 pub mod kv;
