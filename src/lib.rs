@@ -10,6 +10,7 @@ pub mod auth;
 pub mod bbolt;
 pub mod config;
 pub mod error;
+pub mod etcd_db;
 pub mod kv;
 pub mod lease;
 pub mod mailbox;
