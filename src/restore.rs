@@ -12,64 +12,110 @@
 
 use crate::config::Config;
 use crate::server::api::SNAPSHOT_FILE_MAGIC;
+use crate::snapshot::Meta;
+use crate::store::index::Version;
 use crate::store::shard::Shard;
 use crate::store::shard_of;
 use sha2::Digest;
 use std::path::Path;
 
-/// The snapshot body inside a file `Maintenance.Snapshot` produced, after
-/// checking its framing and (unless told not to) its sha256.
-pub fn read_file(path: &Path, check_hash: bool) -> Result<Vec<u8>, String> {
+/// A snapshot file's contents, whichever form it has.
+pub struct Contents {
+    pub meta: Meta,
+    pub records: Vec<(Vec<u8>, Version)>,
+    /// Which form: a bbolt file from keelson or from etcd, or keelson's
+    /// older `KLSNBAK1` file.
+    pub form: &'static str,
+    pub bytes: usize,
+}
+
+/// Reads a snapshot file: a bbolt database in etcd 3.4's schema (what
+/// `Maintenance.Snapshot` streams, keelson's or etcd's; with the sha256
+/// of the database after it, as `etcdctl snapshot save` writes it, or
+/// without, as etcd's `member/snap/db`), or keelson's older `KLSNBAK1`
+/// form. `check_hash` verifies the sha256 when there is one;
+/// `require_hash` refuses a file without one (as `etcdctl snapshot
+/// restore` does unless told `--skip-hash-check`).
+pub fn read_file(path: &Path, check_hash: bool, require_hash: bool) -> Result<Contents, String> {
     let f = std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))?;
-    if f.len() < 16 + 32 || &f[..8] != SNAPSHOT_FILE_MAGIC {
-        return Err(format!("{}: not a keelson snapshot file", path.display()));
+    let at = |e: String| format!("{}: {e}", path.display());
+    if f.starts_with(SNAPSHOT_FILE_MAGIC) {
+        let body = read_old(&f, check_hash).map_err(at)?;
+        let (meta, records) = crate::snapshot::parse(body).map_err(at)?;
+        return Ok(Contents {
+            meta,
+            records,
+            form: "keelson KLSNBAK1",
+            bytes: f.len(),
+        });
     }
-    if (f.len() - 32) % 512 != 0 {
-        return Err(format!(
-            "{}: truncated or padded wrongly ({} bytes)",
-            path.display(),
-            f.len()
+    // etcd's rule: a file 32 bytes past a whole number of 512-byte
+    // sectors ends with the sha256 of what comes before.
+    let db = if f.len() % 512 == 32 {
+        let (db, sum) = f.split_at(f.len() - 32);
+        if check_hash && sha2::Sha256::digest(db).as_slice() != sum {
+            return Err(at(
+                "sha256 mismatch (use --skip-hash-check to restore anyway)".into()
+            ));
+        }
+        db
+    } else if require_hash {
+        return Err(at(
+            "snapshot missing hash (use --skip-hash-check to restore anyway)".into()
         ));
+    } else {
+        &f[..]
+    };
+    let p = crate::etcd_db::parse(db).map_err(at)?;
+    Ok(Contents {
+        meta: p.meta,
+        records: p.records,
+        form: if p.from_keelson {
+            "bbolt, from keelson"
+        } else {
+            "bbolt, from etcd"
+        },
+        bytes: f.len(),
+    })
+}
+
+/// The body of an old `KLSNBAK1` file: magic, body length, body, zero
+/// padding to 512 bytes, sha256.
+fn read_old(f: &[u8], check_hash: bool) -> Result<&[u8], String> {
+    if f.len() < 16 + 32 || (f.len() - 32) % 512 != 0 {
+        return Err(format!("truncated or padded wrongly ({} bytes)", f.len()));
     }
     let (data, sum) = f.split_at(f.len() - 32);
     if check_hash && sha2::Sha256::digest(data).as_slice() != sum {
-        return Err(format!(
-            "{}: sha256 mismatch (use --skip-hash-check to restore anyway)",
-            path.display()
-        ));
+        return Err("sha256 mismatch (use --skip-hash-check to restore anyway)".into());
     }
-    let len = u64::from_le_bytes(data[8..16].try_into().expect("8 bytes")) as usize;
-    if 16 + len > data.len() {
-        return Err(format!(
-            "{}: body length {len} beyond the file",
-            path.display()
-        ));
+    let len = u64::from_le_bytes(data[8..16].try_into().expect("8 bytes"));
+    if len > (data.len() - 16) as u64 {
+        return Err(format!("body length {len} beyond the file"));
     }
-    Ok(data[16..16 + len].to_vec())
+    Ok(&data[16..16 + len as usize])
 }
 
 /// One line about the snapshot: index, revisions, keys, versions, size.
 pub fn status(path: &Path) -> Result<String, String> {
-    let body = read_file(path, true)?;
-    let (meta, records) = crate::snapshot::parse(&body)?;
+    let c = read_file(path, true, false)?;
     let keys: std::collections::BTreeSet<&[u8]> =
-        records.iter().map(|(k, _)| k.as_slice()).collect();
-    let revision = records.iter().map(|(_, v)| v.mod_rev).max().unwrap_or(0);
+        c.records.iter().map(|(k, _)| k.as_slice()).collect();
+    let revision = c.records.iter().map(|(_, v)| v.mod_rev).max().unwrap_or(0);
     Ok(format!(
-        "index {}, revision {revision}, compact revision {}, {} keys, {} versions, {} leases, {} bytes",
-        meta.index,
-        meta.compact_rev,
+        "index {}, revision {revision}, compact revision {}, {} keys, {} versions, {} leases, {} bytes ({})",
+        c.meta.index,
+        c.meta.compact_rev,
         keys.len(),
-        records.len(),
-        meta.leases.len(),
-        body.len()
+        c.records.len(),
+        c.meta.leases.len(),
+        c.bytes,
+        c.form
     ))
 }
 
 pub fn restore(path: &Path, cfg: &Config, check_hash: bool) -> Result<String, String> {
-    let body = read_file(path, check_hash)?;
-    let (meta, records) = crate::snapshot::parse(&body)?;
-    drop(body);
+    let Contents { meta, records, .. } = read_file(path, check_hash, check_hash)?;
     if cfg.data_dir.exists()
         && std::fs::read_dir(&cfg.data_dir)
             .map(|mut d| d.next().is_some())
