@@ -22,7 +22,8 @@
 //!   membership of a file: it makes a new cluster), and etcd 3.4 reads a
 //!   missing `authEnabled` as auth off.
 //! - `keelson`: keelson's own meta (`index`, `compact_rev`, `current_rev`,
-//!   u64 big-endian), so a keelson → file → keelson round trip is exact
+//!   u64 big-endian; the current revision at least the highest version's),
+//!   so a keelson → file → keelson round trip is exact
 //!   (keelson's current revision may be past the last change's). etcd
 //!   ignores buckets it does not know.
 //!
@@ -147,10 +148,13 @@ pub fn build(meta: &Meta, records: &[(Vec<u8>, Version)]) -> Result<Vec<u8>, Str
         };
         leases.put(be64(id as u64), l.encode_to_vec());
     }
+    // A snapshot's `current_rev` is a lower bound (0 when the leader left
+    // it to the versions): the file says the revision it stands at.
+    let highest = order.last().map_or(0, |(_, v)| v.mod_rev);
     let mut own = Bucket::new();
     own.put("index", be64(meta.index));
     own.put("compact_rev", be64(meta.compact_rev as u64));
-    own.put("current_rev", be64(meta.current_rev as u64));
+    own.put("current_rev", be64(meta.current_rev.max(highest) as u64));
     let mut root = Bucket::new();
     root.put_bucket(KEY, keys);
     root.put_bucket(META, m);
@@ -368,6 +372,13 @@ mod tests {
         let p = parse(&file).unwrap();
         assert!(p.from_keelson);
         assert_eq!(p.meta, meta);
+        // A leader's snapshot leaves the current revision to the versions.
+        let zero = Meta {
+            current_rev: 0,
+            ..meta.clone()
+        };
+        let p0 = parse(&build(&zero, &records).unwrap()).unwrap();
+        assert_eq!(p0.meta.current_rev, 30);
         assert_eq!(by_key(p.records.clone()), by_key(records));
         // The key bucket as etcd reads it.
         let (root, _) = bbolt::read(&file).unwrap();

@@ -9,6 +9,13 @@
 //! compaction and leases. Every shard is checkpointed at the snapshot's
 //! index and the WAL starts after it, so revisions go on from where the
 //! snapshot left them. Run it with the same file for every member.
+//!
+//! The file is a bbolt database in etcd 3.4's schema (`etcd_db`): keelson's
+//! own (exact: it carries keelson's index and revisions) or one a real
+//! etcd saved (its log index taken as the larger of its
+//! `consistent_index` and its highest revision, so every revision stays at
+//! or below the log index that made it). Files of keelson's older
+//! `KLSNBAK1` form are read too.
 
 use crate::config::Config;
 use crate::server::api::SNAPSHOT_FILE_MAGIC;
@@ -20,6 +27,7 @@ use sha2::Digest;
 use std::path::Path;
 
 /// A snapshot file's contents, whichever form it has.
+#[derive(Debug)]
 pub struct Contents {
     pub meta: Meta,
     pub records: Vec<(Vec<u8>, Version)>,
@@ -151,4 +159,71 @@ pub fn restore(path: &Path, cfg: &Config, check_hash: bool) -> Result<String, St
         m.member_id,
         m.cluster_id
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::snapshot::Meta;
+
+    fn version(rev: i64) -> Version {
+        Version {
+            mod_rev: rev,
+            create_rev: rev,
+            version: 1,
+            lease: 0,
+            value: Some(b"v".to_vec().into()),
+        }
+    }
+
+    /// Each form a file can have, and what is refused.
+    #[test]
+    fn files_of_every_form() {
+        let dir = tempfile::tempdir().unwrap();
+        let meta = Meta {
+            index: 9,
+            compact_rev: 0,
+            current_rev: 8,
+            ..Default::default()
+        };
+        // The old form: magic, length, body, padding, sha256.
+        let mut body = crate::snapshot::build_head(&meta);
+        crate::store::segment::encode_record(&mut body, b"k", &version(8));
+        let mut old = SNAPSHOT_FILE_MAGIC.to_vec();
+        old.extend_from_slice(&(body.len() as u64).to_le_bytes());
+        old.extend_from_slice(&body);
+        old.resize(old.len().div_ceil(512) * 512, 0);
+        let sum = sha2::Sha256::digest(&old);
+        old.extend_from_slice(&sum);
+        let p = dir.path().join("old");
+        std::fs::write(&p, &old).unwrap();
+        let c = read_file(&p, true, true).unwrap();
+        assert_eq!((c.form, c.meta.index, c.records.len()), ("keelson KLSNBAK1", 9, 1));
+
+        // bbolt with its sha256 after it (etcdctl snapshot save).
+        let records = vec![(b"k".to_vec(), version(8))];
+        let db = crate::etcd_db::build(&meta, &records).unwrap();
+        let mut saved = db.clone();
+        saved.extend_from_slice(&sha2::Sha256::digest(&db));
+        let p = dir.path().join("saved");
+        std::fs::write(&p, &saved).unwrap();
+        let c = read_file(&p, true, true).unwrap();
+        assert_eq!((c.form, c.meta, c.records), ("bbolt, from keelson", meta, records));
+        assert!(status(&p).unwrap().contains("revision 8"));
+        let mut bad = saved.clone();
+        bad[5000] ^= 1;
+        std::fs::write(&p, &bad).unwrap();
+        assert!(read_file(&p, true, true).unwrap_err().contains("sha256 mismatch"));
+
+        // bbolt alone (a data dir's db): only with the hash check skipped.
+        let p = dir.path().join("db");
+        std::fs::write(&p, &db).unwrap();
+        assert!(read_file(&p, true, true).unwrap_err().contains("missing hash"));
+        assert!(read_file(&p, false, false).is_ok());
+
+        // Neither.
+        std::fs::write(&p, b"hello").unwrap();
+        assert!(read_file(&p, false, false).is_err());
+        assert!(read_file(&dir.path().join("none"), false, false).is_err());
+    }
 }
