@@ -700,15 +700,16 @@ async fn hash(core: &Core, _req: HashRequest) -> Result<HashResponse, Status> {
     })
 }
 
-/// The magic of a snapshot file from `Maintenance.Snapshot`.
+/// The magic of the snapshot files keelson streamed before they were bbolt
+/// databases (still read by `keelson snapshot status|restore`).
 pub const SNAPSHOT_FILE_MAGIC: &[u8; 8] = b"KLSNBAK1";
 
-/// `Maintenance.Snapshot`: keelson's snapshot of the shards (the format
-/// members exchange), wrapped as etcd's stream is: magic, body length,
-/// body, zero padding to a multiple of 512 bytes, then the sha256 of all
-/// that, so etcdctl's `snapshot save` checks pass. Sent as etcd does: the
-/// data in 64 KiB chunks with the data bytes remaining (0 on the last),
-/// then one more message with the sha256.
+/// `Maintenance.Snapshot`: keelson's snapshot of the shards as a bbolt
+/// database laid out with etcd 3.4's buckets (`etcd_db`), so `etcdctl
+/// snapshot status|restore` take the file as they take etcd's. Its size is
+/// a whole number of 4 KiB pages, so of 512-byte sectors, as etcd's. Sent
+/// as etcd does: the file in 64 KiB chunks with the bytes remaining (0 on
+/// the last), then one more message with its sha256.
 async fn snapshot(core: &Core, mut input: MsgStream, sink: &mut MsgSink) -> Result<(), Status> {
     use sha2::Digest;
     match input.next().await {
@@ -722,13 +723,20 @@ async fn snapshot(core: &Core, mut input: MsgStream, sink: &mut MsgSink) -> Resu
         .applier
         .send(crate::apply::ApplierMsg::SnapshotBuild { reply: tx });
     let (_, body) = with_timeout(core, rx).await?;
-    let mut file = Vec::with_capacity(body.len() + 600);
-    file.extend_from_slice(SNAPSHOT_FILE_MAGIC);
-    file.extend_from_slice(&(body.len() as u64).to_le_bytes());
-    file.extend_from_slice(&body);
-    drop(body);
-    file.resize(file.len().div_ceil(512) * 512, 0);
-    let sum = sha2::Sha256::digest(&file);
+    // Turning the body into the file (a sort of every version, the pages,
+    // the sha256) takes time in proportion to the data: it runs on the
+    // executor's blocking thread, not on the core.
+    let built = glommio::executor()
+        .spawn_blocking(move || {
+            let (meta, records) = crate::snapshot::parse(&body)?;
+            drop(body);
+            let file = crate::etcd_db::build(&meta, &records)?;
+            let sum = sha2::Sha256::digest(&file);
+            Ok::<_, String>((file, sum))
+        })
+        .await;
+    let (file, sum) =
+        built.map_err(|e| Status::new(Code::Internal, format!("etcdserver: snapshot: {e}")))?;
     let total = file.len();
     let mut off = 0;
     while off < total {

@@ -29,6 +29,8 @@ pub struct Member {
     pub child: Option<Child>,
     /// "ready" lines in the (appended) log from earlier runs.
     readies: usize,
+    /// Runs Debian's etcd whatever `KEELSON_TEST_SERVER` says.
+    etcd: bool,
 }
 
 impl Member {
@@ -43,7 +45,14 @@ impl Member {
             extra: extra.iter().map(|s| s.to_string()).collect(),
             child: None,
             readies: 0,
+            etcd: is_etcd(),
         }
+    }
+    /// The same member run by Debian's etcd (tests that move data between
+    /// the two).
+    pub fn with_etcd(mut self) -> Member {
+        self.etcd = true;
+        self
     }
     /// A new member for a running cluster (`--initial-cluster-state
     /// existing`), named `name`: its `--initial-cluster` lists `existing`
@@ -113,7 +122,7 @@ impl Member {
         let c = format!("http://127.0.0.1:{}", self.port);
         let p = format!("http://127.0.0.1:{}", self.peer);
         let pl = format!("http://127.0.0.1:{}", self.peer_listen);
-        let bin = if is_etcd() {
+        let bin = if self.etcd {
             "etcd"
         } else {
             env!("CARGO_BIN_EXE_keelson")
@@ -173,7 +182,7 @@ impl Member {
         let mut out = Vec::new();
         let mut it = self.extra.iter();
         while let Some(a) = it.next() {
-            if is_etcd()
+            if self.etcd
                 && (a == "--shards"
                     || a == "--cores"
                     || a == "--experimental-snapshot-catchup-entries")
