@@ -243,7 +243,10 @@ impl Writer {
             let bytes = PAGE_HEADER + group.iter().map(|e| e.bytes()).sum::<usize>();
             let (id, at) = self.alloc(bytes);
             write_leaf(&mut self.out[at..], id, group);
-            level.push((group.first().map(|e| e.key.to_vec()).unwrap_or_default(), id));
+            level.push((
+                group.first().map(|e| e.key.to_vec()).unwrap_or_default(),
+                id,
+            ));
         }
         // Branch pages over them until one page is left: the root.
         let mut levels = 0;
@@ -318,8 +321,18 @@ fn write_leaf(p: &mut [u8], id: u64, elems: &[LeafElem]) {
 }
 
 fn write_branch(p: &mut [u8], id: u64, children: &[(Vec<u8>, u64)]) {
-    let bytes = PAGE_HEADER + children.iter().map(|(k, _)| ELEMENT + k.len()).sum::<usize>();
-    put_header(p, id, FLAG_BRANCH, children.len() as u16, overflow_of(bytes));
+    let bytes = PAGE_HEADER
+        + children
+            .iter()
+            .map(|(k, _)| ELEMENT + k.len())
+            .sum::<usize>();
+    put_header(
+        p,
+        id,
+        FLAG_BRANCH,
+        children.len() as u16,
+        overflow_of(bytes),
+    );
     let mut data = PAGE_HEADER + ELEMENT * children.len();
     for (i, (k, child)) in children.iter().enumerate() {
         let at = PAGE_HEADER + ELEMENT * i;
@@ -508,7 +521,10 @@ impl<'a> Reader<'a> {
             .ok_or_else(|| format!("bbolt: page {id} beyond the file"))?;
         let head = &self.file[at..at + PAGE_HEADER];
         if le64(head, 0) != id {
-            return Err(format!("bbolt: page {id} says it is page {}", le64(head, 0)));
+            return Err(format!(
+                "bbolt: page {id} says it is page {}",
+                le64(head, 0)
+            ));
         }
         let pages = le32(head, 12) as u64 + 1;
         if id + pages > self.high_water {
@@ -527,7 +543,13 @@ impl<'a> Reader<'a> {
     }
 
     /// Reads the page tree under `id` into `out`, in key order.
-    fn tree(&mut self, id: u64, depth: usize, level: usize, out: &mut Bucket) -> Result<(), String> {
+    fn tree(
+        &mut self,
+        id: u64,
+        depth: usize,
+        level: usize,
+        out: &mut Bucket,
+    ) -> Result<(), String> {
         if level > DEPTH_MAX {
             return Err("bbolt: too many branch levels".into());
         }
@@ -547,14 +569,17 @@ impl<'a> Reader<'a> {
                     .get(at..at + ELEMENT)
                     .ok_or_else(|| format!("bbolt: page {id}: elements beyond the page"))?;
                 let (pos, ksize) = (le32(e, 0) as usize, le32(e, 4) as usize);
-                span(p, at, pos, ksize).ok_or_else(|| format!("bbolt: page {id}: key beyond the page"))?;
+                span(p, at, pos, ksize)
+                    .ok_or_else(|| format!("bbolt: page {id}: key beyond the page"))?;
                 self.tree(le64(e, 8), depth, level + 1, out)?;
             }
             Ok(())
         } else if flags & FLAG_LEAF != 0 {
             self.leaf(p, id, depth, out)
         } else {
-            Err(format!("bbolt: page {id} is neither branch nor leaf (flags {flags:#x})"))
+            Err(format!(
+                "bbolt: page {id} is neither branch nor leaf (flags {flags:#x})"
+            ))
         }
     }
 
@@ -784,7 +809,10 @@ mod tests {
         bad[PAGE_HEADER] ^= 1;
         bad[PAGE_SIZE + PAGE_HEADER + 20] ^= 1;
         let e = read(&bad).unwrap_err();
-        assert!(e.contains("invalid database") || e.contains("checksum"), "{e}");
+        assert!(
+            e.contains("invalid database") || e.contains("checksum"),
+            "{e}"
+        );
         // One damaged: the other is used.
         let mut one = file.clone();
         one[PAGE_HEADER + 20] ^= 1;

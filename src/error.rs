@@ -105,7 +105,9 @@ etcd_errors! {
     leader_transfer_timeout => (Unavailable, "etcdserver: request timed out, leader transfer took too long");
     member_exist => (FailedPrecondition, "etcdserver: member ID already exist");
     peer_url_exist => (FailedPrecondition, "etcdserver: Peer URLs already exists");
-    member_not_enough_started => (FailedPrecondition, "etcdserver: re-configuration failed due to not enough started members");
+    // etcd 3.4 maps this one to the client-side error value, not a gRPC
+    // status, so it reaches clients with code Unknown.
+    member_not_enough_started => (Unknown, "etcdserver: re-configuration failed due to not enough started members");
     member_bad_urls => (InvalidArgument, "etcdserver: given member URLs are invalid");
     member_not_found => (NotFound, "etcdserver: member not found");
     member_not_learner => (FailedPrecondition, "etcdserver: can only promote a learner member");

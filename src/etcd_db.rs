@@ -396,7 +396,13 @@ mod tests {
             ]
         );
         let tomb = KeyValue::decode(kb.values().nth(2).unwrap().1).unwrap();
-        assert_eq!(tomb, KeyValue { key: b"a".to_vec(), ..Default::default() });
+        assert_eq!(
+            tomb,
+            KeyValue {
+                key: b"a".to_vec(),
+                ..Default::default()
+            }
+        );
         let m = root.bucket(META).unwrap();
         assert_eq!(m.get(CONSISTENT_INDEX).unwrap(), 40u64.to_be_bytes());
         assert_eq!(m.get(FINISHED_COMPACT).unwrap(), rev_bytes(9, 0, false));
@@ -427,7 +433,10 @@ mod tests {
         let p = parse(&bbolt::write(&root).unwrap()).unwrap();
         assert!(!p.from_keelson);
         // The log index is at least the highest revision.
-        assert_eq!((p.meta.index, p.meta.current_rev, p.meta.compact_rev), (3, 3, 0));
+        assert_eq!(
+            (p.meta.index, p.meta.current_rev, p.meta.compact_rev),
+            (3, 3, 0)
+        );
         assert_eq!(p.records.len(), 2);
     }
 

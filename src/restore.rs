@@ -63,13 +63,13 @@ pub fn read_file(path: &Path, check_hash: bool, require_hash: bool) -> Result<Co
         let (db, sum) = f.split_at(f.len() - 32);
         if check_hash && sha2::Sha256::digest(db).as_slice() != sum {
             return Err(at(
-                "sha256 mismatch (use --skip-hash-check to restore anyway)".into()
+                "sha256 mismatch (use --skip-hash-check to restore anyway)".into(),
             ));
         }
         db
     } else if require_hash {
         return Err(at(
-            "snapshot missing hash (use --skip-hash-check to restore anyway)".into()
+            "snapshot missing hash (use --skip-hash-check to restore anyway)".into(),
         ));
     } else {
         &f[..]
@@ -198,7 +198,10 @@ mod tests {
         let p = dir.path().join("old");
         std::fs::write(&p, &old).unwrap();
         let c = read_file(&p, true, true).unwrap();
-        assert_eq!((c.form, c.meta.index, c.records.len()), ("keelson KLSNBAK1", 9, 1));
+        assert_eq!(
+            (c.form, c.meta.index, c.records.len()),
+            ("keelson KLSNBAK1", 9, 1)
+        );
 
         // bbolt with its sha256 after it (etcdctl snapshot save).
         let records = vec![(b"k".to_vec(), version(8))];
@@ -208,17 +211,24 @@ mod tests {
         let p = dir.path().join("saved");
         std::fs::write(&p, &saved).unwrap();
         let c = read_file(&p, true, true).unwrap();
-        assert_eq!((c.form, c.meta, c.records), ("bbolt, from keelson", meta, records));
+        assert_eq!(
+            (c.form, c.meta, c.records),
+            ("bbolt, from keelson", meta, records)
+        );
         assert!(status(&p).unwrap().contains("revision 8"));
         let mut bad = saved.clone();
         bad[5000] ^= 1;
         std::fs::write(&p, &bad).unwrap();
-        assert!(read_file(&p, true, true).unwrap_err().contains("sha256 mismatch"));
+        assert!(read_file(&p, true, true)
+            .unwrap_err()
+            .contains("sha256 mismatch"));
 
         // bbolt alone (a data dir's db): only with the hash check skipped.
         let p = dir.path().join("db");
         std::fs::write(&p, &db).unwrap();
-        assert!(read_file(&p, true, true).unwrap_err().contains("missing hash"));
+        assert!(read_file(&p, true, true)
+            .unwrap_err()
+            .contains("missing hash"));
         assert!(read_file(&p, false, false).is_ok());
 
         // Neither.

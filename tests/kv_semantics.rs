@@ -689,6 +689,19 @@ async fn maintenance_and_cluster_headers() {
         [format!("http://{}", m.endpoint())]
     );
     assert_eq!(ml.header().unwrap().cluster_id(), h.cluster_id());
+    // etcd's Cluster service leaves the header's revision out.
+    assert_eq!(ml.header().unwrap().revision(), 0);
+    // Removing the only member: etcd 3.4 answers with code Unknown (2).
+    match c.member_remove(h.member_id()).await.unwrap_err() {
+        etcd_client::Error::GRpcStatus(s) => assert_eq!(
+            (s.code() as i32, s.message()),
+            (
+                2,
+                "etcdserver: re-configuration failed due to not enough started members"
+            )
+        ),
+        e => panic!("{e}"),
+    }
 }
 
 #[tokio::test]

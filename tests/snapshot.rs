@@ -31,7 +31,10 @@ struct Filled {
 async fn fill(c: &mut Client) -> Filled {
     let mut revs = Vec::new();
     for i in 0..30 {
-        let r = c.put(format!("a{i:02}"), format!("v{i}"), None).await.unwrap();
+        let r = c
+            .put(format!("a{i:02}"), format!("v{i}"), None)
+            .await
+            .unwrap();
         revs.push(r.header().unwrap().revision());
     }
     c.put("a00", "again", None).await.unwrap();
@@ -105,7 +108,10 @@ async fn check_restored(c: &mut Client, f: &Filled) {
         .unwrap();
     assert_eq!(r.kvs()[0].value(), b"v0", "history after the compaction");
     let r = c
-        .get("a05", Some(GetOptions::new().with_revision(f.compacted + 1)))
+        .get(
+            "a05",
+            Some(GetOptions::new().with_revision(f.compacted + 1)),
+        )
         .await
         .unwrap();
     assert_eq!(r.kvs()[0].value(), b"v5", "a05 before its delete");
@@ -324,7 +330,10 @@ async fn a_large_snapshot_passes_etcds_integrity_check() {
     );
     assert!(ok, "{out}{err}");
     let st: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
-    assert!(st["totalKey"].as_u64().unwrap() as usize >= want.len(), "{out}");
+    assert!(
+        st["totalKey"].as_u64().unwrap() as usize >= want.len(),
+        "{out}"
+    );
     drop(c);
     drop(m);
     let mut e = Member::new(&[]).with_etcd();

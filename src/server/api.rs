@@ -324,6 +324,11 @@ pub(crate) fn header(core: &Core, revision: i64) -> Option<ResponseHeader> {
     })
 }
 
+/// The Cluster service's header: etcd's carries no revision there.
+fn cluster_header(core: &Core) -> Option<ResponseHeader> {
+    header(core, 0)
+}
+
 async fn with_timeout<T>(
     core: &Core,
     f: impl Future<Output = Result<T, oneshot::Canceled>>,
@@ -770,7 +775,7 @@ async fn member_list(core: &Core, req: MemberListRequest) -> Result<MemberListRe
     }
     let m = membership(core).await?;
     Ok(MemberListResponse {
-        header: header(core, core.view.revision.get()),
+        header: cluster_header(core),
         members: members_pb(core, &m),
     })
 }
@@ -835,7 +840,7 @@ async fn member_add(core: &Core, req: MemberAddRequest) -> Result<MemberAddRespo
     let (id, m) =
         change_members(core, Kind::Add, 0, req.peer_ur_ls.clone(), req.is_learner).await?;
     Ok(MemberAddResponse {
-        header: header(core, core.view.revision.get()),
+        header: cluster_header(core),
         member: Some(Member {
             id,
             name: String::new(),
@@ -854,7 +859,7 @@ async fn member_remove(
     use crate::proto::keelson::member_change::Kind;
     let (_, m) = change_members(core, Kind::Remove, req.id, Vec::new(), false).await?;
     Ok(MemberRemoveResponse {
-        header: header(core, core.view.revision.get()),
+        header: cluster_header(core),
         members: members_pb(core, &m),
     })
 }
@@ -866,7 +871,7 @@ async fn member_update(
     use crate::proto::keelson::member_change::Kind;
     let (_, m) = change_members(core, Kind::Update, req.id, req.peer_ur_ls, false).await?;
     Ok(MemberUpdateResponse {
-        header: header(core, core.view.revision.get()),
+        header: cluster_header(core),
         members: members_pb(core, &m),
     })
 }
@@ -878,7 +883,7 @@ async fn member_promote(
     use crate::proto::keelson::member_change::Kind;
     let (_, m) = change_members(core, Kind::Promote, req.id, Vec::new(), false).await?;
     Ok(MemberPromoteResponse {
-        header: header(core, core.view.revision.get()),
+        header: cluster_header(core),
         members: members_pb(core, &m),
     })
 }
