@@ -738,6 +738,10 @@ pub async fn run_raft(
     let mut waiters: Waiters = HashMap::default();
     let waiter_ticks_max = 2 * transfer_ticks.max(1);
     let mut reads: Vec<ReadReply> = Vec::new();
+    // Writes that arrived while this member knew no leader: (tick, data,
+    // reply), oldest first.
+    let mut leaderless: std::collections::VecDeque<(u64, Vec<u8>, Reply)> =
+        std::collections::VecDeque::new();
     // Read batches waiting for their ReadIndex: id → (tick it was last
     // asked at, replies).
     let mut read_batches: HashMap<u64, (u64, Vec<ReadReply>)> = HashMap::new();
@@ -996,7 +1000,14 @@ pub async fn run_raft(
                 }
                 RaftMsg::Propose { data, reply } => {
                     if node.raft.leader_id == raft::INVALID_ID {
-                        reply.send(Err(error::no_leader()), &router);
+                        // As etcd's raft node, which takes no proposal
+                        // while it knows no leader: the write waits for
+                        // one (an election), or its request times out.
+                        if leaderless.len() < LEADERLESS_MAX {
+                            leaderless.push_back((ticks, data, reply));
+                        } else {
+                            reply.send(Err(error::no_leader()), &router);
+                        }
                         continue;
                     }
                     let id = next_id;
@@ -1016,6 +1027,28 @@ pub async fn run_raft(
                         crate::debug!("wal: released segments up to index {common}");
                     }
                 }
+            }
+        }
+        // Writes that waited for a leader go now, unless their request
+        // timed out meanwhile (their clients were answered so).
+        if node.raft.leader_id != raft::INVALID_ID {
+            while let Some((at, data, reply)) = leaderless.pop_front() {
+                if ticks.saturating_sub(at) >= transfer_ticks {
+                    continue;
+                }
+                let id = next_id;
+                next_id += 1;
+                proposals.add(proposal_ctx(nonce, id), data, id, reply);
+                if proposals.full() {
+                    proposals.step(&mut node, &mut waiters, ticks, &router);
+                }
+            }
+        } else if ticks % 16 == 0 {
+            while leaderless
+                .front()
+                .is_some_and(|(at, _, _)| ticks.saturating_sub(*at) >= transfer_ticks)
+            {
+                leaderless.pop_front();
             }
         }
         // Client writes of this turn: one MsgPropose for them all.
@@ -1232,6 +1265,10 @@ pub async fn run_raft(
         // its client waits until it applies or its request times out.
     }
 }
+
+/// At most this many writes wait for a leader; more are refused with
+/// etcd's "no leader".
+const LEADERLESS_MAX: usize = 10_000;
 
 /// Client writes waiting for their entries, by proposal sequence number.
 type Waiters = HashMap<u64, (u64, Reply), std::hash::BuildHasherDefault<SeqHasher>>;

@@ -800,7 +800,15 @@ async fn run_seed(seed: u64, steps: u64) {
     for step in steps..steps + 1500 {
         sim.advance(step);
         if step % 10 == 0 {
+            let was_done = changes.phase == Phase::Done;
             sim.change_members(&mut changes, step).await;
+            if !was_done && changes.phase == Phase::Done {
+                // The last change just went through: the final write must
+                // come after it, so that "every member applied it" also
+                // means every member applied the change.
+                acked = None;
+                rx = None;
+            }
         }
         sim.settle(1000).await;
         // A client gives up after a while and asks again (a request

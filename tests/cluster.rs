@@ -904,3 +904,39 @@ async fn lease_time_to_live_on_a_follower_asks_the_leader() {
     let unknown = cf.lease_time_to_live(id ^ 1, None).await.unwrap();
     assert_eq!(unknown.ttl(), -1);
 }
+
+/// A write that arrives while its member knows no leader waits for one, as
+/// etcd's raft node holds proposals then, and goes through once a leader
+/// is elected within the request timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_without_a_leader_waits_for_the_election() {
+    let mut ms = cluster(3, &[]);
+    start_all(&mut ms);
+    let l = leader(&ms, &[0, 1, 2]).await;
+    let others: Vec<usize> = (0..3).filter(|&i| i != l).collect();
+    for &i in &others {
+        ms[i].kill9();
+    }
+    let mut c = Client::connect(
+        [ms[l].endpoint()],
+        Some(ConnectOptions::new().with_timeout(Duration::from_secs(30))),
+    )
+    .await
+    .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while c.status().await.unwrap().leader() != 0 {
+        assert!(Instant::now() < deadline, "the survivor still has a leader");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let mut w = c.clone();
+    let put = tokio::spawn(async move { w.put("held", "1", None).await });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!put.is_finished(), "a write without a leader waits for one");
+    let back = others[0];
+    let exited = tokio::task::block_in_place(|| ms[back].start());
+    assert!(exited.is_none(), "{}", ms[back].log_text());
+    let r = put.await.unwrap().unwrap();
+    let got = c.get("held", None).await.unwrap();
+    assert_eq!(got.kvs()[0].value(), b"1");
+    assert_eq!(got.kvs()[0].mod_revision(), r.header().unwrap().revision());
+}
