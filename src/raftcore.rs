@@ -1072,12 +1072,8 @@ pub async fn run_raft(
                 read_batches.insert(id, (ticks, std::mem::take(&mut reads)));
                 node.read_index(id.to_le_bytes().to_vec());
             } else {
-                // No leader known: the reads wait for one (etcd retries its
-                // ReadIndex until then), or their request times out, which
-                // drops them here (canceled).
-                reads.retain(|r| !r.is_canceled());
-                while reads.len() > LEADERLESS_MAX {
-                    let _ = reads.remove(0).send(Err(error::no_leader()));
+                for r in reads.drain(..) {
+                    let _ = r.send(Err(error::no_leader()));
                 }
             }
         }
@@ -1270,8 +1266,8 @@ pub async fn run_raft(
     }
 }
 
-/// At most this many writes (and as many linearizable reads) wait for a
-/// leader; more are refused with etcd's "no leader".
+/// At most this many writes wait for a leader; more are refused with
+/// etcd's "no leader".
 const LEADERLESS_MAX: usize = 10_000;
 
 /// Client writes waiting for their entries, by proposal sequence number.
