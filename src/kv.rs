@@ -299,7 +299,7 @@ pub fn merge_range(r: &RangeRequest, parts: Vec<RangePartial>) -> RangeResponse 
         kvs.truncate(r.limit as usize);
         more = true;
     }
-    if r.keys_only {
+    if r.keys_only && reads_values(r) {
         // Read only to sort by value.
         for kv in &mut kvs {
             kv.value = Default::default();

@@ -441,13 +441,7 @@ impl Members {
         }
         self.auth_sent = now;
         let auth = std::sync::Arc::new(self.m.auth.clone());
-        let mut acks = Vec::new();
-        for c in &router.cores {
-            let (ack, done) = futures::channel::oneshot::channel();
-            c.send(CoreMsg::Auth(auth.clone(), Some(ack)));
-            acks.push(done);
-        }
-        acks
+        to_every_core_acked(router, |ack| CoreMsg::Auth(auth.clone(), ack))
     }
 
     fn save(&self) {
@@ -1266,6 +1260,39 @@ pub async fn run_raft(
     }
 }
 
+/// Sends every core the message `msg` makes around an acknowledgement
+/// channel; returns the acknowledgements.
+fn to_every_core_acked(
+    router: &Router,
+    msg: impl Fn(futures::channel::oneshot::Sender<()>) -> CoreMsg,
+) -> Vec<futures::channel::oneshot::Receiver<()>> {
+    router
+        .cores
+        .iter()
+        .map(|c| {
+            let (ack, done) = futures::channel::oneshot::channel();
+            c.send(msg(ack));
+            done
+        })
+        .collect()
+}
+
+/// Answers `reply` with `v` once every acknowledgement in `acks` came (or
+/// its core went away), without holding up the raft loop.
+fn answer_after<T: 'static>(
+    acks: Vec<futures::channel::oneshot::Receiver<()>>,
+    reply: futures::channel::oneshot::Sender<T>,
+    v: T,
+) {
+    glommio::spawn_local(async move {
+        for done in acks {
+            let _ = done.await;
+        }
+        let _ = reply.send(v);
+    })
+    .detach();
+}
+
 /// At most this many writes wait for a leader; more are refused with
 /// etcd's "no leader".
 const LEADERLESS_MAX: usize = 10_000;
@@ -1539,13 +1566,7 @@ fn hand_off(
                             Ok(())
                         };
                         if let Some(r) = seq.and_then(|s| ms.auth_waiters.remove(&s)) {
-                            glommio::spawn_local(async move {
-                                for done in acks {
-                                    let _ = done.await;
-                                }
-                                let _ = r.send(res);
-                            })
-                            .detach();
+                            answer_after(acks, r, res);
                         }
                     }
                     if let Some(Cmd::Alarm(a)) = &c.cmd {
@@ -1562,20 +1583,11 @@ fn hand_off(
                             // the client sends after the answer, on any
                             // connection to this member, sees the alarm.
                             let alarms = alarm_mask(&ms.m);
-                            for c in &router.cores {
-                                let (ack, done) = futures::channel::oneshot::channel();
-                                c.send(CoreMsg::Alarms { alarms, ack });
-                                acks.push(done);
-                            }
+                            acks =
+                                to_every_core_acked(router, |ack| CoreMsg::Alarms { alarms, ack });
                         }
                         if let Some(r) = seq.and_then(|s| ms.alarm_waiters.remove(&s)) {
-                            glommio::spawn_local(async move {
-                                for done in acks {
-                                    let _ = done.await;
-                                }
-                                let _ = r.send(Ok(changed));
-                            })
-                            .detach();
+                            answer_after(acks, r, Ok(changed));
                         }
                     }
                     Some(c)

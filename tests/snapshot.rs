@@ -147,6 +147,29 @@ fn save(ep: &str, dir: &tempfile::TempDir) -> std::path::PathBuf {
     file
 }
 
+/// `etcdctl snapshot restore` of `file` into `into`'s data dir.
+fn etcdctl_restore(file: &std::path::Path, into: &Member) {
+    let peer = into.peer_url();
+    let (ok, out, err) = etcdctl(
+        "127.0.0.1:1",
+        &[
+            "snapshot",
+            "restore",
+            file.to_str().unwrap(),
+            "--data-dir",
+            into.data().to_str().unwrap(),
+            "--name",
+            "default",
+            "--initial-cluster",
+            &format!("default={peer}"),
+            "--initial-advertise-peer-urls",
+            &peer,
+        ],
+        None,
+    );
+    assert!(ok, "{out}{err}");
+}
+
 fn keelson_restore(file: &std::path::Path, into: &Member) -> String {
     let peer = into.peer_url();
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_keelson"))
@@ -217,25 +240,7 @@ async fn etcd_serves_a_restored_keelson_snapshot() {
     drop(c);
     drop(m);
     let mut e = Member::new(&[]).with_etcd();
-    let peer = e.peer_url();
-    let (ok, out, err) = etcdctl(
-        "127.0.0.1:1",
-        &[
-            "snapshot",
-            "restore",
-            file.to_str().unwrap(),
-            "--data-dir",
-            e.data().to_str().unwrap(),
-            "--name",
-            "default",
-            "--initial-cluster",
-            &format!("default={peer}"),
-            "--initial-advertise-peer-urls",
-            &peer,
-        ],
-        None,
-    );
-    assert!(ok, "{out}{err}");
+    etcdctl_restore(&file, &e);
     assert!(e.start().is_none(), "{}", e.log_text());
     let mut c = e.client().await;
     check_restored(&mut c, &f).await;
@@ -337,23 +342,7 @@ async fn a_large_snapshot_passes_etcds_integrity_check() {
     drop(c);
     drop(m);
     let mut e = Member::new(&[]).with_etcd();
-    let peer = e.peer_url();
-    let (ok, out, err) = etcdctl(
-        "127.0.0.1:1",
-        &[
-            "snapshot",
-            "restore",
-            file.to_str().unwrap(),
-            "--data-dir",
-            e.data().to_str().unwrap(),
-            "--initial-cluster",
-            &format!("default={peer}"),
-            "--initial-advertise-peer-urls",
-            &peer,
-        ],
-        None,
-    );
-    assert!(ok, "{out}{err}");
+    etcdctl_restore(&file, &e);
     assert!(e.start().is_none(), "{}", e.log_text());
     let mut c = e.client().await;
     assert_eq!(all(&mut c).await, want);

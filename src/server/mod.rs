@@ -102,11 +102,11 @@ pub enum CoreMsg {
     Rpcs {
         reply: futures::channel::oneshot::Sender<Vec<(String, [u64; 17])>>,
     },
-    /// The auth store changed: the core's copy, acknowledged (if asked)
-    /// once it is in the `View`.
+    /// The auth store changed: the core's copy, acknowledged once it is in
+    /// the `View`.
     Auth(
         std::sync::Arc<crate::auth::AuthState>,
-        Option<futures::channel::oneshot::Sender<()>>,
+        futures::channel::oneshot::Sender<()>,
     ),
     /// Live changes from a shard for this core's watchers.
     WatchEvents {
@@ -159,9 +159,7 @@ impl View {
             | CoreMsg::Rpcs { .. } => {}
             CoreMsg::Auth(a, ack) => {
                 *self.auth.borrow_mut() = a;
-                if let Some(ack) = ack {
-                    let _ = ack.send(());
-                }
+                let _ = ack.send(());
             }
             CoreMsg::Alarms { alarms, ack } => {
                 self.alarms.set(alarms);
