@@ -237,7 +237,13 @@ pub enum ApplierMsg {
         index: u64,
         replies: Vec<ReadReply>,
     },
-    Done(Vec<ShardDone>),
+    /// A shard's finished entries, and the bytes its segment files take
+    /// now (sent also when only that changed).
+    Done {
+        shard: usize,
+        bytes: u64,
+        done: Vec<ShardDone>,
+    },
     /// The node lost leadership or is stopping: fail what waits.
     FailReads(Status),
     /// A lease keep-alive: replies with the TTL, 0 if there is no lease.
@@ -309,6 +315,14 @@ impl Access for LocalAccess<'_> {
 pub async fn run_shard(mut shard: Shard, rx: Receiver<ShardMsg>, router: Arc<Router>) {
     let mut msgs = Vec::with_capacity(256);
     let mut done = Vec::new();
+    // The segment bytes the applier was last told (it sums the shards'
+    // for the quota check every core makes).
+    let mut told = shard.disk_bytes();
+    router.applier.send(ApplierMsg::Done {
+        shard: shard.id,
+        bytes: told,
+        done: Vec::new(),
+    });
     while rx.recv_batch(&mut msgs, 256).await {
         for m in msgs.drain(..) {
             match m {
@@ -469,10 +483,14 @@ pub async fn run_shard(mut shard: Shard, rx: Receiver<ShardMsg>, router: Arc<Rou
             crate::error!("shard {}: {e}; stopping", shard.id);
             std::process::exit(1);
         }
-        if !done.is_empty() {
-            router
-                .applier
-                .send(ApplierMsg::Done(std::mem::take(&mut done)));
+        let bytes = shard.disk_bytes();
+        if !done.is_empty() || bytes != told {
+            told = bytes;
+            router.applier.send(ApplierMsg::Done {
+                shard: shard.id,
+                bytes,
+                done: std::mem::take(&mut done),
+            });
         }
     }
 }
@@ -631,12 +649,18 @@ pub struct Applier {
     /// The highest index handed over by the raft core (its commit index
     /// as the cores see it).
     committed: u64,
+    /// Each shard's segment bytes, as it last told; their sum is the
+    /// member's database size, which every core checks the quota against.
+    shard_bytes: Vec<u64>,
+    /// The sum the cores were last told.
+    db_bytes: u64,
 }
 
 impl Applier {
     pub fn new(router: Arc<Router>, st: ApplierState) -> Applier {
         let last = st.applied;
         let lessor = Lessor::new(&st.leases);
+        let shards = router.shards.len();
         Applier {
             router,
             st,
@@ -649,6 +673,8 @@ impl Applier {
             dispatched: last,
             written: Vec::new(),
             committed: last,
+            shard_bytes: vec![0; shards],
+            db_bytes: 0,
         }
     }
 
@@ -679,7 +705,7 @@ impl Applier {
                             self.dispatch(c, &rx).await;
                         }
                     }
-                    ApplierMsg::Done(results) => self.complete(results),
+                    ApplierMsg::Done { shard, bytes, done } => self.complete(shard, bytes, done),
                     ApplierMsg::Reads { index, replies } => {
                         self.reads.extend(replies.into_iter().map(|r| (index, r)));
                     }
@@ -1024,7 +1050,7 @@ impl Applier {
             }
             for m in msgs {
                 match m {
-                    ApplierMsg::Done(r) => self.complete(r),
+                    ApplierMsg::Done { shard, bytes, done } => self.complete(shard, bytes, done),
                     other => held.push(other),
                 }
             }
@@ -1047,13 +1073,16 @@ impl Applier {
                     }
                     self.backlog.extend(entries)
                 }
-                ApplierMsg::Done(r) => self.complete(r),
+                ApplierMsg::Done { shard, bytes, done } => self.complete(shard, bytes, done),
                 other => self.lease_msg(other),
             }
         }
     }
 
-    fn complete(&mut self, results: Vec<ShardDone>) {
+    fn complete(&mut self, shard: usize, bytes: u64, results: Vec<ShardDone>) {
+        if let Some(b) = self.shard_bytes.get_mut(shard) {
+            *b = bytes;
+        }
         for r in results {
             // Pending is sorted by index; results come in order per shard.
             if let Ok(i) = self.pending.binary_search_by_key(&r.index, |p| p.index) {
@@ -1108,9 +1137,12 @@ impl Applier {
                 }
             }
         }
+        let db_bytes = self.shard_bytes.iter().sum::<u64>();
         if before != (self.st.applied, self.st.current_rev, self.st.compact_rev)
             || self.written.iter().any(|w| !w.is_empty())
+            || db_bytes != self.db_bytes
         {
+            self.db_bytes = db_bytes;
             self.publish();
         }
     }
@@ -1129,6 +1161,7 @@ impl Applier {
                 revision: self.st.current_rev,
                 compact_revision: self.st.compact_rev,
                 commit: self.committed.max(self.st.applied),
+                db_bytes: self.db_bytes,
                 written,
             });
         }

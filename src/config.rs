@@ -30,7 +30,9 @@ pub struct Config {
     pub initial_cluster_state: String,
     pub initial_cluster_token: String,
     pub max_request_bytes: usize,
-    pub quota_backend_bytes: u64,
+    /// `--quota-backend-bytes` as given: 0 is etcd's default (2 GiB), a
+    /// negative value turns the quota off.
+    pub quota_backend_bytes: i64,
     pub snapshot_count: u64,
     /// etcd's `--experimental-snapshot-catchup-entries`: raft log entries
     /// kept behind the applied index for slow followers (5000).
@@ -67,7 +69,23 @@ impl Config {
             None => self.cores.max(1),
         }
     }
+
+    /// The database size past which puts, txns and lease grants are
+    /// refused and NOSPACE raised, as etcd's backend quota: 0 means etcd's
+    /// default (2 GiB), a negative value no quota. Above 8 GiB etcd only
+    /// warns, and so does this (at startup).
+    pub fn quota_bytes(&self) -> Option<u64> {
+        match self.quota_backend_bytes {
+            q if q < 0 => None,
+            0 => Some(DEFAULT_QUOTA_BYTES),
+            q => Some(q as u64),
+        }
+    }
 }
+
+/// etcd's default backend quota (2 GiB) and the most it recommends (8 GiB).
+pub const DEFAULT_QUOTA_BYTES: u64 = 2 << 30;
+pub const MAX_QUOTA_BYTES: u64 = 8 << 30;
 
 /// The largest `--max-request-bytes` keelson accepts: a value is one record
 /// of a segment file, and records stay well under
@@ -300,7 +318,12 @@ where
         initial_cluster_token: lookup("initial-cluster-token")
             .unwrap_or_else(|| "etcd-cluster".into()),
         max_request_bytes: max_request_bytes as usize,
-        quota_backend_bytes: num("quota-backend-bytes", 0)?,
+        quota_backend_bytes: match lookup("quota-backend-bytes") {
+            None => 0,
+            Some(v) => v.trim().parse::<i64>().map_err(|_| {
+                format!("invalid value {v:?} for flag -quota-backend-bytes: parse error")
+            })?,
+        },
         snapshot_count: num("snapshot-count", 100_000)?,
         snapshot_catchup_entries: num("experimental-snapshot-catchup-entries", 5000)?.max(1),
         heartbeat_interval: Duration::from_millis(heartbeat_ms),

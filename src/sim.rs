@@ -313,6 +313,7 @@ fn start(node: &mut Node, world: &Rc<World>) {
             data_dir: node.dir.path().to_path_buf(),
             election_timeout: Duration::from_secs(1),
             auth_token_ttl: Duration::from_secs(300),
+            quota_bytes: None,
         },
     });
     let boot = RaftBoot {

@@ -128,6 +128,89 @@ async fn alarms_raised_by_hand_refuse_puts_until_cleared() {
     }
 }
 
+/// `--quota-backend-bytes`: the write that would take the database to
+/// the quota is refused with etcd's error and raises NOSPACE for the
+/// member, which then refuses puts, txns that put and lease grants (reads,
+/// deletes and a txn that only reads go on) until a compaction, a
+/// defragmentation and a disarm make room, as on etcd.
+#[tokio::test]
+async fn a_put_past_the_quota_raises_nospace() {
+    let (m, mut c) = started(&["--quota-backend-bytes", "300000"]).await;
+    let me = c.status().await.unwrap().header().unwrap().member_id();
+    let value = vec![b'v'; 2000];
+    let mut refused = None;
+    for i in 0..1000 {
+        match c.put(format!("k{i}"), value.clone(), None).await {
+            Ok(_) => {}
+            Err(e) => {
+                refused = Some((i, message(e)));
+                break;
+            }
+        }
+    }
+    let (n, msg) = refused.expect("the quota refuses a put within 1000 puts of 2000 bytes");
+    assert_eq!(msg, "etcdserver: mvcc: database space exceeded");
+    // Not long before the quota: over 100 such puts fit in 300000 bytes
+    // (etcd 3.4: about 120, keelson about 140).
+    assert!(n > 100, "refused after {n} puts");
+    // keelson counts its segment files, which grow by the record: it stops
+    // within one put of the quota (etcd's bbolt file grows by whole
+    // remaps, so its dbSize may end well past it).
+    let size = c.status().await.unwrap().db_size();
+    assert!(
+        support::is_etcd() || size < 300_000 + 2_000,
+        "dbSize {size} past the quota"
+    );
+    let r = c
+        .alarm(AlarmAction::Get, AlarmType::None, None)
+        .await
+        .unwrap();
+    assert_eq!(r.alarms().len(), 1);
+    assert_eq!(r.alarms()[0].member_id(), me);
+    assert_eq!(r.alarms()[0].alarm(), AlarmType::Nospace);
+
+    // A small put is refused now too, as is a lease grant and a txn that
+    // puts; reads and a read-only txn are not.
+    assert_eq!(
+        message(c.put("small", "x", None).await.unwrap_err()),
+        "etcdserver: mvcc: database space exceeded"
+    );
+    assert_eq!(
+        message(c.lease_grant(60, None).await.unwrap_err()),
+        "etcdserver: mvcc: database space exceeded"
+    );
+    let put_txn = Txn::new().and_then(vec![TxnOp::put("t", "1", None)]);
+    assert_eq!(
+        message(c.txn(put_txn.clone()).await.unwrap_err()),
+        "etcdserver: mvcc: database space exceeded"
+    );
+    let read_txn = Txn::new().and_then(vec![TxnOp::get("k0", None)]);
+    assert!(c.txn(read_txn).await.unwrap().succeeded());
+    assert_eq!(c.get("k0", None).await.unwrap().kvs()[0].value(), &value[..]);
+
+    // Room made as etcd's docs say: delete, compact, defragment, disarm.
+    let rev = c
+        .delete("k", Some(DeleteOptions::new().with_prefix()))
+        .await
+        .unwrap()
+        .header()
+        .unwrap()
+        .revision();
+    c.compact(rev, None).await.unwrap();
+    let (ok, out, err) = etcdctl(&m.endpoint(), &["defrag"], None);
+    assert!(ok, "{out}{err}");
+    let (ok, out, err) = etcdctl(&m.endpoint(), &["alarm", "disarm"], None);
+    assert!(ok && out.contains("alarm:NOSPACE"), "{out}{err}");
+    c.put("small", "x", None).await.unwrap();
+    c.txn(put_txn).await.unwrap();
+    c.lease_grant(60, None).await.unwrap();
+    let r = c
+        .alarm(AlarmAction::Get, AlarmType::None, None)
+        .await
+        .unwrap();
+    assert!(r.alarms().is_empty());
+}
+
 #[tokio::test]
 async fn hash_kv_hash_defragment_and_snapshot() {
     let (m, mut c) = started(&[]).await;

@@ -447,7 +447,59 @@ fn put_command(put: &[u8]) -> Vec<u8> {
     out
 }
 
+/// What etcd's backend quota counts for a key's metadata and a lease.
+const QUOTA_KV_OVERHEAD: u64 = 256;
+const QUOTA_LEASE_OVERHEAD: u64 = 64;
+
+fn quota_cost_put(p: &PutRequest) -> u64 {
+    QUOTA_KV_OVERHEAD + p.key.len() as u64 + p.value.len() as u64
+}
+
+/// etcd's cost of a txn: the puts of its larger branch (puts in nested
+/// txns are not counted, as etcd does not count them).
+fn quota_cost_txn(t: &TxnRequest) -> u64 {
+    let branch = |ops: &[RequestOp]| -> u64 {
+        ops.iter()
+            .map(|op| match &op.request {
+                Some(request_op::Request::RequestPut(p)) => quota_cost_put(p),
+                _ => 0,
+            })
+            .sum()
+    };
+    branch(&t.success).max(branch(&t.failure))
+}
+
+/// etcd's backend quota: a write of `cost` bytes that would take the
+/// database (what the shards' segment files take, as the applier last
+/// told this core) to `--quota-backend-bytes` or past it raises NOSPACE
+/// for this member, through the log as an `Alarm` call would, and is
+/// refused with etcd's error. A write that adds nothing (cost 0) passes,
+/// as on etcd 3.5.
+async fn check_quota(core: &Core, cost: u64) -> Result<(), Status> {
+    let Some(quota) = core.router.member.quota_bytes else {
+        return Ok(());
+    };
+    if cost == 0 || core.view.db_bytes.get().saturating_add(cost) < quota {
+        return Ok(());
+    }
+    if core.view.alarms.get() & 1 == 0 {
+        use crate::proto::etcdserverpb::alarm_request::AlarmAction;
+        let req = AlarmRequest {
+            action: AlarmAction::Activate as i32,
+            member_id: core.router.member.id,
+            alarm: AlarmType::Nospace as i32,
+        };
+        let (tx, rx) = oneshot::channel();
+        core.router.raft.send(RaftMsg::Alarm { req, reply: tx });
+        // etcd also refuses the write whether or not the alarm went in.
+        let _ = with_timeout(core, rx).await;
+    }
+    Err(error::no_space())
+}
+
 pub(super) async fn put(core: &Core, req: PutRequest, raw: &[u8]) -> Result<PutResponse, Status> {
+    // etcd's quota check comes before the request's own checks.
+    check_quota(core, quota_cost_put(&req)).await?;
     kv::check_put(&req)?;
     if core.view.alarms.get() != 0 {
         check_alarms(core, &single_op_txn(request_op::Request::RequestPut(req)))?;
@@ -494,6 +546,7 @@ pub(super) async fn delete_range(
 }
 
 pub(super) async fn txn(core: &Core, req: TxnRequest) -> Result<TxnResponse, Status> {
+    check_quota(core, quota_cost_txn(&req)).await?;
     kv::check_txn(&req)?;
     let res = propose(
         core,
@@ -916,6 +969,7 @@ pub(super) async fn lease_grant(
     core: &Core,
     req: LeaseGrantRequest,
 ) -> Result<LeaseGrantResponse, Status> {
+    check_quota(core, QUOTA_LEASE_OVERHEAD).await?;
     if req.ttl > crate::lease::MAX_LEASE_TTL {
         return Err(error::lease_ttl_too_large());
     }

@@ -58,6 +58,9 @@ pub struct Member {
     pub election_timeout: std::time::Duration,
     /// How long an auth token is good for (`--auth-token-ttl`).
     pub auth_token_ttl: std::time::Duration,
+    /// The database size past which puts, txns and lease grants raise
+    /// NOSPACE (`--quota-backend-bytes`); `None`: no quota.
+    pub quota_bytes: Option<u64>,
 }
 
 /// News for every core: the applied index and revisions, and raft state.
@@ -68,6 +71,8 @@ pub enum CoreMsg {
         compact_revision: i64,
         /// The highest log index the applier was handed (committed).
         commit: u64,
+        /// What the shards' segment files take (the database size).
+        db_bytes: u64,
         /// Answers to this core's clients' writes that completed with it.
         written: Vec<(
             writes::WriteSlot,
@@ -145,6 +150,8 @@ pub struct View {
     pub commit: Cell<u64>,
     pub learner: Cell<bool>,
     pub alarms: Cell<u8>,
+    /// The member's database size as the applier last told.
+    pub db_bytes: Cell<u64>,
     pub auth: std::cell::RefCell<std::sync::Arc<crate::auth::AuthState>>,
 }
 
@@ -170,8 +177,10 @@ impl View {
                 revision,
                 compact_revision,
                 commit,
+                db_bytes,
                 ..
             } => {
+                self.db_bytes.set(db_bytes);
                 self.commit.set(self.commit.get().max(commit));
                 self.applied.set(self.applied.get().max(applied));
                 self.revision.set(self.revision.get().max(revision));
@@ -255,6 +264,7 @@ impl Core {
                     revision,
                     compact_revision,
                     commit,
+                    db_bytes,
                     written,
                 } => {
                     self.watch.on_applied(applied, revision);
@@ -265,6 +275,7 @@ impl Core {
                         revision,
                         compact_revision,
                         commit,
+                        db_bytes,
                         written: Vec::new(),
                     });
                     for (slot, res) in written {
@@ -947,8 +958,17 @@ pub fn run(cfg: Config) -> Result<(), String> {
             data_dir: cfg.data_dir.clone(),
             election_timeout: cfg.election_timeout,
             auth_token_ttl: cfg.auth_token_ttl,
+            quota_bytes: cfg.quota_bytes(),
         },
     });
+    match cfg.quota_bytes() {
+        None => crate::warn!("disabled backend quota (--quota-backend-bytes {})", cfg.quota_backend_bytes),
+        Some(q) if q > crate::config::MAX_QUOTA_BYTES => crate::warn!(
+            "backend quota {q} exceeds maximum recommended quota {}",
+            crate::config::MAX_QUOTA_BYTES
+        ),
+        Some(_) => {}
+    }
 
     // Every shard checkpoints the whole lease table at the same index.
     let leases_at_start = shards.first().map(|s| s.leases.clone()).unwrap_or_default();
