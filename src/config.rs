@@ -511,6 +511,17 @@ mod tests {
     }
 
     #[test]
+    fn quota_defaults_to_2_gib_and_a_negative_one_turns_it_off() {
+        let q = |args: &[&str]| p(args, &[]).unwrap().quota_bytes();
+        assert_eq!(q(&[]), Some(2 << 30));
+        assert_eq!(q(&["--quota-backend-bytes", "0"]), Some(2 << 30));
+        assert_eq!(q(&["--quota-backend-bytes", "65536"]), Some(65536));
+        assert_eq!(q(&["--quota-backend-bytes", "-1"]), None);
+        assert_eq!(q(&["--quota-backend-bytes=-5"]), None);
+        assert!(p(&["--quota-backend-bytes", "x"], &[]).is_err());
+    }
+
+    #[test]
     fn max_request_bytes_is_bounded() {
         let limit = MAX_REQUEST_BYTES_LIMIT.to_string();
         assert!(p(&["--max-request-bytes", &limit], &[]).is_ok());
