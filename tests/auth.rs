@@ -224,3 +224,91 @@ async fn users_roles_permissions_and_tokens() {
         "etcdserver: user name not found"
     );
 }
+
+/// etcd's checks that need more than the request's own key range: a lease
+/// is revoked, or a key attached to it, only by a user who may write every
+/// key attached to it already (without a token: "user name is empty" once
+/// it has keys); a put or delete with prev_kv also needs read permission.
+#[tokio::test]
+async fn lease_revokes_and_prev_kv_need_permission_on_the_keys() {
+    let (m, mut c) = started(&[]).await;
+    let ep = m.endpoint();
+    let (ok, out, err) = etcdctl(&ep, &["user", "add", "root:rootpwd"], None);
+    assert!(ok, "{out}{err}");
+    c.user_add("bob", "bobpwd", None).await.unwrap();
+    c.role_add("bobs").await.unwrap();
+    c.role_grant_permission("bobs", Permission::read_write("b").with_prefix())
+        .await
+        .unwrap();
+    c.role_grant_permission("bobs", Permission::write("w").with_prefix())
+        .await
+        .unwrap();
+    c.user_grant_role("bob", "bobs").await.unwrap();
+    let mine = c.lease_grant(600, None).await.unwrap().id();
+    let shared = c.lease_grant(600, None).await.unwrap().id();
+    let empty = c.lease_grant(600, None).await.unwrap().id();
+    let opt = |l: i64| Some(PutOptions::new().with_lease(l));
+    c.put("b1", "v", opt(mine)).await.unwrap();
+    c.put("b2", "v", opt(shared)).await.unwrap();
+    c.put("secret", "v", opt(shared)).await.unwrap();
+    c.put("w1", "v", None).await.unwrap();
+    let (ok, out, err) = etcdctl(&ep, &["auth", "enable"], None);
+    assert!(ok, "{out}{err}");
+    let mut bob = as_user(&ep, "bob", "bobpwd").await.unwrap();
+    let mut root = as_user(&ep, "root", "rootpwd").await.unwrap();
+
+    // Attaching a key to a lease that holds a key bob may not write.
+    assert_eq!(
+        message(bob.put("b3", "v", opt(shared)).await.unwrap_err()),
+        "etcdserver: permission denied"
+    );
+    bob.put("b3", "v", opt(mine)).await.unwrap();
+    // prev_kv needs read permission, on a put and on a delete, also in a
+    // txn's delete.
+    assert_eq!(
+        message(
+            bob.put("w1", "v2", Some(PutOptions::new().with_prev_key()))
+                .await
+                .unwrap_err()
+        ),
+        "etcdserver: permission denied"
+    );
+    bob.put("w1", "v2", None).await.unwrap();
+    assert_eq!(
+        message(
+            bob.delete("w1", Some(DeleteOptions::new().with_prev_key()))
+                .await
+                .unwrap_err()
+        ),
+        "etcdserver: permission denied"
+    );
+    let del = Txn::new().and_then(vec![TxnOp::delete(
+        "w1",
+        Some(DeleteOptions::new().with_prev_key()),
+    )]);
+    assert_eq!(
+        message(bob.txn(del).await.unwrap_err()),
+        "etcdserver: permission denied"
+    );
+    let r = bob
+        .put("b1", "v2", Some(PutOptions::new().with_prev_key().with_lease(mine)))
+        .await
+        .unwrap();
+    assert_eq!(r.prev_key().unwrap().value(), b"v");
+
+    // Revokes: refused on a lease with a key bob may not write, and
+    // without a token on any lease that has keys.
+    assert_eq!(
+        message(bob.lease_revoke(shared).await.unwrap_err()),
+        "etcdserver: permission denied"
+    );
+    assert_eq!(
+        message(c.lease_revoke(mine).await.unwrap_err()),
+        "etcdserver: user name is empty"
+    );
+    c.lease_revoke(empty).await.unwrap();
+    bob.lease_revoke(mine).await.unwrap();
+    assert!(root.get("b1", None).await.unwrap().kvs().is_empty());
+    root.lease_revoke(shared).await.unwrap();
+    assert!(root.get("secret", None).await.unwrap().kvs().is_empty());
+}

@@ -8,7 +8,8 @@
 //! alarms; a valid token for any user: locks and elections, its own
 //! UserGet and the RoleGet of a role it holds; key-range permissions
 //! (read, write) for Range, Put, DeleteRange, every op and compare of a
-//! Txn, and watches; the `root` role for everything else (auth and
+//! Txn, and watches (read too for a put's or delete's prev_kv; write on
+//! every key of the lease for a revoke or a put that attaches to it); the `root` role for everything else (auth and
 //! membership management; hashes, snapshots and defragment, refused with
 //! the auth store's own errors, gRPC code Unknown, as etcd's maintenance
 //! server does). A watch asked for without a token or on a range the user
@@ -67,8 +68,10 @@ fn txn_allowed(a: &AuthState, user: &str, t: &TxnRequest) -> bool {
                     a.allowed(user, &r.key, &r.range_end, false)
                 }
                 Some(request_op::Request::RequestPut(p)) => a.allowed(user, &p.key, b"", true),
+                // A delete with prev_kv also needs read permission.
                 Some(request_op::Request::RequestDeleteRange(d)) => {
                     a.allowed(user, &d.key, &d.range_end, true)
+                        && (!d.prev_kv || a.allowed(user, &d.key, &d.range_end, false))
                 }
                 Some(request_op::Request::RequestTxn(t)) => txn_allowed(a, user, t),
                 None => true,
@@ -95,13 +98,62 @@ fn admin_raw(a: &AuthState, token: Option<&str>) -> Result<(), Status> {
     }
 }
 
+/// A check `authorize` leaves to be made with the shards' data: every
+/// key attached to `lease` must be writable by `user` (None: no user).
+struct LeaseKeysCheck {
+    user: Option<String>,
+    lease: i64,
+}
+
 /// Whether a unary call may go ahead, as etcd 3.4 decides it.
-pub fn authorize(core: &Core, m: Method, body: &[u8], token: Option<&str>) -> Result<(), Status> {
+pub async fn authorize(
+    core: &Core,
+    m: Method,
+    body: &[u8],
+    token: Option<&str>,
+) -> Result<(), Status> {
+    let Some(check) = authorize_request(core, m, body, token)? else {
+        return Ok(());
+    };
+    // etcd's `checkLeasePuts`: a lease is revoked, or a key attached to
+    // it, only by a user who may write every key already attached to it
+    // (checked here when the request arrives; etcd checks when it
+    // applies).
+    let mut keys = Vec::new();
+    for s in &core.router.shards {
+        let (tx, rx) = oneshot::channel();
+        s.send(crate::apply::ShardMsg::LeaseKeys {
+            id: check.lease,
+            reply: tx,
+        });
+        keys.extend(rx.await.map_err(|_| crate::error::stopped())?);
+    }
+    let a = core.view.auth.borrow();
+    if !a.enabled || keys.is_empty() {
+        return Ok(());
+    }
+    let Some(user) = check.user else {
+        return Err(auth::user_empty());
+    };
+    if a.is_root(&user) || keys.iter().all(|k| a.allowed(&user, k, b"", true)) {
+        Ok(())
+    } else {
+        Err(auth::permission_denied())
+    }
+}
+
+/// `authorize` up to what it can decide without the shards' data.
+fn authorize_request(
+    core: &Core,
+    m: Method,
+    body: &[u8],
+    token: Option<&str>,
+) -> Result<Option<LeaseKeysCheck>, Status> {
     // Borrowed, not cloned: nothing here waits, and most calls stop at
     // `enabled`.
     let a = core.view.auth.borrow();
     if !a.enabled {
-        return Ok(());
+        return Ok(None);
     }
     match m {
         // etcd checks nothing for these, not even a token sent with them.
@@ -112,37 +164,62 @@ pub fn authorize(core: &Core, m: Method, body: &[u8], token: Option<&str>) -> Re
         | Method::MemberList
         | Method::MoveLeader
         | Method::LeaseTimeToLive
-        | Method::LeaseLeases => return Ok(()),
+        | Method::LeaseLeases => return Ok(None),
         // Through the log without a check of their own: the token is
-        // optional, but must be valid when sent. (A lease revoke is not
-        // checked against its keys' permissions: see the README.)
-        Method::LeaseGrant | Method::LeaseRevoke | Method::Compact | Method::Alarm => {
+        // optional, but must be valid when sent.
+        Method::LeaseGrant | Method::Compact | Method::Alarm => {
             if let Some(t) = token {
                 a.verify(t, now_ms()).ok_or_else(auth::invalid_auth_token)?;
             }
-            return Ok(());
+            return Ok(None);
         }
-        Method::Defragment | Method::Hash | Method::HashKV => return admin_raw(&a, token),
+        // The same, and the user must be able to write the lease's keys.
+        Method::LeaseRevoke => {
+            let user = match token {
+                Some(t) => Some(a.verify(t, now_ms()).ok_or_else(auth::invalid_auth_token)?),
+                None => None,
+            };
+            let r: LeaseRevokeRequest = decode(body)?;
+            return Ok(Some(LeaseKeysCheck { user, lease: r.id }));
+        }
+        Method::Defragment | Method::Hash | Method::HashKV => {
+            return admin_raw(&a, token).map(|_| None)
+        }
         _ => {}
     }
     let Some(user) = user_of(&a, token)? else {
-        return Ok(());
+        return Ok(None);
     };
     if a.is_root(&user) {
-        return Ok(());
+        return Ok(None);
     }
     let ok = match m {
         Method::Range => {
             let r: RangeRequest = decode(body)?;
             a.allowed(&user, &r.key, &r.range_end, false)
         }
+        // etcd: a put with prev_kv also needs read permission, and one
+        // that attaches its key to a lease write permission on the keys
+        // attached to it already.
         Method::Put => {
             let r: PutRequest = decode(body)?;
-            a.allowed(&user, &r.key, b"", true)
+            if !a.allowed(&user, &r.key, b"", true)
+                || (r.prev_kv && !a.allowed(&user, &r.key, b"", false))
+            {
+                return Err(auth::permission_denied());
+            }
+            if r.lease != 0 {
+                return Ok(Some(LeaseKeysCheck {
+                    user: Some(user),
+                    lease: r.lease,
+                }));
+            }
+            true
         }
         Method::DeleteRange => {
             let r: DeleteRangeRequest = decode(body)?;
             a.allowed(&user, &r.key, &r.range_end, true)
+                && (!r.prev_kv || a.allowed(&user, &r.key, &r.range_end, false))
         }
         Method::Txn => txn_allowed(&a, &user, &decode(body)?),
         // A user may read its own record and the roles it holds.
@@ -165,7 +242,7 @@ pub fn authorize(core: &Core, m: Method, body: &[u8], token: Option<&str>) -> Re
         _ => false,
     };
     if ok {
-        Ok(())
+        Ok(None)
     } else {
         Err(auth::permission_denied())
     }

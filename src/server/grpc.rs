@@ -193,7 +193,7 @@ async fn handle_stream(
             return;
         }
     };
-    if let Err(st) = super::auth::authorize(&core, method, &body, h.token) {
+    if let Err(st) = super::auth::authorize(&core, method, &body, h.token).await {
         send_status(&mut respond, &st);
         return;
     }
