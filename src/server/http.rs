@@ -39,6 +39,8 @@ const CORS: &str = "Access-Control-Allow-Headers: accept, content-type, authoriz
 struct Request {
     method: String,
     path: String,
+    /// What followed `?` in the target, if anything.
+    query: String,
     /// `Authorization`, or else `Grpc-Metadata-Token`.
     token: Option<String>,
     /// `Grpc-Metadata-Hasleader: true` (grpc-gateway passes it on as the
@@ -134,8 +136,9 @@ where
         _ => return Err(ReadError::Bad("400 Bad Request", "400 Bad Request")),
     }
     let method = parsed.method.unwrap_or("").to_string();
-    let path = parsed.path.unwrap_or("/");
-    let path = path.split('?').next().unwrap_or("/").to_string();
+    let target = parsed.path.unwrap_or("/");
+    let (path, query) = target.split_once('?').unwrap_or((target, ""));
+    let (path, query) = (path.to_string(), query.to_string());
     let http10 = parsed.version == Some(0);
     let (mut token, mut md_token) = (None, None);
     let mut require_leader = false;
@@ -229,6 +232,7 @@ where
     Ok(Request {
         method,
         path,
+        query,
         token: token.or(md_token),
         require_leader,
         keep_alive: !close,
@@ -395,7 +399,7 @@ async fn plain(req: &Request, core: &Core, client_port: bool) -> Answer {
     let (status, content_type, body) = match (req.method.as_str(), req.path.as_str()) {
         // Prometheus' handler takes any method.
         (_, "/metrics") => ("200 OK", "text/plain; version=0.0.4", metrics(core).await),
-        ("GET", "/health") | ("GET", "/livez") | ("GET", "/readyz") => health(core),
+        ("GET", "/health") | ("GET", "/livez") | ("GET", "/readyz") => health(core, &req.query),
         ("GET", "/version") if client_port => (
             "200 OK",
             "application/json",
@@ -657,12 +661,28 @@ where
     w.flush().await
 }
 
-/// etcd's /health: healthy with a leader and no alarm raised.
-fn health(core: &Core) -> (&'static str, &'static str, String) {
-    let reason = if core.view.leader.get() == 0 {
+/// etcd's /health (3.5): unhealthy with an alarm raised that the query
+/// does not exclude (`?exclude=NOSPACE`, repeatable), else without a
+/// leader unless the query asks for `serializable=true`; the reason as
+/// etcd words it.
+fn health(core: &Core, query: &str) -> (&'static str, &'static str, String) {
+    let mut excluded = 0u8;
+    let mut serializable = false;
+    for (k, v) in query.split('&').filter_map(|kv| kv.split_once('=')) {
+        match (k, v) {
+            ("exclude", "NOSPACE") => excluded |= 1,
+            ("exclude", "CORRUPT") => excluded |= 2,
+            ("serializable", v) => serializable = v == "true",
+            _ => {}
+        }
+    }
+    let alarms = core.view.alarms.get() & !excluded;
+    let reason = if alarms & 1 != 0 {
+        Some("ALARM NOSPACE")
+    } else if alarms & 2 != 0 {
+        Some("ALARM CORRUPT")
+    } else if !serializable && core.view.leader.get() == 0 {
         Some("RAFT NO LEADER")
-    } else if core.view.alarms.get() != 0 {
-        Some("ALARM")
     } else {
         None
     };
