@@ -12,6 +12,8 @@ use std::time::Duration;
 
 #[derive(Debug, Clone)]
 pub struct Config {
+    /// `--auto-compaction-mode` and `--auto-compaction-retention`.
+    pub auto_compaction: AutoCompaction,
     pub name: String,
     pub data_dir: PathBuf,
     pub listen_client_urls: Vec<String>,
@@ -122,6 +124,8 @@ const FLAGS: &[FlagSpec] = &[
     FlagSpec { name: "initial-cluster-state", help: "initial cluster state ('new' or 'existing') (default \"new\")" },
     FlagSpec { name: "initial-cluster-token", help: "initial cluster token for the etcd cluster during bootstrap (default \"etcd-cluster\")" },
     FlagSpec { name: "max-request-bytes", help: "maximum client request size in bytes the server will accept (default 1572864)" },
+    FlagSpec { name: "auto-compaction-retention", help: "auto compaction retention for mvcc key value store; 0 means disable auto compaction (default \"0\")" },
+    FlagSpec { name: "auto-compaction-mode", help: "interpret 'auto-compaction-retention' one of: periodic|revision; 'periodic' for duration based retention, defaulting to hours if no time unit is provided (e.g. '5m'); 'revision' for revision number based retention (default \"periodic\")" },
     FlagSpec { name: "quota-backend-bytes", help: "raise alarms when backend size exceeds the given quota (0 defaults to 2 GiB)" },
     FlagSpec { name: "snapshot-count", help: "number of committed transactions to trigger a snapshot to disk (default 100000)" },
     FlagSpec { name: "heartbeat-interval", help: "time (in milliseconds) of a heartbeat interval (default 100)" },
@@ -299,7 +303,12 @@ where
             )),
         }
     };
+    let auto_compaction = parse_auto_compaction(
+        &lookup("auto-compaction-mode").unwrap_or_else(|| "periodic".into()),
+        &lookup("auto-compaction-retention").unwrap_or_else(|| "0".into()),
+    )?;
     let cfg = Config {
+        auto_compaction,
         cert_file: lookup("cert-file").map(PathBuf::from),
         key_file: lookup("key-file").map(PathBuf::from),
         trusted_ca_file: lookup("trusted-ca-file").map(PathBuf::from),
@@ -340,6 +349,59 @@ where
     };
     cfg.validate()?;
     Ok(Parsed::Serve(Box::new(cfg)))
+}
+
+/// What the auto-compactor keeps (etcd's compactor modes).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AutoCompaction {
+    Off,
+    /// Compact away what is older than this (periodic mode).
+    Periodic(Duration),
+    /// Keep this many revisions (revision mode).
+    Revision(i64),
+}
+
+/// etcd's reading of `--auto-compaction-mode` and `-retention`: a bare
+/// number is hours (periodic) or revisions (revision), anything else a Go
+/// duration (in revision mode, etcd then keeps its nanoseconds as a
+/// revision count, and so does this); zero turns it off.
+fn parse_auto_compaction(mode: &str, retention: &str) -> Result<AutoCompaction, String> {
+    let periodic = match mode {
+        "periodic" | "" => true,
+        "revision" => false,
+        _ => return Err(format!("unknown auto-compaction-mode {mode:?}")),
+    };
+    let span = match retention.trim().parse::<i64>() {
+        Ok(n) if n >= 0 => {
+            if periodic {
+                Duration::from_secs(n as u64 * 3600)
+            } else {
+                return Ok(if n == 0 {
+                    AutoCompaction::Off
+                } else {
+                    AutoCompaction::Revision(n)
+                });
+            }
+        }
+        _ => match parse_duration(retention) {
+            Some(d) => d,
+            None if retention.trim().trim_end_matches(|c: char| c.is_ascii_alphabetic()) == "0" => {
+                Duration::ZERO
+            }
+            None => {
+                return Err(format!(
+                    "error parsing CompactionRetention: time: invalid duration {retention:?}"
+                ))
+            }
+        },
+    };
+    Ok(if span.is_zero() {
+        AutoCompaction::Off
+    } else if periodic {
+        AutoCompaction::Periodic(span)
+    } else {
+        AutoCompaction::Revision(span.as_nanos().min(i64::MAX as u128) as i64)
+    })
 }
 
 /// A Go duration (`10m0s`, `500ms`, `1h2m3.5s`); zero is refused.
@@ -519,6 +581,35 @@ mod tests {
         assert_eq!(q(&["--quota-backend-bytes", "-1"]), None);
         assert_eq!(q(&["--quota-backend-bytes=-5"]), None);
         assert!(p(&["--quota-backend-bytes", "x"], &[]).is_err());
+    }
+
+    #[test]
+    fn auto_compaction_flags_read_as_etcd_reads_them() {
+        let ac = |args: &[&str]| p(args, &[]).map(|c| c.auto_compaction);
+        assert_eq!(ac(&[]), Ok(AutoCompaction::Off));
+        assert_eq!(
+            ac(&["--auto-compaction-retention", "1"]),
+            Ok(AutoCompaction::Periodic(Duration::from_secs(3600)))
+        );
+        assert_eq!(
+            ac(&["--auto-compaction-retention=30m", "--auto-compaction-mode=periodic"]),
+            Ok(AutoCompaction::Periodic(Duration::from_secs(1800)))
+        );
+        assert_eq!(
+            ac(&["--auto-compaction-mode", "revision", "--auto-compaction-retention", "1000"]),
+            Ok(AutoCompaction::Revision(1000))
+        );
+        assert_eq!(
+            ac(&["--auto-compaction-mode", "revision", "--auto-compaction-retention", "0"]),
+            Ok(AutoCompaction::Off)
+        );
+        assert_eq!(ac(&["--auto-compaction-retention", "0s"]), Ok(AutoCompaction::Off));
+        assert!(ac(&["--auto-compaction-mode", "daily", "--auto-compaction-retention", "1"])
+            .unwrap_err()
+            .contains("unknown auto-compaction-mode"));
+        assert!(ac(&["--auto-compaction-retention", "soon"])
+            .unwrap_err()
+            .contains("error parsing CompactionRetention"));
     }
 
     #[test]

@@ -653,3 +653,37 @@ async fn a_saved_snapshot_restores_into_a_new_member() {
     assert!(!st.status.success());
     assert!(String::from_utf8_lossy(&st.stderr).contains("exists"));
 }
+
+/// `--auto-compaction-retention 2s` (periodic mode): the leader compacts,
+/// about every 2 s, at the revision of about 2 s before; history older
+/// than that goes, newer stays.
+#[tokio::test]
+async fn periodic_auto_compaction_drops_history_older_than_the_retention() {
+    let (_m, mut c) = started(&["--auto-compaction-retention", "2s"]).await;
+    let first = c.put("k", "0", None).await.unwrap().header().unwrap().revision();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
+    let mut i = 0;
+    let compacted = loop {
+        i += 1;
+        c.put("k", i.to_string(), None).await.unwrap();
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        match c.get("k", Some(GetOptions::new().with_revision(first))).await {
+            Ok(_) => {}
+            Err(e) => break message(e),
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "revision {first} still readable after 15 s"
+        );
+    };
+    assert_eq!(compacted, "etcdserver: mvcc: required revision has been compacted");
+    // Not before about 2 s of writes (one every 100 ms or more).
+    assert!(i >= 15, "compacted after {i} puts");
+    // The last second's history is still there.
+    let now = c.put("k", "last", None).await.unwrap().header().unwrap().revision();
+    let r = c
+        .get("k", Some(GetOptions::new().with_revision(now - 1)))
+        .await
+        .unwrap();
+    assert_eq!(r.kvs()[0].value(), i.to_string().as_bytes());
+}

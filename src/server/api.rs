@@ -560,7 +560,7 @@ pub(super) async fn txn(core: &Core, req: TxnRequest) -> Result<TxnResponse, Sta
     Ok(out)
 }
 
-async fn compact(core: &Core, req: CompactionRequest) -> Result<CompactionResponse, Status> {
+pub(super) async fn compact(core: &Core, req: CompactionRequest) -> Result<CompactionResponse, Status> {
     let res = propose(
         core,
         RaftCommand {

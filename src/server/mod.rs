@@ -8,6 +8,7 @@
 
 pub mod api;
 pub mod auth;
+mod compactor;
 pub mod coord;
 pub mod gateway;
 pub mod grpc;
@@ -1013,6 +1014,7 @@ pub fn run(cfg: Config) -> Result<(), String> {
         let client_addrs = client_addrs.clone();
         let tls_addrs = tls_addrs.clone();
         let tls_cfg = tls_cfg.clone();
+        let auto_compaction = cfg.auto_compaction;
         let (peer_addrs, metrics_addrs) = if core == 0 {
             (peer_addrs.clone(), metrics_addrs.clone())
         } else {
@@ -1085,6 +1087,7 @@ pub fn run(cfg: Config) -> Result<(), String> {
                     ))
                     .detach();
                     glommio::spawn_local(publish_attributes(router.clone())).detach();
+                    glommio::spawn_local(compactor::run(ctx.clone(), auto_compaction)).detach();
                 }
                 spawn_memory_collector();
                 {
