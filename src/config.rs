@@ -12,6 +12,10 @@ use std::time::Duration;
 
 #[derive(Debug, Clone)]
 pub struct Config {
+    /// Where log lines go (`--log-outputs`).
+    pub log_output: LogOutput,
+    /// The most ops (and compares) a txn may have (`--max-txn-ops`).
+    pub max_txn_ops: usize,
     /// `--auto-compaction-mode` and `--auto-compaction-retention`.
     pub auto_compaction: AutoCompaction,
     pub name: String,
@@ -98,6 +102,7 @@ pub const MAX_REQUEST_BYTES_LIMIT: u64 = 128 * 1024 * 1024;
 /// gRPC adds this much room above `--max-request-bytes` before the transport
 /// itself refuses a message, as etcd does (grpcOverheadBytes).
 pub const GRPC_OVERHEAD_BYTES: usize = 512 * 1024;
+/// etcd's default `--max-txn-ops`.
 pub const MAX_TXN_OPS: usize = 128;
 
 pub enum Parsed {
@@ -111,7 +116,13 @@ struct FlagSpec {
     help: &'static str,
 }
 
-const BOOL_FLAGS: &[&str] = &["strict-reconfig-check", "client-cert-auth"];
+const BOOL_FLAGS: &[&str] = &[
+    "strict-reconfig-check",
+    "client-cert-auth",
+    "enable-v2",
+    "debug",
+    "enable-pprof",
+];
 
 const FLAGS: &[FlagSpec] = &[
     FlagSpec { name: "name", help: "human-readable name for this member (default \"default\")" },
@@ -130,6 +141,13 @@ const FLAGS: &[FlagSpec] = &[
     FlagSpec { name: "snapshot-count", help: "number of committed transactions to trigger a snapshot to disk (default 100000)" },
     FlagSpec { name: "heartbeat-interval", help: "time (in milliseconds) of a heartbeat interval (default 100)" },
     FlagSpec { name: "election-timeout", help: "time (in milliseconds) for an election to timeout (default 1000)" },
+    FlagSpec { name: "max-txn-ops", help: "maximum number of operations permitted in a transaction (default 128)" },
+    FlagSpec { name: "logger", help: "accepted for etcd's 'capnslog' and 'zap'; keelson's log lines are its own" },
+    FlagSpec { name: "log-outputs", help: "where to write logs: 'default' or 'stderr', 'stdout', or one file path (default \"default\")" },
+    FlagSpec { name: "debug", help: "enable debug-level logging (as --log-level debug)" },
+    FlagSpec { name: "enable-v2", help: "accept etcd V2 client requests: only false (keelson has no v2 API)" },
+    FlagSpec { name: "enable-pprof", help: "only false (keelson has no Go runtime profiler)" },
+    FlagSpec { name: "auth-token", help: "the auth token provider: only 'simple' (keelson's own self-validating tokens)" },
     FlagSpec { name: "log-level", help: "configures log level: debug, info, warn, error (default info)" },
     FlagSpec { name: "experimental-watch-progress-notify-interval", help: "duration of periodic watch progress notifications (default 10m0s)" },
     FlagSpec { name: "experimental-snapshot-catchup-entries", help: "number of entries for a slow follower to catch up after compacting the raft storage entries (default 5000)" },
@@ -273,7 +291,13 @@ where
             n => Some(n as usize),
         },
     };
+    let debug = match lookup("debug").as_deref() {
+        None | Some("false") | Some("0") | Some("f") | Some("F") | Some("FALSE") | Some("False") => false,
+        Some("true") | Some("1") | Some("t") | Some("T") | Some("TRUE") | Some("True") => true,
+        Some(v) => return Err(format!("invalid boolean value {v:?} for -debug: parse error")),
+    };
     let log_level = match lookup("log-level").as_deref() {
+        _ if debug => 3,
         None | Some("info") => 2,
         Some("debug") => 3,
         Some("warn") => 1,
@@ -303,11 +327,45 @@ where
             )),
         }
     };
+    for (flag, what) in [
+        ("enable-v2", "v2 API"),
+        ("enable-pprof", "pprof (a Go runtime profiler)"),
+    ] {
+        if flag_bool(flag)? {
+            return Err(format!("--{flag}: keelson has no {what}"));
+        }
+    }
+    match lookup("logger").as_deref() {
+        None | Some("zap") | Some("capnslog") => {}
+        Some(other) => return Err(format!("unknown logger option {other:?}")),
+    }
+    let log_output = match lookup("log-outputs").as_deref() {
+        None | Some("") | Some("default") | Some("stderr") => LogOutput::Stderr,
+        Some("stdout") => LogOutput::Stdout,
+        Some(v) if v.contains(',') => {
+            return Err(format!("--log-outputs {v:?}: keelson writes logs to one output"))
+        }
+        Some(path) => LogOutput::File(PathBuf::from(path)),
+    };
+    match lookup("auth-token").as_deref() {
+        None | Some("simple") => {}
+        Some(other) => {
+            return Err(format!(
+                "--auth-token {other:?}: keelson has only 'simple' tokens (its own, self-validating)"
+            ))
+        }
+    }
+    let max_txn_ops = match num("max-txn-ops", MAX_TXN_OPS as u64)? {
+        0 => return Err("--max-txn-ops must be at least 1".into()),
+        n => n.min(1 << 20) as usize,
+    };
     let auto_compaction = parse_auto_compaction(
         &lookup("auto-compaction-mode").unwrap_or_else(|| "periodic".into()),
         &lookup("auto-compaction-retention").unwrap_or_else(|| "0".into()),
     )?;
     let cfg = Config {
+        log_output,
+        max_txn_ops,
         auto_compaction,
         cert_file: lookup("cert-file").map(PathBuf::from),
         key_file: lookup("key-file").map(PathBuf::from),
@@ -349,6 +407,15 @@ where
     };
     cfg.validate()?;
     Ok(Parsed::Serve(Box::new(cfg)))
+}
+
+/// Where log lines go.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LogOutput {
+    Stderr,
+    Stdout,
+    /// Appended to this file.
+    File(PathBuf),
 }
 
 /// What the auto-compactor keeps (etcd's compactor modes).
@@ -610,6 +677,30 @@ mod tests {
         assert!(ac(&["--auto-compaction-retention", "soon"])
             .unwrap_err()
             .contains("error parsing CompactionRetention"));
+    }
+
+    #[test]
+    fn etcd_flags_keelson_takes_as_etcd_or_refuses_plainly() {
+        let c = p(&["--max-txn-ops", "3", "--logger", "zap", "--log-outputs", "stdout"], &[]).unwrap();
+        assert_eq!(c.max_txn_ops, 3);
+        assert_eq!(c.log_output, LogOutput::Stdout);
+        assert_eq!(p(&[], &[]).unwrap().max_txn_ops, 128);
+        assert_eq!(p(&[], &[]).unwrap().log_output, LogOutput::Stderr);
+        let c = p(&["--log-outputs=/tmp/x.log", "--debug", "--enable-v2=false"], &[]).unwrap();
+        assert_eq!(c.log_output, LogOutput::File(PathBuf::from("/tmp/x.log")));
+        assert_eq!(c.log_level, 3);
+        assert!(p(&["--auth-token", "simple"], &[]).is_ok());
+        for (args, says) in [
+            (&["--enable-v2"][..], "has no v2 API"),
+            (&["--enable-pprof=true"][..], "pprof"),
+            (&["--auth-token", "jwt,pub-key=x"][..], "only 'simple'"),
+            (&["--logger", "glog"][..], "unknown logger"),
+            (&["--log-outputs", "stderr,/tmp/x"][..], "one output"),
+            (&["--max-txn-ops", "0"][..], "at least 1"),
+        ] {
+            let e = p(args, &[]).unwrap_err();
+            assert!(e.contains(says), "{args:?}: {e}");
+        }
     }
 
     #[test]

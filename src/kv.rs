@@ -7,7 +7,6 @@
 //! access that scatters each step to every shard. Either way the results are
 //! the same merges of the same partials.
 
-use crate::config::MAX_TXN_OPS;
 use crate::error::{self, Status};
 use crate::proto::etcdserverpb::{
     compare, range_request, request_op, response_op, Compare, DeleteRangeResponse, PutResponse,
@@ -70,17 +69,15 @@ pub fn check_delete(d: &crate::proto::etcdserverpb::DeleteRangeRequest) -> Resul
 }
 
 /// etcd's checkTxnReqs: limits, empty keys, and no key written twice.
-pub fn check_txn(t: &TxnRequest) -> Result<(), Status> {
-    check_txn_ops(t)?;
+pub fn check_txn(t: &TxnRequest, max_ops: usize) -> Result<(), Status> {
+    check_txn_ops(t, max_ops)?;
     check_intervals(&t.success)?;
     check_intervals(&t.failure)?;
     Ok(())
 }
 
-fn check_txn_ops(t: &TxnRequest) -> Result<(), Status> {
-    if t.compare.len() > MAX_TXN_OPS
-        || t.success.len() > MAX_TXN_OPS
-        || t.failure.len() > MAX_TXN_OPS
+fn check_txn_ops(t: &TxnRequest, max_ops: usize) -> Result<(), Status> {
+    if t.compare.len() > max_ops || t.success.len() > max_ops || t.failure.len() > max_ops
     {
         return Err(error::too_many_ops());
     }
@@ -94,7 +91,7 @@ fn check_txn_ops(t: &TxnRequest) -> Result<(), Status> {
             Some(request_op::Request::RequestRange(r)) => check_range(r)?,
             Some(request_op::Request::RequestPut(p)) => check_put(p)?,
             Some(request_op::Request::RequestDeleteRange(d)) => check_delete(d)?,
-            Some(request_op::Request::RequestTxn(n)) => check_txn_ops(n)?,
+            Some(request_op::Request::RequestTxn(n)) => check_txn_ops(n, max_ops)?,
             None => {
                 return Err(Status::new(
                     error::Code::InvalidArgument,
@@ -759,9 +756,9 @@ mod tests {
                 success: ops,
                 failure: vec![],
             };
-            assert_eq!(check_txn(&t).is_ok(), ok, "{name}");
+            assert_eq!(check_txn(&t, crate::config::MAX_TXN_OPS).is_ok(), ok, "{name}");
             if !ok {
-                assert_eq!(check_txn(&t).unwrap_err(), error::duplicate_key(), "{name}");
+                assert_eq!(check_txn(&t, crate::config::MAX_TXN_OPS).unwrap_err(), error::duplicate_key(), "{name}");
             }
         }
     }
@@ -773,13 +770,13 @@ mod tests {
             success: (0..129).map(|i| put(&format!("k{i}"))).collect(),
             failure: vec![],
         };
-        assert_eq!(check_txn(&t).unwrap_err(), error::too_many_ops());
+        assert_eq!(check_txn(&t, crate::config::MAX_TXN_OPS).unwrap_err(), error::too_many_ops());
         let t = TxnRequest {
             compare: vec![],
             success: (0..128).map(|i| put(&format!("k{i}"))).collect(),
             failure: vec![],
         };
-        assert!(check_txn(&t).is_ok());
+        assert!(check_txn(&t, crate::config::MAX_TXN_OPS).is_ok());
     }
 
     #[test]

@@ -6,6 +6,33 @@ use std::sync::atomic::{AtomicU8, Ordering};
 
 static LEVEL: AtomicU8 = AtomicU8::new(2);
 
+/// Sends log lines (everything written to stderr) where `--log-outputs`
+/// says: stderr stays, stdout or a file (appended to) takes its place.
+pub fn redirect(out: &crate::config::LogOutput) -> Result<(), String> {
+    use crate::config::LogOutput;
+    use std::os::fd::AsRawFd;
+    let fd = match out {
+        LogOutput::Stderr => return Ok(()),
+        LogOutput::Stdout => 1,
+        LogOutput::File(path) => {
+            let f = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(path)
+                .map_err(|e| format!("cannot open log output {}: {e}", path.display()))?;
+            // The descriptor stays open as the process's stderr.
+            let fd = f.as_raw_fd();
+            std::mem::forget(f);
+            fd
+        }
+    };
+    // SAFETY: dup2 on descriptors this process owns; no Rust object owns 2.
+    if unsafe { libc::dup2(fd, 2) } < 0 {
+        return Err(format!("redirecting logs: {}", std::io::Error::last_os_error()));
+    }
+    Ok(())
+}
+
 /// 0 = error, 1 = warn, 2 = info, 3 = debug.
 pub fn set_level(level: u8) {
     LEVEL.store(level, Ordering::Relaxed);

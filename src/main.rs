@@ -21,6 +21,10 @@ fn main() {
             println!("API Version: {}", keelson::ETCD_VERSION);
         }
         Ok(Parsed::Serve(cfg)) => {
+            if let Err(e) = keelson::logging::redirect(&cfg.log_output) {
+                eprintln!("keelson: {e}");
+                std::process::exit(1);
+            }
             keelson::logging::set_level(cfg.log_level);
             if let Err(e) = keelson::server::run(*cfg) {
                 keelson::error!("{e}");

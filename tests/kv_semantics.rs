@@ -715,3 +715,69 @@ async fn oracle_is_the_server_we_think() {
         assert_eq!(st.version(), keelson::ETCD_VERSION);
     }
 }
+
+/// `--max-txn-ops` sets the txn limit (etcd's error past it);
+/// `--log-outputs stdout` is taken.
+#[tokio::test]
+async fn max_txn_ops_flag() {
+    let (_m, mut c) = started(&["--max-txn-ops", "3", "--log-outputs", "stdout"]).await;
+    let puts = |n: usize| {
+        Txn::new().and_then(
+            (0..n)
+                .map(|i| TxnOp::put(format!("t{i}"), "v", None))
+                .collect::<Vec<_>>(),
+        )
+    };
+    c.txn(puts(3)).await.unwrap();
+    match c.txn(puts(4)).await.unwrap_err() {
+        Error::GRpcStatus(s) => {
+            assert_eq!(s.code() as i32, 3, "InvalidArgument");
+            assert_eq!(s.message(), "etcdserver: too many operations in txn request");
+        }
+        e => panic!("{e}"),
+    }
+}
+
+/// `--log-outputs FILE` sends the log lines to that file (appended).
+#[test]
+fn log_outputs_flag_writes_the_log_to_a_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("member.log");
+    let (port, peer) = (support::free_port(), support::free_port());
+    let c = format!("http://127.0.0.1:{port}");
+    let p = format!("http://127.0.0.1:{peer}");
+    let bin = if support::is_etcd() {
+        "etcd"
+    } else {
+        env!("CARGO_BIN_EXE_keelson")
+    };
+    let mut child = std::process::Command::new(bin)
+        .args(["--data-dir", dir.path().join("data").to_str().unwrap()])
+        .args(["--listen-client-urls", &c, "--advertise-client-urls", &c])
+        .args(["--listen-peer-urls", &p, "--initial-advertise-peer-urls", &p])
+        .args(["--initial-cluster", &format!("default={p}")])
+        .args(["--logger", "zap", "--log-outputs", log.to_str().unwrap()])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    // Up once its client port takes connections; its log is in the file
+    // by then (keelson: the "ready to serve" line; etcd: its start lines).
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    let up = loop {
+        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+            break true;
+        }
+        if std::time::Instant::now() > deadline || child.try_wait().unwrap().is_some() {
+            break false;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let _ = child.kill();
+    let _ = child.wait();
+    let text = std::fs::read_to_string(&log).unwrap_or_default();
+    assert!(up, "server did not start:\n{text}");
+    let expect = if support::is_etcd() { "starting an etcd server" } else { "ready to serve" };
+    assert!(text.contains(expect), "no {expect:?} in {}:\n{text}", log.display());
+}

@@ -547,7 +547,7 @@ pub(super) async fn delete_range(
 
 pub(super) async fn txn(core: &Core, req: TxnRequest) -> Result<TxnResponse, Status> {
     check_quota(core, quota_cost_txn(&req)).await?;
-    kv::check_txn(&req)?;
+    kv::check_txn(&req, core.router.member.max_txn_ops)?;
     let res = propose(
         core,
         RaftCommand {

@@ -59,6 +59,8 @@ pub struct Member {
     pub election_timeout: std::time::Duration,
     /// How long an auth token is good for (`--auth-token-ttl`).
     pub auth_token_ttl: std::time::Duration,
+    /// The most ops a txn may have (`--max-txn-ops`).
+    pub max_txn_ops: usize,
     /// The database size past which puts, txns and lease grants raise
     /// NOSPACE (`--quota-backend-bytes`); `None`: no quota.
     pub quota_bytes: Option<u64>,
@@ -960,6 +962,7 @@ pub fn run(cfg: Config) -> Result<(), String> {
             election_timeout: cfg.election_timeout,
             auth_token_ttl: cfg.auth_token_ttl,
             quota_bytes: cfg.quota_bytes(),
+            max_txn_ops: cfg.max_txn_ops,
         },
     });
     match cfg.quota_bytes() {
