@@ -12,6 +12,8 @@ use std::time::Duration;
 
 #[derive(Debug, Clone)]
 pub struct Config {
+    /// `--wal-dir`: the WAL's own directory (default `data-dir/wal`).
+    pub wal_dir: Option<PathBuf>,
     /// Where log lines go (`--log-outputs`).
     pub log_output: LogOutput,
     /// The most ops (and compares) a txn may have (`--max-txn-ops`).
@@ -74,6 +76,13 @@ impl Config {
             None if self.cores <= 2 => 1,
             None => self.cores.max(1),
         }
+    }
+
+    /// Where the WAL is: `--wal-dir`, else `data-dir/wal`.
+    pub fn wal_path(&self) -> PathBuf {
+        self.wal_dir
+            .clone()
+            .unwrap_or_else(|| crate::wal::wal_dir(&self.data_dir))
     }
 
     /// The database size past which puts, txns and lease grants are
@@ -141,6 +150,7 @@ const FLAGS: &[FlagSpec] = &[
     FlagSpec { name: "snapshot-count", help: "number of committed transactions to trigger a snapshot to disk (default 100000)" },
     FlagSpec { name: "heartbeat-interval", help: "time (in milliseconds) of a heartbeat interval (default 100)" },
     FlagSpec { name: "election-timeout", help: "time (in milliseconds) for an election to timeout (default 1000)" },
+    FlagSpec { name: "wal-dir", help: "path to the dedicated wal directory (default data-dir/wal)" },
     FlagSpec { name: "max-txn-ops", help: "maximum number of operations permitted in a transaction (default 128)" },
     FlagSpec { name: "logger", help: "accepted for etcd's 'capnslog' and 'zap'; keelson's log lines are its own" },
     FlagSpec { name: "log-outputs", help: "where to write logs: 'default' or 'stderr', 'stdout', or one file path (default \"default\")" },
@@ -364,6 +374,7 @@ where
         &lookup("auto-compaction-retention").unwrap_or_else(|| "0".into()),
     )?;
     let cfg = Config {
+        wal_dir: lookup("wal-dir").filter(|d| !d.is_empty()).map(PathBuf::from),
         log_output,
         max_txn_ops,
         auto_compaction,

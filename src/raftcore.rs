@@ -396,7 +396,7 @@ pub async fn open_wal(boot: &RaftBoot) -> Result<Wal, String> {
         .last()
         .map(|e| (e.index, e.term))
         .unwrap_or(rec.base);
-    Wal::open(&boot.cfg.data_dir, rec, last).await
+    Wal::open(&boot.cfg.wal_path(), rec, last).await
 }
 
 /// Sends the raft core a tick every `tick` (its clock).

@@ -152,7 +152,7 @@ pub fn restore(path: &Path, cfg: &Config, check_hash: bool) -> Result<String, St
     let mut hs = raft::eraftpb::HardState::default();
     hs.term = 1;
     hs.commit = index;
-    crate::wal::create_at_base(&cfg.data_dir, (index, 1), &hs)?;
+    crate::wal::create_at_base(&cfg.wal_path(), (index, 1), &hs)?;
     Ok(format!(
         "restored {count} versions at index {index} into {} (member {:x} of cluster {:x}, {n} shards)",
         cfg.data_dir.display(),

@@ -62,6 +62,7 @@ pub struct Recovered {
     pub segments: Vec<(u64, u64)>,
 }
 
+/// Where a data dir keeps its WAL unless `--wal-dir` says otherwise.
 pub fn wal_dir(data_dir: &Path) -> PathBuf {
     data_dir.join("wal")
 }
@@ -69,9 +70,8 @@ pub fn wal_dir(data_dir: &Path) -> PathBuf {
 /// A new WAL whose log starts after `base` (index, term), with `hs` as
 /// its hard state: what `keelson snapshot restore` leaves, so the first
 /// entry written after it is `base.0 + 1`. Synchronous (no executor).
-pub fn create_at_base(data_dir: &Path, base: (u64, u64), hs: &HardState) -> Result<(), String> {
+pub fn create_at_base(dir: &Path, base: (u64, u64), hs: &HardState) -> Result<(), String> {
     use std::io::Write;
-    let dir = wal_dir(data_dir);
     fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
     let mut out = MAGIC.to_vec();
     let mut payload = base.0.to_le_bytes().to_vec();
@@ -198,9 +198,8 @@ fn decode(buf: &[u8]) -> Rec<'_> {
 }
 
 /// Reads every segment. See the module doc for what is cut and what refused.
-pub fn read_all(data_dir: &Path) -> Result<Recovered, String> {
-    let dir = wal_dir(data_dir);
-    let seqs = list(&dir)?;
+pub fn read_all(dir: &Path) -> Result<Recovered, String> {
+    let seqs = list(dir)?;
     let mut rec = Recovered::default();
     let mut last_index = 0u64;
     for (i, &seq) in seqs.iter().enumerate() {
@@ -349,8 +348,8 @@ const ALIGN_MIN: u64 = 4096;
 impl Wal {
     /// Opens the WAL after `read_all`, appending to its tail or creating the
     /// first segment.
-    pub async fn open(data_dir: &Path, rec: &Recovered, last: (u64, u64)) -> Result<Wal, String> {
-        let dir = wal_dir(data_dir);
+    pub async fn open(dir: &Path, rec: &Recovered, last: (u64, u64)) -> Result<Wal, String> {
+        let dir = dir.to_path_buf();
         fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
         match rec.tail {
             Some((seq, pos)) => {
@@ -621,7 +620,7 @@ mod tests {
     }
 
     fn write_segment(dir: &Path, seq: u64, base: (u64, u64), recs: &[(u8, Vec<u8>)]) -> PathBuf {
-        fs::create_dir_all(wal_dir(dir)).unwrap();
+        fs::create_dir_all(dir).unwrap();
         let mut buf = MAGIC.to_vec();
         let mut p = base.0.to_le_bytes().to_vec();
         p.extend_from_slice(&base.1.to_le_bytes());
@@ -629,7 +628,7 @@ mod tests {
         for (k, payload) in recs {
             encode_record(&mut buf, *k, payload);
         }
-        let path = seg_path(&wal_dir(dir), seq);
+        let path = seg_path(dir, seq);
         fs::write(&path, buf).unwrap();
         path
     }

@@ -505,3 +505,38 @@ async fn unary_answers_arrive_whole_under_tight_flow_control() {
     .await
     .expect("a call never finished");
 }
+
+/// `--wal-dir`: the log goes to its own directory, a kill -9 loses
+/// nothing, and a start that names another WAL place (or none) is refused
+/// rather than run on an empty log.
+#[tokio::test]
+async fn wal_dir_holds_the_log_and_is_checked_at_start() {
+    let wal = tempfile::tempdir().unwrap();
+    let wal_dir = wal.path().join("w");
+    let wal_arg = wal_dir.to_str().unwrap().to_string();
+    let mut m = Member::new(&["--wal-dir", &wal_arg]);
+    assert!(m.start().is_none(), "{}", m.log_text());
+    let want = put_keys(&mut m.client().await, "k", 50).await;
+    m.kill9();
+    assert!(std::fs::read_dir(&wal_dir).unwrap().count() > 0, "nothing in --wal-dir");
+    let own = m.data().join("wal");
+    assert!(
+        !own.exists() || std::fs::read_dir(&own).unwrap().count() == 0,
+        "the data dir's own wal/ was written"
+    );
+    assert!(m.start().is_none(), "{}", m.log_text());
+    check_keys(&mut m.client().await, &want).await;
+    m.kill9();
+
+    // Without --wal-dir, or with another one: refused, nothing lost.
+    for other in [vec![], vec!["--wal-dir".to_string(), format!("{wal_arg}-elsewhere")]] {
+        let args: Vec<&str> = other.iter().map(|s| s.as_str()).collect();
+        m.set_extra(&args);
+        let st = m.start().expect("refused");
+        assert!(!st.success());
+        assert!(m.log_text().contains("WAL is in"), "{}", m.log_text());
+    }
+    m.set_extra(&["--wal-dir", &wal_arg]);
+    assert!(m.start().is_none(), "{}", m.log_text());
+    check_keys(&mut m.client().await, &want).await;
+}

@@ -66,6 +66,50 @@ pub struct Member {
     pub quota_bytes: Option<u64>,
 }
 
+/// The WAL's directory, checked against where this data dir's WAL was
+/// before, so a member never starts on an empty WAL while its log is
+/// elsewhere (that would lose what the shards had not checkpointed):
+/// `data-dir/wal-dir` records a `--wal-dir` once it is used, and a start
+/// that names another place (or none) is refused, as is a `--wal-dir`
+/// while the data dir's own `wal` holds segments.
+fn check_wal_dir(cfg: &Config) -> Result<std::path::PathBuf, String> {
+    let wal_path = std::path::absolute(cfg.wal_path()).map_err(|e| format!("--wal-dir: {e}"))?;
+    let default_wal = std::path::absolute(wal::wal_dir(&cfg.data_dir))
+        .map_err(|e| format!("{}: {e}", cfg.data_dir.display()))?;
+    let marker = cfg.data_dir.join("wal-dir");
+    let recorded = match fs::read_to_string(&marker) {
+        Ok(t) => Some(std::path::PathBuf::from(t.trim_end_matches('\n'))),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+        Err(e) => return Err(format!("{}: {e}", marker.display())),
+    };
+    match recorded {
+        Some(r) if r != wal_path => Err(format!(
+            "this data dir's WAL is in {} (--wal-dir), not {}: refusing to start",
+            r.display(),
+            wal_path.display()
+        )),
+        Some(_) => Ok(wal_path),
+        None if wal_path == default_wal => Ok(wal_path),
+        None if dir_has_files(&default_wal) => Err(format!(
+            "{} holds a WAL but --wal-dir is {}: refusing to start (move the WAL there, or leave --wal-dir out)",
+            default_wal.display(),
+            wal_path.display()
+        )),
+        None => {
+            let text = format!("{}\n", wal_path.display());
+            write_atomically(&marker, &text)?;
+            Ok(wal_path)
+        }
+    }
+}
+
+/// Whether `dir` exists and holds anything.
+fn dir_has_files(dir: &std::path::Path) -> bool {
+    fs::read_dir(dir)
+        .map(|mut d| d.next().is_some())
+        .unwrap_or(false)
+}
+
 /// News for every core: the applied index and revisions, and raft state.
 pub enum CoreMsg {
     Applied {
@@ -904,7 +948,8 @@ pub fn run(cfg: Config) -> Result<(), String> {
         ));
     }
     let common = common_checkpoint(&cfg.data_dir, meta.shards)?;
-    let recovered = wal::read_all(&cfg.data_dir)?;
+    let wal_path = check_wal_dir(&cfg)?;
+    let recovered = wal::read_all(&wal_path)?;
     if recovered.base.0 > common {
         return Err(format!(
             "the WAL starts after index {} but the shards are only durable to {common}: refusing to start (data would be missing)",

@@ -48,6 +48,11 @@ impl Member {
             etcd: is_etcd(),
         }
     }
+    /// The flags after keelson's own for the next start.
+    #[allow(dead_code)]
+    pub fn set_extra(&mut self, extra: &[&str]) {
+        self.extra = extra.iter().map(|s| s.to_string()).collect();
+    }
     /// The same member run by Debian's etcd (tests that move data between
     /// the two).
     pub fn with_etcd(mut self) -> Member {
