@@ -493,6 +493,8 @@ async fn health_version_and_metrics_over_http() {
         assert!(value("process_max_fds") >= value("process_open_fds"));
         assert!(value("process_start_time_seconds") > 1.5e9);
         assert!(value("etcd_mvcc_db_total_size_in_bytes") > 0.0);
+        // etcd's default quota, 2 GiB.
+        assert_eq!(value("etcd_server_quota_backend_bytes"), 2147483648.0);
         assert!(
             value("etcd_mvcc_db_total_size_in_use_in_bytes")
                 <= value("etcd_mvcc_db_total_size_in_bytes")

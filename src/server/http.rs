@@ -899,6 +899,15 @@ async fn metrics(core: &Core) -> String {
         "gauge",
         in_use.min(db),
     );
+    // etcd reports its default when no quota is set; keelson's negative
+    // --quota-backend-bytes (no quota) reports 0.
+    gauge(
+        &mut out,
+        "etcd_server_quota_backend_bytes",
+        "Current backend storage quota size in bytes.",
+        "gauge",
+        core.router.member.quota_bytes.unwrap_or(0),
+    );
     process_metrics(&mut out);
     out.push_str("# HELP grpc_server_handled_total Total number of RPCs completed on the server, regardless of success or failure.\n# TYPE grpc_server_handled_total counter\n");
     for (path, counts) in total {
