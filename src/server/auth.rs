@@ -5,8 +5,10 @@
 //! no token at all, `Authenticate`, `AuthStatus`, gRPC health, Status,
 //! MemberList, MoveLeader, lease TimeToLive, Leases and keep-alives; with
 //! no token or a valid one, lease grant and revoke, compaction and
-//! alarms; a valid token for any user: locks and elections, its own
-//! UserGet and the RoleGet of a role it holds; key-range permissions
+//! alarms; a valid token for any user: its own UserGet and the RoleGet
+//! of a role it holds, election Observe; key-range permissions (for
+//! locks and elections, on the keys their KV calls touch,
+//! `coord_allowed`); key-range permissions
 //! (read, write) for Range, Put, DeleteRange, every op and compare of a
 //! Txn, and watches (read too for a put's or delete's prev_kv; write on
 //! every key of the lease for a revoke or a put that attaches to it); the `root` role for everything else (auth and
@@ -187,7 +189,22 @@ fn authorize_request(
         }
         _ => {}
     }
-    let Some(user) = user_of(&a, token)? else {
+    let coord = matches!(
+        m,
+        Method::Lock
+            | Method::Unlock
+            | Method::Campaign
+            | Method::Proclaim
+            | Method::Leader
+            | Method::Resign
+    );
+    let user = match user_of(&a, token) {
+        Ok(u) => u,
+        // Lock and Election pass their KV calls' errors on as code Unknown.
+        Err(e) if coord => return Err(Status::new(Code::Unknown, e.message)),
+        Err(e) => return Err(e),
+    };
+    let Some(user) = user else {
         return Ok(None);
     };
     if a.is_root(&user) {
@@ -238,13 +255,77 @@ fn authorize_request(
         | Method::Campaign
         | Method::Proclaim
         | Method::Leader
-        | Method::Resign => true,
+        | Method::Resign => {
+            return coord_allowed(&a, &user, m, body).map(|_| None);
+        }
         _ => false,
     };
     if ok {
         Ok(None)
     } else {
         Err(auth::permission_denied())
+    }
+}
+
+/// Lock and Election as the user: etcd runs them through its KV API with
+/// the caller's token, so they need what those KV calls need: read on the
+/// name's prefix (`name/`, where the queue is) and write on the caller's
+/// key in it (`name/<lease in hex>`; with no lease given, the session's
+/// new lease is not known yet: write on the whole prefix), read and write
+/// on a leader key to proclaim or resign, write on a key to unlock. Refused
+/// as etcd's servers pass the KV error on: code Unknown.
+fn coord_allowed(a: &AuthState, user: &str, m: Method, body: &[u8]) -> Result<(), Status> {
+    use crate::proto::v3electionpb::{CampaignRequest, LeaderRequest, ProclaimRequest, ResignRequest};
+    use crate::proto::v3lockpb::{LockRequest, UnlockRequest};
+    use super::coord::prefix_end;
+    let read_prefix = |name: &[u8]| {
+        let mut p = name.to_vec();
+        p.push(b'/');
+        a.allowed(user, &p, &prefix_end(&p), false)
+    };
+    let own_key = |name: &[u8], lease: i64| {
+        let mut p = name.to_vec();
+        p.push(b'/');
+        if lease == 0 {
+            let end = prefix_end(&p);
+            a.allowed(user, &p, &end, true)
+        } else {
+            p.extend_from_slice(format!("{lease:x}").as_bytes());
+            a.allowed(user, &p, b"", true) && a.allowed(user, &p, b"", false)
+        }
+    };
+    let key_rw = |key: &[u8]| a.allowed(user, key, b"", true) && a.allowed(user, key, b"", false);
+    let ok = match m {
+        Method::Lock => {
+            let r: LockRequest = decode(body)?;
+            read_prefix(&r.name) && own_key(&r.name, r.lease)
+        }
+        Method::Campaign => {
+            let r: CampaignRequest = decode(body)?;
+            read_prefix(&r.name) && own_key(&r.name, r.lease)
+        }
+        Method::Unlock => {
+            let r: UnlockRequest = decode(body)?;
+            a.allowed(user, &r.key, b"", true)
+        }
+        Method::Leader => {
+            let r: LeaderRequest = decode(body)?;
+            read_prefix(&r.name)
+        }
+        Method::Proclaim => {
+            let r: ProclaimRequest = decode(body)?;
+            r.leader.as_ref().is_none_or(|l| key_rw(&l.key))
+        }
+        Method::Resign => {
+            let r: ResignRequest = decode(body)?;
+            r.leader.as_ref().is_none_or(|l| key_rw(&l.key))
+        }
+        _ => true,
+    };
+    if ok {
+        Ok(())
+    } else {
+        Err(Status::new(Code::Unknown, "etcdserver: permission denied"))
     }
 }
 

@@ -60,7 +60,7 @@ async fn session_lease(core: &Core, lease: i64) -> Result<i64, Status> {
     Ok(g.id)
 }
 
-fn prefix_end(p: &[u8]) -> Vec<u8> {
+pub(super) fn prefix_end(p: &[u8]) -> Vec<u8> {
     let mut end = p.to_vec();
     while let Some(last) = end.pop() {
         if last < 0xff {
