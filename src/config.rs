@@ -50,6 +50,12 @@ pub struct Config {
     /// etcd's `--strict-reconfig-check`: refuse membership changes that
     /// could lose quorum (started voters, every voter connected).
     pub strict_reconfig_check: bool,
+    /// `--pre-vote` (default true here, as in etcd 3.5; 3.4's is false).
+    pub pre_vote: bool,
+    /// `--enable-grpc-gateway`: the JSON gateway on the client port.
+    pub grpc_gateway: bool,
+    /// `--max-concurrent-streams`: HTTP/2 streams per client connection.
+    pub max_concurrent_streams: u32,
     pub heartbeat_interval: Duration,
     pub election_timeout: Duration,
     /// Executors (threads), one per core.
@@ -127,6 +133,8 @@ struct FlagSpec {
 
 const BOOL_FLAGS: &[&str] = &[
     "strict-reconfig-check",
+    "pre-vote",
+    "enable-grpc-gateway",
     "client-cert-auth",
     "enable-v2",
     "debug",
@@ -150,6 +158,9 @@ const FLAGS: &[FlagSpec] = &[
     FlagSpec { name: "snapshot-count", help: "number of committed transactions to trigger a snapshot to disk (default 100000)" },
     FlagSpec { name: "heartbeat-interval", help: "time (in milliseconds) of a heartbeat interval (default 100)" },
     FlagSpec { name: "election-timeout", help: "time (in milliseconds) for an election to timeout (default 1000)" },
+    FlagSpec { name: "pre-vote", help: "enable the raft Pre-Vote algorithm to prevent disruption when a node that has been partitioned away rejoins the cluster (default true)" },
+    FlagSpec { name: "enable-grpc-gateway", help: "enable the JSON gateway on the client port (default true)" },
+    FlagSpec { name: "max-concurrent-streams", help: "maximum concurrent HTTP/2 streams each client connection may have open (default 4096)" },
     FlagSpec { name: "wal-dir", help: "path to the dedicated wal directory (default data-dir/wal)" },
     FlagSpec { name: "max-txn-ops", help: "maximum number of operations permitted in a transaction (default 128)" },
     FlagSpec { name: "logger", help: "accepted for etcd's 'capnslog' and 'zap'; keelson's log lines are its own" },
@@ -365,6 +376,19 @@ where
             ))
         }
     }
+    let on_by_default = |flag: &str| -> Result<bool, String> {
+        if lookup(flag).is_some() {
+            flag_bool(flag)
+        } else {
+            Ok(true)
+        }
+    };
+    let pre_vote = on_by_default("pre-vote")?;
+    let grpc_gateway = on_by_default("enable-grpc-gateway")?;
+    let max_concurrent_streams = match num("max-concurrent-streams", 4096)? {
+        0 => return Err("--max-concurrent-streams must be at least 1".into()),
+        n => n.min(u32::MAX as u64) as u32,
+    };
     let max_txn_ops = match num("max-txn-ops", MAX_TXN_OPS as u64)? {
         0 => return Err("--max-txn-ops must be at least 1".into()),
         n => n.min(1 << 20) as usize,
@@ -384,6 +408,9 @@ where
         client_cert_auth: flag_bool("client-cert-auth")?,
         auth_token_ttl: Duration::from_secs(num("auth-token-ttl", 300)?.max(1)),
         strict_reconfig_check,
+        pre_vote,
+        grpc_gateway,
+        max_concurrent_streams,
         name,
         data_dir,
         listen_client_urls: list("listen-client-urls", "http://localhost:2379"),
@@ -692,6 +719,12 @@ mod tests {
 
     #[test]
     fn etcd_flags_keelson_takes_as_etcd_or_refuses_plainly() {
+        let d = p(&[], &[]).unwrap();
+        assert!(d.pre_vote && d.grpc_gateway);
+        assert_eq!(d.max_concurrent_streams, 4096);
+        let c = p(&["--pre-vote=false", "--enable-grpc-gateway", "false", "--max-concurrent-streams", "10"], &[]).unwrap();
+        assert!(!c.pre_vote && !c.grpc_gateway);
+        assert_eq!(c.max_concurrent_streams, 10);
         let c = p(&["--max-txn-ops", "3", "--logger", "zap", "--log-outputs", "stdout"], &[]).unwrap();
         assert_eq!(c.max_txn_ops, 3);
         assert_eq!(c.log_output, LogOutput::Stdout);

@@ -651,7 +651,7 @@ fn build_node(boot: &RaftBoot) -> Result<RawNode<MemStorage>, String> {
         max_size_per_msg: 1024 * 1024,
         max_inflight_msgs: 256,
         check_quorum: true,
-        pre_vote: true,
+        pre_vote: boot.cfg.pre_vote,
         ..Default::default()
     };
     if let Some(t) = boot.election_tick {

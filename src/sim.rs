@@ -315,6 +315,8 @@ fn start(node: &mut Node, world: &Rc<World>) {
             auth_token_ttl: Duration::from_secs(300),
             quota_bytes: None,
             max_txn_ops: crate::config::MAX_TXN_OPS,
+            grpc_gateway: true,
+            max_concurrent_streams: 4096,
         },
     });
     let boot = RaftBoot {

@@ -725,3 +725,19 @@ fn lease_keep_alive_streams_one_line_per_request() {
     assert!(c.next_line().is_none());
     assert_eq!(c.post("/v3/lease/leases", &json!({})).status, 200);
 }
+
+/// `--enable-grpc-gateway=false`: the JSON routes are gone (etcd's mux
+/// answers 404 "404 page not found"), gRPC and /health stay.
+#[test]
+fn the_gateway_can_be_turned_off() {
+    let mut m = Member::new(&["--enable-grpc-gateway=false"]);
+    if let Some(st) = m.start() {
+        panic!("server exited at start ({st}):\n{}", m.log_text());
+    }
+    let mut c = Conn::new(&m);
+    let r = c.post("/v3/kv/range", &json!({"key": "YQ=="}));
+    assert_eq!(r.status, 404);
+    assert_eq!(String::from_utf8_lossy(&r.body).trim(), "404 page not found");
+    let (ok, out, err) = support::etcdctl(&m.endpoint(), &["put", "a", "b"], None);
+    assert!(ok, "{out}{err}");
+}

@@ -15,8 +15,6 @@ use bytes::{BufMut, Bytes, BytesMut};
 use http::{HeaderMap, HeaderValue, Response};
 use std::rc::Rc;
 
-/// Concurrent streams one connection may have open.
-const STREAMS_PER_CONN_MAX: u32 = 4096;
 
 pub async fn serve_conn(
     stream: glommio::net::TcpStream,
@@ -87,7 +85,7 @@ where
     let mut conn = match h2::server::Builder::new()
         .initial_window_size(1 << 20)
         .initial_connection_window_size(16 << 20)
-        .max_concurrent_streams(STREAMS_PER_CONN_MAX)
+        .max_concurrent_streams(core.router.member.max_concurrent_streams)
         .max_frame_size(1 << 20)
         .max_header_list_size(64 << 10)
         .handshake::<_, Bytes>(io)

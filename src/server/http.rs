@@ -369,7 +369,10 @@ where
                 return;
             }
         };
-        let a = if client_port && gateway::is_gateway_path(&req.path) {
+        let a = if client_port
+            && core.router.member.grpc_gateway
+            && gateway::is_gateway_path(&req.path)
+        {
             match serve_gateway(&mut stream, &mut buf, &req, &core, body_max).await {
                 Gw::Answer(a) => a,
                 Gw::Stream(path, m) => {

@@ -61,6 +61,10 @@ pub struct Member {
     pub auth_token_ttl: std::time::Duration,
     /// The most ops a txn may have (`--max-txn-ops`).
     pub max_txn_ops: usize,
+    /// The JSON gateway is served (`--enable-grpc-gateway`).
+    pub grpc_gateway: bool,
+    /// HTTP/2 streams per client connection (`--max-concurrent-streams`).
+    pub max_concurrent_streams: u32,
     /// The database size past which puts, txns and lease grants raise
     /// NOSPACE (`--quota-backend-bytes`); `None`: no quota.
     pub quota_bytes: Option<u64>,
@@ -1008,6 +1012,8 @@ pub fn run(cfg: Config) -> Result<(), String> {
             auth_token_ttl: cfg.auth_token_ttl,
             quota_bytes: cfg.quota_bytes(),
             max_txn_ops: cfg.max_txn_ops,
+            grpc_gateway: cfg.grpc_gateway,
+            max_concurrent_streams: cfg.max_concurrent_streams,
         },
     });
     match cfg.quota_bytes() {
