@@ -722,7 +722,7 @@ mod tests {
         let d = p(&[], &[]).unwrap();
         assert!(d.pre_vote && d.grpc_gateway);
         assert_eq!(d.max_concurrent_streams, 4096);
-        let c = p(&["--pre-vote=false", "--enable-grpc-gateway", "false", "--max-concurrent-streams", "10"], &[]).unwrap();
+        let c = p(&["--pre-vote=false", "--enable-grpc-gateway=false", "--max-concurrent-streams", "10"], &[]).unwrap();
         assert!(!c.pre_vote && !c.grpc_gateway);
         assert_eq!(c.max_concurrent_streams, 10);
         let c = p(&["--max-txn-ops", "3", "--logger", "zap", "--log-outputs", "stdout"], &[]).unwrap();
