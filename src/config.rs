@@ -50,6 +50,8 @@ pub struct Config {
     /// etcd's `--strict-reconfig-check`: refuse membership changes that
     /// could lose quorum (started voters, every voter connected).
     pub strict_reconfig_check: bool,
+    /// `--unsafe-no-fsync`: WAL batches are not fdatasynced.
+    pub unsafe_no_fsync: bool,
     /// `--pre-vote` (default true here, as in etcd 3.5; 3.4's is false).
     pub pre_vote: bool,
     /// `--enable-grpc-gateway`: the JSON gateway on the client port.
@@ -135,6 +137,7 @@ const BOOL_FLAGS: &[&str] = &[
     "strict-reconfig-check",
     "pre-vote",
     "enable-grpc-gateway",
+    "unsafe-no-fsync",
     "client-cert-auth",
     "enable-v2",
     "debug",
@@ -158,6 +161,7 @@ const FLAGS: &[FlagSpec] = &[
     FlagSpec { name: "snapshot-count", help: "number of committed transactions to trigger a snapshot to disk (default 100000)" },
     FlagSpec { name: "heartbeat-interval", help: "time (in milliseconds) of a heartbeat interval (default 100)" },
     FlagSpec { name: "election-timeout", help: "time (in milliseconds) for an election to timeout (default 1000)" },
+    FlagSpec { name: "unsafe-no-fsync", help: "disables fsync of the WAL, unsafe, will cause data loss (default false)" },
     FlagSpec { name: "pre-vote", help: "enable the raft Pre-Vote algorithm to prevent disruption when a node that has been partitioned away rejoins the cluster (default true)" },
     FlagSpec { name: "enable-grpc-gateway", help: "enable the JSON gateway on the client port (default true)" },
     FlagSpec { name: "max-concurrent-streams", help: "maximum concurrent HTTP/2 streams each client connection may have open (default 4096)" },
@@ -408,6 +412,7 @@ where
         client_cert_auth: flag_bool("client-cert-auth")?,
         auth_token_ttl: Duration::from_secs(num("auth-token-ttl", 300)?.max(1)),
         strict_reconfig_check,
+        unsafe_no_fsync: flag_bool("unsafe-no-fsync")?,
         pre_vote,
         grpc_gateway,
         max_concurrent_streams,
@@ -720,7 +725,8 @@ mod tests {
     #[test]
     fn etcd_flags_keelson_takes_as_etcd_or_refuses_plainly() {
         let d = p(&[], &[]).unwrap();
-        assert!(d.pre_vote && d.grpc_gateway);
+        assert!(d.pre_vote && d.grpc_gateway && !d.unsafe_no_fsync);
+        assert!(p(&["--unsafe-no-fsync"], &[]).unwrap().unsafe_no_fsync);
         assert_eq!(d.max_concurrent_streams, 4096);
         let c = p(&["--pre-vote=false", "--enable-grpc-gateway=false", "--max-concurrent-streams", "10"], &[]).unwrap();
         assert!(!c.pre_vote && !c.grpc_gateway);

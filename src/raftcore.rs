@@ -396,7 +396,12 @@ pub async fn open_wal(boot: &RaftBoot) -> Result<Wal, String> {
         .last()
         .map(|e| (e.index, e.term))
         .unwrap_or(rec.base);
-    Wal::open(&boot.cfg.wal_path(), rec, last).await
+    let mut wal = Wal::open(&boot.cfg.wal_path(), rec, last).await?;
+    if boot.cfg.unsafe_no_fsync {
+        crate::warn!("--unsafe-no-fsync: the WAL is not fsynced; a power loss may lose acknowledged writes");
+        wal.set_unsafe_no_fsync(true);
+    }
+    Ok(wal)
 }
 
 /// Sends the raft core a tick every `tick` (its clock).

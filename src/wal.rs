@@ -339,6 +339,8 @@ pub struct Wal {
     /// blocks.
     tail: Vec<u8>,
     align: u64,
+    /// `--unsafe-no-fsync`: batches are written but not fdatasynced.
+    no_fsync: bool,
 }
 
 /// Direct I/O writes at least whole filesystem blocks (ext4's are 4 KiB,
@@ -383,6 +385,7 @@ impl Wal {
                     filled,
                     tail,
                     align,
+                    no_fsync: false,
                 })
             }
             None => Wal::create(dir, 1, last, Vec::new()).await,
@@ -415,6 +418,7 @@ impl Wal {
             filled: 0,
             tail: Vec::new(),
             align,
+            no_fsync: false,
         };
         wal.write(&head)
             .await
@@ -480,6 +484,13 @@ impl Wal {
         !self.buf.is_empty()
     }
 
+    /// etcd's `--unsafe-no-fsync`: from now on batches are written (direct
+    /// I/O, so they reach the drive) but not flushed from its cache; a
+    /// power loss may lose acknowledged writes.
+    pub fn set_unsafe_no_fsync(&mut self, on: bool) {
+        self.no_fsync = on;
+    }
+
     /// Writes what was pushed and fdatasyncs it: one batch, one sync.
     /// `last` is (index, term) of the last entry in the log afterwards,
     /// used as the base of the next segment when this one is full.
@@ -493,13 +504,16 @@ impl Wal {
         self.write(&buf).await?;
         buf.clear();
         self.buf = buf;
-        self.file
-            .fdatasync()
-            .await
-            .map_err(|e| format!("wal fdatasync: {e}"))?;
+        if !self.no_fsync {
+            self.file
+                .fdatasync()
+                .await
+                .map_err(|e| format!("wal fdatasync: {e}"))?;
+        }
         if self.pos >= SEGMENT_BYTES_MAX {
             let segments = std::mem::take(&mut self.segments);
-            let next = Wal::create(self.dir.clone(), self.seq + 1, last, segments).await?;
+            let mut next = Wal::create(self.dir.clone(), self.seq + 1, last, segments).await?;
+            next.no_fsync = self.no_fsync;
             let old = std::mem::replace(self, next);
             // The new segment must carry the hard state too, or dropping the
             // old one later would lose it.
@@ -516,6 +530,7 @@ impl Wal {
         let old = std::mem::take(&mut self.segments);
         let mut next = Wal::create(self.dir.clone(), self.seq + 1, base, Vec::new()).await?;
         next.buf = std::mem::take(&mut self.buf);
+        next.no_fsync = self.no_fsync;
         let prev = std::mem::replace(self, next);
         let _ = prev.file.close().await;
         for (seq, _) in old {

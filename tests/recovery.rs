@@ -540,3 +540,19 @@ async fn wal_dir_holds_the_log_and_is_checked_at_start() {
     assert!(m.start().is_none(), "{}", m.log_text());
     check_keys(&mut m.client().await, &want).await;
 }
+
+/// `--unsafe-no-fsync`: the WAL is written but not flushed; a kill -9 (the
+/// process, not the machine) still loses nothing acknowledged, and the
+/// member says what it gave up when it starts.
+#[tokio::test]
+async fn unsafe_no_fsync_survives_a_process_kill() {
+    let mut m = Member::new(&["--unsafe-no-fsync"]);
+    assert!(m.start().is_none(), "{}", m.log_text());
+    let want = put_keys(&mut m.client().await, "k", 100).await;
+    m.kill9();
+    assert!(m.start().is_none(), "{}", m.log_text());
+    check_keys(&mut m.client().await, &want).await;
+    if !support::is_etcd() {
+        assert!(m.log_text().contains("--unsafe-no-fsync"), "{}", m.log_text());
+    }
+}
