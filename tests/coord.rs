@@ -300,6 +300,13 @@ async fn lock_and_election_need_permission_on_their_keys() {
         .unwrap();
     u.resign(Some(ResignOptions::new().with_leader(leader))).await.unwrap();
     // Without a token.
+    // Observing a name it may not read: the stream just ends (etcd's
+    // observer stops on the refused read), with no leader sent.
+    let mut obs = u.observe("b-elect").await.unwrap();
+    let ended = tokio::time::timeout(Duration::from_secs(5), obs.message())
+        .await
+        .expect("the stream ends");
+    assert!(matches!(ended, Ok(None)), "{ended:?}");
     // Without a token: etcd's KV error, passed on as code Unknown.
     assert_eq!(
         code_msg(c.lock("a-lock", opts()).await.unwrap_err()),

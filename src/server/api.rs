@@ -180,7 +180,7 @@ pub async fn call_stream(
     match m {
         StreamMethod::LeaseKeepAlive => lease_keep_alive(core, input, sink).await,
         StreamMethod::Watch => super::watch::serve(core, input, sink, meta).await,
-        StreamMethod::Observe => super::coord::observe(core, input, sink).await,
+        StreamMethod::Observe => super::coord::observe(core, input, sink, meta.user.as_deref()).await,
         StreamMethod::Snapshot => snapshot(core, input, sink).await,
     }
 }

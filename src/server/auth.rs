@@ -6,9 +6,9 @@
 //! MemberList, MoveLeader, lease TimeToLive, Leases and keep-alives; with
 //! no token or a valid one, lease grant and revoke, compaction and
 //! alarms; a valid token for any user: its own UserGet and the RoleGet
-//! of a role it holds, election Observe; key-range permissions (for
+//! of a role it holds; key-range permissions (for
 //! locks and elections, on the keys their KV calls touch,
-//! `coord_allowed`); key-range permissions
+//! `coord_allowed`, and Observe's prefix, `may_read`); key-range permissions
 //! (read, write) for Range, Put, DeleteRange, every op and compare of a
 //! Txn, and watches (read too for a put's or delete's prev_kv; write on
 //! every key of the lease for a revoke or a put that attaches to it); the `root` role for everything else (auth and
@@ -349,6 +349,12 @@ pub fn authorize_stream(
         (StreamMethod::Watch, None) => Ok(Some(String::new())),
         _ => user_of(&a, token),
     }
+}
+
+/// Whether `user` may read [key, range_end) (true while auth is off).
+pub fn may_read(core: &Core, user: &str, key: &[u8], range_end: &[u8]) -> bool {
+    let a = core.view.auth.borrow();
+    !a.enabled || a.is_root(user) || a.allowed(user, key, range_end, false)
 }
 
 /// Why `user` may not watch [key, range_end), as etcd words the cancel

@@ -400,7 +400,12 @@ pub async fn leader(core: &Core, req: LeaderRequest) -> Result<LeaderResponse, S
 
 /// The Observe stream: the current leader, then every change of it, as
 /// clientv3's `Election.Observe` reports them.
-pub async fn observe(core: &Core, mut input: MsgStream, sink: &mut MsgSink) -> Result<(), Status> {
+pub async fn observe(
+    core: &Core,
+    mut input: MsgStream,
+    sink: &mut MsgSink,
+    user: Option<&str>,
+) -> Result<(), Status> {
     let Some(msg) = input.next().await else {
         return Ok(());
     };
@@ -412,6 +417,14 @@ pub async fn observe(core: &Core, mut input: MsgStream, sink: &mut MsgSink) -> R
     })?;
     let mut prefix = req.name;
     prefix.push(b'/');
+    // As the user (auth on): etcd's observer reads the prefix with the
+    // caller's token and, refused, just ends the stream (status OK, no
+    // message).
+    if let Some(user) = user {
+        if !super::auth::may_read(core, user, &prefix, &prefix_end(&prefix)) {
+            return Ok(());
+        }
+    }
     loop {
         let r = range(core, by_create(&prefix, true, 0)).await?;
         let (header, kv) = match r.kvs.into_iter().next() {
