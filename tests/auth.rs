@@ -233,17 +233,11 @@ async fn users_roles_permissions_and_tokens() {
 async fn lease_revokes_and_prev_kv_need_permission_on_the_keys() {
     let (m, mut c) = started(&[]).await;
     let ep = m.endpoint();
-    let (ok, out, err) = etcdctl(&ep, &["user", "add", "root:rootpwd"], None);
-    assert!(ok, "{out}{err}");
-    c.user_add("bob", "bobpwd", None).await.unwrap();
-    c.role_add("bobs").await.unwrap();
-    c.role_grant_permission("bobs", Permission::read_write("b").with_prefix())
-        .await
-        .unwrap();
-    c.role_grant_permission("bobs", Permission::write("w").with_prefix())
-        .await
-        .unwrap();
-    c.user_grant_role("bob", "bobs").await.unwrap();
+    let perms = vec![
+        Permission::read_write("b").with_prefix(),
+        Permission::write("w").with_prefix(),
+    ];
+    support::add_root_and_user(&mut c, &ep, "bob", "bobpwd", "bobs", perms).await;
     let mine = c.lease_grant(600, None).await.unwrap().id();
     let shared = c.lease_grant(600, None).await.unwrap().id();
     let empty = c.lease_grant(600, None).await.unwrap().id();
@@ -252,8 +246,7 @@ async fn lease_revokes_and_prev_kv_need_permission_on_the_keys() {
     c.put("b2", "v", opt(shared)).await.unwrap();
     c.put("secret", "v", opt(shared)).await.unwrap();
     c.put("w1", "v", None).await.unwrap();
-    let (ok, out, err) = etcdctl(&ep, &["auth", "enable"], None);
-    assert!(ok, "{out}{err}");
+    support::enable_auth(&ep);
     let mut bob = as_user(&ep, "bob", "bobpwd").await.unwrap();
     let mut root = as_user(&ep, "root", "rootpwd").await.unwrap();
 

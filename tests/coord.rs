@@ -260,19 +260,12 @@ async fn etcdctl_lock_and_elect() {
 async fn lock_and_election_need_permission_on_their_keys() {
     let (m, mut c) = started(&[]).await;
     let ep = m.endpoint();
-    let (ok, out, err) = etcdctl(&ep, &["user", "add", "root:rootpwd"], None);
-    assert!(ok, "{out}{err}");
-    c.user_add("u", "upwd", None).await.unwrap();
-    c.role_add("r").await.unwrap();
-    c.role_grant_permission("r", Permission::read_write("a").with_prefix())
-        .await
-        .unwrap();
-    c.role_grant_permission("r", Permission::read("ro").with_prefix())
-        .await
-        .unwrap();
-    c.user_grant_role("u", "r").await.unwrap();
-    let (ok, out, err) = etcdctl(&ep, &["auth", "enable"], None);
-    assert!(ok, "{out}{err}");
+    let perms = vec![
+        Permission::read_write("a").with_prefix(),
+        Permission::read("ro").with_prefix(),
+    ];
+    support::add_root_and_user(&mut c, &ep, "u", "upwd", "r", perms).await;
+    support::enable_auth(&ep);
     let mut u = Client::connect(
         [ep.as_str()],
         Some(ConnectOptions::new().with_user("u", "upwd")),

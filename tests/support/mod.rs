@@ -339,6 +339,35 @@ pub async fn started(extra: &[&str]) -> (Member, Client) {
     (m, c)
 }
 
+/// For auth tests: adds `root` (password `rootpwd`, with the root role, as
+/// etcdctl adds it) and `user` (password `pw`) holding one role, `role`,
+/// with `perms`. Auth stays off until `enable_auth`.
+#[allow(dead_code)]
+pub async fn add_root_and_user(
+    c: &mut Client,
+    ep: &str,
+    user: &str,
+    pw: &str,
+    role: &str,
+    perms: Vec<etcd_client::Permission>,
+) {
+    let (ok, out, err) = etcdctl(ep, &["user", "add", "root:rootpwd"], None);
+    assert!(ok, "{out}{err}");
+    c.user_add(user, pw, None).await.unwrap();
+    c.role_add(role).await.unwrap();
+    for p in perms {
+        c.role_grant_permission(role, p).await.unwrap();
+    }
+    c.user_grant_role(user, role).await.unwrap();
+}
+
+/// Turns auth on through etcdctl.
+#[allow(dead_code)]
+pub fn enable_auth(ep: &str) {
+    let (ok, out, err) = etcdctl(ep, &["auth", "enable"], None);
+    assert!(ok, "{out}{err}");
+}
+
 /// Runs etcdctl (v3 API) against `ep`; returns (success, stdout, stderr).
 pub fn etcdctl(ep: &str, args: &[&str], stdin: Option<&str>) -> (bool, String, String) {
     use std::io::Write;
