@@ -317,9 +317,14 @@ where
         },
     };
     let debug = match lookup("debug").as_deref() {
-        None | Some("false") | Some("0") | Some("f") | Some("F") | Some("FALSE") | Some("False") => false,
+        None | Some("false") | Some("0") | Some("f") | Some("F") | Some("FALSE")
+        | Some("False") => false,
         Some("true") | Some("1") | Some("t") | Some("T") | Some("TRUE") | Some("True") => true,
-        Some(v) => return Err(format!("invalid boolean value {v:?} for -debug: parse error")),
+        Some(v) => {
+            return Err(format!(
+                "invalid boolean value {v:?} for -debug: parse error"
+            ))
+        }
     };
     let log_level = match lookup("log-level").as_deref() {
         _ if debug => 3,
@@ -368,7 +373,9 @@ where
         None | Some("") | Some("default") | Some("stderr") => LogOutput::Stderr,
         Some("stdout") => LogOutput::Stdout,
         Some(v) if v.contains(',') => {
-            return Err(format!("--log-outputs {v:?}: keelson writes logs to one output"))
+            return Err(format!(
+                "--log-outputs {v:?}: keelson writes logs to one output"
+            ))
         }
         Some(path) => LogOutput::File(PathBuf::from(path)),
     };
@@ -376,8 +383,8 @@ where
         None | Some("simple") => {}
         Some(other) => {
             return Err(format!(
-                "--auth-token {other:?}: keelson has only 'simple' tokens (its own, self-validating)"
-            ))
+            "--auth-token {other:?}: keelson has only 'simple' tokens (its own, self-validating)"
+        ))
         }
     }
     let on_by_default = |flag: &str| -> Result<bool, String> {
@@ -495,7 +502,11 @@ fn parse_auto_compaction(mode: &str, retention: &str) -> Result<AutoCompaction, 
         }
         _ => match parse_duration(retention) {
             Some(d) => d,
-            None if retention.trim().trim_end_matches(|c: char| c.is_ascii_alphabetic()) == "0" => {
+            None if retention
+                .trim()
+                .trim_end_matches(|c: char| c.is_ascii_alphabetic())
+                == "0" =>
+            {
                 Duration::ZERO
             }
             None => {
@@ -702,21 +713,42 @@ mod tests {
             Ok(AutoCompaction::Periodic(Duration::from_secs(3600)))
         );
         assert_eq!(
-            ac(&["--auto-compaction-retention=30m", "--auto-compaction-mode=periodic"]),
+            ac(&[
+                "--auto-compaction-retention=30m",
+                "--auto-compaction-mode=periodic"
+            ]),
             Ok(AutoCompaction::Periodic(Duration::from_secs(1800)))
         );
         assert_eq!(
-            ac(&["--auto-compaction-mode", "revision", "--auto-compaction-retention", "1000"]),
+            ac(&[
+                "--auto-compaction-mode",
+                "revision",
+                "--auto-compaction-retention",
+                "1000"
+            ]),
             Ok(AutoCompaction::Revision(1000))
         );
         assert_eq!(
-            ac(&["--auto-compaction-mode", "revision", "--auto-compaction-retention", "0"]),
+            ac(&[
+                "--auto-compaction-mode",
+                "revision",
+                "--auto-compaction-retention",
+                "0"
+            ]),
             Ok(AutoCompaction::Off)
         );
-        assert_eq!(ac(&["--auto-compaction-retention", "0s"]), Ok(AutoCompaction::Off));
-        assert!(ac(&["--auto-compaction-mode", "daily", "--auto-compaction-retention", "1"])
-            .unwrap_err()
-            .contains("unknown auto-compaction-mode"));
+        assert_eq!(
+            ac(&["--auto-compaction-retention", "0s"]),
+            Ok(AutoCompaction::Off)
+        );
+        assert!(ac(&[
+            "--auto-compaction-mode",
+            "daily",
+            "--auto-compaction-retention",
+            "1"
+        ])
+        .unwrap_err()
+        .contains("unknown auto-compaction-mode"));
         assert!(ac(&["--auto-compaction-retention", "soon"])
             .unwrap_err()
             .contains("error parsing CompactionRetention"));
@@ -728,15 +760,39 @@ mod tests {
         assert!(d.pre_vote && d.grpc_gateway && !d.unsafe_no_fsync);
         assert!(p(&["--unsafe-no-fsync"], &[]).unwrap().unsafe_no_fsync);
         assert_eq!(d.max_concurrent_streams, 4096);
-        let c = p(&["--pre-vote=false", "--enable-grpc-gateway=false", "--max-concurrent-streams", "10"], &[]).unwrap();
+        let c = p(
+            &[
+                "--pre-vote=false",
+                "--enable-grpc-gateway=false",
+                "--max-concurrent-streams",
+                "10",
+            ],
+            &[],
+        )
+        .unwrap();
         assert!(!c.pre_vote && !c.grpc_gateway);
         assert_eq!(c.max_concurrent_streams, 10);
-        let c = p(&["--max-txn-ops", "3", "--logger", "zap", "--log-outputs", "stdout"], &[]).unwrap();
+        let c = p(
+            &[
+                "--max-txn-ops",
+                "3",
+                "--logger",
+                "zap",
+                "--log-outputs",
+                "stdout",
+            ],
+            &[],
+        )
+        .unwrap();
         assert_eq!(c.max_txn_ops, 3);
         assert_eq!(c.log_output, LogOutput::Stdout);
         assert_eq!(p(&[], &[]).unwrap().max_txn_ops, 128);
         assert_eq!(p(&[], &[]).unwrap().log_output, LogOutput::Stderr);
-        let c = p(&["--log-outputs=/tmp/x.log", "--debug", "--enable-v2=false"], &[]).unwrap();
+        let c = p(
+            &["--log-outputs=/tmp/x.log", "--debug", "--enable-v2=false"],
+            &[],
+        )
+        .unwrap();
         assert_eq!(c.log_output, LogOutput::File(PathBuf::from("/tmp/x.log")));
         assert_eq!(c.log_level, 3);
         assert!(p(&["--auth-token", "simple"], &[]).is_ok());

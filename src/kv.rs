@@ -77,8 +77,7 @@ pub fn check_txn(t: &TxnRequest, max_ops: usize) -> Result<(), Status> {
 }
 
 fn check_txn_ops(t: &TxnRequest, max_ops: usize) -> Result<(), Status> {
-    if t.compare.len() > max_ops || t.success.len() > max_ops || t.failure.len() > max_ops
-    {
+    if t.compare.len() > max_ops || t.success.len() > max_ops || t.failure.len() > max_ops {
         return Err(error::too_many_ops());
     }
     for c in &t.compare {
@@ -756,9 +755,17 @@ mod tests {
                 success: ops,
                 failure: vec![],
             };
-            assert_eq!(check_txn(&t, crate::config::MAX_TXN_OPS).is_ok(), ok, "{name}");
+            assert_eq!(
+                check_txn(&t, crate::config::MAX_TXN_OPS).is_ok(),
+                ok,
+                "{name}"
+            );
             if !ok {
-                assert_eq!(check_txn(&t, crate::config::MAX_TXN_OPS).unwrap_err(), error::duplicate_key(), "{name}");
+                assert_eq!(
+                    check_txn(&t, crate::config::MAX_TXN_OPS).unwrap_err(),
+                    error::duplicate_key(),
+                    "{name}"
+                );
             }
         }
     }
@@ -770,7 +777,10 @@ mod tests {
             success: (0..129).map(|i| put(&format!("k{i}"))).collect(),
             failure: vec![],
         };
-        assert_eq!(check_txn(&t, crate::config::MAX_TXN_OPS).unwrap_err(), error::too_many_ops());
+        assert_eq!(
+            check_txn(&t, crate::config::MAX_TXN_OPS).unwrap_err(),
+            error::too_many_ops()
+        );
         let t = TxnRequest {
             compare: vec![],
             success: (0..128).map(|i| put(&format!("k{i}"))).collect(),

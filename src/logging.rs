@@ -28,7 +28,10 @@ pub fn redirect(out: &crate::config::LogOutput) -> Result<(), String> {
     };
     // SAFETY: dup2 on descriptors this process owns; no Rust object owns 2.
     if unsafe { libc::dup2(fd, 2) } < 0 {
-        return Err(format!("redirecting logs: {}", std::io::Error::last_os_error()));
+        return Err(format!(
+            "redirecting logs: {}",
+            std::io::Error::last_os_error()
+        ));
     }
     Ok(())
 }

@@ -398,7 +398,9 @@ pub async fn open_wal(boot: &RaftBoot) -> Result<Wal, String> {
         .unwrap_or(rec.base);
     let mut wal = Wal::open(&boot.cfg.wal_path(), rec, last).await?;
     if boot.cfg.unsafe_no_fsync {
-        crate::warn!("--unsafe-no-fsync: the WAL is not fsynced; a power loss may lose acknowledged writes");
+        crate::warn!(
+            "--unsafe-no-fsync: the WAL is not fsynced; a power loss may lose acknowledged writes"
+        );
         wal.set_unsafe_no_fsync(true);
     }
     Ok(wal)

@@ -284,7 +284,11 @@ async fn lease_revokes_and_prev_kv_need_permission_on_the_keys() {
         "etcdserver: permission denied"
     );
     let r = bob
-        .put("b1", "v2", Some(PutOptions::new().with_prev_key().with_lease(mine)))
+        .put(
+            "b1",
+            "v2",
+            Some(PutOptions::new().with_prev_key().with_lease(mine)),
+        )
         .await
         .unwrap();
     assert_eq!(r.prev_key().unwrap().value(), b"v");

@@ -279,19 +279,36 @@ async fn lock_and_election_need_permission_on_their_keys() {
     u.unlock(key).await.unwrap();
     let denied = (UNKNOWN, "etcdserver: permission denied".to_string());
     // Not on another name, nor on one it may only read.
-    assert_eq!(code_msg(u.lock("b-lock", opts()).await.unwrap_err()), denied);
-    assert_eq!(code_msg(u.lock("ro-lock", opts()).await.unwrap_err()), denied);
+    assert_eq!(
+        code_msg(u.lock("b-lock", opts()).await.unwrap_err()),
+        denied
+    );
+    assert_eq!(
+        code_msg(u.lock("ro-lock", opts()).await.unwrap_err()),
+        denied
+    );
     assert_eq!(code_msg(u.unlock("b-lock/123").await.unwrap_err()), denied);
-    assert_eq!(code_msg(u.campaign("b-elect", "v", lease).await.unwrap_err()), denied);
+    assert_eq!(
+        code_msg(u.campaign("b-elect", "v", lease).await.unwrap_err()),
+        denied
+    );
     assert_eq!(code_msg(u.leader("b-elect").await.unwrap_err()), denied);
     // An election on its own prefix works end to end.
     let r = u.campaign("a-elect", "v1", lease).await.unwrap();
     let leader = r.leader().unwrap().clone();
-    assert_eq!(u.leader("a-elect").await.unwrap().kv().unwrap().value(), b"v1");
-    u.proclaim("v2", Some(ProclaimOptions::new().with_leader(leader.clone())))
+    assert_eq!(
+        u.leader("a-elect").await.unwrap().kv().unwrap().value(),
+        b"v1"
+    );
+    u.proclaim(
+        "v2",
+        Some(ProclaimOptions::new().with_leader(leader.clone())),
+    )
+    .await
+    .unwrap();
+    u.resign(Some(ResignOptions::new().with_leader(leader)))
         .await
         .unwrap();
-    u.resign(Some(ResignOptions::new().with_leader(leader))).await.unwrap();
     // Without a token.
     // Observing a name it may not read: the stream just ends (etcd's
     // observer stops on the refused read), with no leader sent.

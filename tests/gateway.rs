@@ -737,7 +737,10 @@ fn the_gateway_can_be_turned_off() {
     let mut c = Conn::new(&m);
     let r = c.post("/v3/kv/range", &json!({"key": "YQ=="}));
     assert_eq!(r.status, 404);
-    assert_eq!(String::from_utf8_lossy(&r.body).trim(), "404 page not found");
+    assert_eq!(
+        String::from_utf8_lossy(&r.body).trim(),
+        "404 page not found"
+    );
     let (ok, out, err) = support::etcdctl(&m.endpoint(), &["put", "a", "b"], None);
     assert!(ok, "{out}{err}");
 }

@@ -732,7 +732,10 @@ async fn max_txn_ops_flag() {
     match c.txn(puts(4)).await.unwrap_err() {
         Error::GRpcStatus(s) => {
             assert_eq!(s.code() as i32, 3, "InvalidArgument");
-            assert_eq!(s.message(), "etcdserver: too many operations in txn request");
+            assert_eq!(
+                s.message(),
+                "etcdserver: too many operations in txn request"
+            );
         }
         e => panic!("{e}"),
     }
@@ -754,7 +757,12 @@ fn log_outputs_flag_writes_the_log_to_a_file() {
     let mut child = std::process::Command::new(bin)
         .args(["--data-dir", dir.path().join("data").to_str().unwrap()])
         .args(["--listen-client-urls", &c, "--advertise-client-urls", &c])
-        .args(["--listen-peer-urls", &p, "--initial-advertise-peer-urls", &p])
+        .args([
+            "--listen-peer-urls",
+            &p,
+            "--initial-advertise-peer-urls",
+            &p,
+        ])
         .args(["--initial-cluster", &format!("default={p}")])
         .args(["--logger", "zap", "--log-outputs", log.to_str().unwrap()])
         .stdout(std::process::Stdio::null())
@@ -778,6 +786,14 @@ fn log_outputs_flag_writes_the_log_to_a_file() {
     let _ = child.wait();
     let text = std::fs::read_to_string(&log).unwrap_or_default();
     assert!(up, "server did not start:\n{text}");
-    let expect = if support::is_etcd() { "starting an etcd server" } else { "ready to serve" };
-    assert!(text.contains(expect), "no {expect:?} in {}:\n{text}", log.display());
+    let expect = if support::is_etcd() {
+        "starting an etcd server"
+    } else {
+        "ready to serve"
+    };
+    assert!(
+        text.contains(expect),
+        "no {expect:?} in {}:\n{text}",
+        log.display()
+    );
 }

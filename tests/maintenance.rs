@@ -197,7 +197,10 @@ async fn a_put_past_the_quota_raises_nospace() {
     );
     let read_txn = Txn::new().and_then(vec![TxnOp::get("k0", None)]);
     assert!(c.txn(read_txn).await.unwrap().succeeded());
-    assert_eq!(c.get("k0", None).await.unwrap().kvs()[0].value(), &value[..]);
+    assert_eq!(
+        c.get("k0", None).await.unwrap().kvs()[0].value(),
+        &value[..]
+    );
 
     // Room made as etcd's docs say: delete, compact, defragment, disarm.
     let rev = c
@@ -662,14 +665,23 @@ async fn a_saved_snapshot_restores_into_a_new_member() {
 #[tokio::test]
 async fn periodic_auto_compaction_drops_history_older_than_the_retention() {
     let (_m, mut c) = started(&["--auto-compaction-retention", "2s"]).await;
-    let first = c.put("k", "0", None).await.unwrap().header().unwrap().revision();
+    let first = c
+        .put("k", "0", None)
+        .await
+        .unwrap()
+        .header()
+        .unwrap()
+        .revision();
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
     let mut i = 0;
     let compacted = loop {
         i += 1;
         c.put("k", i.to_string(), None).await.unwrap();
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-        match c.get("k", Some(GetOptions::new().with_revision(first))).await {
+        match c
+            .get("k", Some(GetOptions::new().with_revision(first)))
+            .await
+        {
             Ok(_) => {}
             Err(e) => break message(e),
         }
@@ -678,11 +690,20 @@ async fn periodic_auto_compaction_drops_history_older_than_the_retention() {
             "revision {first} still readable after 15 s"
         );
     };
-    assert_eq!(compacted, "etcdserver: mvcc: required revision has been compacted");
+    assert_eq!(
+        compacted,
+        "etcdserver: mvcc: required revision has been compacted"
+    );
     // Not before about 2 s of writes (one every 100 ms or more).
     assert!(i >= 15, "compacted after {i} puts");
     // The last second's history is still there.
-    let now = c.put("k", "last", None).await.unwrap().header().unwrap().revision();
+    let now = c
+        .put("k", "last", None)
+        .await
+        .unwrap()
+        .header()
+        .unwrap()
+        .revision();
     let r = c
         .get("k", Some(GetOptions::new().with_revision(now - 1)))
         .await

@@ -518,7 +518,10 @@ async fn wal_dir_holds_the_log_and_is_checked_at_start() {
     assert!(m.start().is_none(), "{}", m.log_text());
     let want = put_keys(&mut m.client().await, "k", 50).await;
     m.kill9();
-    assert!(std::fs::read_dir(&wal_dir).unwrap().count() > 0, "nothing in --wal-dir");
+    assert!(
+        std::fs::read_dir(&wal_dir).unwrap().count() > 0,
+        "nothing in --wal-dir"
+    );
     let own = m.data().join("wal");
     assert!(
         !own.exists() || std::fs::read_dir(&own).unwrap().count() == 0,
@@ -529,7 +532,10 @@ async fn wal_dir_holds_the_log_and_is_checked_at_start() {
     m.kill9();
 
     // Without --wal-dir, or with another one: refused, nothing lost.
-    for other in [vec![], vec!["--wal-dir".to_string(), format!("{wal_arg}-elsewhere")]] {
+    for other in [
+        vec![],
+        vec!["--wal-dir".to_string(), format!("{wal_arg}-elsewhere")],
+    ] {
         let args: Vec<&str> = other.iter().map(|s| s.as_str()).collect();
         m.set_extra(&args);
         let st = m.start().expect("refused");
@@ -553,6 +559,10 @@ async fn unsafe_no_fsync_survives_a_process_kill() {
     assert!(m.start().is_none(), "{}", m.log_text());
     check_keys(&mut m.client().await, &want).await;
     if !support::is_etcd() {
-        assert!(m.log_text().contains("--unsafe-no-fsync"), "{}", m.log_text());
+        assert!(
+            m.log_text().contains("--unsafe-no-fsync"),
+            "{}",
+            m.log_text()
+        );
     }
 }

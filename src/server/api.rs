@@ -180,7 +180,9 @@ pub async fn call_stream(
     match m {
         StreamMethod::LeaseKeepAlive => lease_keep_alive(core, input, sink).await,
         StreamMethod::Watch => super::watch::serve(core, input, sink, meta).await,
-        StreamMethod::Observe => super::coord::observe(core, input, sink, meta.user.as_deref()).await,
+        StreamMethod::Observe => {
+            super::coord::observe(core, input, sink, meta.user.as_deref()).await
+        }
         StreamMethod::Snapshot => snapshot(core, input, sink).await,
     }
 }
@@ -560,7 +562,10 @@ pub(super) async fn txn(core: &Core, req: TxnRequest) -> Result<TxnResponse, Sta
     Ok(out)
 }
 
-pub(super) async fn compact(core: &Core, req: CompactionRequest) -> Result<CompactionResponse, Status> {
+pub(super) async fn compact(
+    core: &Core,
+    req: CompactionRequest,
+) -> Result<CompactionResponse, Status> {
     let res = propose(
         core,
         RaftCommand {

@@ -275,9 +275,11 @@ fn authorize_request(
 /// on a leader key to proclaim or resign, write on a key to unlock. Refused
 /// as etcd's servers pass the KV error on: code Unknown.
 fn coord_allowed(a: &AuthState, user: &str, m: Method, body: &[u8]) -> Result<(), Status> {
-    use crate::proto::v3electionpb::{CampaignRequest, LeaderRequest, ProclaimRequest, ResignRequest};
-    use crate::proto::v3lockpb::{LockRequest, UnlockRequest};
     use super::coord::prefix_end;
+    use crate::proto::v3electionpb::{
+        CampaignRequest, LeaderRequest, ProclaimRequest, ResignRequest,
+    };
+    use crate::proto::v3lockpb::{LockRequest, UnlockRequest};
     let read_prefix = |name: &[u8]| {
         let mut p = name.to_vec();
         p.push(b'/');

@@ -15,7 +15,6 @@ use bytes::{BufMut, Bytes, BytesMut};
 use http::{HeaderMap, HeaderValue, Response};
 use std::rc::Rc;
 
-
 pub async fn serve_conn(
     stream: glommio::net::TcpStream,
     core: Rc<Core>,

@@ -1017,7 +1017,10 @@ pub fn run(cfg: Config) -> Result<(), String> {
         },
     });
     match cfg.quota_bytes() {
-        None => crate::warn!("disabled backend quota (--quota-backend-bytes {})", cfg.quota_backend_bytes),
+        None => crate::warn!(
+            "disabled backend quota (--quota-backend-bytes {})",
+            cfg.quota_backend_bytes
+        ),
         Some(q) if q > crate::config::MAX_QUOTA_BYTES => crate::warn!(
             "backend quota {q} exceeds maximum recommended quota {}",
             crate::config::MAX_QUOTA_BYTES
