@@ -756,6 +756,19 @@ pub async fn run_raft(
         (hs.term, hs.vote)
     };
 
+    // A client write joins this turn's proposal batch (stepped at once when
+    // the batch is full): from the mailbox, or from `leaderless`.
+    macro_rules! add_proposal {
+        ($data:expr, $reply:expr) => {{
+            let id = next_id;
+            next_id += 1;
+            proposals.add(proposal_ctx(nonce, id), $data, id, $reply);
+            if proposals.full() {
+                proposals.step(&mut node, &mut waiters, ticks, &router);
+            }
+        }};
+    }
+
     // Ticks arrive as messages (`spawn_ticker`), so the loop sleeps only on
     // its mailbox and never re-arms a timer per turn.
     loop {
@@ -1011,12 +1024,7 @@ pub async fn run_raft(
                         }
                         continue;
                     }
-                    let id = next_id;
-                    next_id += 1;
-                    proposals.add(proposal_ctx(nonce, id), data, id, reply);
-                    if proposals.full() {
-                        proposals.step(&mut node, &mut waiters, ticks, &router);
-                    }
+                    add_proposal!(data, reply);
                 }
                 RaftMsg::ReadIndex { reply } => reads.push(reply),
                 RaftMsg::Checkpointed { shard, index } => {
@@ -1037,12 +1045,7 @@ pub async fn run_raft(
                 if ticks.saturating_sub(at) >= transfer_ticks {
                     continue;
                 }
-                let id = next_id;
-                next_id += 1;
-                proposals.add(proposal_ctx(nonce, id), data, id, reply);
-                if proposals.full() {
-                    proposals.step(&mut node, &mut waiters, ticks, &router);
-                }
+                add_proposal!(data, reply);
             }
         } else if ticks % 16 == 0 {
             while leaderless
