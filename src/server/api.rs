@@ -1019,6 +1019,21 @@ async fn ask_applier<T>(
     with_timeout(core, rx).await
 }
 
+/// The keys attached to lease `id`, from every shard (unsorted).
+pub(super) async fn lease_keys(core: &Core, id: i64) -> Result<Vec<Vec<u8>>, Status> {
+    let mut waits = Vec::new();
+    for s in &core.router.shards {
+        let (tx, rx) = oneshot::channel();
+        s.send(ShardMsg::LeaseKeys { id, reply: tx });
+        waits.push(rx);
+    }
+    let mut keys = Vec::new();
+    for w in waits {
+        keys.extend(w.await.map_err(|_| error::stopped())?);
+    }
+    Ok(keys)
+}
+
 async fn lease_time_to_live(
     core: &Core,
     req: LeaseTimeToLiveRequest,
@@ -1053,15 +1068,7 @@ async fn lease_time_to_live(
     };
     let mut keys = Vec::new();
     if req.keys {
-        let mut waits = Vec::new();
-        for s in &core.router.shards {
-            let (tx, rx) = oneshot::channel();
-            s.send(ShardMsg::LeaseKeys { id, reply: tx });
-            waits.push(rx);
-        }
-        for w in waits {
-            keys.extend(w.await.map_err(|_| error::stopped())?);
-        }
+        keys = lease_keys(core, id).await?;
         keys.sort_unstable();
     }
     Ok(LeaseTimeToLiveResponse {

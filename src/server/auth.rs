@@ -6,12 +6,12 @@
 //! MemberList, MoveLeader, lease TimeToLive, Leases and keep-alives; with
 //! no token or a valid one, lease grant and revoke, compaction and
 //! alarms; a valid token for any user: its own UserGet and the RoleGet
-//! of a role it holds; key-range permissions (for
-//! locks and elections, on the keys their KV calls touch,
-//! `coord_allowed`, and Observe's prefix, `may_read`); key-range permissions
-//! (read, write) for Range, Put, DeleteRange, every op and compare of a
-//! Txn, and watches (read too for a put's or delete's prev_kv; write on
-//! every key of the lease for a revoke or a put that attaches to it); the `root` role for everything else (auth and
+//! of a role it holds; key-range permissions (read, write) for Range,
+//! Put, DeleteRange, every op and compare of a Txn, and watches (read too
+//! for a put's or delete's prev_kv; write on every key of the lease for a
+//! revoke or a put that attaches to it), and for locks and elections on
+//! the keys their KV calls touch (`coord_allowed`; Observe's prefix,
+//! `may_read`); the `root` role for everything else (auth and
 //! membership management; hashes, snapshots and defragment, refused with
 //! the auth store's own errors, gRPC code Unknown, as etcd's maintenance
 //! server does). A watch asked for without a token or on a range the user
@@ -121,15 +121,7 @@ pub async fn authorize(
     // it, only by a user who may write every key already attached to it
     // (checked here when the request arrives; etcd checks when it
     // applies).
-    let mut keys = Vec::new();
-    for s in &core.router.shards {
-        let (tx, rx) = oneshot::channel();
-        s.send(crate::apply::ShardMsg::LeaseKeys {
-            id: check.lease,
-            reply: tx,
-        });
-        keys.extend(rx.await.map_err(|_| crate::error::stopped())?);
-    }
+    let keys = super::api::lease_keys(core, check.lease).await?;
     let a = core.view.auth.borrow();
     if !a.enabled || keys.is_empty() {
         return Ok(());
