@@ -35,10 +35,22 @@ if [ ${#need[@]} -gt 0 ]; then
 fi
 # Python clients (from PyPI, pinned), in target/pyclients.
 venv="$(cd "$(dirname "$0")/.." && pwd)/target/pyclients"
-# etcd3 0.12's generated protobuf code needs the protobuf 3 runtime.
-if ! "$venv/bin/python" -c 'import etcd3gw, etcd3' >/dev/null 2>&1; then
+# etcd3 0.12's generated protobuf code needs the protobuf 3 runtime, and
+# its Lock the tenacity it was released with (6.1; later ones changed the
+# wait callback's signature). pytest, hypothesis, mock and pifpaf run
+# python-etcd3's own test suite (tests/python_clients.rs).
+if ! "$venv/bin/python" -c 'import etcd3gw, etcd3, pytest, hypothesis, mock, pifpaf, tenacity' >/dev/null 2>&1; then
   rm -rf "$venv"
   python3 -m venv "$venv"
   "$venv/bin/pip" install -q --disable-pip-version-check \
-    etcd3gw==2.7.0 etcd3==0.12.0 'protobuf>=3.20,<4'
+    etcd3gw==2.7.0 etcd3==0.12.0 'protobuf>=3.20,<4' tenacity==6.1.0 \
+    pytest==9.2.0 hypothesis==4.56.3 mock==5.2.0 pifpaf==3.4.0
+fi
+# python-etcd3's own test suite, from its source release on PyPI.
+if [ ! -f "$venv/etcd3-0.12.0/tests/test_etcd3.py" ]; then
+  rm -rf "$venv/sdist"
+  "$venv/bin/pip" download -q --disable-pip-version-check --no-deps \
+    --no-binary :all: -d "$venv/sdist" etcd3==0.12.0
+  echo "89a704cb389bf0a010a1fa050ce19342d23bf6371ebda1c21cfe8ff3ed488726  $venv/sdist/etcd3-0.12.0.tar.gz" | sha256sum -c --quiet
+  tar xzf "$venv/sdist/etcd3-0.12.0.tar.gz" -C "$venv" etcd3-0.12.0/tests
 fi
