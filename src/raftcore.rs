@@ -640,6 +640,13 @@ fn build_node(boot: &RaftBoot) -> Result<RawNode<MemStorage>, String> {
         // Shards only ever apply committed entries, so their checkpoint
         // proves commitment even if the hard state record lagged.
         hs.commit = hs.commit.max(boot.applied).max(rec.base.0).min(last);
+        if hs.term == 0 && last == 0 {
+            // A member with nothing on disk starts at term 1, as etcd's
+            // bootstrap entries are written at term 1, so its first
+            // election is term 2 as on etcd. Raising a term without a
+            // vote is always safe.
+            hs.term = 1;
+        }
         w.set_hardstate(hs);
     }
     let applied = boot.applied.min(
@@ -807,6 +814,7 @@ pub async fn run_raft(
                         ms.waiters.retain(|_, r| !r.is_canceled());
                         ms.alarm_waiters.retain(|_, r| !r.is_canceled());
                         ms.auth_waiters.retain(|_, r| !r.is_canceled());
+                        reads.retain(|r| !r.is_canceled());
                         read_batches.retain(|_, (_, rs)| {
                             rs.retain(|r| !r.is_canceled());
                             !rs.is_empty()
@@ -1075,8 +1083,11 @@ pub async fn run_raft(
                 next_id += 1;
                 read_batches.insert(id, (ticks, std::mem::take(&mut reads)));
                 node.read_index(id.to_le_bytes().to_vec());
-            } else {
-                for r in reads.drain(..) {
+            } else if reads.len() > LEADERLESS_MAX {
+                // No leader known: reads wait for one (an election), as
+                // etcd retries its read index until the request times out;
+                // past the bound, the newest are refused.
+                for r in reads.drain(LEADERLESS_MAX..) {
                     let _ = r.send(Err(error::no_leader()));
                 }
             }

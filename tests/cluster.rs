@@ -327,6 +327,12 @@ async fn a_minority_cannot_write() {
     );
     let served = gw("");
     assert!(served.starts_with("HTTP/1.1 200"), "{served}");
+    // A linearizable read waits for a leader, and with none elected its
+    // request times out as etcd's does (not refused at once).
+    let t = Instant::now();
+    let e = c.get("before", None).await.unwrap_err().to_string();
+    assert!(e.contains("etcdserver: request timed out"), "{e}");
+    assert!(t.elapsed() >= Duration::from_secs(3), "{:?}", t.elapsed());
 }
 
 /// A lease whose keep-alives stopped, across a leader kill: the new leader
@@ -930,12 +936,27 @@ async fn a_write_without_a_leader_waits_for_the_election() {
     }
     let mut w = c.clone();
     let put = tokio::spawn(async move { w.put("held", "1", None).await });
+    // A linearizable read waits the same way (etcd retries its read index
+    // until the request times out), where a serializable one answers.
+    let mut rd = c.clone();
+    let read = tokio::spawn(async move { rd.get("held", None).await });
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert!(!put.is_finished(), "a write without a leader waits for one");
+    assert!(!read.is_finished(), "a read without a leader waits for one");
     let back = others[0];
     let exited = tokio::task::block_in_place(|| ms[back].start());
     assert!(exited.is_none(), "{}", ms[back].log_text());
     let r = put.await.unwrap().unwrap();
+    // keelson answers it once the new leader confirms its read index;
+    // etcd answers the reads pending over a leader change with the
+    // retryable "leader changed" instead.
+    match read.await.unwrap() {
+        Ok(rr) => assert!(rr.kvs().len() <= 1, "{rr:?}"),
+        Err(e) if support::is_etcd() => {
+            assert!(e.to_string().contains("etcdserver: leader changed"), "{e}")
+        }
+        Err(e) => panic!("the held read failed: {e}"),
+    }
     let got = c.get("held", None).await.unwrap();
     assert_eq!(got.kvs()[0].value(), b"1");
     assert_eq!(got.kvs()[0].mod_revision(), r.header().unwrap().revision());
