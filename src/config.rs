@@ -67,6 +67,11 @@ pub struct Config {
     pub log_level: u8,
     /// etcd's `--experimental-watch-progress-notify-interval` (10m).
     pub watch_progress_notify_interval: Duration,
+    /// etcd's `--grpc-keepalive-interval` and `--grpc-keepalive-timeout`
+    /// (2h, 20s): the server pings each gRPC connection every interval and
+    /// closes one that has not answered within the timeout; `None` when
+    /// either is 0 (no pings, as etcd then sets no keepalive).
+    pub grpc_keepalive: Option<(Duration, Duration)>,
 }
 
 impl Config {
@@ -174,6 +179,9 @@ const FLAGS: &[FlagSpec] = &[
     FlagSpec { name: "enable-pprof", help: "only false (keelson has no Go runtime profiler)" },
     FlagSpec { name: "auth-token", help: "the auth token provider: only 'simple' (keelson's own self-validating tokens)" },
     FlagSpec { name: "log-level", help: "configures log level: debug, info, warn, error (default info)" },
+    FlagSpec { name: "grpc-keepalive-interval", help: "frequency duration of server-to-client ping to check if a connection is alive (0 to disable) (default 2h0m0s)" },
+    FlagSpec { name: "grpc-keepalive-timeout", help: "additional duration of wait before closing a non-responsive connection (0 to disable) (default 20s)" },
+    FlagSpec { name: "grpc-keepalive-min-time", help: "minimum interval duration that a client should wait before pinging server: accepted, not enforced by keelson (default 5s)" },
     FlagSpec { name: "experimental-watch-progress-notify-interval", help: "duration of periodic watch progress notifications (default 10m0s)" },
     FlagSpec { name: "experimental-snapshot-catchup-entries", help: "number of entries for a slow follower to catch up after compacting the raft storage entries (default 5000)" },
     FlagSpec { name: "cert-file", help: "path to the client server TLS cert file" },
@@ -408,7 +416,29 @@ where
         &lookup("auto-compaction-mode").unwrap_or_else(|| "periodic".into()),
         &lookup("auto-compaction-retention").unwrap_or_else(|| "0".into()),
     )?;
+    // Go durations ("2h0m0s", "20s"; a bare "0" too).
+    let duration = |flag: &str, default: Duration| -> Result<Duration, String> {
+        match lookup(flag) {
+            None => Ok(default),
+            Some(v) if v.trim() == "0" => Ok(Duration::ZERO),
+            Some(v) => parse_duration(&v)
+                .ok_or_else(|| format!("invalid value {v:?} for flag -{flag}: parse error")),
+        }
+    };
+    let keepalive_interval = duration("grpc-keepalive-interval", Duration::from_secs(2 * 3600))?;
+    let keepalive_timeout = duration("grpc-keepalive-timeout", Duration::from_secs(20))?;
+    duration("grpc-keepalive-min-time", Duration::from_secs(5))?;
+    let grpc_keepalive = if keepalive_interval.is_zero() || keepalive_timeout.is_zero() {
+        None
+    } else {
+        // grpc-go pings at most once a second.
+        Some((
+            keepalive_interval.max(Duration::from_secs(1)),
+            keepalive_timeout,
+        ))
+    };
     let cfg = Config {
+        grpc_keepalive,
         wal_dir: lookup("wal-dir").filter(|d| !d.is_empty()).map(PathBuf::from),
         log_output,
         max_txn_ops,
@@ -796,6 +826,30 @@ mod tests {
         assert_eq!(c.log_output, LogOutput::File(PathBuf::from("/tmp/x.log")));
         assert_eq!(c.log_level, 3);
         assert!(p(&["--auth-token", "simple"], &[]).is_ok());
+        let h = Duration::from_secs(3600);
+        assert_eq!(d.grpc_keepalive, Some((2 * h, Duration::from_secs(20))));
+        let c = p(
+            &[
+                "--grpc-keepalive-interval=1m30s",
+                "--grpc-keepalive-timeout",
+                "500ms",
+                "--grpc-keepalive-min-time=1s",
+            ],
+            &[],
+        )
+        .unwrap();
+        assert_eq!(
+            c.grpc_keepalive,
+            Some((Duration::from_secs(90), Duration::from_millis(500)))
+        );
+        // grpc-go pings at most once a second; 0 turns the pings off.
+        let c = p(&["--grpc-keepalive-interval=10ms"], &[]).unwrap();
+        assert_eq!(c.grpc_keepalive.unwrap().0, Duration::from_secs(1));
+        let c = p(&[], &[("ETCD_GRPC_KEEPALIVE_TIMEOUT", "0")]).unwrap();
+        assert_eq!(c.grpc_keepalive, None);
+        assert!(p(&["--grpc-keepalive-interval=soon"], &[])
+            .unwrap_err()
+            .contains("-grpc-keepalive-interval"));
         for (args, says) in [
             (&["--enable-v2"][..], "has no v2 API"),
             (&["--enable-pprof=true"][..], "pprof"),

@@ -314,6 +314,7 @@ fn start(node: &mut Node, world: &Rc<World>) {
             election_timeout: Duration::from_secs(1),
             auth_token_ttl: Duration::from_secs(300),
             quota_bytes: None,
+            grpc_keepalive: None,
             max_txn_ops: crate::config::MAX_TXN_OPS,
             grpc_gateway: true,
             max_concurrent_streams: 4096,

@@ -800,3 +800,75 @@ fn log_outputs_flag_writes_the_log_to_a_file() {
         log.display()
     );
 }
+
+/// `--grpc-keepalive-interval` and `--grpc-keepalive-timeout`: the server
+/// pings a gRPC connection every interval, keeps one that answers, and
+/// closes one that does not answer within the timeout (grpc-go's server
+/// keepalive, which etcd turns on with these flags).
+#[tokio::test]
+async fn grpc_keepalive_pings_and_closes_a_connection_that_does_not_answer() {
+    use std::io::{ErrorKind, Read, Write};
+    use std::time::{Duration, Instant};
+    let (m, _c) = started(&[
+        "--grpc-keepalive-interval=1s",
+        "--grpc-keepalive-timeout=1s",
+    ])
+    .await;
+    let addr = m.endpoint().trim_start_matches("http://").to_string();
+    // A bare HTTP/2 client: preface and SETTINGS, then it only reads,
+    // acknowledges the server's SETTINGS and, if `answer`, its PINGs.
+    // Returns (pings seen, whether the server closed) within `window`.
+    let run = move |answer: bool, window: Duration| -> (usize, bool) {
+        let mut s = std::net::TcpStream::connect(&addr).unwrap();
+        s.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\0\0\0\x04\0\0\0\0\0")
+            .unwrap();
+        let start = Instant::now();
+        let (mut pings, mut buf) = (0, Vec::new());
+        loop {
+            let Some(left) = window.checked_sub(start.elapsed()) else {
+                return (pings, false);
+            };
+            s.set_read_timeout(Some(left.max(Duration::from_millis(1))))
+                .unwrap();
+            let mut chunk = [0u8; 4096];
+            match s.read(&mut chunk) {
+                Ok(0) => return (pings, true),
+                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
+                    return (pings, false)
+                }
+                Err(_) => return (pings, true),
+            }
+            while buf.len() >= 9 {
+                let len = u32::from_be_bytes([0, buf[0], buf[1], buf[2]]) as usize;
+                if buf.len() < 9 + len {
+                    break;
+                }
+                let (ty, flags) = (buf[3], buf[4]);
+                let payload = buf[9..9 + len].to_vec();
+                buf.drain(..9 + len);
+                if ty == 4 && flags & 1 == 0 {
+                    s.write_all(b"\0\0\0\x04\x01\0\0\0\0").unwrap();
+                }
+                if ty == 6 && flags & 1 == 0 {
+                    pings += 1;
+                    if answer {
+                        let mut ack = vec![0, 0, 8, 6, 1, 0, 0, 0, 0];
+                        ack.extend_from_slice(&payload);
+                        s.write_all(&ack).unwrap();
+                    }
+                }
+            }
+        }
+    };
+    let (kept, gone) = tokio::task::spawn_blocking(move || {
+        (
+            run(true, Duration::from_millis(4500)),
+            run(false, Duration::from_secs(8)),
+        )
+    })
+    .await
+    .unwrap();
+    assert!(kept.0 >= 2 && !kept.1, "answering client: {kept:?}");
+    assert!(gone.0 >= 1 && gone.1, "silent client: {gone:?}");
+}

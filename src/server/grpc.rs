@@ -96,17 +96,74 @@ where
             return;
         }
     };
-    while let Some(next) = conn.accept().await {
-        match next {
-            Ok((req, respond)) => {
-                glommio::spawn_local(handle_stream(req, respond, core.clone())).detach();
-            }
-            Err(e) => {
-                if !e.is_io() && !e.is_go_away() {
-                    crate::debug!("h2 connection from {peer:?}: {e}");
+    // `_open` is dropped when this function returns, which ends the
+    // keepalive task; `dead` fires when a ping went unanswered.
+    let (_open, closed) = futures::channel::oneshot::channel::<()>();
+    let (dead_tx, dead) = futures::channel::oneshot::channel::<()>();
+    if let Some((interval, timeout)) = core.router.member.grpc_keepalive {
+        if let Some(pp) = conn.ping_pong() {
+            glommio::spawn_local(keepalive(pp, interval, timeout, closed, dead_tx)).detach();
+        }
+    }
+    let serve = async {
+        while let Some(next) = conn.accept().await {
+            match next {
+                Ok((req, respond)) => {
+                    glommio::spawn_local(handle_stream(req, respond, core.clone())).detach();
                 }
-                break;
+                Err(e) => {
+                    if !e.is_io() && !e.is_go_away() {
+                        crate::debug!("h2 connection from {peer:?}: {e}");
+                    }
+                    break;
+                }
             }
+        }
+    };
+    let unanswered = async {
+        match dead.await {
+            Ok(()) => {
+                crate::debug!("h2 connection from {peer:?}: keepalive ping not answered; closing")
+            }
+            // No keepalive task: never.
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    // Dropping the connection (a ping went unanswered) closes its socket.
+    futures_lite::future::or(serve, unanswered).await;
+}
+
+/// etcd's server keepalive (`--grpc-keepalive-interval`, `-timeout`): a
+/// ping every `interval`; no answer within `timeout` tells the connection
+/// to close (`dead`). Ends when the connection does (`closed`).
+async fn keepalive(
+    mut pp: h2::PingPong,
+    interval: std::time::Duration,
+    timeout: std::time::Duration,
+    mut closed: futures::channel::oneshot::Receiver<()>,
+    dead: futures::channel::oneshot::Sender<()>,
+) {
+    use futures_lite::future::or;
+    loop {
+        let due = async {
+            glommio::timer::sleep(interval).await;
+            true
+        };
+        let gone = async {
+            let _ = (&mut closed).await;
+            false
+        };
+        if !or(due, gone).await {
+            return;
+        }
+        let pong = async { pp.ping(h2::Ping::opaque()).await.is_ok() };
+        let late = async {
+            glommio::timer::sleep(timeout).await;
+            false
+        };
+        if !or(pong, late).await {
+            let _ = dead.send(());
+            return;
         }
     }
 }

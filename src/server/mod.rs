@@ -68,6 +68,9 @@ pub struct Member {
     /// The database size past which puts, txns and lease grants raise
     /// NOSPACE (`--quota-backend-bytes`); `None`: no quota.
     pub quota_bytes: Option<u64>,
+    /// Server pings on gRPC connections: (interval, timeout), from
+    /// `--grpc-keepalive-interval` and `--grpc-keepalive-timeout`.
+    pub grpc_keepalive: Option<(std::time::Duration, std::time::Duration)>,
 }
 
 /// The WAL's directory, checked against where this data dir's WAL was
@@ -1011,6 +1014,7 @@ pub fn run(cfg: Config) -> Result<(), String> {
             election_timeout: cfg.election_timeout,
             auth_token_ttl: cfg.auth_token_ttl,
             quota_bytes: cfg.quota_bytes(),
+            grpc_keepalive: cfg.grpc_keepalive,
             max_txn_ops: cfg.max_txn_ops,
             grpc_gateway: cfg.grpc_gateway,
             max_concurrent_streams: cfg.max_concurrent_streams,
