@@ -147,6 +147,8 @@ const BOOL_FLAGS: &[&str] = &[
     "enable-v2",
     "debug",
     "enable-pprof",
+    "force-new-cluster",
+    "experimental-initial-corrupt-check",
 ];
 
 const FLAGS: &[FlagSpec] = &[
@@ -177,6 +179,10 @@ const FLAGS: &[FlagSpec] = &[
     FlagSpec { name: "debug", help: "enable debug-level logging (as --log-level debug)" },
     FlagSpec { name: "enable-v2", help: "accept etcd V2 client requests: only false (keelson has no v2 API)" },
     FlagSpec { name: "enable-pprof", help: "only false (keelson has no Go runtime profiler)" },
+    FlagSpec { name: "force-new-cluster", help: "only false (keelson cannot yet make a member's data a new one-member cluster)" },
+    FlagSpec { name: "experimental-initial-corrupt-check", help: "only false (keelson has no start-up check against peers; compare members with 'etcdctl endpoint hashkv --cluster')" },
+    FlagSpec { name: "max-snapshots", help: "accepted, no effect: keelson keeps the two newest shard checkpoints (etcd's default 5)" },
+    FlagSpec { name: "max-wals", help: "accepted, no effect: keelson keeps the WAL segments from the newest checkpoint every shard has on (etcd's default 5)" },
     FlagSpec { name: "auth-token", help: "the auth token provider: only 'simple' (keelson's own self-validating tokens)" },
     FlagSpec { name: "log-level", help: "configures log level: debug, info, warn, error (default info)" },
     FlagSpec { name: "grpc-keepalive-interval", help: "frequency duration of server-to-client ping to check if a connection is alive (0 to disable) (default 2h0m0s)" },
@@ -368,6 +374,14 @@ where
     for (flag, what) in [
         ("enable-v2", "v2 API"),
         ("enable-pprof", "pprof (a Go runtime profiler)"),
+        (
+            "force-new-cluster",
+            "forced new cluster (a member's data cannot yet become a new one-member cluster)",
+        ),
+        (
+            "experimental-initial-corrupt-check",
+            "initial corruption check (compare members with 'etcdctl endpoint hashkv --cluster')",
+        ),
     ] {
         if flag_bool(flag)? {
             return Err(format!("--{flag}: keelson has no {what}"));
@@ -428,6 +442,10 @@ where
     let keepalive_interval = duration("grpc-keepalive-interval", Duration::from_secs(2 * 3600))?;
     let keepalive_timeout = duration("grpc-keepalive-timeout", Duration::from_secs(20))?;
     duration("grpc-keepalive-min-time", Duration::from_secs(5))?;
+    // Retention of etcd's snap and WAL files: keelson keeps what its
+    // recovery needs (README), so these are only checked.
+    num("max-snapshots", 5)?;
+    num("max-wals", 5)?;
     let grpc_keepalive = if keepalive_interval.is_zero() || keepalive_timeout.is_zero() {
         None
     } else {
@@ -826,6 +844,17 @@ mod tests {
         assert_eq!(c.log_output, LogOutput::File(PathBuf::from("/tmp/x.log")));
         assert_eq!(c.log_level, 3);
         assert!(p(&["--auth-token", "simple"], &[]).is_ok());
+        assert!(p(
+            &[
+                "--force-new-cluster=false",
+                "--experimental-initial-corrupt-check=false",
+                "--max-snapshots=0",
+                "--max-wals",
+                "7",
+            ],
+            &[],
+        )
+        .is_ok());
         let h = Duration::from_secs(3600);
         assert_eq!(d.grpc_keepalive, Some((2 * h, Duration::from_secs(20))));
         let c = p(
@@ -853,6 +882,12 @@ mod tests {
         for (args, says) in [
             (&["--enable-v2"][..], "has no v2 API"),
             (&["--enable-pprof=true"][..], "pprof"),
+            (&["--force-new-cluster"][..], "forced new cluster"),
+            (
+                &["--experimental-initial-corrupt-check=true"][..],
+                "initial corruption check",
+            ),
+            (&["--max-wals=-1"][..], "-max-wals"),
             (&["--auth-token", "jwt,pub-key=x"][..], "only 'simple'"),
             (&["--logger", "glog"][..], "unknown logger"),
             (&["--log-outputs", "stderr,/tmp/x"][..], "one output"),
