@@ -50,6 +50,9 @@ pub struct Config {
     /// etcd's `--strict-reconfig-check`: refuse membership changes that
     /// could lose quorum (started voters, every voter connected).
     pub strict_reconfig_check: bool,
+    /// `--force-new-cluster`: this member's data becomes a one-member
+    /// cluster (every other member removed) before it starts.
+    pub force_new_cluster: bool,
     /// `--unsafe-no-fsync`: WAL batches are not fdatasynced.
     pub unsafe_no_fsync: bool,
     /// `--pre-vote` (default true here, as in etcd 3.5; 3.4's is false).
@@ -179,7 +182,7 @@ const FLAGS: &[FlagSpec] = &[
     FlagSpec { name: "debug", help: "enable debug-level logging (as --log-level debug)" },
     FlagSpec { name: "enable-v2", help: "accept etcd V2 client requests: only false (keelson has no v2 API)" },
     FlagSpec { name: "enable-pprof", help: "only false (keelson has no Go runtime profiler)" },
-    FlagSpec { name: "force-new-cluster", help: "only false (keelson cannot yet make a member's data a new one-member cluster)" },
+    FlagSpec { name: "force-new-cluster", help: "force to create a new one-member cluster from this member's data (default false)" },
     FlagSpec { name: "experimental-initial-corrupt-check", help: "only false (keelson has no start-up check against peers; compare members with 'etcdctl endpoint hashkv --cluster')" },
     FlagSpec { name: "max-snapshots", help: "accepted, no effect: keelson keeps the two newest shard checkpoints (etcd's default 5)" },
     FlagSpec { name: "max-wals", help: "accepted, no effect: keelson keeps the WAL segments from the newest checkpoint every shard has on (etcd's default 5)" },
@@ -375,10 +378,6 @@ where
         ("enable-v2", "v2 API"),
         ("enable-pprof", "pprof (a Go runtime profiler)"),
         (
-            "force-new-cluster",
-            "forced new cluster (a member's data cannot yet become a new one-member cluster)",
-        ),
-        (
             "experimental-initial-corrupt-check",
             "initial corruption check (compare members with 'etcdctl endpoint hashkv --cluster')",
         ),
@@ -468,6 +467,7 @@ where
         auth_token_ttl: Duration::from_secs(num("auth-token-ttl", 300)?.max(1)),
         strict_reconfig_check,
         unsafe_no_fsync: flag_bool("unsafe-no-fsync")?,
+        force_new_cluster: flag_bool("force-new-cluster")?,
         pre_vote,
         grpc_gateway,
         max_concurrent_streams,
@@ -846,7 +846,7 @@ mod tests {
         assert!(p(&["--auth-token", "simple"], &[]).is_ok());
         assert!(p(
             &[
-                "--force-new-cluster=false",
+                "--force-new-cluster=1",
                 "--experimental-initial-corrupt-check=false",
                 "--max-snapshots=0",
                 "--max-wals",
@@ -882,7 +882,6 @@ mod tests {
         for (args, says) in [
             (&["--enable-v2"][..], "has no v2 API"),
             (&["--enable-pprof=true"][..], "pprof"),
-            (&["--force-new-cluster"][..], "forced new cluster"),
             (
                 &["--experimental-initial-corrupt-check=true"][..],
                 "initial corruption check",

@@ -733,6 +733,63 @@ pub(crate) fn load_membership(
     Ok(m)
 }
 
+/// etcd's `--force-new-cluster`: this member's data becomes a one-member
+/// cluster. Every other member, and every member a conf change in the WAL
+/// not yet applied would add, is marked removed (so those changes are
+/// refused when they apply, as etcd appends removals after its log), this
+/// member becomes the one voter, and the membership is stored before raft
+/// starts, so a later start without the flag stays a one-member cluster.
+/// Raft then elects it alone, which commits whatever its log holds, as
+/// etcd commits its whole log. A data dir with no log yet is left as is
+/// (etcd ignores the flag without a WAL).
+fn force_new_cluster(
+    cfg: &Config,
+    me: u64,
+    mut m: crate::membership::Membership,
+    rec: &wal::Recovered,
+) -> Result<crate::membership::Membership, String> {
+    use crate::proto::keelson::MemberChange;
+    use prost::Message as _;
+    if rec.entries.is_empty() && rec.base.0 == 0 {
+        crate::info!("--force-new-cluster: no log yet, so nothing to force");
+        return Ok(m);
+    }
+    let mut others: std::collections::BTreeSet<u64> =
+        m.members.keys().copied().filter(|&id| id != me).collect();
+    for e in rec.entries.iter().filter(|e| e.index > m.conf_index) {
+        if e.get_entry_type() != raft::eraftpb::EntryType::EntryConfChange {
+            continue;
+        }
+        let mut cc = raft::eraftpb::ConfChange::default();
+        if protobuf::Message::merge_from_bytes(&mut cc, e.data.as_ref()).is_ok() {
+            if let Ok(ch) = MemberChange::decode(cc.context.as_ref()) {
+                if ch.id != me && ch.id != 0 {
+                    others.insert(ch.id);
+                }
+            }
+        }
+    }
+    let Some(mine) = m.members.get_mut(&me) else {
+        return Err(format!(
+            "--force-new-cluster: member {me:x} is not in its own membership"
+        ));
+    };
+    mine.learner = false;
+    m.members.retain(|&id, _| id == me);
+    m.removed.extend(others.iter().copied());
+    m.store(&cfg.data_dir.join("members"))?;
+    crate::warn!(
+        "--force-new-cluster: member {me:x} is now the only member of cluster {:x}; removed {}",
+        m.cluster_id,
+        others
+            .iter()
+            .map(|id| format!("{id:x}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    Ok(m)
+}
+
 /// The newest checkpoint index every shard has (0: none).
 fn common_checkpoint(data_dir: &Path, shards: usize) -> Result<u64, String> {
     let mut common: Option<Vec<u64>> = None;
@@ -957,6 +1014,11 @@ pub fn run(cfg: Config) -> Result<(), String> {
     let common = common_checkpoint(&cfg.data_dir, meta.shards)?;
     let wal_path = check_wal_dir(&cfg)?;
     let recovered = wal::read_all(&wal_path)?;
+    let membership = if cfg.force_new_cluster {
+        force_new_cluster(&cfg, meta.member_id, membership, &recovered)?
+    } else {
+        membership
+    };
     if recovered.base.0 > common {
         return Err(format!(
             "the WAL starts after index {} but the shards are only durable to {common}: refusing to start (data would be missing)",
@@ -1251,5 +1313,76 @@ mod tests {
         let abc = cluster_id_of(&[a.clone(), b.clone(), c.clone()]);
         assert_eq!(abc, cluster_id_of(&[c, a.clone(), b]));
         assert_ne!(abc, cluster_id_of(&[a]));
+    }
+
+    /// `--force-new-cluster` keeps only this member, as a voter, and marks
+    /// removed every other one, including a member that a conf change in
+    /// the WAL's unapplied tail would add (so that change is refused when
+    /// it applies); the stored membership says the same.
+    #[test]
+    fn force_new_cluster_removes_every_other_member_and_the_tails_adds() {
+        use crate::membership::{MemberInfo, Membership};
+        use crate::proto::keelson::{member_change::Kind, MemberChange};
+        use prost::Message as _;
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = match crate::config::parse(
+            ["--data-dir".to_string(), dir.path().display().to_string()],
+            |_| None,
+        )
+        .unwrap()
+        {
+            crate::config::Parsed::Serve(c) => *c,
+            _ => unreachable!(),
+        };
+        let mut m = Membership {
+            cluster_id: 9,
+            conf_index: 5,
+            ..Default::default()
+        };
+        for id in [1, 2, 3] {
+            m.members.insert(
+                id,
+                MemberInfo {
+                    learner: id == 1,
+                    ..Default::default()
+                },
+            );
+        }
+        let change = |index: u64, id: u64| {
+            let mut cc = raft::eraftpb::ConfChange::default();
+            cc.node_id = id;
+            cc.context = MemberChange {
+                kind: Kind::Add as i32,
+                id,
+                peer_urls: vec![format!("http://127.0.0.1:{id}")],
+                is_learner: false,
+            }
+            .encode_to_vec()
+            .into();
+            let mut e = raft::eraftpb::Entry::default();
+            e.index = index;
+            e.set_entry_type(raft::eraftpb::EntryType::EntryConfChange);
+            e.data = protobuf::Message::write_to_bytes(&cc).unwrap().into();
+            e
+        };
+        let normal = |index: u64| raft::eraftpb::Entry {
+            index,
+            ..Default::default()
+        };
+        // Index 4 (applied already, at or below conf_index) added member 8,
+        // which a later change removed: not in the membership, not marked.
+        let rec = wal::Recovered {
+            entries: vec![change(4, 8), normal(5), change(6, 4), normal(7)],
+            ..Default::default()
+        };
+        let f = force_new_cluster(&cfg, 1, m.clone(), &rec).unwrap();
+        assert_eq!(f.members.keys().copied().collect::<Vec<_>>(), [1]);
+        assert!(!f.members[&1].learner);
+        assert_eq!(f.removed.iter().copied().collect::<Vec<_>>(), [2, 3, 4]);
+        let stored = Membership::load(&dir.path().join("members")).unwrap();
+        assert_eq!(stored, Some(f));
+        // No log yet: nothing is forced.
+        let empty = wal::Recovered::default();
+        assert_eq!(force_new_cluster(&cfg, 1, m.clone(), &empty).unwrap(), m);
     }
 }
