@@ -53,6 +53,9 @@ pub struct Config {
     /// `--force-new-cluster`: this member's data becomes a one-member
     /// cluster (every other member removed) before it starts.
     pub force_new_cluster: bool,
+    /// `--experimental-initial-corrupt-check`: compare this member's hash
+    /// with its peers' at start, and stop on a mismatch.
+    pub initial_corrupt_check: bool,
     /// `--unsafe-no-fsync`: WAL batches are not fdatasynced.
     pub unsafe_no_fsync: bool,
     /// `--pre-vote` (default true here, as in etcd 3.5; 3.4's is false).
@@ -183,7 +186,7 @@ const FLAGS: &[FlagSpec] = &[
     FlagSpec { name: "enable-v2", help: "accept etcd V2 client requests: only false (keelson has no v2 API)" },
     FlagSpec { name: "enable-pprof", help: "only false (keelson has no Go runtime profiler)" },
     FlagSpec { name: "force-new-cluster", help: "force to create a new one-member cluster from this member's data (default false)" },
-    FlagSpec { name: "experimental-initial-corrupt-check", help: "only false (keelson has no start-up check against peers; compare members with 'etcdctl endpoint hashkv --cluster')" },
+    FlagSpec { name: "experimental-initial-corrupt-check", help: "enable to check data corruption before serving any client/peer traffic: keelson compares its hash with every reachable peer's at start and stops on a mismatch (default false)" },
     FlagSpec { name: "max-snapshots", help: "accepted, no effect: keelson keeps the two newest shard checkpoints (etcd's default 5)" },
     FlagSpec { name: "max-wals", help: "accepted, no effect: keelson keeps the WAL segments from the newest checkpoint every shard has on (etcd's default 5)" },
     FlagSpec { name: "auth-token", help: "the auth token provider: only 'simple' (keelson's own self-validating tokens)" },
@@ -377,10 +380,6 @@ where
     for (flag, what) in [
         ("enable-v2", "v2 API"),
         ("enable-pprof", "pprof (a Go runtime profiler)"),
-        (
-            "experimental-initial-corrupt-check",
-            "initial corruption check (compare members with 'etcdctl endpoint hashkv --cluster')",
-        ),
     ] {
         if flag_bool(flag)? {
             return Err(format!("--{flag}: keelson has no {what}"));
@@ -468,6 +467,7 @@ where
         strict_reconfig_check,
         unsafe_no_fsync: flag_bool("unsafe-no-fsync")?,
         force_new_cluster: flag_bool("force-new-cluster")?,
+        initial_corrupt_check: flag_bool("experimental-initial-corrupt-check")?,
         pre_vote,
         grpc_gateway,
         max_concurrent_streams,
@@ -847,7 +847,7 @@ mod tests {
         assert!(p(
             &[
                 "--force-new-cluster=1",
-                "--experimental-initial-corrupt-check=false",
+                "--experimental-initial-corrupt-check=true",
                 "--max-snapshots=0",
                 "--max-wals",
                 "7",
@@ -882,10 +882,6 @@ mod tests {
         for (args, says) in [
             (&["--enable-v2"][..], "has no v2 API"),
             (&["--enable-pprof=true"][..], "pprof"),
-            (
-                &["--experimental-initial-corrupt-check=true"][..],
-                "initial corruption check",
-            ),
             (&["--max-wals=-1"][..], "-max-wals"),
             (&["--auth-token", "jwt,pub-key=x"][..], "only 'simple'"),
             (&["--logger", "glog"][..], "unknown logger"),

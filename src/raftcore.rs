@@ -128,6 +128,26 @@ pub enum RaftMsg {
         seq: u64,
         answer: Result<Option<(i64, i64)>, Status>,
     },
+    /// Ask peer `to` for its hash of the versions up to `rev` (etcd's
+    /// initial corruption check asks every peer for its HashKV).
+    PeerHash {
+        to: u64,
+        rev: i64,
+        reply: HashReply,
+    },
+    /// A peer asks this member for its hash up to `rev`.
+    PeerHashAsked {
+        from: u64,
+        nonce: u64,
+        seq: u64,
+        rev: i64,
+    },
+    /// A peer's answer to `PeerHash`.
+    PeerHashAnswer {
+        nonce: u64,
+        seq: u64,
+        answer: Result<(u32, i64), Status>,
+    },
 }
 
 pub type AlarmReply = futures::channel::oneshot::Sender<Result<Vec<(u64, i32)>, Status>>;
@@ -172,6 +192,17 @@ pub const PAYLOAD_LEASE_TTL_ASK: u8 = 4;
 /// the granted TTL i64 and remaining seconds i64, or 2 (not the leader).
 pub const PAYLOAD_LEASE_TTL_ANSWER: u8 = 5;
 
+/// A member's hash at a revision for a peer: nonce u64, seq u64, revision
+/// i64.
+pub const PAYLOAD_HASH_ASK: u8 = 6;
+/// Its answer: nonce u64, seq u64, then 0, the hash u32 and the compaction
+/// revision i64; or 1 and a gRPC code u8 and message (the revision is a
+/// future one, or compacted).
+pub const PAYLOAD_HASH_ANSWER: u8 = 7;
+
+/// Where a peer's hash goes: (hash, its compaction revision).
+pub type HashReply = futures::channel::oneshot::Sender<Result<(u32, i64), Status>>;
+
 /// Where a lease TimeToLive's answer goes: (granted TTL, remaining
 /// seconds), `None` when there is no such lease.
 pub type TtlReply = futures::channel::oneshot::Sender<Result<Option<(i64, i64)>, Status>>;
@@ -208,6 +239,26 @@ pub fn decode_member_payload(from: u64, p: &[u8]) -> Option<RaftMsg> {
                 _ => return None,
             };
             Some(RaftMsg::LeaseTtlAnswer { nonce, seq, answer })
+        }
+        PAYLOAD_HASH_ASK if p.len() == 25 => Some(RaftMsg::PeerHashAsked {
+            from,
+            nonce,
+            seq,
+            rev: i64::from_le_bytes(p[17..25].try_into().ok()?),
+        }),
+        PAYLOAD_HASH_ANSWER => {
+            let answer = match p.get(17..)? {
+                [0, rest @ ..] if rest.len() == 12 => Ok((
+                    u32::from_le_bytes(rest[..4].try_into().ok()?),
+                    i64::from_le_bytes(rest[4..].try_into().ok()?),
+                )),
+                [1, code, msg @ ..] => Err(Status::new(
+                    error::Code::from_u8(*code),
+                    String::from_utf8_lossy(msg).into_owned(),
+                )),
+                _ => return None,
+            };
+            Some(RaftMsg::PeerHashAnswer { nonce, seq, answer })
         }
         PAYLOAD_MEMBER_REFUSED if p.len() >= 18 => Some(RaftMsg::ChangeRefused {
             nonce,
@@ -251,7 +302,9 @@ pub fn decode_payload(from: u64, me: u64, payload: &bytes::Bytes) -> Option<Raft
         Some(&PAYLOAD_MEMBER_CHANGE)
         | Some(&PAYLOAD_MEMBER_REFUSED)
         | Some(&PAYLOAD_LEASE_TTL_ASK)
-        | Some(&PAYLOAD_LEASE_TTL_ANSWER) => {
+        | Some(&PAYLOAD_LEASE_TTL_ANSWER)
+        | Some(&PAYLOAD_HASH_ASK)
+        | Some(&PAYLOAD_HASH_ANSWER) => {
             let m = decode_member_payload(from, payload);
             if m.is_none() {
                 crate::warn!("peer {from:x}: a malformed membership or lease message; dropped");
@@ -428,6 +481,8 @@ struct Members {
     auth_waiters: HashMap<u64, futures::channel::oneshot::Sender<Result<(), Status>>>,
     /// Lease TimeToLives forwarded to the leader, by sequence number.
     ttl_waiters: HashMap<u64, TtlReply>,
+    /// Hashes asked of peers, by sequence number.
+    hash_waiters: HashMap<u64, HashReply>,
     token: String,
     strict: bool,
     /// (enabled, revision) of the auth store the cores were last sent.
@@ -723,6 +778,7 @@ pub async fn run_raft(
         alarm_waiters: HashMap::new(),
         auth_waiters: HashMap::new(),
         ttl_waiters: HashMap::new(),
+        hash_waiters: HashMap::new(),
         token: boot.cfg.initial_cluster_token.clone(),
         strict: boot.cfg.strict_reconfig_check,
         auth_sent: None,
@@ -997,6 +1053,60 @@ pub async fn run_raft(
                 } => {
                     if n == nonce {
                         if let Some(r) = ms.ttl_waiters.remove(&seq) {
+                            let _ = r.send(answer);
+                        }
+                    }
+                }
+                RaftMsg::PeerHash { to, rev, reply } => {
+                    let seq = next_id;
+                    next_id += 1;
+                    let payload = member_payload(PAYLOAD_HASH_ASK, nonce, seq, &rev.to_le_bytes());
+                    if peers.send(to, payload.into()) {
+                        ms.hash_waiters.retain(|_, r| !r.is_canceled());
+                        ms.hash_waiters.insert(seq, reply);
+                    } else {
+                        let _ = reply.send(Err(error::stopped()));
+                    }
+                }
+                RaftMsg::PeerHashAsked {
+                    from,
+                    nonce: n,
+                    seq,
+                    rev,
+                } => {
+                    if ms.m.removed.contains(&from) || !ms.m.members.contains_key(&from) {
+                        continue;
+                    }
+                    let peers = peers_rc.clone();
+                    let router = router.clone();
+                    glommio::spawn_local(async move {
+                        let rest = match crate::snapshot::hash_at(&router.applier, rev).await {
+                            Ok((hash, compact, _)) => {
+                                let mut b = vec![0];
+                                b.extend_from_slice(&hash.to_le_bytes());
+                                b.extend_from_slice(&compact.to_le_bytes());
+                                b
+                            }
+                            Err(st) => {
+                                let mut b = vec![1, st.code as u8];
+                                b.extend_from_slice(st.message.as_bytes());
+                                b
+                            }
+                        };
+                        let _ = peers.send(
+                            from,
+                            member_payload(PAYLOAD_HASH_ANSWER, n, seq, &rest).into(),
+                        );
+                    })
+                    .detach();
+                }
+                RaftMsg::PeerHashAnswer {
+                    nonce: n,
+                    seq,
+                    answer,
+                } => {
+                    if n == nonce {
+                        if let Some(r) = ms.hash_waiters.remove(&seq) {
                             let _ = r.send(answer);
                         }
                     }
@@ -1994,9 +2104,46 @@ mod tests {
             };
             assert_eq!(got, want, "{rest:?}");
         }
-        // Every cut of both, every byte flipped, and junk: an answer or
+        // A hash asked of a peer, and its answers.
+        let hash_ask = member_payload(PAYLOAD_HASH_ASK, 11, 22, &40i64.to_le_bytes());
+        match decode_payload(3, 1, &bytes::Bytes::from(hash_ask.clone())) {
+            Some(RaftMsg::PeerHashAsked {
+                from: 3,
+                nonce: 11,
+                seq: 22,
+                rev: 40,
+            }) => {}
+            _ => panic!("a hash ask"),
+        }
+        let mut hashed = vec![0u8];
+        hashed.extend_from_slice(&7u32.to_le_bytes());
+        hashed.extend_from_slice(&(-1i64).to_le_bytes());
+        let mut future = vec![1u8, error::future_rev().code as u8];
+        future.extend_from_slice(error::future_rev().message.as_bytes());
+        let answers = [
+            (hashed.clone(), Some(Ok((7u32, -1i64)))),
+            (future, Some(Err(error::future_rev()))),
+            (hashed[..12].to_vec(), None),
+            (vec![1u8], None),
+            (vec![2u8], None),
+        ];
+        for (rest, want) in answers {
+            let p = member_payload(PAYLOAD_HASH_ANSWER, 11, 22, &rest);
+            let got = match decode_payload(3, 1, &bytes::Bytes::from(p)) {
+                Some(RaftMsg::PeerHashAnswer {
+                    nonce: 11,
+                    seq: 22,
+                    answer,
+                }) => Some(answer),
+                None => None,
+                _ => panic!("a hash answer"),
+            };
+            assert_eq!(got, want, "{rest:?}");
+        }
+        let hash_answer = member_payload(PAYLOAD_HASH_ANSWER, 11, 22, &hashed);
+        // Every cut of each, every byte flipped, and junk: an answer or
         // None, never a panic.
-        for p in [&good, &refused, &ask] {
+        for p in [&good, &refused, &ask, &hash_ask, &hash_answer] {
             for n in 0..p.len() {
                 let _ = decode_payload(3, 1, &bytes::Bytes::copy_from_slice(&p[..n]));
                 let mut q = p.clone();

@@ -709,26 +709,7 @@ async fn all_versions(
     Ok((records, meta.compact_rev))
 }
 
-/// keelson's hash of the versions with a revision in (compacted, `rev`]:
-/// each version's crc32c (key, revisions, version, lease, value or
-/// tombstone), summed, so members with any shard count agree. Not etcd's
-/// number (that hashes bbolt's encoding); comparable between keelson
-/// members, which is what `etcdctl endpoint hashkv` does with it.
-fn hash_versions(records: &[(Vec<u8>, crate::store::index::Version)], rev: i64) -> u32 {
-    let mut h = crc32c::crc32c(b"keelson-hashkv-1");
-    for (k, v) in records.iter().filter(|(_, v)| v.mod_rev <= rev) {
-        let mut c = crc32c::crc32c(k);
-        for n in [v.mod_rev, v.create_rev, v.version, v.lease] {
-            c = crc32c::crc32c_append(c, &n.to_le_bytes());
-        }
-        c = match &v.value {
-            Some(val) => crc32c::crc32c_append(crc32c::crc32c_append(c, b"p"), val),
-            None => crc32c::crc32c_append(c, b"d"),
-        };
-        h = h.wrapping_add(c);
-    }
-    h
-}
+use crate::snapshot::hash_versions;
 
 async fn hash_kv(core: &Core, req: HashKvRequest) -> Result<HashKvResponse, Status> {
     read_revision(core, false).await?;
