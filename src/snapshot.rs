@@ -151,6 +151,69 @@ pub fn decode_chunk(b: &[u8]) -> Option<(u64, u64, &[u8])> {
     ))
 }
 
+/// Every version the shards hold (`(key, version)`) and the snapshot's
+/// meta, from a snapshot of the shards the applier builds (HashKV, Hash,
+/// the initial corruption check).
+pub async fn versions(
+    applier: &crate::mailbox::Sender<crate::apply::ApplierMsg>,
+) -> Result<(Meta, Vec<(Vec<u8>, Version)>), crate::error::Status> {
+    let (tx, rx) = futures::channel::oneshot::channel();
+    applier.send(crate::apply::ApplierMsg::SnapshotBuild { reply: tx });
+    let (_, body) = rx.await.map_err(|_| crate::error::stopped())?;
+    parse(&body).map_err(|e| {
+        crate::error::Status::new(crate::error::Code::Internal, format!("etcdserver: {e}"))
+    })
+}
+
+/// keelson's hash of the versions with a revision in (compacted, `rev`]:
+/// each version's crc32c (key, revisions, version, lease, value or
+/// tombstone), summed, so members with any shard count agree. Not etcd's
+/// number (that hashes bbolt's encoding); comparable between keelson
+/// members (`etcdctl endpoint hashkv`, `--experimental-initial-corrupt-check`).
+pub fn hash_versions(records: &[(Vec<u8>, Version)], rev: i64) -> u32 {
+    let mut h = crc32c::crc32c(b"keelson-hashkv-1");
+    for (k, v) in records.iter().filter(|(_, v)| v.mod_rev <= rev) {
+        let mut c = crc32c::crc32c(k);
+        for n in [v.mod_rev, v.create_rev, v.version, v.lease] {
+            c = crc32c::crc32c_append(c, &n.to_le_bytes());
+        }
+        c = match &v.value {
+            Some(val) => crc32c::crc32c_append(crc32c::crc32c_append(c, b"p"), val),
+            None => crc32c::crc32c_append(c, b"d"),
+        };
+        h = h.wrapping_add(c);
+    }
+    h
+}
+
+/// A member's hash at a revision: (hash, compaction revision, the
+/// member's current revision), from a snapshot of its shards the applier
+/// builds; `rev` 0 means the current one. etcd's errors for a revision
+/// past the current one or below the compaction.
+pub async fn hash_at(
+    applier: &crate::mailbox::Sender<crate::apply::ApplierMsg>,
+    rev: i64,
+) -> Result<(u32, i64, i64), crate::error::Status> {
+    let (meta, records) = versions(applier).await?;
+    // The body is the data at log index `meta.index` (its current_rev is
+    // not filled in); at start, before anything is dispatched, the shards'
+    // newest version says where their data is.
+    let current = records
+        .iter()
+        .map(|(_, v)| v.mod_rev)
+        .chain([meta.index as i64, meta.current_rev])
+        .max()
+        .unwrap_or(0);
+    let rev = if rev > 0 { rev } else { current };
+    if rev > current {
+        return Err(crate::error::future_rev());
+    }
+    if meta.compact_rev > 0 && rev < meta.compact_rev {
+        return Err(crate::error::compacted());
+    }
+    Ok((hash_versions(&records, rev), meta.compact_rev, rev))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -194,58 +257,4 @@ mod tests {
         let c = encode_chunk(77, 1 << 20, b"xyz");
         assert_eq!(decode_chunk(&c), Some((77, 1 << 20, &b"xyz"[..])));
     }
-}
-
-/// keelson's hash of the versions with a revision in (compacted, `rev`]:
-/// each version's crc32c (key, revisions, version, lease, value or
-/// tombstone), summed, so members with any shard count agree. Not etcd's
-/// number (that hashes bbolt's encoding); comparable between keelson
-/// members (`etcdctl endpoint hashkv`, `--experimental-initial-corrupt-check`).
-pub fn hash_versions(records: &[(Vec<u8>, crate::store::index::Version)], rev: i64) -> u32 {
-    let mut h = crc32c::crc32c(b"keelson-hashkv-1");
-    for (k, v) in records.iter().filter(|(_, v)| v.mod_rev <= rev) {
-        let mut c = crc32c::crc32c(k);
-        for n in [v.mod_rev, v.create_rev, v.version, v.lease] {
-            c = crc32c::crc32c_append(c, &n.to_le_bytes());
-        }
-        c = match &v.value {
-            Some(val) => crc32c::crc32c_append(crc32c::crc32c_append(c, b"p"), val),
-            None => crc32c::crc32c_append(c, b"d"),
-        };
-        h = h.wrapping_add(c);
-    }
-    h
-}
-
-/// A member's hash at a revision: (hash, compaction revision, the
-/// member's current revision), from a snapshot of its shards the applier
-/// builds; `rev` 0 means the current one. etcd's errors for a revision
-/// past the current one or below the compaction.
-pub async fn hash_at(
-    applier: &crate::mailbox::Sender<crate::apply::ApplierMsg>,
-    rev: i64,
-) -> Result<(u32, i64, i64), crate::error::Status> {
-    let (tx, rx) = futures::channel::oneshot::channel();
-    applier.send(crate::apply::ApplierMsg::SnapshotBuild { reply: tx });
-    let (_, body) = rx.await.map_err(|_| crate::error::stopped())?;
-    let (meta, records) = parse(&body).map_err(|e| {
-        crate::error::Status::new(crate::error::Code::Internal, format!("etcdserver: {e}"))
-    })?;
-    // The body is the data at log index `meta.index` (its current_rev is
-    // not filled in); at start, before anything is dispatched, the shards'
-    // newest version says where their data is.
-    let current = records
-        .iter()
-        .map(|(_, v)| v.mod_rev)
-        .chain([meta.index as i64, meta.current_rev])
-        .max()
-        .unwrap_or(0);
-    let rev = if rev > 0 { rev } else { current };
-    if rev > current {
-        return Err(crate::error::future_rev());
-    }
-    if meta.compact_rev > 0 && rev < meta.compact_rev {
-        return Err(crate::error::compacted());
-    }
-    Ok((hash_versions(&records, rev), meta.compact_rev, rev))
 }

@@ -694,18 +694,13 @@ async fn alarm(core: &Core, req: AlarmRequest) -> Result<AlarmResponse, Status> 
     })
 }
 
-/// Every version the shards hold (`(key, version)`), their compaction
-/// revision and the applied revision, from a snapshot of the shards.
+/// Every version the shards hold (`(key, version)`) and their compaction
+/// revision, from a snapshot of the shards.
 async fn all_versions(
     core: &Core,
 ) -> Result<(Vec<(Vec<u8>, crate::store::index::Version)>, i64), Status> {
-    let (tx, rx) = oneshot::channel();
-    core.router
-        .applier
-        .send(crate::apply::ApplierMsg::SnapshotBuild { reply: tx });
-    let (_, body) = with_timeout(core, rx).await?;
-    let (meta, records) = crate::snapshot::parse(&body)
-        .map_err(|e| Status::new(Code::Internal, format!("etcdserver: {e}")))?;
+    let work = async { Ok(crate::snapshot::versions(&core.router.applier).await) };
+    let (meta, records) = with_timeout(core, work).await??;
     Ok((records, meta.compact_rev))
 }
 
