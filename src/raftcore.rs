@@ -252,24 +252,35 @@ pub fn decode_member_payload(from: u64, p: &[u8]) -> Option<RaftMsg> {
                     u32::from_le_bytes(rest[..4].try_into().ok()?),
                     i64::from_le_bytes(rest[4..].try_into().ok()?),
                 )),
-                [1, code, msg @ ..] => Err(Status::new(
-                    error::Code::from_u8(*code),
-                    String::from_utf8_lossy(msg).into_owned(),
-                )),
+                [1, st @ ..] => Err(status_from_bytes(st)?),
                 _ => return None,
             };
             Some(RaftMsg::PeerHashAnswer { nonce, seq, answer })
         }
-        PAYLOAD_MEMBER_REFUSED if p.len() >= 18 => Some(RaftMsg::ChangeRefused {
+        PAYLOAD_MEMBER_REFUSED => Some(RaftMsg::ChangeRefused {
             nonce,
             seq,
-            status: Status::new(
-                error::Code::from_u8(p[17]),
-                String::from_utf8_lossy(&p[18..]).into_owned(),
-            ),
+            status: status_from_bytes(&p[17..])?,
         }),
         _ => None,
     }
+}
+
+/// A gRPC status on the peer wire (a refused change, a refused hash): its
+/// code u8, then its message.
+fn status_bytes(st: &Status) -> Vec<u8> {
+    let mut b = Vec::with_capacity(1 + st.message.len());
+    b.push(st.code as u8);
+    b.extend_from_slice(st.message.as_bytes());
+    b
+}
+
+fn status_from_bytes(b: &[u8]) -> Option<Status> {
+    let (code, msg) = b.split_first()?;
+    Some(Status::new(
+        error::Code::from_u8(*code),
+        String::from_utf8_lossy(msg).into_owned(),
+    ))
 }
 
 /// A payload from peer `from` for this member (`me`) as the raft core's
@@ -967,8 +978,7 @@ pub async fn run_raft(
                         Err(error::no_leader())
                     };
                     if let Err(st) = res {
-                        let mut rest = vec![st.code as u8];
-                        rest.extend_from_slice(st.message.as_bytes());
+                        let rest = status_bytes(&st);
                         let _ = peers.send(
                             from,
                             member_payload(PAYLOAD_MEMBER_REFUSED, n, seq, &rest).into(),
@@ -1087,11 +1097,7 @@ pub async fn run_raft(
                                 b.extend_from_slice(&compact.to_le_bytes());
                                 b
                             }
-                            Err(st) => {
-                                let mut b = vec![1, st.code as u8];
-                                b.extend_from_slice(st.message.as_bytes());
-                                b
-                            }
+                            Err(st) => [&[1u8][..], &status_bytes(&st)].concat(),
                         };
                         let _ = peers.send(
                             from,
@@ -2118,8 +2124,7 @@ mod tests {
         let mut hashed = vec![0u8];
         hashed.extend_from_slice(&7u32.to_le_bytes());
         hashed.extend_from_slice(&(-1i64).to_le_bytes());
-        let mut future = vec![1u8, error::future_rev().code as u8];
-        future.extend_from_slice(error::future_rev().message.as_bytes());
+        let future = [&[1u8][..], &status_bytes(&error::future_rev())].concat();
         let answers = [
             (hashed.clone(), Some(Ok((7u32, -1i64)))),
             (future, Some(Err(error::future_rev()))),
