@@ -1852,14 +1852,7 @@ fn apply_member_change(
         // after a restart or behind a snapshot.
         return;
     }
-    let mut cc = raft::eraftpb::ConfChange::default();
-    let change = match protobuf::Message::merge_from_bytes(&mut cc, e.data.as_ref()) {
-        Ok(()) => MemberChange::decode(cc.context.as_ref())
-            .ok()
-            .filter(|c| c.id == cc.node_id && c.id != 0),
-        Err(_) => None,
-    };
-    let Some(change) = change else {
+    let Some((cc, change)) = conf_change_of(e) else {
         crate::error!(
             "raft: entry {} carries a conf change keelson did not write; ignored",
             e.index
@@ -2033,6 +2026,18 @@ fn propose_change(
     cc.context = change.encode_to_vec().into();
     node.propose_conf_change(proposal_ctx(nonce, seq), cc)
         .map_err(raft_refused)
+}
+
+/// A conf change entry as keelson writes it: raft's `ConfChange` with the
+/// `MemberChange` it carries as context (naming the same, non-zero ID);
+/// `None` for anything else.
+pub fn conf_change_of(e: &Entry) -> Option<(raft::eraftpb::ConfChange, MemberChange)> {
+    let mut cc = raft::eraftpb::ConfChange::default();
+    protobuf::Message::merge_from_bytes(&mut cc, e.data.as_ref()).ok()?;
+    let change = MemberChange::decode(cc.context.as_ref())
+        .ok()
+        .filter(|c| c.id == cc.node_id && c.id != 0)?;
+    Some((cc, change))
 }
 
 /// etcd's default request timeout: 5s plus two election timeouts.

@@ -748,8 +748,6 @@ fn force_new_cluster(
     mut m: crate::membership::Membership,
     rec: &wal::Recovered,
 ) -> Result<crate::membership::Membership, String> {
-    use crate::proto::keelson::MemberChange;
-    use prost::Message as _;
     if rec.entries.is_empty() && rec.base.0 == 0 {
         crate::info!("--force-new-cluster: no log yet, so nothing to force");
         return Ok(m);
@@ -760,12 +758,9 @@ fn force_new_cluster(
         if e.get_entry_type() != raft::eraftpb::EntryType::EntryConfChange {
             continue;
         }
-        let mut cc = raft::eraftpb::ConfChange::default();
-        if protobuf::Message::merge_from_bytes(&mut cc, e.data.as_ref()).is_ok() {
-            if let Ok(ch) = MemberChange::decode(cc.context.as_ref()) {
-                if ch.id != me && ch.id != 0 {
-                    others.insert(ch.id);
-                }
+        if let Some((_, ch)) = raftcore::conf_change_of(e) {
+            if ch.id != me {
+                others.insert(ch.id);
             }
         }
     }
