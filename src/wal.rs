@@ -14,8 +14,11 @@
 //! An Entry whose index is at or below the last one read replaces the tail
 //! from that index (Raft overwrote it). Writes go through io_uring with
 //! `O_DIRECT` (glommio's `DmaFile`; on a filesystem without direct I/O,
-//! such as tmpfs, glommio opens it buffered), one aligned `write_at` and
-//! one `fdatasync` per batch: that is the group commit. A batch rarely ends
+//! such as tmpfs, glommio opens it buffered), one aligned write and one
+//! `fdatasync` per batch, submitted together as a linked pair so the
+//! kernel starts the sync when the write completes (glommio's
+//! `write_at_then_fdatasync`, keelson's patch): that is the group commit.
+//! A batch rarely ends
 //! on a block boundary, so the writer keeps the last partial block
 //! (`tail`) and writes it again, with the new records after it, at the
 //! start of the next batch's write; bytes after the last record in that
@@ -420,11 +423,7 @@ impl Wal {
             align,
             no_fsync: false,
         };
-        wal.write(&head)
-            .await
-            .map_err(|e| format!("{}: {e}", path.display()))?;
-        wal.file
-            .fdatasync()
+        wal.write(&head, true)
             .await
             .map_err(|e| format!("{}: {e}", path.display()))?;
         File::open(&wal.dir)
@@ -433,11 +432,14 @@ impl Wal {
         Ok(wal)
     }
 
-    /// Writes `data` at `pos` (no sync): one aligned direct write of the
-    /// partial block kept in `tail`, then `data`, then zeros up to the next
-    /// block boundary, or up to the next `PREALLOC_BYTES` boundary when the
-    /// write reaches past what the file has.
-    async fn write(&mut self, data: &[u8]) -> Result<(), String> {
+    /// Writes `data` at `pos`, and fdatasyncs it when `sync`: one aligned
+    /// direct write of the partial block kept in `tail`, then `data`, then
+    /// zeros up to the next block boundary, or up to the next
+    /// `PREALLOC_BYTES` boundary when the write reaches past what the file
+    /// has. With `sync`, the write and the fdatasync go to io_uring as one
+    /// linked pair: the kernel starts the sync when the write completes,
+    /// without a round trip through the executor.
+    async fn write(&mut self, data: &[u8], sync: bool) -> Result<(), String> {
         let align = self.align;
         let start = self.pos - self.tail.len() as u64;
         let end = self.pos + data.len() as u64;
@@ -455,11 +457,17 @@ impl Wal {
         // The new partial block, kept before the buffer goes to the kernel.
         let tail_from = (end / align * align - start) as usize;
         let new_tail = b[tail_from..t + data.len()].to_vec();
-        let written = self
-            .file
-            .write_at(dma, start)
-            .await
-            .map_err(|e| format!("wal write: {e}"))?;
+        let written = if sync {
+            self.file
+                .write_at_then_fdatasync(dma, start)
+                .await
+                .map_err(|e| format!("wal write and fdatasync: {e}"))?
+        } else {
+            self.file
+                .write_at(dma, start)
+                .await
+                .map_err(|e| format!("wal write: {e}"))?
+        };
         if written != len {
             return Err(format!("wal write: short write {written} of {len}"));
         }
@@ -501,15 +509,9 @@ impl Wal {
         // Taken for the write and given back empty, so the next batch
         // reuses its capacity.
         let mut buf = std::mem::take(&mut self.buf);
-        self.write(&buf).await?;
+        self.write(&buf, !self.no_fsync).await?;
         buf.clear();
         self.buf = buf;
-        if !self.no_fsync {
-            self.file
-                .fdatasync()
-                .await
-                .map_err(|e| format!("wal fdatasync: {e}"))?;
-        }
         if self.pos >= SEGMENT_BYTES_MAX {
             let segments = std::mem::take(&mut self.segments);
             let mut next = Wal::create(self.dir.clone(), self.seq + 1, last, segments).await?;
@@ -632,6 +634,44 @@ mod tests {
         for (a, b) in rec.entries.iter().zip(&expect) {
             assert_eq!((a.index, a.term, &a.data), (b.index, b.term, &b.data));
         }
+    }
+
+    /// The linked write and fdatasync (third_party/glommio/PATCHES.md):
+    /// what it writes reads back; a write that fails (a file opened only
+    /// for reading) reports the write's error, its linked sync is
+    /// cancelled rather than left pending, and the executor goes on.
+    #[test]
+    fn linked_write_and_fdatasync_write_and_fail_cleanly() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("f");
+        let p = path.clone();
+        glommio::LocalExecutorBuilder::default()
+            .spawn(move || async move {
+                let f = glommio::io::DmaFile::create(&p).await.unwrap();
+                let align = f.alignment() as usize;
+                for round in 0..3u8 {
+                    let mut buf = f.alloc_dma_buffer(2 * align);
+                    buf.as_bytes_mut().fill(round + 1);
+                    let n = f
+                        .write_at_then_fdatasync(buf, round as u64 * 2 * align as u64)
+                        .await
+                        .unwrap();
+                    assert_eq!(n, 2 * align);
+                }
+                f.close().await.unwrap();
+                let ro = glommio::io::DmaFile::open(&p).await.unwrap();
+                let buf = ro.alloc_dma_buffer(align);
+                let err = ro.write_at_then_fdatasync(buf, 0).await.unwrap_err();
+                assert!(err.to_string().contains("Writing"), "{err}");
+                let back = ro.read_at(0, 6 * align).await.unwrap();
+                for (i, b) in back.iter().enumerate() {
+                    assert_eq!(*b, (i / (2 * align)) as u8 + 1, "byte {i}");
+                }
+                ro.close().await.unwrap();
+            })
+            .unwrap()
+            .join()
+            .unwrap();
     }
 
     fn write_segment(dir: &Path, seq: u64, base: (u64, u64), recs: &[(u8, Vec<u8>)]) -> PathBuf {

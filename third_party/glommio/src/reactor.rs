@@ -636,6 +636,45 @@ impl Reactor {
         }
     }
 
+    /// keelson: a DMA write and an fdatasync of `raw`, linked so the
+    /// kernel syncs once the write completes; `None` (nothing queued) when
+    /// the two cannot be linked.
+    pub(crate) fn write_dma_then_fdatasync(
+        &self,
+        raw: RawFd,
+        buf: DmaSource,
+        pos: u64,
+        pollable: PollableStatus,
+    ) -> Result<(Source, Source), DmaSource> {
+        if let PollableStatus::Pollable = pollable {
+            return Err(buf);
+        }
+        let stats = StatsCollection {
+            fulfilled: Some(|result, stats, op_count| {
+                if let Ok(result) = result {
+                    stats.file_writes += op_count;
+                    stats.file_bytes_written += *result as u64 * op_count;
+                }
+            }),
+            reused: None,
+            latency: None,
+        };
+        let write = self.new_source(
+            raw,
+            SourceType::Write(pollable, IoBuffer::DmaSource(buf)),
+            Some(stats),
+        );
+        let sync = self.new_source(raw, SourceType::FdataSync, None);
+        if self.sys.write_dma_then_fdatasync(&write, pos, &sync) {
+            Ok((write, sync))
+        } else {
+            match write.extract_source_type() {
+                SourceType::Write(_, IoBuffer::DmaSource(buf)) => Err(buf),
+                _ => unreachable!("a write source"),
+            }
+        }
+    }
+
     pub(crate) fn fdatasync(&self, raw: RawFd) -> Source {
         let source = self.new_source(raw, SourceType::FdataSync, None);
         self.sys.fdatasync(&source);

@@ -529,7 +529,26 @@ fn extract_one_chain(
             }
             true
         })
-        .collect()
+        .collect::<SmallVec<[UringDescriptor; 1]>>()
+        .tap_last_unlinked()
+}
+
+/// keelson: a chain whose last requests were canceled before submission
+/// must not end with a link flag, or the kernel would link it to whatever
+/// is submitted next.
+trait TapLastUnlinked {
+    fn tap_last_unlinked(self) -> Self;
+}
+
+impl TapLastUnlinked for SmallVec<[UringDescriptor; 1]> {
+    fn tap_last_unlinked(mut self) -> Self {
+        if let Some(last) = self.last_mut() {
+            if last.user_data > 0 {
+                last.flags.remove(SubmissionFlags::IO_LINK | SubmissionFlags::IO_HARDLINK);
+            }
+        }
+        self
+    }
 }
 
 fn process_one_event<F, R>(
@@ -1576,6 +1595,54 @@ impl Reactor {
             UringOpDescriptor::FDataSync,
             &mut self.source_map.borrow_mut(),
         );
+    }
+
+    /// keelson: a DMA write and an fdatasync of the same file, linked
+    /// (`IOSQE_IO_LINK`) in the main ring, so the kernel starts the sync
+    /// when the write completes and the executor is woken once, for the
+    /// sync. Returns false, queueing nothing, when the write would go to
+    /// another ring (a pollable device) and so cannot be linked.
+    pub(crate) fn write_dma_then_fdatasync(
+        &self,
+        write: &Source,
+        pos: u64,
+        sync: &Source,
+    ) -> bool {
+        let op = match &*write.source_type() {
+            SourceType::Write(
+                PollableStatus::NonPollable(DirectIo::Disabled),
+                IoBuffer::DmaSource(buf),
+            ) => UringOpDescriptor::Write(buf.as_ptr(), buf.len(), pos),
+            SourceType::Write(PollableStatus::NonPollable(_), IoBuffer::DmaSource(buf)) => {
+                match buf.uring_buffer_id() {
+                    Some(id) => UringOpDescriptor::WriteFixed(buf.as_ptr(), buf.len(), pos, id),
+                    None => UringOpDescriptor::Write(buf.as_ptr(), buf.len(), pos),
+                }
+            }
+            _ => return false,
+        };
+        let ring = &mut *self.main_ring.borrow_mut();
+        let source_map = &mut self.source_map.borrow_mut();
+        let now = Some(Instant::now());
+        write.inner.borrow_mut().wakers.queued_at = now;
+        sync.inner.borrow_mut().wakers.queued_at = now;
+        let q = ring.submission_queue();
+        let wid = source_map.add_source(write, Rc::clone(&q));
+        let sid = source_map.add_source(sync, Rc::clone(&q));
+        let mut queue = q.borrow_mut();
+        queue.submissions.push_back(UringDescriptor {
+            args: op,
+            fd: write.raw(),
+            flags: SubmissionFlags::IO_LINK,
+            user_data: to_user_data(wid),
+        });
+        queue.submissions.push_back(UringDescriptor {
+            args: UringOpDescriptor::FDataSync,
+            fd: sync.raw(),
+            flags: SubmissionFlags::empty(),
+            user_data: to_user_data(sid),
+        });
+        true
     }
 
     pub(crate) fn fallocate(&self, source: &Source, offset: u64, size: u64, flags: libc::c_int) {
