@@ -56,6 +56,9 @@ pub struct Config {
     /// `--experimental-initial-corrupt-check`: compare this member's hash
     /// with its peers' at start, and stop on a mismatch.
     pub initial_corrupt_check: bool,
+    /// `--enable-pprof`: accepted (etcd's Procfile passes it); keelson has
+    /// no Go runtime profiler, so it only logs that at start.
+    pub enable_pprof: bool,
     /// `--unsafe-no-fsync`: WAL batches are not fdatasynced.
     pub unsafe_no_fsync: bool,
     /// `--pre-vote` (default true here, as in etcd 3.5; 3.4's is false).
@@ -184,7 +187,7 @@ const FLAGS: &[FlagSpec] = &[
     FlagSpec { name: "log-outputs", help: "where to write logs: 'default' or 'stderr', 'stdout', or one file path (default \"default\")" },
     FlagSpec { name: "debug", help: "enable debug-level logging (as --log-level debug)" },
     FlagSpec { name: "enable-v2", help: "accept etcd V2 client requests: only false (keelson has no v2 API)" },
-    FlagSpec { name: "enable-pprof", help: "only false (keelson has no Go runtime profiler)" },
+    FlagSpec { name: "enable-pprof", help: "accepted; keelson has no Go runtime profiler, so /debug/pprof is not served (default false)" },
     FlagSpec { name: "force-new-cluster", help: "force to create a new one-member cluster from this member's data (default false)" },
     FlagSpec { name: "experimental-initial-corrupt-check", help: "enable to check data corruption before serving any client/peer traffic: keelson compares its hash with every reachable peer's at start and stops on a mismatch (default false)" },
     FlagSpec { name: "max-snapshots", help: "accepted, no effect: keelson keeps the two newest shard checkpoints (etcd's default 5)" },
@@ -377,13 +380,8 @@ where
             )),
         }
     };
-    for (flag, what) in [
-        ("enable-v2", "v2 API"),
-        ("enable-pprof", "pprof (a Go runtime profiler)"),
-    ] {
-        if flag_bool(flag)? {
-            return Err(format!("--{flag}: keelson has no {what}"));
-        }
+    if flag_bool("enable-v2")? {
+        return Err("--enable-v2: keelson has no v2 API".to_string());
     }
     match lookup("logger").as_deref() {
         None | Some("zap") | Some("capnslog") => {}
@@ -468,6 +466,7 @@ where
         unsafe_no_fsync: flag_bool("unsafe-no-fsync")?,
         force_new_cluster: flag_bool("force-new-cluster")?,
         initial_corrupt_check: flag_bool("experimental-initial-corrupt-check")?,
+        enable_pprof: flag_bool("enable-pprof")?,
         pre_vote,
         grpc_gateway,
         max_concurrent_streams,
@@ -876,12 +875,17 @@ mod tests {
         assert_eq!(c.grpc_keepalive.unwrap().0, Duration::from_secs(1));
         let c = p(&[], &[("ETCD_GRPC_KEEPALIVE_TIMEOUT", "0")]).unwrap();
         assert_eq!(c.grpc_keepalive, None);
+        // etcd's Procfile starts its members with --enable-pprof.
+        assert!(p(&["--enable-pprof"], &[]).unwrap().enable_pprof);
+        assert!(!p(&[], &[]).unwrap().enable_pprof);
+        assert!(p(&["--enable-pprof=maybe"], &[])
+            .unwrap_err()
+            .contains("-enable-pprof"));
         assert!(p(&["--grpc-keepalive-interval=soon"], &[])
             .unwrap_err()
             .contains("-grpc-keepalive-interval"));
         for (args, says) in [
             (&["--enable-v2"][..], "has no v2 API"),
-            (&["--enable-pprof=true"][..], "pprof"),
             (&["--max-wals=-1"][..], "-max-wals"),
             (&["--auth-token", "jwt,pub-key=x"][..], "only 'simple'"),
             (&["--logger", "glog"][..], "unknown logger"),

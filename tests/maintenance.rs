@@ -448,6 +448,20 @@ fn http_get(addr: &str, path: &str) -> (u16, String) {
     (code, body)
 }
 
+/// `--enable-pprof` (etcd's Procfile passes it) starts a member that
+/// serves as usual; etcd then serves Go's profiles under /debug/pprof/,
+/// keelson, which has no Go runtime, answers 404 there (README).
+#[tokio::test]
+async fn enable_pprof_is_accepted() {
+    let (m, mut c) = started(&["--enable-pprof"]).await;
+    c.put("k", "v", None).await.unwrap();
+    assert_eq!(c.get("k", None).await.unwrap().kvs()[0].value(), b"v");
+    let (code, body) = http_get(&m.endpoint(), "/health");
+    assert_eq!(code, 200, "{body}");
+    let (code, _) = http_get(&m.endpoint(), "/debug/pprof/");
+    assert_eq!(code, if support::is_etcd() { 200 } else { 404 });
+}
+
 /// etcd serves /health, /version and /metrics over HTTP/1 on the client
 /// port (and on --listen-metrics-urls).
 #[tokio::test]

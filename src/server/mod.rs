@@ -1057,6 +1057,11 @@ pub fn run(cfg: Config) -> Result<(), String> {
         .flatten()
         .collect();
     let tls_cfg = tls::server_config(&cfg)?;
+    if cfg.enable_pprof {
+        crate::warn!(
+            "--enable-pprof: keelson has no Go runtime profiler; /debug/pprof is not served"
+        );
+    }
 
     fs::create_dir_all(&cfg.data_dir).map_err(|e| format!("{}: {e}", cfg.data_dir.display()))?;
     // Held until `run` returns, i.e. for the life of the member.
