@@ -81,6 +81,9 @@ pub struct Config {
     /// closes one that has not answered within the timeout; `None` when
     /// either is 0 (no pings, as etcd then sets no keepalive).
     pub grpc_keepalive: Option<(Duration, Duration)>,
+    /// etcd's `--experimental-corrupt-check-time` (0: off): how often the
+    /// leader compares its hash with every member's.
+    pub corrupt_check_every: Option<Duration>,
 }
 
 impl Config {
@@ -190,6 +193,7 @@ const FLAGS: &[FlagSpec] = &[
     FlagSpec { name: "enable-pprof", help: "accepted; keelson has no Go runtime profiler, so /debug/pprof is not served (default false)" },
     FlagSpec { name: "force-new-cluster", help: "force to create a new one-member cluster from this member's data (default false)" },
     FlagSpec { name: "experimental-initial-corrupt-check", help: "enable to check data corruption before serving any client/peer traffic: keelson compares its hash with every reachable peer's at start and stops on a mismatch (default false)" },
+    FlagSpec { name: "experimental-corrupt-check-time", help: "duration of time between cluster corruption check passes (0 to disable) (default 0s)" },
     FlagSpec { name: "max-snapshots", help: "accepted, no effect: keelson keeps the two newest shard checkpoints (etcd's default 5)" },
     FlagSpec { name: "max-wals", help: "accepted, no effect: keelson keeps the WAL segments from the newest checkpoint every shard has on (etcd's default 5)" },
     FlagSpec { name: "auth-token", help: "the auth token provider: only 'simple' (keelson's own self-validating tokens)" },
@@ -438,6 +442,8 @@ where
     let keepalive_interval = duration("grpc-keepalive-interval", Duration::from_secs(2 * 3600))?;
     let keepalive_timeout = duration("grpc-keepalive-timeout", Duration::from_secs(20))?;
     duration("grpc-keepalive-min-time", Duration::from_secs(5))?;
+    let corrupt_check_every =
+        Some(duration("experimental-corrupt-check-time", Duration::ZERO)?).filter(|d| !d.is_zero());
     // Retention of etcd's snap and WAL files: keelson keeps what its
     // recovery needs (README), so these are only checked.
     num("max-snapshots", 5)?;
@@ -453,6 +459,7 @@ where
     };
     let cfg = Config {
         grpc_keepalive,
+        corrupt_check_every,
         wal_dir: lookup("wal-dir").filter(|d| !d.is_empty()).map(PathBuf::from),
         log_output,
         max_txn_ops,

@@ -962,6 +962,114 @@ async fn a_write_without_a_leader_waits_for_the_election() {
     assert_eq!(got.kvs()[0].mod_revision(), r.header().unwrap().revision());
 }
 
+/// Changes a stopped keelson member's data under it: the value of key
+/// `marker` ("original-value") rewritten in place in its checkpointed
+/// shard segment, the record's checksum made good so recovery takes it.
+/// record := len u32 | crc32c(body) u32 | body, and the body ends with
+/// key and value.
+fn rewrite_marker_value(m: &Member) {
+    let dir = m.data().join("shard-000");
+    let mut patched = 0;
+    for e in std::fs::read_dir(&dir).unwrap() {
+        let path = e.unwrap().path();
+        if path.extension().map(|x| x != "seg").unwrap_or(true) {
+            continue;
+        }
+        let mut b = std::fs::read(&path).unwrap();
+        let needle = b"markeroriginal-value";
+        let Some(at) = b.windows(needle.len()).position(|w| w == needle) else {
+            continue;
+        };
+        let body = at - (1 + 8 * 4 + 4);
+        let len = u32::from_le_bytes(b[body - 8..body - 4].try_into().unwrap()) as usize;
+        b[at + 6] = b'O';
+        let crc = crc32c::crc32c(&b[body..body + len]);
+        b[body - 4..body].copy_from_slice(&crc.to_le_bytes());
+        std::fs::write(&path, &b).unwrap();
+        patched += 1;
+    }
+    assert_eq!(patched, 1, "the marker's record in {}", dir.display());
+}
+
+/// `--experimental-corrupt-check-time`: every interval the leader compares
+/// its hash with every member's. While the data agrees no alarm comes; a
+/// follower whose data changed under it (keelson: `rewrite_marker_value`)
+/// gets a CORRUPT alarm, and then writes fail with etcd's "etcdserver:
+/// corrupt cluster".
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn periodic_corrupt_check_raises_an_alarm_for_a_member_whose_data_differs() {
+    let mut ms = cluster(
+        3,
+        &[
+            "--experimental-corrupt-check-time",
+            "1s",
+            "--snapshot-count",
+            "10",
+        ],
+    );
+    start_all(&mut ms);
+    let l = leader(&ms, &[0, 1, 2]).await;
+    let f = (l + 1) % 3;
+    let mut c = connect(&ms[l]).await;
+    c.put("marker", "original-value", None).await.unwrap();
+    for i in 0..40 {
+        c.put(format!("k{i:02}"), "v", None).await.unwrap();
+    }
+    let mut cf = connect(&ms[f]).await;
+    let f_id = cf.status().await.unwrap().header().unwrap().member_id();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let opts = || Some(GetOptions::new().with_prefix().with_serializable());
+    while cf.get("k", opts()).await.unwrap().count() < 40 {
+        assert!(Instant::now() < deadline, "the follower never caught up");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Several passes, with writes between them: the data agrees.
+    for i in 0..5 {
+        c.put(format!("later{i}"), "v", None).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(600)).await;
+    }
+    let alarms = c
+        .alarm(AlarmAction::Get, AlarmType::None, None)
+        .await
+        .unwrap();
+    let raised: Vec<_> = alarms
+        .alarms()
+        .iter()
+        .map(|a| (a.member_id(), a.alarm()))
+        .collect();
+    assert!(raised.is_empty(), "{raised:?}");
+    if support::is_etcd() {
+        return; // the rest changes keelson's segment files
+    }
+    ms[f].kill9();
+    rewrite_marker_value(&ms[f]);
+    let exited = tokio::task::block_in_place(|| ms[f].start());
+    assert!(exited.is_none(), "{}", ms[f].log_text());
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let r = c.alarm(AlarmAction::Get, AlarmType::None, None).await;
+        if let Ok(r) = r {
+            if let Some(a) = r.alarms().first() {
+                assert_eq!(
+                    (a.member_id(), a.alarm(), r.alarms().len()),
+                    (f_id, AlarmType::Corrupt, 1),
+                    "{}",
+                    ms[l].log_text()
+                );
+                break;
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no CORRUPT alarm: {}",
+            ms[l].log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let err = c.put("after", "v", None).await.unwrap_err().to_string();
+    assert!(err.contains("etcdserver: corrupt cluster"), "{err}");
+}
+
 /// etcd's `--experimental-initial-corrupt-check`: a member whose data
 /// matches its peers' starts and says so; one whose data changed under it
 /// (keelson: a value rewritten inside a checkpointed segment record, its
@@ -1017,29 +1125,7 @@ async fn initial_corrupt_check_stops_a_member_whose_data_differs() {
         return; // the rest changes keelson's segment files
     }
     ms[f].kill9();
-    // Rewrite the value in place: record := len u32 | crc32c(body) u32 |
-    // body, and the body ends with key and value.
-    let dir = ms[f].data().join("shard-000");
-    let mut patched = 0;
-    for e in std::fs::read_dir(&dir).unwrap() {
-        let path = e.unwrap().path();
-        if path.extension().map(|x| x != "seg").unwrap_or(true) {
-            continue;
-        }
-        let mut b = std::fs::read(&path).unwrap();
-        let needle = b"markeroriginal-value";
-        let Some(at) = b.windows(needle.len()).position(|w| w == needle) else {
-            continue;
-        };
-        let body = at - (1 + 8 * 4 + 4);
-        let len = u32::from_le_bytes(b[body - 8..body - 4].try_into().unwrap()) as usize;
-        b[at + 6] = b'O';
-        let crc = crc32c::crc32c(&b[body..body + len]);
-        b[body - 4..body].copy_from_slice(&crc.to_le_bytes());
-        std::fs::write(&path, &b).unwrap();
-        patched += 1;
-    }
-    assert_eq!(patched, 1, "the marker's record in {}", dir.display());
+    rewrite_marker_value(&ms[f]);
     let st = tokio::task::block_in_place(|| {
         let r = ms[f].start();
         r.or_else(|| ms[f].wait_exit(Duration::from_secs(20)))

@@ -804,26 +804,8 @@ async fn check_initial_hash(router: Arc<Router>, membership: crate::membership::
         }
     };
     crate::info!("initial corruption check: {me:x} has hash {hash} at revision {rev}, compacted at {compact}");
-    // Every peer at once, each given the request timeout.
-    let asks = membership
-        .members
-        .keys()
-        .filter(|&&id| id != me)
-        .map(|&peer| {
-            let (tx, rx) = futures::channel::oneshot::channel();
-            router.raft.send(RaftMsg::PeerHash {
-                to: peer,
-                rev,
-                reply: tx,
-            });
-            let late = async {
-                glommio::timer::sleep(router.member.request_timeout).await;
-                Err(futures::channel::oneshot::Canceled)
-            };
-            async move { (peer, futures_lite::future::or(rx, late).await) }
-        });
     let mut mismatch = 0;
-    for (peer, answer) in futures::future::join_all(asks).await {
+    for (peer, answer) in peer_hashes(&router, &membership, rev).await {
         match answer {
             Ok(Ok((h, _))) if h == hash => {}
             Ok(Ok((h, c))) if c == compact => {
@@ -849,6 +831,123 @@ async fn check_initial_hash(router: Arc<Router>, membership: crate::membership::
         std::process::exit(1);
     }
     crate::info!("initial corruption check: {me:x} passed; no corruption");
+}
+
+/// What a peer answered for its hash at a revision: (hash, its compaction
+/// revision), its refusal, or nothing within the request timeout.
+type PeerHashAnswer =
+    Result<Result<(u32, i64), crate::error::Status>, futures::channel::oneshot::Canceled>;
+
+/// Every other member's hash of its versions at `rev`, asked over the peer
+/// connections all at once, each given the request timeout.
+async fn peer_hashes(
+    router: &Router,
+    membership: &crate::membership::Membership,
+    rev: i64,
+) -> Vec<(u64, PeerHashAnswer)> {
+    let me = router.member.id;
+    let asks = membership
+        .members
+        .keys()
+        .filter(|&&id| id != me)
+        .map(|&peer| {
+            let (tx, rx) = futures::channel::oneshot::channel();
+            router.raft.send(RaftMsg::PeerHash {
+                to: peer,
+                rev,
+                reply: tx,
+            });
+            let late = async {
+                glommio::timer::sleep(router.member.request_timeout).await;
+                Err(futures::channel::oneshot::Canceled)
+            };
+            async move { (peer, futures_lite::future::or(rx, late).await) }
+        });
+    futures::future::join_all(asks).await
+}
+
+/// etcd's `--experimental-corrupt-check-time`: every `every`, the leader
+/// runs `check_hashes` (etcd's monitorKVHash); followers do nothing.
+async fn monitor_hashes(ctx: Rc<Core>, every: std::time::Duration) {
+    crate::info!("enabled corruption checking every {every:?}");
+    loop {
+        glommio::timer::sleep(every).await;
+        if ctx.view.leader.get() == ctx.router.member.id {
+            check_hashes(&ctx).await;
+        }
+    }
+}
+
+/// One pass of etcd's periodic corruption check (checkHashKV): the leader
+/// hashes its versions at its current revision, asks every member for its
+/// hash at that revision, and hashes its own again. It raises a CORRUPT
+/// alarm, through the log, for the first member found inconsistent:
+/// itself, when its two hashes at one revision and compaction differ; a
+/// member compacted past the leader; a member with the leader's (first)
+/// compaction revision and another hash. A member that does not answer,
+/// or is behind that revision, is skipped, as etcd skips it. With the
+/// alarm raised, every member refuses writes with "etcdserver: corrupt
+/// cluster" until it is deactivated.
+async fn check_hashes(ctx: &Core) {
+    let router = &ctx.router;
+    let me = router.member.id;
+    let Ok((hash, compact, rev)) = crate::snapshot::hash_at(&router.applier, 0).await else {
+        return;
+    };
+    let membership = {
+        let (tx, rx) = futures::channel::oneshot::channel();
+        router.raft.send(RaftMsg::Members { reply: tx });
+        match rx.await {
+            Ok(m) => m,
+            Err(_) => return,
+        }
+    };
+    let answers = peer_hashes(router, &membership, rev).await;
+    let Ok((hash2, compact2, rev2)) = crate::snapshot::hash_at(&router.applier, 0).await else {
+        return;
+    };
+    let mut corrupt = None;
+    if hash2 != hash && rev2 == rev && compact2 == compact {
+        crate::warn!(
+            "found hash mismatch: member {me:x} hashed revision {rev} as {hash}, then {hash2} (compact revision {compact})"
+        );
+        corrupt = Some(me);
+    }
+    for (peer, answer) in answers {
+        let Ok(Ok((h, c))) = answer else { continue };
+        if c > compact2 {
+            crate::warn!(
+                "compact revision from follower must be less than or equal to leader's: {peer:x} has {c}, leader {me:x} {compact2}"
+            );
+            corrupt = corrupt.or(Some(peer));
+        } else if c == compact && h != hash {
+            crate::warn!(
+                "same compact revision then hashes must match: leader {me:x} has {hash}, follower {peer:x} {h} (revision {rev}, compact revision {compact})"
+            );
+            corrupt = corrupt.or(Some(peer));
+        }
+    }
+    let Some(member_id) = corrupt else {
+        return;
+    };
+    use crate::proto::etcdserverpb::{alarm_request::AlarmAction, AlarmRequest, AlarmType};
+    let (tx, rx) = futures::channel::oneshot::channel();
+    router.raft.send(RaftMsg::Alarm {
+        req: AlarmRequest {
+            action: AlarmAction::Activate as i32,
+            member_id,
+            alarm: AlarmType::Corrupt as i32,
+        },
+        reply: tx,
+    });
+    match rx.await {
+        Ok(Ok(_)) => crate::warn!("raised a CORRUPT alarm for member {member_id:x}"),
+        Ok(Err(e)) => crate::warn!(
+            "cannot raise a CORRUPT alarm for member {member_id:x}: {}",
+            e.message
+        ),
+        Err(_) => {}
+    }
 }
 
 /// The newest checkpoint index every shard has (0: none).
@@ -1204,6 +1303,7 @@ pub fn run(cfg: Config) -> Result<(), String> {
         let tls_addrs = tls_addrs.clone();
         let tls_cfg = tls_cfg.clone();
         let auto_compaction = cfg.auto_compaction;
+        let corrupt_check_every = cfg.corrupt_check_every;
         let initial_corrupt_check = cfg.initial_corrupt_check;
         let (peer_addrs, metrics_addrs) = if core == 0 {
             (peer_addrs.clone(), metrics_addrs.clone())
@@ -1285,6 +1385,9 @@ pub fn run(cfg: Config) -> Result<(), String> {
                         .detach();
                     }
                     glommio::spawn_local(compactor::run(ctx.clone(), auto_compaction)).detach();
+                    if let Some(every) = corrupt_check_every {
+                        glommio::spawn_local(monitor_hashes(ctx.clone(), every)).detach();
+                    }
                 }
                 spawn_memory_collector();
                 {
