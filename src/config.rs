@@ -882,6 +882,19 @@ mod tests {
         assert_eq!(c.grpc_keepalive.unwrap().0, Duration::from_secs(1));
         let c = p(&[], &[("ETCD_GRPC_KEEPALIVE_TIMEOUT", "0")]).unwrap();
         assert_eq!(c.grpc_keepalive, None);
+        assert_eq!(p(&[], &[]).unwrap().corrupt_check_every, None);
+        assert_eq!(
+            p(&["--experimental-corrupt-check-time=2m"], &[])
+                .unwrap()
+                .corrupt_check_every,
+            Some(Duration::from_secs(120))
+        );
+        assert_eq!(
+            p(&["--experimental-corrupt-check-time", "0"], &[])
+                .unwrap()
+                .corrupt_check_every,
+            None
+        );
         // etcd's Procfile starts its members with --enable-pprof.
         assert!(p(&["--enable-pprof"], &[]).unwrap().enable_pprof);
         assert!(!p(&[], &[]).unwrap().enable_pprof);
