@@ -31,6 +31,13 @@ pub struct Config {
     pub key_file: Option<PathBuf>,
     pub trusted_ca_file: Option<PathBuf>,
     pub client_cert_auth: bool,
+    /// Peer TLS (`https://` peer URLs): etcd's `--peer-cert-file`,
+    /// `--peer-key-file`, `--peer-trusted-ca-file`,
+    /// `--peer-client-cert-auth`.
+    pub peer_cert_file: Option<PathBuf>,
+    pub peer_key_file: Option<PathBuf>,
+    pub peer_trusted_ca_file: Option<PathBuf>,
+    pub peer_client_cert_auth: bool,
     /// etcd's `--listen-metrics-urls`: HTTP/1 only (/metrics, /health).
     pub listen_metrics_urls: Vec<String>,
     pub initial_advertise_peer_urls: Vec<String>,
@@ -156,6 +163,7 @@ const BOOL_FLAGS: &[&str] = &[
     "enable-grpc-gateway",
     "unsafe-no-fsync",
     "client-cert-auth",
+    "peer-client-cert-auth",
     "enable-v2",
     "debug",
     "enable-pprof",
@@ -207,6 +215,10 @@ const FLAGS: &[FlagSpec] = &[
     FlagSpec { name: "key-file", help: "path to the client server TLS key file" },
     FlagSpec { name: "trusted-ca-file", help: "path to the client server TLS trusted CA cert file" },
     FlagSpec { name: "client-cert-auth", help: "enable client cert authentication (default false)" },
+    FlagSpec { name: "peer-cert-file", help: "path to the peer server TLS cert file" },
+    FlagSpec { name: "peer-key-file", help: "path to the peer server TLS key file" },
+    FlagSpec { name: "peer-trusted-ca-file", help: "path to the peer server TLS trusted CA file (keelson needs it for https peer URLs: it verifies every peer's certificate against it)" },
+    FlagSpec { name: "peer-client-cert-auth", help: "enable peer client cert authentication (default false)" },
     FlagSpec { name: "listen-metrics-urls", help: "list of URLs to listen on for the /metrics and /health endpoints (default none)" },
     FlagSpec { name: "auth-token-ttl", help: "the lifetime in seconds of the auth token (default 300)" },
     FlagSpec { name: "strict-reconfig-check", help: "reject reconfiguration requests that would cause quorum loss (default true)" },
@@ -468,6 +480,10 @@ where
         key_file: lookup("key-file").map(PathBuf::from),
         trusted_ca_file: lookup("trusted-ca-file").map(PathBuf::from),
         client_cert_auth: flag_bool("client-cert-auth")?,
+        peer_cert_file: lookup("peer-cert-file").map(PathBuf::from),
+        peer_key_file: lookup("peer-key-file").map(PathBuf::from),
+        peer_trusted_ca_file: lookup("peer-trusted-ca-file").map(PathBuf::from),
+        peer_client_cert_auth: flag_bool("peer-client-cert-auth")?,
         auth_token_ttl: Duration::from_secs(num("auth-token-ttl", 300)?.max(1)),
         strict_reconfig_check,
         unsafe_no_fsync: flag_bool("unsafe-no-fsync")?,
@@ -621,17 +637,37 @@ impl Config {
             parse_url(u)?;
         }
         let peers = self.initial_members()?;
-        let peer_urls = self
+        let peer_urls: Vec<&String> = self
             .listen_peer_urls
             .iter()
             .chain(&self.initial_advertise_peer_urls)
-            .chain(peers.iter().map(|(_, u)| u));
-        for u in peer_urls.chain(&self.listen_metrics_urls) {
+            .chain(peers.iter().map(|(_, u)| u))
+            .collect();
+        for u in &self.listen_metrics_urls {
             if is_tls_url(u) {
                 return Err(format!(
-                    "{u}: TLS between members (and on the metrics listener) is not supported by keelson yet"
+                    "{u}: TLS on the metrics listener is not supported by keelson"
                 ));
             }
+        }
+        let tls_peers = peer_urls.iter().filter(|u| is_tls_url(u)).count();
+        if tls_peers > 0 && tls_peers < peer_urls.len() {
+            return Err(
+                "peer URLs mix http and https: keelson's members speak TLS to every peer or to none".into(),
+            );
+        }
+        if tls_peers > 0 {
+            if self.peer_cert_file.is_none() || self.peer_key_file.is_none() {
+                return Err("https peer URLs need --peer-cert-file and --peer-key-file".into());
+            }
+            if self.peer_trusted_ca_file.is_none() {
+                return Err(
+                    "https peer URLs need --peer-trusted-ca-file (keelson verifies every peer's certificate against it)".into(),
+                );
+            }
+        }
+        if self.peer_client_cert_auth && self.peer_trusted_ca_file.is_none() {
+            return Err("--peer-client-cert-auth needs --peer-trusted-ca-file".into());
         }
         if self.listen_client_urls.iter().any(|u| is_tls_url(u))
             && (self.cert_file.is_none() || self.key_file.is_none())
@@ -642,6 +678,19 @@ impl Config {
             return Err("--client-cert-auth needs --trusted-ca-file".into());
         }
         Ok(())
+    }
+
+    /// Whether members speak TLS to each other: the peer URLs are https
+    /// (`validate` makes sure they all are, or none).
+    pub fn peer_tls(&self) -> bool {
+        self.listen_peer_urls
+            .iter()
+            .chain(&self.initial_advertise_peer_urls)
+            .any(|u| is_tls_url(u))
+            || self
+                .initial_members()
+                .map(|m| m.iter().any(|(_, u)| is_tls_url(u)))
+                .unwrap_or(false)
     }
 
     /// `--initial-cluster` as (name, peer url) pairs.
@@ -973,7 +1022,41 @@ mod tests {
             ),
             (
                 &["--listen-peer-urls", "https://127.0.0.1:1"],
-                "TLS between members",
+                "every peer or to none",
+            ),
+            (
+                &[
+                    "--listen-peer-urls",
+                    "https://127.0.0.1:1",
+                    "--initial-advertise-peer-urls",
+                    "https://127.0.0.1:1",
+                    "--initial-cluster",
+                    "default=https://127.0.0.1:1",
+                ],
+                "--peer-cert-file and --peer-key-file",
+            ),
+            (
+                &[
+                    "--listen-peer-urls",
+                    "https://127.0.0.1:1",
+                    "--initial-advertise-peer-urls",
+                    "https://127.0.0.1:1",
+                    "--initial-cluster",
+                    "default=https://127.0.0.1:1",
+                    "--peer-cert-file",
+                    "c",
+                    "--peer-key-file",
+                    "k",
+                ],
+                "--peer-trusted-ca-file",
+            ),
+            (
+                &["--peer-client-cert-auth"],
+                "--peer-client-cert-auth needs --peer-trusted-ca-file",
+            ),
+            (
+                &["--listen-metrics-urls", "https://127.0.0.1:1"],
+                "metrics listener",
             ),
         ];
         for (args, want) in cases {

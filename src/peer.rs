@@ -74,12 +74,16 @@
 //!   answer    len       the membership (`membership::Membership::encode`)
 //! ``` The handshake guards against misrouting (another
 //! cluster, another member, a stray client) and corruption; it is not
-//! authentication, and there is no encryption (no peer TLS yet).
+//! authentication. With peer TLS (`PeerConfig::tls`, https peer URLs) all
+//! of the above runs inside a TLS session: the dialing member verifies
+//! the accepting one's certificate against `--peer-trusted-ca-file` for
+//! the IP address it dialed and presents its own; the accepting member
+//! checks that one against the CA with `--peer-client-cert-auth`.
 //!
 //! # Socket seam
 //!
 //! A glommio `TcpStream` enters in exactly two places: `dial` (outgoing) and
-//! `serve_inbound` (accepted). Everything behind them is generic over
+//! `serve_inbound` (accepted), each of which wraps it in TLS when asked. Everything behind them is generic over
 //! `AsyncRead`/`AsyncWrite`, so a fault-injecting or simulated network can
 //! replace those two functions.
 //!
@@ -129,6 +133,13 @@ const READ_BUFFER_BYTES: usize = 64 << 10;
 /// more memory than the bytes actually sent.
 const PAYLOAD_EAGER_BYTES: usize = 1 << 20;
 
+/// Peer TLS: how this member accepts (`server`) and dials (`client`).
+#[derive(Clone)]
+pub struct PeerTls {
+    pub server: std::sync::Arc<rustls::ServerConfig>,
+    pub client: std::sync::Arc<rustls::ClientConfig>,
+}
+
 pub struct PeerConfig {
     pub my_id: u64,
     pub cluster_id: u64,
@@ -146,6 +157,8 @@ pub struct PeerConfig {
     /// Called when a peer answers this member's handshake with `GONE`:
     /// this member was removed from the cluster.
     pub on_removed: Option<Rc<dyn Fn()>>,
+    /// TLS on every connection, both ways (None: plain TCP).
+    pub tls: Option<PeerTls>,
 }
 
 impl PeerConfig {
@@ -160,6 +173,7 @@ impl PeerConfig {
             dial_timeout: Duration::from_secs(1),
             backoff_max: Duration::from_secs(1),
             on_removed: None,
+            tls: None,
         }
     }
 }
@@ -354,18 +368,98 @@ pub async fn serve_inbound(peers: Rc<Peers>, stream: TcpStream) {
         Ok(a) => a.to_string(),
         Err(_) => "?".to_string(),
     };
-    serve_conn(peers, stream, &remote).await;
+    let Some(tls) = peers.cfg.tls.clone() else {
+        serve_conn(peers, stream, &remote).await;
+        return;
+    };
+    let accept = futures_rustls::TlsAcceptor::from(tls.server).accept(stream);
+    let limit = async {
+        glommio::timer::sleep(peers.cfg.dial_timeout).await;
+        Err(io::Error::new(
+            io::ErrorKind::TimedOut,
+            "no TLS handshake in time",
+        ))
+    };
+    match futures_lite::future::or(accept, limit).await {
+        Ok(s) => {
+            serve_conn(peers, s, &remote).await;
+        }
+        Err(e) => crate::warn!("peer: inbound {remote}: TLS handshake failed: {e}; closing"),
+    }
+}
+
+/// An outgoing connection: plain, or TLS over TCP.
+enum Conn {
+    Plain(TcpStream),
+    Tls(Box<futures_rustls::client::TlsStream<TcpStream>>),
+}
+
+impl AsyncRead for Conn {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut [u8],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Conn::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            Conn::Tls(s) => Pin::new(&mut **s).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for Conn {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Conn::Plain(s) => Pin::new(s).poll_write(cx, buf),
+            Conn::Tls(s) => Pin::new(&mut **s).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Conn::Plain(s) => Pin::new(s).poll_flush(cx),
+            Conn::Tls(s) => Pin::new(&mut **s).poll_flush(cx),
+        }
+    }
+
+    fn poll_close(self: Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Conn::Plain(s) => Pin::new(s).poll_close(cx),
+            Conn::Tls(s) => Pin::new(&mut **s).poll_close(cx),
+        }
+    }
 }
 
 /// Opens an outgoing connection: the addresses in order, each with
-/// `timeout`; the first that answers wins.
-async fn dial(addrs: &[SocketAddr], timeout: Duration) -> io::Result<TcpStream> {
+/// `timeout` (for the TCP connect and, with TLS, again for the TLS
+/// handshake); the first that answers wins.
+async fn dial(addrs: &[SocketAddr], timeout: Duration, tls: Option<&PeerTls>) -> io::Result<Conn> {
     let mut last = io::Error::new(io::ErrorKind::NotFound, "no address to dial");
     for a in addrs {
         match TcpStream::connect_timeout(a, timeout).await {
             Ok(s) => {
                 let _ = s.set_nodelay(true);
-                return Ok(s);
+                let Some(tls) = tls else {
+                    return Ok(Conn::Plain(s));
+                };
+                let name = rustls::pki_types::ServerName::IpAddress(a.ip().into());
+                let connect =
+                    futures_rustls::TlsConnector::from(tls.client.clone()).connect(name, s);
+                let limit = async {
+                    glommio::timer::sleep(timeout).await;
+                    Err(io::Error::new(
+                        io::ErrorKind::TimedOut,
+                        "no TLS handshake in time",
+                    ))
+                };
+                match futures_lite::future::or(connect, limit).await {
+                    Ok(s) => return Ok(Conn::Tls(Box::new(s))),
+                    Err(e) => last = io::Error::other(format!("{a}: TLS: {e}")),
+                }
             }
             Err(e) => last = io::Error::other(format!("{a}: {e}")),
         }
@@ -464,7 +558,7 @@ async fn run_writer(cfg: Rc<PeerConfig>, peer: Rc<Peer>) {
     loop {
         wait_for_work(&peer).await;
         let addrs = peer.addrs.borrow().clone();
-        let why = match dial(&addrs, cfg.dial_timeout).await {
+        let why = match dial(&addrs, cfg.dial_timeout, cfg.tls.as_ref()).await {
             Err(e) => format!("dial failed: {e}"),
             Ok(mut stream) => {
                 crate::debug!("peer {:x}: connected", peer.id);
@@ -529,6 +623,11 @@ async fn pump<S: AsyncRead + AsyncWrite + Unpin>(
         peer.fill_batch(buf);
         if !buf.is_empty() {
             if let Err(e) = write_all(peer, stream, buf).await {
+                return e;
+            }
+            // TLS keeps what it has not yet written to the socket (plain
+            // TCP: nothing to do).
+            if let Err(e) = poll_fn(|cx| Pin::new(&mut *stream).poll_flush(cx)).await {
                 return e;
             }
             buf.clear();
@@ -788,16 +887,32 @@ async fn answer_join<S: AsyncWrite + Unpin>(peers: &Peers, w: &mut S, remote: &s
 
 /// Asks the member at `addr` for its cluster's membership (a join
 /// request). Blocking: for startup, before the executors run.
-pub fn request_join(addr: SocketAddr, timeout: Duration) -> Result<Vec<u8>, String> {
-    use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect_timeout(&addr, timeout).map_err(|e| e.to_string())?;
-    s.set_read_timeout(Some(timeout))
+pub fn request_join(
+    addr: SocketAddr,
+    timeout: Duration,
+    tls: Option<&PeerTls>,
+) -> Result<Vec<u8>, String> {
+    let tcp = std::net::TcpStream::connect_timeout(&addr, timeout).map_err(|e| e.to_string())?;
+    tcp.set_read_timeout(Some(timeout))
         .map_err(|e| e.to_string())?;
-    s.set_write_timeout(Some(timeout))
+    tcp.set_write_timeout(Some(timeout))
         .map_err(|e| e.to_string())?;
+    match tls {
+        None => join_over(tcp),
+        Some(tls) => {
+            let name = rustls::pki_types::ServerName::IpAddress(addr.ip().into());
+            let conn = rustls::ClientConnection::new(tls.client.clone(), name)
+                .map_err(|e| format!("TLS: {e}"))?;
+            join_over(rustls::StreamOwned::new(conn, tcp))
+        }
+    }
+}
+
+fn join_over<S: std::io::Read + std::io::Write>(mut s: S) -> Result<Vec<u8>, String> {
     let mut req = JOIN_MAGIC.to_vec();
     req.resize(HANDSHAKE_BYTES, 0);
     s.write_all(&req).map_err(|e| e.to_string())?;
+    s.flush().map_err(|e| e.to_string())?;
     let mut head = [0u8; 8];
     s.read_exact(&mut head).map_err(|e| e.to_string())?;
     let len = u32::from_le_bytes(head[..4].try_into().expect("4 bytes")) as usize;
@@ -1011,6 +1126,7 @@ mod tests {
             dial_timeout: Duration::from_millis(500),
             backoff_max: Duration::from_millis(200),
             on_removed: None,
+            tls: None,
         }
     }
 
@@ -1599,7 +1715,7 @@ mod tests {
                 out.extend_from_slice(&b);
                 let _ = s.write_all(&out);
             });
-            let got = request_join(addr, Duration::from_secs(2));
+            let got = request_join(addr, Duration::from_secs(2), None);
             assert_eq!(got.is_ok(), ok, "{len} {crc}: {got:?}");
             if ok {
                 assert_eq!(got.unwrap(), body);

@@ -629,6 +629,7 @@ fn write_atomically(path: &Path, text: &str) -> Result<(), String> {
 /// membership. The checks are etcd's: the same number of members as
 /// `--initial-cluster` names, and not a member that started before.
 fn join_existing(cfg: &Config) -> Result<(u64, crate::membership::Membership), String> {
+    let peer_tls = tls::peer_config(cfg)?;
     let mut mine = cfg.initial_advertise_peer_urls.clone();
     mine.sort();
     let mut names = std::collections::BTreeSet::new();
@@ -644,7 +645,11 @@ fn join_existing(cfg: &Config) -> Result<(u64, crate::membership::Membership), S
     let answer = 'found: loop {
         for url in &others {
             for addr in crate::config::parse_url(url).unwrap_or_default() {
-                match crate::peer::request_join(addr, std::time::Duration::from_secs(2)) {
+                match crate::peer::request_join(
+                    addr,
+                    std::time::Duration::from_secs(2),
+                    peer_tls.as_ref(),
+                ) {
                     Ok(a) => break 'found a,
                     Err(e) => last_err = format!("{url}: {e}"),
                 }
@@ -969,6 +974,7 @@ fn common_checkpoint(data_dir: &Path, shards: usize) -> Result<u64, String> {
 fn start_peers(
     router: &Arc<Router>,
     membership: &crate::membership::Membership,
+    tls: Option<crate::peer::PeerTls>,
 ) -> Rc<crate::peer::Peers> {
     let me = router.member.id;
     let raft = router.raft.clone();
@@ -981,6 +987,7 @@ fn start_peers(
         }
     });
     let mut cfg = crate::peer::PeerConfig::new(me, router.member.cluster_id);
+    cfg.tls = tls;
     cfg.on_removed = Some(Rc::new(|| {
         crate::error!("the member has been permanently removed from the cluster; stopping");
         std::process::exit(0);
@@ -1156,6 +1163,7 @@ pub fn run(cfg: Config) -> Result<(), String> {
         .flatten()
         .collect();
     let tls_cfg = tls::server_config(&cfg)?;
+    let peer_tls = tls::peer_config(&cfg)?;
     if cfg.enable_pprof {
         crate::warn!(
             "--enable-pprof: keelson has no Go runtime profiler; /debug/pprof is not served"
@@ -1303,6 +1311,7 @@ pub fn run(cfg: Config) -> Result<(), String> {
         let tls_addrs = tls_addrs.clone();
         let tls_cfg = tls_cfg.clone();
         let auto_compaction = cfg.auto_compaction;
+        let peer_tls = peer_tls.clone();
         let corrupt_check_every = cfg.corrupt_check_every;
         let initial_corrupt_check = cfg.initial_corrupt_check;
         let (peer_addrs, metrics_addrs) = if core == 0 {
@@ -1356,7 +1365,7 @@ pub fn run(cfg: Config) -> Result<(), String> {
                 }
                 let mut peer_transport = None;
                 if let Some((boot, raft_rx, applier_rx, st)) = raft_part {
-                    let peers = start_peers(&router, &membership);
+                    let peers = start_peers(&router, &membership, peer_tls.clone());
                     peer_transport = Some(peers.clone());
                     glommio::spawn_local(apply::Applier::new(router.clone(), st).run(applier_rx))
                         .detach();

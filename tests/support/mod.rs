@@ -31,6 +31,8 @@ pub struct Member {
     readies: usize,
     /// Runs Debian's etcd whatever `KEELSON_TEST_SERVER` says.
     etcd: bool,
+    /// "http", or "https" for peer TLS (`cluster_with_peer_tls`).
+    peer_scheme: &'static str,
 }
 
 impl Member {
@@ -46,6 +48,7 @@ impl Member {
             child: None,
             readies: 0,
             etcd: is_etcd(),
+            peer_scheme: "http",
         }
     }
     /// The flags after keelson's own for the next start.
@@ -66,6 +69,7 @@ impl Member {
         let mut extra: Vec<&str> = extra.to_vec();
         extra.extend(["--initial-cluster-state", "existing"]);
         let mut m = Member::new(&extra);
+        m.peer_scheme = existing.first().map(|e| e.peer_scheme).unwrap_or("http");
         let mut ic: Vec<String> = existing
             .iter()
             .map(|e| {
@@ -79,7 +83,7 @@ impl Member {
     }
     /// The peer URL other members reach this one at.
     pub fn peer_url(&self) -> String {
-        format!("http://127.0.0.1:{}", self.peer)
+        format!("{}://127.0.0.1:{}", self.peer_scheme, self.peer)
     }
     pub fn name(&self) -> String {
         self.cluster
@@ -112,6 +116,12 @@ impl Member {
     pub fn endpoint(&self) -> String {
         format!("127.0.0.1:{}", self.port)
     }
+    /// Starts the binary without waiting for it to serve (one that is not
+    /// expected to).
+    #[allow(dead_code)]
+    pub fn launch(&mut self) {
+        self.spawn();
+    }
     /// Starts the binary and waits until it serves; returns the exit status
     /// instead if it stops first.
     pub fn start(&mut self) -> Option<ExitStatus> {
@@ -125,8 +135,8 @@ impl Member {
             .open(self.dir.path().join("log"))
             .unwrap();
         let c = format!("http://127.0.0.1:{}", self.port);
-        let p = format!("http://127.0.0.1:{}", self.peer);
-        let pl = format!("http://127.0.0.1:{}", self.peer_listen);
+        let p = self.peer_url();
+        let pl = format!("{}://127.0.0.1:{}", self.peer_scheme, self.peer_listen);
         let bin = if self.etcd {
             "etcd"
         } else {
@@ -270,12 +280,29 @@ fn set_initial_cluster(ms: &mut [Member]) {
     let ic: Vec<String> = ms
         .iter()
         .enumerate()
-        .map(|(i, m)| format!("m{i}=http://127.0.0.1:{}", m.peer))
+        .map(|(i, m)| format!("m{i}={}", m.peer_url()))
         .collect();
     let ic = ic.join(",");
     for (i, m) in ms.iter_mut().enumerate() {
         m.cluster = Some((format!("m{i}"), ic.clone()));
     }
+}
+
+/// Like `cluster`, with https peer URLs (peer TLS); `extra` carries each
+/// member's `--peer-*` flags.
+#[allow(dead_code)]
+pub fn cluster_with_peer_tls(extras: &[Vec<String>]) -> Vec<Member> {
+    let mut ms: Vec<Member> = extras
+        .iter()
+        .map(|e| {
+            let e: Vec<&str> = e.iter().map(|s| s.as_str()).collect();
+            let mut m = Member::new(&e);
+            m.peer_scheme = "https";
+            m
+        })
+        .collect();
+    set_initial_cluster(&mut ms);
+    ms
 }
 
 /// Like `cluster`, with every member's peer traffic through `PeerProxy`.
