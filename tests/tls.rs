@@ -223,6 +223,11 @@ fn peer_tls_cluster_replicates_joins_and_refuses_an_untrusted_member() {
             "--peer-trusted-ca-file".into(),
             p("ca.crt"),
             "--peer-client-cert-auth".into(),
+            // A member that joins later catches up through a snapshot.
+            "--snapshot-count".into(),
+            "20".into(),
+            "--experimental-snapshot-catchup-entries".into(),
+            "10".into(),
         ]
     };
     let mut ms =
@@ -234,6 +239,10 @@ fn peer_tls_cluster_replicates_joins_and_refuses_an_untrusted_member() {
     // A linearizable read on another member goes through the leader.
     let (ok, out, err) = etcdctl(&ep(&ms[2]), &["get", "k"], None);
     assert!(ok && out.contains('v'), "{out}{err}");
+    for i in 0..100 {
+        let (ok, out, err) = etcdctl(&ep(&ms[i % 3]), &["put", &format!("n{i:03}"), "x"], None);
+        assert!(ok, "{out}{err}");
+    }
 
     let joining = |ms: &[support::Member], name: &str, who: &str| {
         let existing: Vec<&support::Member> = ms.iter().collect();
@@ -277,6 +286,24 @@ fn peer_tls_cluster_replicates_joins_and_refuses_an_untrusted_member() {
     }
     let (ok, out, err) = etcdctl(&m3.endpoint(), &["put", "k3", "v3"], None);
     assert!(ok && out.contains("OK"), "{out}{err}");
+    let (ok, out, err) = etcdctl(
+        &m3.endpoint(),
+        &["get", "n", "--prefix", "--keys-only", "--consistency=s"],
+        None,
+    );
+    assert!(ok, "{out}{err}");
+    assert_eq!(
+        out.lines().filter(|l| l.starts_with('n')).count(),
+        100,
+        "{out}"
+    );
+    if !support::is_etcd() {
+        assert!(
+            m3.log_text().contains("snapshot at index"),
+            "{}",
+            m3.log_text()
+        );
+    }
 
     ms.push(m3);
     let mut rogue = joining(&ms, "m4", "rogue");
