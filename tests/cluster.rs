@@ -962,6 +962,31 @@ async fn a_write_without_a_leader_waits_for_the_election() {
     assert_eq!(got.kvs()[0].mod_revision(), r.header().unwrap().revision());
 }
 
+/// A 3-member cluster started with `flags` (and checkpoints every 10
+/// entries) holding `marker` = "original-value" and 40 more keys, which a
+/// follower has too: (members, leader, that follower, a client of each).
+async fn marked_cluster(flags: &[&str]) -> (Vec<Member>, usize, usize, Client, Client) {
+    let mut args = flags.to_vec();
+    args.extend(["--snapshot-count", "10"]);
+    let mut ms = cluster(3, &args);
+    start_all(&mut ms);
+    let l = leader(&ms, &[0, 1, 2]).await;
+    let f = (l + 1) % 3;
+    let mut c = connect(&ms[l]).await;
+    c.put("marker", "original-value", None).await.unwrap();
+    for i in 0..40 {
+        c.put(format!("k{i:02}"), "v", None).await.unwrap();
+    }
+    let mut cf = connect(&ms[f]).await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let opts = || Some(GetOptions::new().with_prefix().with_serializable());
+    while cf.get("k", opts()).await.unwrap().count() < 40 {
+        assert!(Instant::now() < deadline, "the follower never caught up");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    (ms, l, f, c, cf)
+}
+
 /// Changes a stopped keelson member's data under it: the value of key
 /// `marker` ("original-value") rewritten in place in its checkpointed
 /// shard segment, the record's checksum made good so recovery takes it.
@@ -998,31 +1023,9 @@ fn rewrite_marker_value(m: &Member) {
 /// corrupt cluster".
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn periodic_corrupt_check_raises_an_alarm_for_a_member_whose_data_differs() {
-    let mut ms = cluster(
-        3,
-        &[
-            "--experimental-corrupt-check-time",
-            "1s",
-            "--snapshot-count",
-            "10",
-        ],
-    );
-    start_all(&mut ms);
-    let l = leader(&ms, &[0, 1, 2]).await;
-    let f = (l + 1) % 3;
-    let mut c = connect(&ms[l]).await;
-    c.put("marker", "original-value", None).await.unwrap();
-    for i in 0..40 {
-        c.put(format!("k{i:02}"), "v", None).await.unwrap();
-    }
-    let mut cf = connect(&ms[f]).await;
+    let (mut ms, l, f, mut c, mut cf) =
+        marked_cluster(&["--experimental-corrupt-check-time", "1s"]).await;
     let f_id = cf.status().await.unwrap().header().unwrap().member_id();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let opts = || Some(GetOptions::new().with_prefix().with_serializable());
-    while cf.get("k", opts()).await.unwrap().count() < 40 {
-        assert!(Instant::now() < deadline, "the follower never caught up");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
     // Several passes, with writes between them: the data agrees.
     for i in 0..5 {
         c.put(format!("later{i}"), "v", None).await.unwrap();
@@ -1077,29 +1080,7 @@ async fn periodic_corrupt_check_raises_an_alarm_for_a_member_whose_data_differs(
 /// data inconsistency with peers".
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn initial_corrupt_check_stops_a_member_whose_data_differs() {
-    let mut ms = cluster(
-        3,
-        &[
-            "--experimental-initial-corrupt-check",
-            "--snapshot-count",
-            "10",
-        ],
-    );
-    start_all(&mut ms);
-    let l = leader(&ms, &[0, 1, 2]).await;
-    let f = (l + 1) % 3;
-    let mut c = connect(&ms[l]).await;
-    c.put("marker", "original-value", None).await.unwrap();
-    for i in 0..40 {
-        c.put(format!("k{i:02}"), "v", None).await.unwrap();
-    }
-    let mut cf = connect(&ms[f]).await;
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let opts = || Some(GetOptions::new().with_prefix().with_serializable());
-    while cf.get("k", opts()).await.unwrap().count() < 40 {
-        assert!(Instant::now() < deadline, "the follower never caught up");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let (mut ms, _, f, _c, _cf) = marked_cluster(&["--experimental-initial-corrupt-check"]).await;
     // etcd logs "... initial corruption checking ...: no corruption".
     let passed = |m: &Member| {
         m.log_text()

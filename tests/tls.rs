@@ -27,6 +27,20 @@ fn openssl(dir: &Path, args: &[&str]) {
 /// A CA, a server certificate for 127.0.0.1 and a client certificate;
 /// and "rogue", a certificate for 127.0.0.1 that another CA signed.
 fn certs(dir: &Path) {
+    std::fs::write(
+        dir.join("san.ext"),
+        "subjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth,clientAuth\n",
+    )
+    .unwrap();
+    ca(dir, "ca", "keelson-test-ca");
+    signed(dir, "server", "ca");
+    signed(dir, "client", "ca");
+    ca(dir, "other-ca", "another-ca");
+    signed(dir, "rogue", "other-ca");
+}
+
+/// `{name}.crt` and `{name}.key`: a self-signed CA.
+fn ca(dir: &Path, name: &str, cn: &str) {
     openssl(
         dir,
         &[
@@ -38,18 +52,18 @@ fn certs(dir: &Path) {
             "-days",
             "2",
             "-keyout",
-            "other-ca.key",
+            &format!("{name}.key"),
             "-out",
-            "other-ca.crt",
+            &format!("{name}.crt"),
             "-subj",
-            "/CN=another-ca",
+            &format!("/CN={cn}"),
         ],
     );
-    std::fs::write(
-        dir.join("san.ext"),
-        "subjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth,clientAuth\n",
-    )
-    .unwrap();
+}
+
+/// `{who}.crt` and `{who}.key`: a certificate for 127.0.0.1 (server and
+/// client use) that the CA `ca` signed.
+fn signed(dir: &Path, who: &str, ca: &str) {
     openssl(
         dir,
         &[
@@ -58,11 +72,11 @@ fn certs(dir: &Path) {
             "rsa:2048",
             "-nodes",
             "-keyout",
-            "rogue.key",
+            &format!("{who}.key"),
             "-out",
-            "rogue.csr",
+            &format!("{who}.csr"),
             "-subj",
-            "/CN=rogue",
+            &format!("/CN={who}"),
         ],
     );
     openssl(
@@ -71,84 +85,20 @@ fn certs(dir: &Path) {
             "x509",
             "-req",
             "-in",
-            "rogue.csr",
+            &format!("{who}.csr"),
             "-CA",
-            "other-ca.crt",
+            &format!("{ca}.crt"),
             "-CAkey",
-            "other-ca.key",
+            &format!("{ca}.key"),
             "-CAcreateserial",
             "-days",
             "2",
             "-out",
-            "rogue.crt",
+            &format!("{who}.crt"),
             "-extfile",
             "san.ext",
         ],
     );
-    ca_and_certs(dir);
-}
-
-fn ca_and_certs(dir: &Path) {
-    openssl(
-        dir,
-        &[
-            "req",
-            "-x509",
-            "-newkey",
-            "rsa:2048",
-            "-nodes",
-            "-days",
-            "2",
-            "-keyout",
-            "ca.key",
-            "-out",
-            "ca.crt",
-            "-subj",
-            "/CN=keelson-test-ca",
-        ],
-    );
-    std::fs::write(
-        dir.join("san.ext"),
-        "subjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth,clientAuth\n",
-    )
-    .unwrap();
-    for who in ["server", "client"] {
-        openssl(
-            dir,
-            &[
-                "req",
-                "-newkey",
-                "rsa:2048",
-                "-nodes",
-                "-keyout",
-                &format!("{who}.key"),
-                "-out",
-                &format!("{who}.csr"),
-                "-subj",
-                &format!("/CN={who}"),
-            ],
-        );
-        openssl(
-            dir,
-            &[
-                "x509",
-                "-req",
-                "-in",
-                &format!("{who}.csr"),
-                "-CA",
-                "ca.crt",
-                "-CAkey",
-                "ca.key",
-                "-CAcreateserial",
-                "-days",
-                "2",
-                "-out",
-                &format!("{who}.crt"),
-                "-extfile",
-                "san.ext",
-            ],
-        );
-    }
 }
 
 #[test]
