@@ -83,9 +83,9 @@
 //! # Socket seam
 //!
 //! A glommio `TcpStream` enters in exactly two places: `dial` (outgoing) and
-//! `serve_inbound` (accepted), each of which wraps it in TLS when asked. Everything behind them is generic over
-//! `AsyncRead`/`AsyncWrite`, so a fault-injecting or simulated network can
-//! replace those two functions.
+//! `serve_inbound` (accepted), each of which wraps it in TLS when asked.
+//! Everything behind them is generic over `AsyncRead`/`AsyncWrite`, so a
+//! fault-injecting or simulated network can replace those two functions.
 //!
 //! *Architecture invariant:* the transport never parses a payload and never
 //! waits for one member on behalf of another: each peer has its own queue and
@@ -96,7 +96,7 @@ use futures::io::{AsyncRead, AsyncReadExt, AsyncWrite, BufReader};
 use glommio::net::TcpStream;
 use std::cell::{Cell, RefCell};
 use std::collections::{HashMap, VecDeque};
-use std::future::poll_fn;
+use std::future::{poll_fn, Future};
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
@@ -373,19 +373,27 @@ pub async fn serve_inbound(peers: Rc<Peers>, stream: TcpStream) {
         return;
     };
     let accept = futures_rustls::TlsAcceptor::from(tls.server).accept(stream);
-    let limit = async {
-        glommio::timer::sleep(peers.cfg.dial_timeout).await;
-        Err(io::Error::new(
-            io::ErrorKind::TimedOut,
-            "no TLS handshake in time",
-        ))
-    };
-    match futures_lite::future::or(accept, limit).await {
+    match tls_within(peers.cfg.dial_timeout, accept).await {
         Ok(s) => {
             serve_conn(peers, s, &remote).await;
         }
         Err(e) => crate::warn!("peer: inbound {remote}: TLS handshake failed: {e}; closing"),
     }
+}
+
+/// A TLS handshake, given `limit` to finish.
+async fn tls_within<T>(
+    limit: Duration,
+    handshake: impl Future<Output = io::Result<T>>,
+) -> io::Result<T> {
+    let late = async {
+        glommio::timer::sleep(limit).await;
+        Err(io::Error::new(
+            io::ErrorKind::TimedOut,
+            "no TLS handshake in time",
+        ))
+    };
+    futures_lite::future::or(handshake, late).await
 }
 
 /// An outgoing connection: plain, or TLS over TCP.
@@ -449,14 +457,7 @@ async fn dial(addrs: &[SocketAddr], timeout: Duration, tls: Option<&PeerTls>) ->
                 let name = rustls::pki_types::ServerName::IpAddress(a.ip().into());
                 let connect =
                     futures_rustls::TlsConnector::from(tls.client.clone()).connect(name, s);
-                let limit = async {
-                    glommio::timer::sleep(timeout).await;
-                    Err(io::Error::new(
-                        io::ErrorKind::TimedOut,
-                        "no TLS handshake in time",
-                    ))
-                };
-                match futures_lite::future::or(connect, limit).await {
+                match tls_within(timeout, connect).await {
                     Ok(s) => return Ok(Conn::Tls(Box::new(s))),
                     Err(e) => last = io::Error::other(format!("{a}: TLS: {e}")),
                 }
