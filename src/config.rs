@@ -747,9 +747,41 @@ pub fn parse_url(url: &str) -> Result<Vec<SocketAddr>, String> {
     Ok(if v4.is_empty() { addrs } else { vec![v4[0]] })
 }
 
+/// The host part of an http(s) URL, as a TLS peer's certificate must name
+/// it: a DNS name, or an IP address (without an IPv6 literal's brackets).
+pub fn url_host(url: &str) -> Option<String> {
+    let rest = url
+        .strip_prefix("http://")
+        .or_else(|| url.strip_prefix("https://"))?;
+    let hostport = rest.split('/').next()?;
+    let host = match hostport.strip_prefix('[') {
+        Some(v6) => v6.split(']').next()?,
+        None => hostport
+            .rsplit_once(':')
+            .map(|(h, _)| h)
+            .unwrap_or(hostport),
+    };
+    (!host.is_empty()).then(|| host.to_string())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn url_host_is_the_name_a_certificate_must_have() {
+        assert_eq!(
+            url_host("https://10.0.0.1:2380").as_deref(),
+            Some("10.0.0.1")
+        );
+        assert_eq!(
+            url_host("https://infra0.example.com:2380/").as_deref(),
+            Some("infra0.example.com")
+        );
+        assert_eq!(url_host("https://[::1]:2380").as_deref(), Some("::1"));
+        assert_eq!(url_host("http://localhost").as_deref(), Some("localhost"));
+        assert_eq!(url_host("unix://x"), None);
+    }
 
     fn p(args: &[&str], env: &[(&str, &str)]) -> Result<Config, String> {
         let env: Vec<(String, String)> = env

@@ -77,7 +77,7 @@
 //! authentication. With peer TLS (`PeerConfig::tls`, https peer URLs) all
 //! of the above runs inside a TLS session: the dialing member verifies
 //! the accepting one's certificate against `--peer-trusted-ca-file` for
-//! the IP address it dialed and presents its own; the accepting member
+//! the host its peer URL names (`server_name`) and presents its own; the accepting member
 //! checks that one against the CA with `--peer-client-cert-auth`.
 //!
 //! # Socket seam
@@ -254,6 +254,14 @@ impl Peers {
         }
     }
 
+    /// The host names a peer's URLs give for its addresses (see
+    /// `server_name`).
+    pub fn set_peer_hosts(&self, id: u64, hosts: Vec<(SocketAddr, String)>) {
+        if let Some(p) = self.peers.borrow().get(&id) {
+            *p.hosts.borrow_mut() = hosts.into_iter().collect();
+        }
+    }
+
     /// Forgets a peer: closes its connections both ways and drops its queue.
     pub fn remove_peer(&self, id: u64) {
         let removed = self.peers.borrow_mut().remove(&id);
@@ -381,6 +389,15 @@ pub async fn serve_inbound(peers: Rc<Peers>, stream: TcpStream) {
     }
 }
 
+/// The name a peer's certificate must have: the host its peer URL names
+/// (a DNS name or an IP address, as etcd checks it), or the address
+/// dialed when there is none.
+pub fn server_name(addr: SocketAddr, host: Option<&str>) -> rustls::pki_types::ServerName<'static> {
+    use rustls::pki_types::ServerName;
+    host.and_then(|h| ServerName::try_from(h.to_string()).ok())
+        .unwrap_or_else(|| ServerName::IpAddress(addr.ip().into()))
+}
+
 /// A TLS handshake, given `limit` to finish.
 async fn tls_within<T>(
     limit: Duration,
@@ -445,7 +462,12 @@ impl AsyncWrite for Conn {
 /// Opens an outgoing connection: the addresses in order, each with
 /// `timeout` (for the TCP connect and, with TLS, again for the TLS
 /// handshake); the first that answers wins.
-async fn dial(addrs: &[SocketAddr], timeout: Duration, tls: Option<&PeerTls>) -> io::Result<Conn> {
+async fn dial(
+    addrs: &[SocketAddr],
+    hosts: &HashMap<SocketAddr, String>,
+    timeout: Duration,
+    tls: Option<&PeerTls>,
+) -> io::Result<Conn> {
     let mut last = io::Error::new(io::ErrorKind::NotFound, "no address to dial");
     for a in addrs {
         match TcpStream::connect_timeout(a, timeout).await {
@@ -454,7 +476,7 @@ async fn dial(addrs: &[SocketAddr], timeout: Duration, tls: Option<&PeerTls>) ->
                 let Some(tls) = tls else {
                     return Ok(Conn::Plain(s));
                 };
-                let name = rustls::pki_types::ServerName::IpAddress(a.ip().into());
+                let name = server_name(*a, hosts.get(a).map(|h| h.as_str()));
                 let connect =
                     futures_rustls::TlsConnector::from(tls.client.clone()).connect(name, s);
                 match tls_within(timeout, connect).await {
@@ -479,6 +501,9 @@ enum Link {
 struct Peer {
     id: u64,
     addrs: RefCell<Vec<SocketAddr>>,
+    /// The host its peer URL names for an address (TLS checks the peer's
+    /// certificate against it; an address without one, against the IP).
+    hosts: RefCell<HashMap<SocketAddr, String>>,
     queue: RefCell<VecDeque<Bytes>>,
     queued_bytes: Cell<usize>,
     /// The writer task, waiting for work.
@@ -497,6 +522,7 @@ impl Peer {
         Peer {
             id,
             addrs: RefCell::new(addrs),
+            hosts: RefCell::new(HashMap::new()),
             queue: RefCell::new(VecDeque::new()),
             queued_bytes: Cell::new(0),
             waker: RefCell::new(None),
@@ -559,7 +585,8 @@ async fn run_writer(cfg: Rc<PeerConfig>, peer: Rc<Peer>) {
     loop {
         wait_for_work(&peer).await;
         let addrs = peer.addrs.borrow().clone();
-        let why = match dial(&addrs, cfg.dial_timeout, cfg.tls.as_ref()).await {
+        let hosts = peer.hosts.borrow().clone();
+        let why = match dial(&addrs, &hosts, cfg.dial_timeout, cfg.tls.as_ref()).await {
             Err(e) => format!("dial failed: {e}"),
             Ok(mut stream) => {
                 crate::debug!("peer {:x}: connected", peer.id);
@@ -890,6 +917,7 @@ async fn answer_join<S: AsyncWrite + Unpin>(peers: &Peers, w: &mut S, remote: &s
 /// request). Blocking: for startup, before the executors run.
 pub fn request_join(
     addr: SocketAddr,
+    host: Option<&str>,
     timeout: Duration,
     tls: Option<&PeerTls>,
 ) -> Result<Vec<u8>, String> {
@@ -901,8 +929,7 @@ pub fn request_join(
     match tls {
         None => join_over(tcp),
         Some(tls) => {
-            let name = rustls::pki_types::ServerName::IpAddress(addr.ip().into());
-            let conn = rustls::ClientConnection::new(tls.client.clone(), name)
+            let conn = rustls::ClientConnection::new(tls.client.clone(), server_name(addr, host))
                 .map_err(|e| format!("TLS: {e}"))?;
             join_over(rustls::StreamOwned::new(conn, tcp))
         }
@@ -1116,6 +1143,23 @@ mod tests {
             assert!(Instant::now() < end, "timed out waiting for {what}");
             glommio::timer::sleep(Duration::from_millis(5)).await;
         }
+    }
+
+    /// TLS checks a peer's certificate for the host its URL names (a DNS
+    /// name or an IP), else for the address dialed.
+    #[test]
+    fn server_name_is_the_url_host_else_the_address() {
+        use rustls::pki_types::ServerName;
+        let a: SocketAddr = "10.1.2.3:2380".parse().unwrap();
+        assert_eq!(
+            server_name(a, Some("infra0.example.com")),
+            ServerName::try_from("infra0.example.com").unwrap()
+        );
+        assert_eq!(
+            server_name(a, Some("10.9.9.9")),
+            ServerName::IpAddress("10.9.9.9".parse::<std::net::IpAddr>().unwrap().into())
+        );
+        assert_eq!(server_name(a, None), ServerName::IpAddress(a.ip().into()));
     }
 
     fn cfg(my_id: u64) -> PeerConfig {
@@ -1716,7 +1760,7 @@ mod tests {
                 out.extend_from_slice(&b);
                 let _ = s.write_all(&out);
             });
-            let got = request_join(addr, Duration::from_secs(2), None);
+            let got = request_join(addr, None, Duration::from_secs(2), None);
             assert_eq!(got.is_ok(), ok, "{len} {crc}: {got:?}");
             if ok {
                 assert_eq!(got.unwrap(), body);

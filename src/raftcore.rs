@@ -359,11 +359,29 @@ pub fn peer_addrs(urls: &[String]) -> Vec<std::net::SocketAddr> {
         .collect()
 }
 
+/// Each address a member's peer URLs name, with the URL's host (what a
+/// TLS peer's certificate must name).
+pub fn peer_hosts(urls: &[String]) -> Vec<(std::net::SocketAddr, String)> {
+    urls.iter()
+        .filter_map(|u| {
+            let host = crate::config::url_host(u)?;
+            Some(
+                crate::config::parse_url(u)
+                    .ok()?
+                    .into_iter()
+                    .map(move |a| (a, host.clone())),
+            )
+        })
+        .flatten()
+        .collect()
+}
+
 /// Points the transport at every member of `m` and forgets removed ones.
 pub fn sync_peers(peers: &dyn Transport, m: &Membership, me: u64) {
     for (id, info) in &m.members {
         if *id != me {
             peers.set_peer(*id, peer_addrs(&info.peer_urls));
+            peers.set_peer_hosts(*id, peer_hosts(&info.peer_urls));
         }
     }
     for id in &m.removed {
@@ -381,6 +399,9 @@ pub trait Transport {
     /// Bytes waiting to go to `id` (None: unknown member).
     fn queued_bytes(&self, id: u64) -> Option<usize>;
     fn set_peer(&self, id: u64, addrs: Vec<std::net::SocketAddr>);
+    /// The host names peer URLs give for addresses (TLS checks a peer's
+    /// certificate against them); a transport without TLS ignores them.
+    fn set_peer_hosts(&self, _id: u64, _hosts: Vec<(std::net::SocketAddr, String)>) {}
     /// `id` left the cluster: forget it, and tell it so if it calls.
     fn mark_removed(&self, id: u64);
 }
@@ -397,6 +418,9 @@ impl Transport for crate::peer::Peers {
     }
     fn set_peer(&self, id: u64, addrs: Vec<std::net::SocketAddr>) {
         crate::peer::Peers::set_peer(self, id, addrs)
+    }
+    fn set_peer_hosts(&self, id: u64, hosts: Vec<(std::net::SocketAddr, String)>) {
+        crate::peer::Peers::set_peer_hosts(self, id, hosts)
     }
     fn mark_removed(&self, id: u64) {
         crate::peer::Peers::mark_removed(self, id)

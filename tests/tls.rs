@@ -25,18 +25,25 @@ fn openssl(dir: &Path, args: &[&str]) {
 }
 
 /// A CA, a server certificate for 127.0.0.1 and a client certificate;
-/// and "rogue", a certificate for 127.0.0.1 that another CA signed.
+/// "peer", a certificate for the name localhost only; and "rogue", one for
+/// localhost that another CA signed.
 fn certs(dir: &Path) {
     std::fs::write(
         dir.join("san.ext"),
         "subjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth,clientAuth\n",
     )
     .unwrap();
+    std::fs::write(
+        dir.join("dns.ext"),
+        "subjectAltName=DNS:localhost\nextendedKeyUsage=serverAuth,clientAuth\n",
+    )
+    .unwrap();
     ca(dir, "ca", "keelson-test-ca");
-    signed(dir, "server", "ca");
-    signed(dir, "client", "ca");
+    signed(dir, "server", "ca", "san.ext");
+    signed(dir, "client", "ca", "san.ext");
+    signed(dir, "peer", "ca", "dns.ext");
     ca(dir, "other-ca", "another-ca");
-    signed(dir, "rogue", "other-ca");
+    signed(dir, "rogue", "other-ca", "dns.ext");
 }
 
 /// `{name}.crt` and `{name}.key`: a self-signed CA.
@@ -61,9 +68,9 @@ fn ca(dir: &Path, name: &str, cn: &str) {
     );
 }
 
-/// `{who}.crt` and `{who}.key`: a certificate for 127.0.0.1 (server and
-/// client use) that the CA `ca` signed.
-fn signed(dir: &Path, who: &str, ca: &str) {
+/// `{who}.crt` and `{who}.key`: a certificate (server and client use)
+/// that the CA `ca` signed, for the names in the extension file `ext`.
+fn signed(dir: &Path, who: &str, ca: &str, ext: &str) {
     openssl(
         dir,
         &[
@@ -96,7 +103,7 @@ fn signed(dir: &Path, who: &str, ca: &str) {
             "-out",
             &format!("{who}.crt"),
             "-extfile",
-            "san.ext",
+            ext,
         ],
     );
 }
@@ -157,7 +164,9 @@ fn https_clients_and_client_certificates() {
 /// Peer TLS: three members with https peer URLs and etcd's --peer-* flags
 /// (certificates checked both ways) form a cluster and replicate; a
 /// fourth added with `member add` joins over TLS and catches up; a fifth
-/// whose certificate another CA signed is not let in.
+/// whose certificate another CA signed is not let in. The peer URLs name
+/// `localhost` and the certificates only that name (no IP address), so a
+/// certificate is checked for the URL's host, as etcd checks it.
 #[test]
 fn peer_tls_cluster_replicates_joins_and_refuses_an_untrusted_member() {
     let dir = tempfile::tempdir().unwrap();
@@ -180,8 +189,7 @@ fn peer_tls_cluster_replicates_joins_and_refuses_an_untrusted_member() {
             "10".into(),
         ]
     };
-    let mut ms =
-        support::cluster_with_peer_tls(&[flags("server"), flags("server"), flags("server")]);
+    let mut ms = support::cluster_with_peer_tls(&[flags("peer"), flags("peer"), flags("peer")]);
     support::start_all(&mut ms);
     let ep = |m: &support::Member| m.endpoint();
     let (ok, out, err) = etcdctl(&ep(&ms[0]), &["put", "k", "v"], None);
@@ -218,7 +226,7 @@ fn peer_tls_cluster_replicates_joins_and_refuses_an_untrusted_member() {
             std::thread::sleep(std::time::Duration::from_millis(500));
         }
     };
-    let mut m3 = joining(&ms, "m3", "server");
+    let mut m3 = joining(&ms, "m3", "peer");
     member_add(&ep(&ms[0]), "m3", &m3.peer_url());
     assert!(m3.start().is_none(), "{}", m3.log_text());
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);

@@ -647,6 +647,7 @@ fn join_existing(cfg: &Config) -> Result<(u64, crate::membership::Membership), S
             for addr in crate::config::parse_url(url).unwrap_or_default() {
                 match crate::peer::request_join(
                     addr,
+                    crate::config::url_host(url).as_deref(),
                     std::time::Duration::from_secs(2),
                     peer_tls.as_ref(),
                 ) {

@@ -33,6 +33,8 @@ pub struct Member {
     etcd: bool,
     /// "http", or "https" for peer TLS (`cluster_with_peer_tls`).
     peer_scheme: &'static str,
+    /// The host its peer URLs name ("localhost" with peer TLS).
+    peer_host: &'static str,
 }
 
 impl Member {
@@ -49,6 +51,7 @@ impl Member {
             readies: 0,
             etcd: is_etcd(),
             peer_scheme: "http",
+            peer_host: "127.0.0.1",
         }
     }
     /// The flags after keelson's own for the next start.
@@ -69,7 +72,10 @@ impl Member {
         let mut extra: Vec<&str> = extra.to_vec();
         extra.extend(["--initial-cluster-state", "existing"]);
         let mut m = Member::new(&extra);
-        m.peer_scheme = existing.first().map(|e| e.peer_scheme).unwrap_or("http");
+        if let Some(e) = existing.first() {
+            m.peer_scheme = e.peer_scheme;
+            m.peer_host = e.peer_host;
+        }
         let mut ic: Vec<String> = existing
             .iter()
             .map(|e| {
@@ -83,7 +89,7 @@ impl Member {
     }
     /// The peer URL other members reach this one at.
     pub fn peer_url(&self) -> String {
-        format!("{}://127.0.0.1:{}", self.peer_scheme, self.peer)
+        format!("{}://{}:{}", self.peer_scheme, self.peer_host, self.peer)
     }
     pub fn name(&self) -> String {
         self.cluster
@@ -136,7 +142,10 @@ impl Member {
             .unwrap();
         let c = format!("http://127.0.0.1:{}", self.port);
         let p = self.peer_url();
-        let pl = format!("{}://127.0.0.1:{}", self.peer_scheme, self.peer_listen);
+        let pl = format!(
+            "{}://{}:{}",
+            self.peer_scheme, self.peer_host, self.peer_listen
+        );
         let bin = if self.etcd {
             "etcd"
         } else {
@@ -298,6 +307,7 @@ pub fn cluster_with_peer_tls(extras: &[Vec<String>]) -> Vec<Member> {
             let e: Vec<&str> = e.iter().map(|s| s.as_str()).collect();
             let mut m = Member::new(&e);
             m.peer_scheme = "https";
+            m.peer_host = "localhost";
             m
         })
         .collect();
