@@ -91,6 +91,30 @@ pub struct Config {
     /// etcd's `--experimental-corrupt-check-time` (0: off): how often the
     /// leader compares its hash with every member's.
     pub corrupt_check_every: Option<Duration>,
+    /// etcd's `--cors`: origins the client port's HTTP answers allow; empty
+    /// or `*` allows every origin (the default).
+    pub cors: Vec<String>,
+    /// etcd's `--host-whitelist`: Host names a plain-HTTP request to the
+    /// client port may name; empty or `*` allows every name (the default).
+    pub host_whitelist: Vec<String>,
+    /// etcd's `--cipher-suites`: the TLS 1.2 cipher suites offered, by
+    /// Go's names, for client and peer TLS alike (empty: rustls's
+    /// defaults). TLS 1.3's suites stay on, as in Go.
+    pub cipher_suites: Vec<String>,
+    /// etcd's `--client-cert-allowed-hostname`: a client certificate must
+    /// also be valid for this DNS name (or IP).
+    pub client_cert_allowed_hostname: Option<String>,
+    /// etcd's `--peer-cert-allowed-cn`: a peer's certificate (either side
+    /// of a peer connection) must have this subject common name.
+    pub peer_cert_allowed_cn: Option<String>,
+    /// etcd's `--peer-cert-allowed-hostname`: a peer's certificate must be
+    /// valid for this DNS name (or IP).
+    pub peer_cert_allowed_hostname: Option<String>,
+    /// etcd's `--client-crl-file` and `--peer-crl-file`: certificate
+    /// revocation lists a presented client (or dialing peer) certificate
+    /// is checked against.
+    pub client_crl_file: Option<PathBuf>,
+    pub peer_crl_file: Option<PathBuf>,
 }
 
 impl Config {
@@ -169,6 +193,11 @@ const BOOL_FLAGS: &[&str] = &[
     "enable-pprof",
     "force-new-cluster",
     "experimental-initial-corrupt-check",
+    "auto-tls",
+    "peer-auto-tls",
+    "initial-election-tick-advance",
+    "experimental-enable-lease-checkpoint",
+    "experimental-peer-skip-client-san-verification",
 ];
 
 const FLAGS: &[FlagSpec] = &[
@@ -222,6 +251,33 @@ const FLAGS: &[FlagSpec] = &[
     FlagSpec { name: "listen-metrics-urls", help: "list of URLs to listen on for the /metrics and /health endpoints (default none)" },
     FlagSpec { name: "auth-token-ttl", help: "the lifetime in seconds of the auth token (default 300)" },
     FlagSpec { name: "strict-reconfig-check", help: "reject reconfiguration requests that would cause quorum loss (default true)" },
+    FlagSpec { name: "cipher-suites", help: "comma-separated list of supported TLS 1.2 cipher suites between client/server and peers, by Go's names (empty: rustls's defaults; TLS 1.3 suites always on)" },
+    FlagSpec { name: "cors", help: "comma-separated white list of origins for CORS on the client port's HTTP answers (empty or * means allow all) (default \"*\")" },
+    FlagSpec { name: "host-whitelist", help: "comma-separated acceptable hostnames from HTTP client requests, if server is not secure (empty means allow all) (default \"*\")" },
+    FlagSpec { name: "client-cert-allowed-hostname", help: "allowed TLS hostname for client cert authentication" },
+    FlagSpec { name: "peer-cert-allowed-cn", help: "allowed CN for inter peer authentication" },
+    FlagSpec { name: "peer-cert-allowed-hostname", help: "allowed TLS hostname for inter peer authentication" },
+    FlagSpec { name: "client-crl-file", help: "path to the client certificate revocation list file (read at start)" },
+    FlagSpec { name: "peer-crl-file", help: "path to the peer certificate revocation list file (read at start)" },
+    FlagSpec { name: "auto-tls", help: "client TLS using generated certificates: only false (keelson does not generate certificates)" },
+    FlagSpec { name: "peer-auto-tls", help: "peer TLS using generated certificates: only false (keelson does not generate certificates)" },
+    FlagSpec { name: "experimental-peer-skip-client-san-verification", help: "accepted: keelson never checks a dialing peer's certificate SANs against its address (as etcd with this flag)" },
+    FlagSpec { name: "metrics", help: "accepted ('basic' or 'extensive'): keelson's /metrics has one set" },
+    FlagSpec { name: "initial-election-tick-advance", help: "accepted: keelson's members never fast-forward election ticks at start (as etcd with false) (default true)" },
+    FlagSpec { name: "backend-batch-interval", help: "accepted, no effect: keelson has no bbolt backend (each raft batch is one commit)" },
+    FlagSpec { name: "backend-batch-limit", help: "accepted, no effect: keelson has no bbolt backend (each raft batch is one commit)" },
+    FlagSpec { name: "experimental-backend-bbolt-freelist-type", help: "accepted, no effect: keelson has no bbolt backend" },
+    FlagSpec { name: "experimental-compaction-batch-limit", help: "accepted, no effect: a keelson shard compacts its in-memory index in one pass" },
+    FlagSpec { name: "experimental-warning-apply-duration", help: "accepted, no effect: keelson does not time single applies (default 100ms)" },
+    FlagSpec { name: "experimental-enable-lease-checkpoint", help: "accepted: keelson has no lease checkpoints, so a leader change gives every lease its whole TTL again, as etcd without them (default false)" },
+    FlagSpec { name: "bcrypt-cost", help: "accepted, no effect: keelson hashes passwords with salted, iterated SHA-256, not bcrypt (default 10)" },
+    FlagSpec { name: "log-package-levels", help: "accepted, no effect: capnslog's per-package levels (use --log-level)" },
+    FlagSpec { name: "proxy", help: "etcd's v2 proxy mode: only 'off' (keelson has no v2 proxy) (default \"off\")" },
+    FlagSpec { name: "proxy-failure-wait", help: "accepted, no effect (v2 proxy only)" },
+    FlagSpec { name: "proxy-refresh-interval", help: "accepted, no effect (v2 proxy only)" },
+    FlagSpec { name: "proxy-dial-timeout", help: "accepted, no effect (v2 proxy only)" },
+    FlagSpec { name: "proxy-write-timeout", help: "accepted, no effect (v2 proxy only)" },
+    FlagSpec { name: "proxy-read-timeout", help: "accepted, no effect (v2 proxy only)" },
     FlagSpec { name: "cores", help: "keelson: number of executor threads, one per core (default: all cores)" },
     FlagSpec { name: "shards", help: "keelson: number of keyspace shards, fixed when the data dir is created (default: --cores, or 1 with 2 cores or fewer)" },
 ];
@@ -301,6 +357,15 @@ where
             .map(|s| s.trim().to_string())
             .filter(|s| !s.is_empty())
             .collect()
+    };
+    let signed = |flag: &str| -> Result<i64, String> {
+        match lookup(flag) {
+            None => Ok(0),
+            Some(v) => v
+                .trim()
+                .parse::<i64>()
+                .map_err(|_| format!("invalid value {v:?} for flag -{flag}: parse error")),
+        }
     };
     let num = |flag: &str, default: u64| -> Result<u64, String> {
         match lookup(flag) {
@@ -460,6 +525,73 @@ where
     // recovery needs (README), so these are only checked.
     num("max-snapshots", 5)?;
     num("max-wals", 5)?;
+    // etcd's tuning of what keelson does not have (bbolt, the v2 proxy,
+    // capnslog, bcrypt, metrics levels): checked as etcd parses them, no
+    // effect (README).
+    duration("backend-batch-interval", Duration::ZERO)?;
+    duration(
+        "experimental-warning-apply-duration",
+        Duration::from_millis(100),
+    )?;
+    for flag in ["backend-batch-limit", "experimental-compaction-batch-limit"] {
+        signed(flag)?;
+    }
+    for flag in [
+        "bcrypt-cost",
+        "proxy-failure-wait",
+        "proxy-refresh-interval",
+        "proxy-dial-timeout",
+        "proxy-write-timeout",
+        "proxy-read-timeout",
+    ] {
+        num(flag, 0)?;
+    }
+    for flag in [
+        "initial-election-tick-advance",
+        "experimental-enable-lease-checkpoint",
+        "experimental-peer-skip-client-san-verification",
+    ] {
+        flag_bool(flag)?;
+    }
+    match lookup("proxy").as_deref() {
+        None | Some("off") => {}
+        Some(v @ ("on" | "readonly")) => {
+            return Err(format!("--proxy={v}: keelson has no v2 proxy"))
+        }
+        Some(v) => {
+            return Err(format!(
+            "invalid value {v:?} for flag -proxy: valid values are \"off\", \"readonly\", \"on\""
+        ))
+        }
+    }
+    for flag in ["auto-tls", "peer-auto-tls"] {
+        if flag_bool(flag)? {
+            return Err(format!(
+                "--{flag}: keelson does not generate certificates; give --{}cert-file and --{}key-file",
+                if flag == "auto-tls" { "" } else { "peer-" },
+                if flag == "auto-tls" { "" } else { "peer-" },
+            ));
+        }
+    }
+    let cipher_suites = list("cipher-suites", "");
+    if let Some(cs) = cipher_suites
+        .iter()
+        .find(|cs| !GO_CIPHER_SUITES.contains(&cs.as_str()))
+    {
+        return Err(format!("unexpected TLS cipher suite {cs:?}"));
+    }
+    let cors = list("cors", "*");
+    for origin in cors.iter().filter(|o| *o != "*") {
+        check_origin(origin)?;
+    }
+    let non_empty = |flag: &str| lookup(flag).filter(|v| !v.is_empty());
+    let peer_cert_allowed_cn = non_empty("peer-cert-allowed-cn");
+    let peer_cert_allowed_hostname = non_empty("peer-cert-allowed-hostname");
+    if let (Some(cn), Some(host)) = (&peer_cert_allowed_cn, &peer_cert_allowed_hostname) {
+        return Err(format!(
+            "AllowedCN and AllowedHostname are mutually exclusive (cn={cn:?}, hostname={host:?})"
+        ));
+    }
     let grpc_keepalive = if keepalive_interval.is_zero() || keepalive_timeout.is_zero() {
         None
     } else {
@@ -470,6 +602,14 @@ where
         ))
     };
     let cfg = Config {
+        cors,
+        host_whitelist: list("host-whitelist", "*"),
+        cipher_suites,
+        client_cert_allowed_hostname: non_empty("client-cert-allowed-hostname"),
+        peer_cert_allowed_cn,
+        peer_cert_allowed_hostname,
+        client_crl_file: non_empty("client-crl-file").map(PathBuf::from),
+        peer_crl_file: non_empty("peer-crl-file").map(PathBuf::from),
         grpc_keepalive,
         corrupt_check_every,
         wal_dir: lookup("wal-dir").filter(|d| !d.is_empty()).map(PathBuf::from),
@@ -527,6 +667,68 @@ where
     };
     cfg.validate()?;
     Ok(Parsed::Serve(Box::new(cfg)))
+}
+
+/// The cipher suite names `--cipher-suites` takes: every name Go's
+/// crypto/tls knows (etcd looks them up there) and the two older ChaCha20
+/// names etcd also accepts. Which of them keelson can offer is
+/// `server::tls`'s business (rustls has the ECDHE AEAD suites only).
+pub const GO_CIPHER_SUITES: &[&str] = &[
+    "TLS_AES_128_GCM_SHA256",
+    "TLS_AES_256_GCM_SHA384",
+    "TLS_CHACHA20_POLY1305_SHA256",
+    "TLS_ECDHE_ECDSA_WITH_AES_128_CBC_SHA",
+    "TLS_ECDHE_ECDSA_WITH_AES_256_CBC_SHA",
+    "TLS_ECDHE_RSA_WITH_AES_128_CBC_SHA",
+    "TLS_ECDHE_RSA_WITH_AES_256_CBC_SHA",
+    "TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256",
+    "TLS_ECDHE_ECDSA_WITH_AES_256_GCM_SHA384",
+    "TLS_ECDHE_RSA_WITH_AES_128_GCM_SHA256",
+    "TLS_ECDHE_RSA_WITH_AES_256_GCM_SHA384",
+    "TLS_ECDHE_ECDSA_WITH_CHACHA20_POLY1305_SHA256",
+    "TLS_ECDHE_RSA_WITH_CHACHA20_POLY1305_SHA256",
+    "TLS_ECDHE_ECDSA_WITH_CHACHA20_POLY1305",
+    "TLS_ECDHE_RSA_WITH_CHACHA20_POLY1305",
+    "TLS_RSA_WITH_RC4_128_SHA",
+    "TLS_RSA_WITH_3DES_EDE_CBC_SHA",
+    "TLS_RSA_WITH_AES_128_CBC_SHA",
+    "TLS_RSA_WITH_AES_256_CBC_SHA",
+    "TLS_RSA_WITH_AES_128_CBC_SHA256",
+    "TLS_RSA_WITH_AES_128_GCM_SHA256",
+    "TLS_RSA_WITH_AES_256_GCM_SHA384",
+    "TLS_ECDHE_ECDSA_WITH_RC4_128_SHA",
+    "TLS_ECDHE_RSA_WITH_RC4_128_SHA",
+    "TLS_ECDHE_RSA_WITH_3DES_EDE_CBC_SHA",
+    "TLS_ECDHE_ECDSA_WITH_AES_128_CBC_SHA256",
+    "TLS_ECDHE_RSA_WITH_AES_128_CBC_SHA256",
+];
+
+/// An origin in `--cors`: etcd parses each as a URL with an http(s) (or
+/// unix) scheme, a host:port and no path.
+fn check_origin(origin: &str) -> Result<(), String> {
+    let Some((scheme, rest)) = origin.split_once("://") else {
+        return Err(format!(
+            "URL scheme must be http, https, unix, or unixs: {origin}"
+        ));
+    };
+    if !matches!(scheme, "http" | "https" | "unix" | "unixs") {
+        return Err(format!(
+            "URL scheme must be http, https, unix, or unixs: {origin}"
+        ));
+    }
+    if rest.contains('/') {
+        return Err(format!("URL must not contain a path: {origin}"));
+    }
+    let port_ok = rest
+        .rsplit_once(':')
+        .map(|(host, port)| !host.is_empty() && port.chars().all(|c| c.is_ascii_digit()))
+        .unwrap_or(false);
+    if !port_ok {
+        return Err(format!(
+            "URL address does not have the form \"host:port\": {origin}"
+        ));
+    }
+    Ok(())
 }
 
 /// Where log lines go.
@@ -992,6 +1194,102 @@ mod tests {
             (&["--logger", "glog"][..], "unknown logger"),
             (&["--log-outputs", "stderr,/tmp/x"][..], "one output"),
             (&["--max-txn-ops", "0"][..], "at least 1"),
+        ] {
+            let e = p(args, &[]).unwrap_err();
+            assert!(e.contains(says), "{args:?}: {e}");
+        }
+    }
+
+    #[test]
+    fn the_rest_of_etcd_3_4s_flags_are_taken_or_refused_plainly() {
+        // Taken as etcd parses them, with no effect (README).
+        let c = p(
+            &[
+                "--backend-batch-interval=10ms",
+                "--backend-batch-limit",
+                "100",
+                "--experimental-backend-bbolt-freelist-type=array",
+                "--experimental-compaction-batch-limit=1000",
+                "--experimental-warning-apply-duration=200ms",
+                "--bcrypt-cost",
+                "12",
+                "--log-package-levels",
+                "etcdserver=DEBUG",
+                "--metrics=extensive",
+                "--initial-election-tick-advance=false",
+                "--experimental-enable-lease-checkpoint",
+                "--experimental-peer-skip-client-san-verification",
+                "--auto-tls=false",
+                "--peer-auto-tls=false",
+                "--proxy=off",
+                "--proxy-dial-timeout=1000",
+            ],
+            &[("ETCD_PROXY_READ_TIMEOUT", "0")],
+        )
+        .unwrap();
+        // Defaults: every origin and host; no TLS refinements.
+        assert_eq!(c.cors, vec!["*"]);
+        assert_eq!(c.host_whitelist, vec!["*"]);
+        assert!(c.cipher_suites.is_empty() && c.peer_cert_allowed_cn.is_none());
+        let c = p(
+            &[
+                "--cors",
+                "http://a.example:80,https://b.example:8443",
+                "--host-whitelist=localhost,example.com",
+                "--cipher-suites",
+                "TLS_ECDHE_RSA_WITH_AES_128_GCM_SHA256,TLS_ECDHE_RSA_WITH_CHACHA20_POLY1305",
+                "--peer-cert-allowed-cn=member",
+                "--client-cert-allowed-hostname=client.example",
+                "--client-crl-file=/x/crl.pem",
+            ],
+            &[("ETCD_PEER_CRL_FILE", "/y/crl.pem")],
+        )
+        .unwrap();
+        assert_eq!(
+            c.cors,
+            vec!["http://a.example:80", "https://b.example:8443"]
+        );
+        assert_eq!(c.host_whitelist, vec!["localhost", "example.com"]);
+        assert_eq!(c.cipher_suites.len(), 2);
+        assert_eq!(c.peer_cert_allowed_cn.as_deref(), Some("member"));
+        assert_eq!(
+            c.client_cert_allowed_hostname.as_deref(),
+            Some("client.example")
+        );
+        assert_eq!(c.client_crl_file, Some(PathBuf::from("/x/crl.pem")));
+        assert_eq!(c.peer_crl_file, Some(PathBuf::from("/y/crl.pem")));
+        for (args, says) in [
+            (
+                &["--cipher-suites", "TLS_FAST"][..],
+                "unexpected TLS cipher suite \"TLS_FAST\"",
+            ),
+            (&["--cors", "example.com"][..], "URL scheme must be"),
+            (&["--cors", "http://example.com"][..], "host:port"),
+            (
+                &["--cors", "http://example.com:80/x"][..],
+                "must not contain a path",
+            ),
+            (
+                &["--peer-cert-allowed-cn=a", "--peer-cert-allowed-hostname=b"][..],
+                "mutually exclusive",
+            ),
+            (&["--auto-tls"][..], "does not generate certificates"),
+            (&["--peer-auto-tls=true"][..], "--peer-cert-file"),
+            (&["--proxy=on"][..], "no v2 proxy"),
+            (&["--proxy=sideways"][..], "valid values are"),
+            (&["--backend-batch-limit=many"][..], "-backend-batch-limit"),
+            (
+                &["--backend-batch-interval=soon"][..],
+                "-backend-batch-interval",
+            ),
+            (
+                &["--initial-election-tick-advance=maybe"][..],
+                "invalid boolean",
+            ),
+            (
+                &["--discovery-srv", "example.com"][..],
+                "not defined: -discovery-srv",
+            ),
         ] {
             let e = p(args, &[]).unwrap_err();
             assert!(e.contains(says), "{args:?}: {e}");

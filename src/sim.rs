@@ -318,6 +318,8 @@ fn start(node: &mut Node, world: &Rc<World>) {
             max_txn_ops: crate::config::MAX_TXN_OPS,
             grpc_gateway: true,
             max_concurrent_streams: 4096,
+            cors: vec!["*".into()],
+            host_whitelist: vec!["*".into()],
         },
     });
     let boot = RaftBoot {

@@ -744,3 +744,91 @@ fn the_gateway_can_be_turned_off() {
     let (ok, out, err) = support::etcdctl(&m.endpoint(), &["put", "a", "b"], None);
     assert!(ok, "{out}{err}");
 }
+
+/// etcd's access control on the client port's HTTP: `--cors` names the
+/// origins whose requests get CORS headers (by default every origin, as
+/// `*`), any OPTIONS is answered 200 before routing, and `--host-whitelist`
+/// refuses a plain-HTTP request whose Host it does not name with 421 and
+/// etcd's DNS-rebinding text.
+#[test]
+fn cors_origins_and_the_host_whitelist_as_etcd() {
+    let get = |c: &mut Conn, method: &str, path: &str, headers: &str| -> Resp {
+        c.send(format!("{method} {path} HTTP/1.1\r\n{headers}\r\n").as_bytes());
+        c.read()
+    };
+    // Defaults: every origin, every host.
+    let m = started();
+    let mut c = Conn::new(&m);
+    let r = get(&mut c, "GET", "/health", "Host: anything.example\r\n");
+    assert_eq!(r.status, 200);
+    assert_eq!(r.header("access-control-allow-origin"), Some("*"));
+    assert_eq!(
+        r.header("access-control-allow-methods"),
+        Some("POST, GET, OPTIONS, PUT, DELETE")
+    );
+    assert_eq!(
+        r.header("access-control-allow-headers"),
+        Some("accept, content-type, authorization")
+    );
+    let r = get(&mut c, "OPTIONS", "/version", "Host: localhost\r\n");
+    assert_eq!(r.status, 200);
+    assert!(r.body.is_empty());
+    assert_eq!(r.header("access-control-allow-origin"), Some("*"));
+    drop(m);
+
+    let mut m = Member::new(&[
+        "--cors",
+        "http://a.example:80,http://b.example:8080",
+        "--host-whitelist",
+        "localhost,127.0.0.1",
+    ]);
+    if let Some(st) = m.start() {
+        panic!("server exited at start ({st}):\n{}", m.log_text());
+    }
+    let mut c = Conn::new(&m);
+    // An allowed origin is named back; another gets no CORS headers.
+    let r = get(
+        &mut c,
+        "GET",
+        "/health",
+        "Host: 127.0.0.1\r\nOrigin: http://b.example:8080\r\n",
+    );
+    assert_eq!(r.status, 200);
+    assert_eq!(
+        r.header("access-control-allow-origin"),
+        Some("http://b.example:8080")
+    );
+    let r = get(
+        &mut c,
+        "OPTIONS",
+        "/v3/kv/range",
+        "Host: localhost:2379\r\nOrigin: http://c.example:80\r\n",
+    );
+    assert_eq!(r.status, 200);
+    assert_eq!(r.header("access-control-allow-origin"), None);
+    let r = c.post_with(
+        "/v3/kv/put",
+        r#"{"key":"YQ==","value":"Yg=="}"#,
+        "Origin: http://a.example:80\r\n",
+    );
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    assert_eq!(
+        r.header("access-control-allow-origin"),
+        Some("http://a.example:80")
+    );
+    // A Host the whitelist does not name: 421, and the connection stays.
+    let r = get(&mut c, "GET", "/health", "Host: rebind.example:2379\r\n");
+    assert_eq!(r.status, 421);
+    let text = String::from_utf8_lossy(&r.body);
+    assert!(
+        text.contains("the Host header was unrecognized")
+            && text.contains("--host-whitelist \"rebind.example\""),
+        "{text}"
+    );
+    let r = c.post("/v3/kv/range", &json!({"key": "YQ=="}));
+    assert_eq!(r.status, 200);
+    assert_eq!(r.json()["kvs"][0]["value"], "Yg==");
+    // gRPC is not HTTP/1: the whitelist does not apply to it.
+    let (ok, out, err) = support::etcdctl(&m.endpoint(), &["get", "a"], None);
+    assert!(ok && out.contains('b'), "{out}{err}");
+}

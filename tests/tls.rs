@@ -303,3 +303,180 @@ fn https_without_a_certificate_is_a_clear_error() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("--cert-file and --key-file"));
 }
+
+/// etcd's refinements of client certificate checks: with
+/// `--client-cert-allowed-hostname` a certificate the CA signed must also
+/// be valid for that name, one whose serial `--client-crl-file` lists is
+/// refused, and `--cipher-suites` limits TLS 1.2 to the suites it names.
+#[test]
+fn client_certificates_allowed_hostname_revocation_list_and_cipher_suites() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    certs(d);
+    std::fs::write(
+        d.join("named.ext"),
+        "subjectAltName=DNS:client.example\nextendedKeyUsage=serverAuth,clientAuth\n",
+    )
+    .unwrap();
+    signed(d, "named", "ca", "named.ext");
+    signed(d, "revoked", "ca", "named.ext");
+    // A revocation list from the CA naming "revoked".
+    std::fs::write(
+        d.join("ca.cnf"),
+        "[ca]\ndefault_ca = ca_default\n[ca_default]\ndatabase = index.txt\ncrlnumber = crlnumber\ndefault_md = sha256\ndefault_crl_days = 2\ncertificate = ca.crt\nprivate_key = ca.key\n",
+    )
+    .unwrap();
+    std::fs::write(d.join("index.txt"), "").unwrap();
+    std::fs::write(d.join("crlnumber"), "01\n").unwrap();
+    openssl(d, &["ca", "-config", "ca.cnf", "-revoke", "revoked.crt"]);
+    openssl(
+        d,
+        &["ca", "-config", "ca.cnf", "-gencrl", "-out", "crl.pem"],
+    );
+
+    let p = |f: &str| d.join(f).to_str().unwrap().to_string();
+    let port = support::free_port();
+    let url = format!("https://127.0.0.1:{port}");
+    let mut m = support::Member::new(&[
+        "--listen-client-urls",
+        &url,
+        "--advertise-client-urls",
+        &url,
+        "--cert-file",
+        &p("server.crt"),
+        "--key-file",
+        &p("server.key"),
+        "--trusted-ca-file",
+        &p("ca.crt"),
+        "--client-cert-auth",
+        "--client-cert-allowed-hostname",
+        "client.example",
+        "--client-crl-file",
+        &p("crl.pem"),
+        "--cipher-suites",
+        "TLS_ECDHE_RSA_WITH_AES_128_GCM_SHA256,TLS_ECDHE_RSA_WITH_AES_256_CBC_SHA",
+    ]);
+    assert!(m.start().is_none(), "{}", m.log_text());
+    let as_ = |who: &str, args: &[&str]| {
+        let mut a = vec![
+            format!("--cacert={}", p("ca.crt")),
+            format!("--cert={}", p(&format!("{who}.crt"))),
+            format!("--key={}", p(&format!("{who}.key"))),
+            "--dial-timeout=2s".to_string(),
+        ];
+        a.extend(args.iter().map(|s| s.to_string()));
+        let a: Vec<&str> = a.iter().map(|s| s.as_str()).collect();
+        etcdctl(&url, &a, None)
+    };
+    let (ok, out, err) = as_("named", &["put", "k", "v"]);
+    assert!(ok && out.contains("OK"), "{out}{err}");
+    // Signed by the CA, but not for client.example.
+    let (ok, out, err) = as_("client", &["get", "k"]);
+    assert!(!ok, "{out}{err}");
+    // For client.example, but revoked.
+    let (ok, out, err) = as_("revoked", &["get", "k"]);
+    assert!(!ok, "{out}{err}");
+    let (ok, out, err) = as_("named", &["get", "k"]);
+    assert!(ok && out.contains('v'), "{out}{err}");
+
+    // TLS 1.2 with a suite --cipher-suites names, and with one it does not.
+    let s_client = |cipher: &str| -> bool {
+        let mut child = Command::new("openssl")
+            .current_dir(d)
+            .args([
+                "s_client",
+                "-connect",
+                &format!("127.0.0.1:{port}"),
+                "-tls1_2",
+                "-cipher",
+                cipher,
+                "-CAfile",
+                "ca.crt",
+                "-cert",
+                "named.crt",
+                "-key",
+                "named.key",
+            ])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("openssl is installed");
+        drop(child.stdin.take());
+        let out = child.wait_with_output().unwrap();
+        let text = String::from_utf8_lossy(&out.stdout);
+        text.contains(&format!("Cipher is {cipher}"))
+            || text.contains(&format!("Cipher    : {cipher}"))
+    };
+    assert!(s_client("ECDHE-RSA-AES128-GCM-SHA256"));
+    assert!(!s_client("ECDHE-RSA-AES256-GCM-SHA384"));
+    drop(m);
+    let _ = dir;
+}
+
+/// `--peer-cert-allowed-cn`: a peer's certificate, signed by the trusted
+/// CA, must also have that common name, checked on both sides of a peer
+/// connection. Of three members the third presents a certificate of
+/// another name: the first two form the cluster and serve writes, the
+/// third never gets their data.
+#[test]
+fn peer_cert_allowed_cn_keeps_a_member_with_another_name_out() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    certs(d);
+    signed(d, "stranger", "ca", "dns.ext");
+    let p = |f: &str| d.join(f).to_str().unwrap().to_string();
+    let flags = |who: &str| -> Vec<String> {
+        vec![
+            "--peer-cert-file".into(),
+            p(&format!("{who}.crt")),
+            "--peer-key-file".into(),
+            p(&format!("{who}.key")),
+            "--peer-trusted-ca-file".into(),
+            p("ca.crt"),
+            "--peer-client-cert-auth".into(),
+            "--peer-cert-allowed-cn".into(),
+            "peer".into(),
+        ]
+    };
+    let mut ms = support::cluster_with_peer_tls(&[flags("peer"), flags("peer"), flags("stranger")]);
+    for m in ms.iter_mut() {
+        m.launch();
+    }
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        let (ok, out, err) = etcdctl(&ms[0].endpoint(), &["put", "k", "v"], None);
+        if ok && out.contains("OK") {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no write within 20 s: {out}{err}\n{}",
+            ms[0].log_text()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(300));
+    }
+    let (ok, out, err) = etcdctl(&ms[1].endpoint(), &["get", "k"], None);
+    assert!(ok && out.contains('v'), "{out}{err}");
+    std::thread::sleep(std::time::Duration::from_secs(2));
+    let (ok, out, err) = etcdctl(
+        &ms[2].endpoint(),
+        &["get", "k", "--consistency=s", "--dial-timeout=2s"],
+        None,
+    );
+    assert!(
+        !(ok && out.contains('v')),
+        "the member with another common name got the data: {out}{err}"
+    );
+    if !support::is_etcd() {
+        assert!(
+            ms[0].log_text().contains("TLS handshake failed")
+                && ms[2].log_text().contains("TLS handshake failed"),
+            "{}\n{}",
+            ms[0].log_text(),
+            ms[2].log_text()
+        );
+    }
+    drop(ms);
+    let _ = dir;
+}

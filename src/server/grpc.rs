@@ -39,14 +39,14 @@ pub async fn serve_conn(
             }
         };
         if s.get_ref().1.alpn_protocol() == Some(b"http/1.1") {
-            return super::http::serve(s, core, true).await;
+            return super::http::serve(s, core, true, true).await;
         }
         return serve_h2(s, core, peer).await;
     }
     // etcd serves HTTP/1 (/metrics, /health, /version, the JSON gateway)
     // on the client port too; an HTTP/2 connection starts with "PRI".
     if is_http1(&stream).await {
-        return super::http::serve(stream, core, true).await;
+        return super::http::serve(stream, core, true, false).await;
     }
     let peer = stream.peer_addr().ok();
     serve_h2(stream, core, peer).await

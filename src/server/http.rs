@@ -32,8 +32,50 @@ const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 const READ_CHUNK_BYTES: usize = 16 << 10;
 
-/// etcd's gateway answers every route with these (its CORS wrapper).
-const CORS: &str = "Access-Control-Allow-Headers: accept, content-type, authorization\r\nAccess-Control-Allow-Methods: POST, GET, OPTIONS, PUT, DELETE\r\nAccess-Control-Allow-Origin: *\r\n";
+/// etcd's access controller adds these to every client-port answer for an
+/// allowed origin (`--cors`; by default every origin, as `*`).
+fn cors_headers(cors: &[String], origin: Option<&str>) -> String {
+    let allow = |o: &str| {
+        format!(
+            "Access-Control-Allow-Headers: accept, content-type, authorization\r\nAccess-Control-Allow-Methods: POST, GET, OPTIONS, PUT, DELETE\r\nAccess-Control-Allow-Origin: {o}\r\n"
+        )
+    };
+    if cors.is_empty() || cors.iter().any(|c| c == "*") {
+        return allow("*");
+    }
+    match origin {
+        Some(o) if cors.iter().any(|c| c == o) => allow(o),
+        _ => String::new(),
+    }
+}
+
+/// A Host header's name without its port (etcd's `GetHostname`: Go's
+/// `net.SplitHostPort`, or the whole value when that fails).
+fn host_name(host: &str) -> &str {
+    if let Some(rest) = host.strip_prefix('[') {
+        return match rest.split_once("]:") {
+            Some((h, _)) => h,
+            None => host,
+        };
+    }
+    match host.rsplit_once(':') {
+        Some((h, _)) if !h.contains(':') => h,
+        _ => host,
+    }
+}
+
+/// etcd's `--host-whitelist` check of a plain-HTTP request's Host name;
+/// empty or `*` allows every name.
+fn host_allowed(whitelist: &[String], name: &str) -> bool {
+    whitelist.is_empty() || whitelist.iter().any(|h| h == "*" || h == name)
+}
+
+/// etcd's answer to a Host it does not allow (CVE-2018-5702).
+fn host_refused(host: &str) -> String {
+    format!(
+        "\netcd received your request, but the Host header was unrecognized.\n\nTo fix this, choose one of the following options:\n- Enable TLS, then any HTTPS request will be allowed.\n- Add the hostname you want to use to the whitelist in settings.\n  - e.g. etcd --host-whitelist {host:?}\n\nThis requirement has been added to help prevent \"DNS Rebinding\" attacks (CVE-2018-5702).\n\n"
+    )
+}
 
 /// One parsed request.
 struct Request {
@@ -48,6 +90,11 @@ struct Request {
     require_leader: bool,
     keep_alive: bool,
     body: Vec<u8>,
+    /// `Host` and `Origin`.
+    host: Option<String>,
+    origin: Option<String>,
+    /// The CORS header lines this request's answers carry (client port).
+    cors: String,
 }
 
 /// Why no request was read.
@@ -141,6 +188,7 @@ where
     let (path, query) = (path.to_string(), query.to_string());
     let http10 = parsed.version == Some(0);
     let (mut token, mut md_token) = (None, None);
+    let (mut host, mut origin) = (None, None);
     let mut require_leader = false;
     let (mut close, mut chunked, mut expect) = (http10, false, false);
     let mut length: Option<usize> = None;
@@ -149,6 +197,10 @@ where
         let name = h.name;
         if name.eq_ignore_ascii_case("authorization") {
             token = value.map(str::to_string);
+        } else if name.eq_ignore_ascii_case("host") {
+            host = value.map(str::to_string);
+        } else if name.eq_ignore_ascii_case("origin") {
+            origin = value.map(str::to_string);
         } else if name.eq_ignore_ascii_case("grpc-metadata-token") {
             md_token = value.map(str::to_string);
         } else if name.eq_ignore_ascii_case("grpc-metadata-hasleader") {
@@ -237,6 +289,9 @@ where
         require_leader,
         keep_alive: !close,
         body,
+        host,
+        origin,
+        cors: String::new(),
     })
 }
 
@@ -306,7 +361,7 @@ struct Answer {
     status: &'static str,
     content_type: &'static str,
     /// Extra header lines, each ending in CRLF.
-    extra: &'static str,
+    extra: String,
     body: Vec<u8>,
 }
 
@@ -331,9 +386,10 @@ where
 }
 
 /// Serves requests on one connection until it closes; `client_port` adds
-/// /version and the gateway (etcd's metrics listener has only /metrics and
-/// /health).
-pub async fn serve<S>(mut stream: S, core: Rc<Core>, client_port: bool)
+/// /version, the gateway and etcd's access control (CORS headers, OPTIONS
+/// answered, and, on a plain connection (`tls` false), `--host-whitelist`);
+/// etcd's metrics listener has only /metrics and /health.
+pub async fn serve<S>(mut stream: S, core: Rc<Core>, client_port: bool, tls: bool)
 where
     S: futures::io::AsyncRead + futures::io::AsyncWrite + Unpin,
 {
@@ -347,7 +403,7 @@ where
                 let a = Answer {
                     status,
                     content_type: "text/plain; charset=utf-8",
-                    extra: "",
+                    extra: String::new(),
                     body: format!("{text}\n").into_bytes(),
                 };
                 write_answer(&mut stream, &a, false, false).await;
@@ -362,13 +418,50 @@ where
                 let a = Answer {
                     status: r.status,
                     content_type: "application/json",
-                    extra: CORS,
+                    extra: cors_headers(&core.router.member.cors, None),
                     body: r.body,
                 };
                 write_answer(&mut stream, &a, false, false).await;
                 return;
             }
         };
+        let mut req = req;
+        if client_port {
+            let member = &core.router.member;
+            let host = host_name(req.host.as_deref().unwrap_or("")).to_string();
+            if !tls && !host_allowed(&member.host_whitelist, &host) {
+                crate::warn!(
+                    "rejecting HTTP request to prevent DNS rebinding attacks (host {host:?})"
+                );
+                let a = Answer {
+                    status: "421 Misdirected Request",
+                    content_type: "text/plain; charset=utf-8",
+                    extra: "X-Content-Type-Options: nosniff\r\n".into(),
+                    body: host_refused(&host).into_bytes(),
+                };
+                if !write_answer(&mut stream, &a, req.method == "HEAD", req.keep_alive).await
+                    || !req.keep_alive
+                {
+                    return;
+                }
+                continue;
+            }
+            req.cors = cors_headers(&member.cors, req.origin.as_deref());
+            if req.method == "OPTIONS" {
+                // A CORS preflight: etcd answers any OPTIONS before routing.
+                let a = Answer {
+                    status: "200 OK",
+                    content_type: "",
+                    extra: req.cors.clone(),
+                    body: Vec::new(),
+                };
+                if !write_answer(&mut stream, &a, false, req.keep_alive).await || !req.keep_alive {
+                    return;
+                }
+                continue;
+            }
+        }
+        let req = req;
         let a = if client_port
             && core.router.member.grpc_gateway
             && gateway::is_gateway_path(&req.path)
@@ -428,7 +521,7 @@ async fn plain(req: &Request, core: &Core, client_port: bool) -> Answer {
         status,
         content_type,
         // etcd wraps every client-port handler in its CORS handler.
-        extra: if client_port { CORS } else { "" },
+        extra: req.cors.clone(),
         body: body.into_bytes(),
     }
 }
@@ -457,18 +550,9 @@ where
     let text = |status, body: &str| Answer {
         status,
         content_type: "text/plain; charset=utf-8",
-        extra: CORS,
+        extra: req.cors.clone(),
         body: body.as_bytes().to_vec(),
     };
-    if req.method == "OPTIONS" {
-        // A CORS preflight: etcd answers it before routing.
-        return Gw::Answer(Answer {
-            status: "200 OK",
-            content_type: "",
-            extra: CORS,
-            body: Vec::new(),
-        });
-    }
     let Some(route) = gateway::route(&req.path) else {
         return Gw::Answer(text("404 Not Found", "Not Found\n"));
     };
@@ -481,7 +565,7 @@ where
             return Gw::Answer(Answer {
                 status: r.status,
                 content_type: "application/json",
-                extra: CORS,
+                extra: req.cors.clone(),
                 body: r.body,
             });
         }
@@ -521,14 +605,12 @@ where
         status: reply.status,
         content_type: "application/json",
         extra: if reply.ok {
-            concat!(
-                "Access-Control-Allow-Headers: accept, content-type, authorization\r\n",
-                "Access-Control-Allow-Methods: POST, GET, OPTIONS, PUT, DELETE\r\n",
-                "Access-Control-Allow-Origin: *\r\n",
-                "Grpc-Metadata-Content-Type: application/grpc\r\n"
+            format!(
+                "{}Grpc-Metadata-Content-Type: application/grpc\r\n",
+                req.cors
             )
         } else {
-            CORS
+            req.cors.clone()
         },
         body: reply.body,
     })
@@ -561,7 +643,7 @@ where
         Answer {
             status: r.status,
             content_type: "application/json",
-            extra: CORS,
+            extra: req.cors.clone(),
             body: r.body,
         }
     };
@@ -577,7 +659,8 @@ where
         Err(st) => return write_answer(stream, &refuse(&st), false, req.keep_alive).await,
     };
     let head = format!(
-        "HTTP/1.1 200 OK\r\n{CORS}Content-Type: application/json\r\nGrpc-Metadata-Content-Type: application/grpc\r\nTransfer-Encoding: chunked\r\n{}\r\n",
+        "HTTP/1.1 200 OK\r\n{}Content-Type: application/json\r\nGrpc-Metadata-Content-Type: application/grpc\r\nTransfer-Encoding: chunked\r\n{}\r\n",
+        req.cors,
         if req.keep_alive { "" } else { "Connection: close\r\n" }
     );
     if stream.write_all(head.as_bytes()).await.is_err() || stream.flush().await.is_err() {

@@ -71,6 +71,9 @@ pub struct Member {
     /// Server pings on gRPC connections: (interval, timeout), from
     /// `--grpc-keepalive-interval` and `--grpc-keepalive-timeout`.
     pub grpc_keepalive: Option<(std::time::Duration, std::time::Duration)>,
+    /// `--cors` and `--host-whitelist` (the client port's HTTP/1).
+    pub cors: Vec<String>,
+    pub host_whitelist: Vec<String>,
 }
 
 /// The WAL's directory, checked against where this data dir's WAL was
@@ -1254,6 +1257,8 @@ pub fn run(cfg: Config) -> Result<(), String> {
             max_txn_ops: cfg.max_txn_ops,
             grpc_gateway: cfg.grpc_gateway,
             max_concurrent_streams: cfg.max_concurrent_streams,
+            cors: cfg.cors.clone(),
+            host_whitelist: cfg.host_whitelist.clone(),
         },
     });
     match cfg.quota_bytes() {
@@ -1434,6 +1439,7 @@ pub fn run(cfg: Config) -> Result<(), String> {
                                         glommio::spawn_local(http::serve(
                                             stream,
                                             ctx.clone(),
+                                            false,
                                             false,
                                         ))
                                         .detach();

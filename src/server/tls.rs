@@ -6,9 +6,25 @@
 //! and client certificates checked against `--peer-trusted-ca-file` with
 //! `--peer-client-cert-auth`) and a client config that presents the same
 //! certificate and verifies the peer's against that CA.
+//!
+//! Both take etcd's refinements: `--cipher-suites` (the TLS 1.2 suites
+//! offered; TLS 1.3's stay on, as in Go), `--client-crl-file` and
+//! `--peer-crl-file` (a presented client certificate, or any certificate
+//! of its chain, whose serial a revocation list names is refused; read at
+//! start, where etcd rereads the file per connection), and
+//! `--client-cert-allowed-hostname`, `--peer-cert-allowed-cn` and
+//! `--peer-cert-allowed-hostname` (a verified certificate must also have
+//! that subject common name, or be valid for that name; on peer
+//! connections in both directions, as etcd sets one check for its server
+//! and client configs).
 
 use crate::config::Config;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::pki_types::{
+    CertificateDer, CertificateRevocationListDer, PrivateKeyDer, ServerName, UnixTime,
+};
+use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
+use rustls::{DigitallySignedStruct, DistinguishedName, SignatureScheme};
 use std::path::Path;
 use std::sync::Arc;
 
@@ -46,27 +62,305 @@ fn load_roots(path: &Path) -> Result<Arc<rustls::RootCertStore>, String> {
     Ok(Arc::new(roots))
 }
 
-fn provider() -> Arc<rustls::crypto::CryptoProvider> {
-    Arc::new(rustls::crypto::ring::default_provider())
+fn load_crls(path: &Path) -> Result<Vec<CertificateRevocationListDer<'static>>, String> {
+    let bytes = read_pem(path)?;
+    let crls: Vec<_> = rustls_pemfile::crls(&mut bytes.as_slice())
+        .collect::<Result<_, _>>()
+        .map_err(|e| format!("{}: {e}", path.display()))?;
+    // Not PEM: one DER-encoded list, as Go's x509.ParseCRL also reads.
+    Ok(if crls.is_empty() {
+        vec![CertificateRevocationListDer::from(bytes)]
+    } else {
+        crls
+    })
+}
+
+/// rustls's suites, less the TLS 1.2 ones `--cipher-suites` does not name
+/// (when it names any). A name Go knows that rustls has no suite for (CBC,
+/// RC4, 3DES, RSA key exchange) is skipped with a warning; TLS 1.3's names
+/// have no effect, as in Go.
+fn provider(suites: &[String]) -> Arc<rustls::crypto::CryptoProvider> {
+    let mut p = rustls::crypto::ring::default_provider();
+    if suites.is_empty() {
+        return Arc::new(p);
+    }
+    // rustls spells Go's older ChaCha20 names with their hash.
+    let wanted: Vec<String> = suites
+        .iter()
+        .map(|s| match s.as_str() {
+            "TLS_ECDHE_RSA_WITH_CHACHA20_POLY1305" | "TLS_ECDHE_ECDSA_WITH_CHACHA20_POLY1305" => {
+                format!("{s}_SHA256")
+            }
+            _ => s.clone(),
+        })
+        .collect();
+    p.cipher_suites
+        .retain(|cs| cs.tls13().is_some() || wanted.contains(&format!("{:?}", cs.suite())));
+    for (name, w) in suites.iter().zip(&wanted) {
+        let tls13 = name.starts_with("TLS_AES_") || name.starts_with("TLS_CHACHA20_");
+        if !tls13
+            && !p
+                .cipher_suites
+                .iter()
+                .any(|cs| format!("{:?}", cs.suite()) == *w)
+        {
+            crate::warn!(
+                "--cipher-suites: {name} is not offered (keelson's TLS has no such suite)"
+            );
+        }
+    }
+    Arc::new(p)
+}
+
+/// What a verified certificate must also satisfy (etcd's `AllowedCN`,
+/// `AllowedHostname`).
+#[derive(Debug, Clone)]
+enum Allowed {
+    Cn(String),
+    Hostname(String),
+}
+
+impl Allowed {
+    fn of(cn: Option<&String>, hostname: Option<&String>) -> Option<Allowed> {
+        match (cn, hostname) {
+            (Some(cn), _) => Some(Allowed::Cn(cn.clone())),
+            (None, Some(h)) => Some(Allowed::Hostname(h.clone())),
+            (None, None) => None,
+        }
+    }
+
+    fn check(&self, end_entity: &CertificateDer<'_>) -> Result<(), rustls::Error> {
+        let ok = match self {
+            Allowed::Cn(cn) => subject_common_name(end_entity).as_deref() == Some(cn.as_str()),
+            Allowed::Hostname(h) => {
+                let name = ServerName::try_from(h.as_str()).ok();
+                let cert = webpki::EndEntityCert::try_from(end_entity).ok();
+                match (name, cert) {
+                    (Some(name), Some(cert)) => {
+                        cert.verify_is_valid_for_subject_name(&name).is_ok()
+                    }
+                    _ => false,
+                }
+            }
+        };
+        if ok {
+            Ok(())
+        } else {
+            Err(rustls::Error::InvalidCertificate(
+                rustls::CertificateError::ApplicationVerificationFailure,
+            ))
+        }
+    }
+}
+
+/// A verifier that, after the CA's verification, also checks `Allowed`.
+#[derive(Debug)]
+struct Restricted<V: ?Sized> {
+    inner: Arc<V>,
+    allowed: Allowed,
+}
+
+impl ClientCertVerifier for Restricted<dyn ClientCertVerifier> {
+    fn offer_client_auth(&self) -> bool {
+        self.inner.offer_client_auth()
+    }
+    fn client_auth_mandatory(&self) -> bool {
+        self.inner.client_auth_mandatory()
+    }
+    fn root_hint_subjects(&self) -> &[DistinguishedName] {
+        self.inner.root_hint_subjects()
+    }
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<ClientCertVerified, rustls::Error> {
+        let ok = self
+            .inner
+            .verify_client_cert(end_entity, intermediates, now)?;
+        self.allowed.check(end_entity)?;
+        Ok(ok)
+    }
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls12_signature(message, cert, dss)
+    }
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls13_signature(message, cert, dss)
+    }
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.inner.supported_verify_schemes()
+    }
+}
+
+impl ServerCertVerifier for Restricted<dyn ServerCertVerifier> {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &ServerName<'_>,
+        ocsp_response: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        let ok = self.inner.verify_server_cert(
+            end_entity,
+            intermediates,
+            server_name,
+            ocsp_response,
+            now,
+        )?;
+        self.allowed.check(end_entity)?;
+        Ok(ok)
+    }
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls12_signature(message, cert, dss)
+    }
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls13_signature(message, cert, dss)
+    }
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.inner.supported_verify_schemes()
+    }
+}
+
+/// One DER element: (tag, contents, the bytes after it).
+fn der(input: &[u8]) -> Option<(u8, &[u8], &[u8])> {
+    let (&tag, rest) = input.split_first()?;
+    let (&first, rest) = rest.split_first()?;
+    let (len, rest) = if first < 0x80 {
+        (first as usize, rest)
+    } else {
+        let n = (first & 0x7f) as usize;
+        if n == 0 || n > 4 || rest.len() < n {
+            return None;
+        }
+        let len = rest[..n].iter().fold(0usize, |a, &b| (a << 8) | b as usize);
+        (len, &rest[n..])
+    };
+    if rest.len() < len {
+        return None;
+    }
+    Some((tag, &rest[..len], &rest[len..]))
+}
+
+/// The subject's common name (the last one, as Go's `Subject.CommonName`),
+/// or None when the certificate has none or is not DER this can read.
+fn subject_common_name(cert: &[u8]) -> Option<String> {
+    const SEQ: u8 = 0x30;
+    const CN_OID: &[u8] = &[0x55, 0x04, 0x03];
+    let (SEQ, cert, _) = der(cert)? else {
+        return None;
+    };
+    let (SEQ, tbs, _) = der(cert)? else {
+        return None;
+    };
+    let mut rest = tbs;
+    // [0] version (optional), serial, signature algorithm, issuer,
+    // validity, then the subject.
+    if rest.first() == Some(&0xa0) {
+        rest = der(rest)?.2;
+    }
+    for _ in 0..4 {
+        rest = der(rest)?.2;
+    }
+    let (SEQ, mut rdns, _) = der(rest)? else {
+        return None;
+    };
+    let mut cn = None;
+    while !rdns.is_empty() {
+        let (_, set, next) = der(rdns)?;
+        rdns = next;
+        let mut atvs = set;
+        while !atvs.is_empty() {
+            let (_, atv, next) = der(atvs)?;
+            atvs = next;
+            let (0x06, oid, value) = der(atv)? else {
+                continue;
+            };
+            if oid != CN_OID {
+                continue;
+            }
+            let (tag, v, _) = der(value)?;
+            cn = Some(match tag {
+                // BMPString: UTF-16BE.
+                0x1e => {
+                    let units: Vec<u16> = v
+                        .chunks(2)
+                        .map(|c| u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)]))
+                        .collect();
+                    String::from_utf16_lossy(&units)
+                }
+                _ => String::from_utf8_lossy(v).into_owned(),
+            });
+        }
+    }
+    cn
+}
+
+/// How a TLS config checks certificates beyond its CA.
+struct Checks<'a> {
+    suites: &'a [String],
+    crl: Option<&'a Path>,
+    allowed: Option<Allowed>,
 }
 
 /// A server config: `cert` and `key`, and client certificates required
 /// and checked against `ca` when given.
-fn server(cert: &Path, key: &Path, ca: Option<&Path>) -> Result<rustls::ServerConfig, String> {
+fn server(
+    cert: &Path,
+    key: &Path,
+    ca: Option<&Path>,
+    checks: &Checks<'_>,
+) -> Result<rustls::ServerConfig, String> {
     let certs = load_certs(cert)?;
     let key_der = load_key(key)?;
-    let builder = rustls::ServerConfig::builder_with_provider(provider())
+    let builder = rustls::ServerConfig::builder_with_provider(provider(checks.suites))
         .with_safe_default_protocol_versions()
         .map_err(|e| e.to_string())?;
     let builder = match ca {
         Some(ca) => {
-            let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+            let mut b = rustls::server::WebPkiClientVerifier::builder_with_provider(
                 load_roots(ca)?,
-                provider(),
-            )
-            .build()
-            .map_err(|e| format!("{}: {e}", ca.display()))?;
-            builder.with_client_cert_verifier(verifier)
+                provider(checks.suites),
+            );
+            if let Some(crl) = checks.crl {
+                // etcd checks only the serials a list names: a
+                // certificate no list covers is not refused.
+                b = b
+                    .with_crls(load_crls(crl)?)
+                    .allow_unknown_revocation_status();
+            }
+            let verifier = b.build().map_err(|e| {
+                let file = checks.crl.unwrap_or(ca);
+                format!("{}: {e}", file.display())
+            })?;
+            match &checks.allowed {
+                Some(a) => builder.with_client_cert_verifier(Arc::new(Restricted {
+                    inner: verifier as Arc<dyn ClientCertVerifier>,
+                    allowed: a.clone(),
+                })),
+                None => builder.with_client_cert_verifier(verifier),
+            }
         }
         None => builder.with_no_client_auth(),
     };
@@ -96,7 +390,12 @@ pub fn server_config(cfg: &Config) -> Result<Option<Arc<rustls::ServerConfig>>, 
     } else {
         None
     };
-    let mut sc = server(cert, key, ca)?;
+    let checks = Checks {
+        suites: &cfg.cipher_suites,
+        crl: cfg.client_crl_file.as_deref(),
+        allowed: Allowed::of(None, cfg.client_cert_allowed_hostname.as_ref()),
+    };
+    let mut sc = server(cert, key, ca, &checks)?;
     sc.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     Ok(Some(Arc::new(sc)))
 }
@@ -112,15 +411,84 @@ pub fn peer_config(cfg: &Config) -> Result<Option<crate::peer::PeerTls>, String>
     let ca = cfg.peer_trusted_ca_file.as_deref().ok_or(
         "https peer URLs need --peer-trusted-ca-file (keelson verifies every peer's certificate against it)",
     )?;
-    let server = server(cert, key, cfg.peer_client_cert_auth.then_some(ca))?;
-    let client = rustls::ClientConfig::builder_with_provider(provider())
+    let checks = Checks {
+        suites: &cfg.cipher_suites,
+        crl: cfg.peer_crl_file.as_deref(),
+        allowed: Allowed::of(
+            cfg.peer_cert_allowed_cn.as_ref(),
+            cfg.peer_cert_allowed_hostname.as_ref(),
+        ),
+    };
+    let server = server(cert, key, cfg.peer_client_cert_auth.then_some(ca), &checks)?;
+    let builder = rustls::ClientConfig::builder_with_provider(provider(checks.suites))
         .with_safe_default_protocol_versions()
-        .map_err(|e| e.to_string())?
-        .with_root_certificates(load_roots(ca)?)
+        .map_err(|e| e.to_string())?;
+    let builder = match &checks.allowed {
+        None => builder.with_root_certificates(load_roots(ca)?),
+        Some(a) => {
+            let inner = rustls::client::WebPkiServerVerifier::builder_with_provider(
+                load_roots(ca)?,
+                provider(checks.suites),
+            )
+            .build()
+            .map_err(|e| format!("{}: {e}", ca.display()))?;
+            builder
+                .dangerous()
+                .with_custom_certificate_verifier(Arc::new(Restricted {
+                    inner: inner as Arc<dyn ServerCertVerifier>,
+                    allowed: a.clone(),
+                }))
+        }
+    };
+    let client = builder
         .with_client_auth_cert(load_certs(cert)?, load_key(key)?)
         .map_err(|e| format!("{}: {e}", cert.display()))?;
     Ok(Some(crate::peer::PeerTls {
         server: Arc::new(server),
         client: Arc::new(client),
     }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A self-signed P-256 certificate whose subject is
+    /// "O=keelson, CN=first, CN=member" (openssl, 100 years).
+    const CERT_PEM: &str = "-----BEGIN CERTIFICATE-----\nMIIBvjCCAWOgAwIBAgIUN5qQhGorgGG+GMK1wgCeZQHxKVIwCgYIKoZIzj0EAwIwMzEQMA4GA1UECgwHa2VlbHNvbjEOMAwGA1UEAwwFZmlyc3QxDzANBgNVBAMMBm1lbWJlcjAgFw0yNjEyMDQwNTU5MzJaGA8yMTI2MTExMDA1NTkzMlowMzEQMA4GA1UECgwHa2VlbHNvbjEOMAwGA1UEAwwFZmlyc3QxDzANBgNVBAMMBm1lbWJlcjBZMBMGByqGSM49AgEGCCqGSM49AwEHA0IABBHLK1UIP8RTzgKFgZvOBt736D0qp9/MjBfkqMkmrEj4BAVfat2/TmpkI6in7l6wYLIPWjEPfd/x3xz5OcbT3N2jUzBRMB0GA1UdDgQWBBT9RALpgkslUpqlD9Qxg/+wQSjg1DAfBgNVHSMEGDAWgBT9RALpgkslUpqlD9Qxg/+wQSjg1DAPBgNVHRMBAf8EBTADAQH/MAoGCCqGSM49BAMCA0kAMEYCIQDlyIrqlXl/Urb4PrTyRqst5aqZdC5oIJdbfw0zf543FAIhAN30biStm9TWVUB4Dqkxx/IocCzQh8dijRV3MqJ5mcYA\n-----END CERTIFICATE-----\n";
+
+    fn cert() -> Vec<u8> {
+        rustls_pemfile::certs(&mut CERT_PEM.as_bytes())
+            .next()
+            .unwrap()
+            .unwrap()
+            .to_vec()
+    }
+
+    #[test]
+    fn the_subjects_last_common_name_counts_as_in_go() {
+        assert_eq!(subject_common_name(&cert()).as_deref(), Some("member"));
+        let c = CertificateDer::from(cert());
+        assert!(Allowed::Cn("member".into()).check(&c).is_ok());
+        assert!(Allowed::Cn("first".into()).check(&c).is_err());
+        // No SANs: valid for no host name.
+        assert!(Allowed::Hostname("member".into()).check(&c).is_err());
+    }
+
+    #[test]
+    fn damaged_certificates_give_no_name_and_never_panic() {
+        let der = cert();
+        for n in 0..der.len() {
+            let _ = subject_common_name(&der[..n]);
+            let mut bad = der.clone();
+            bad[n] ^= 0xff;
+            let _ = subject_common_name(&bad);
+        }
+        assert_eq!(subject_common_name(&[]), None);
+        assert_eq!(
+            subject_common_name(&[0x30, 0x84, 0xff, 0xff, 0xff, 0xff]),
+            None
+        );
+        assert_eq!(subject_common_name(&[0x30, 0x80]), None);
+    }
 }
