@@ -297,6 +297,12 @@ fn env_name(flag: &str) -> String {
     format!("ETCD_{}", flag.to_ascii_uppercase().replace('-', "_"))
 }
 
+/// An `ETCD_`-prefixed environment variable that no flag reads (etcd logs
+/// these as unrecognized and goes on).
+pub fn unrecognized_env(key: &str) -> bool {
+    key.starts_with("ETCD_") && !FLAGS.iter().any(|f| env_name(f.name) == key)
+}
+
 /// Parses the command line (without the program name) and the environment.
 pub fn parse<I, E>(args: I, env: E) -> Result<Parsed, String>
 where
@@ -1198,6 +1204,16 @@ mod tests {
             let e = p(args, &[]).unwrap_err();
             assert!(e.contains(says), "{args:?}: {e}");
         }
+    }
+
+    #[test]
+    fn unknown_etcd_variables_are_told_apart() {
+        assert!(!unrecognized_env("ETCD_NAME"));
+        assert!(!unrecognized_env("ETCD_CIPHER_SUITES"));
+        assert!(!unrecognized_env("ETCDCTL_API"));
+        assert!(!unrecognized_env("PATH"));
+        assert!(unrecognized_env("ETCD_DISCOVERY_SRV"));
+        assert!(unrecognized_env("ETCD_NAMES"));
     }
 
     #[test]

@@ -26,6 +26,15 @@ fn main() {
                 std::process::exit(1);
             }
             keelson::logging::set_level(cfg.log_level);
+            // As etcd: an ETCD_* variable no flag reads is named, not fatal.
+            let mut unknown: Vec<String> = std::env::vars()
+                .map(|(k, _)| k)
+                .filter(|k| config::unrecognized_env(k))
+                .collect();
+            unknown.sort();
+            for k in unknown {
+                keelson::warn!("unrecognized environment variable {k}");
+            }
             if let Err(e) = keelson::server::run(*cfg) {
                 keelson::error!("{e}");
                 std::process::exit(1);
