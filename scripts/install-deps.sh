@@ -38,13 +38,14 @@ venv="$(cd "$(dirname "$0")/.." && pwd)/target/pyclients"
 # etcd3 0.12's generated protobuf code needs the protobuf 3 runtime, and
 # its Lock the tenacity it was released with (6.1; later ones changed the
 # wait callback's signature). pytest, hypothesis, mock and pifpaf run
-# python-etcd3's own test suite (tests/python_clients.rs).
-if ! "$venv/bin/python" -c 'import etcd3gw, etcd3, pytest, hypothesis, mock, pifpaf, tenacity' >/dev/null 2>&1; then
+# python-etcd3's own test suite, and oslotest etcd3gw's (its tests ship in
+# its wheel) (tests/python_clients.rs).
+if ! "$venv/bin/python" -c 'import etcd3gw, etcd3, pytest, hypothesis, mock, pifpaf, tenacity, oslotest' >/dev/null 2>&1; then
   rm -rf "$venv"
   python3 -m venv "$venv"
   "$venv/bin/pip" install -q --disable-pip-version-check \
     etcd3gw==2.7.0 etcd3==0.12.0 'protobuf>=3.20,<4' tenacity==6.1.0 \
-    pytest==9.2.0 hypothesis==4.56.3 mock==5.2.0 pifpaf==3.4.0
+    pytest==9.2.0 hypothesis==4.56.3 mock==5.2.0 pifpaf==3.4.0 oslotest==6.1.1
 fi
 # python-etcd3's own test suite, from its source release on PyPI.
 if [ ! -f "$venv/etcd3-0.12.0/tests/test_etcd3.py" ]; then
@@ -53,4 +54,21 @@ if [ ! -f "$venv/etcd3-0.12.0/tests/test_etcd3.py" ]; then
     --no-binary :all: -d "$venv/sdist" etcd3==0.12.0
   echo "89a704cb389bf0a010a1fa050ce19342d23bf6371ebda1c21cfe8ff3ed488726  $venv/sdist/etcd3-0.12.0.tar.gz" | sha256sum -c --quiet
   tar xzf "$venv/sdist/etcd3-0.12.0.tar.gz" -C "$venv" etcd3-0.12.0/tests
+fi
+# aetcd (an asyncio client on grpcio) and its own test suite, from its
+# source release, in a venv of its own: it needs protobuf 4 or later,
+# python-etcd3 protobuf 3.
+avenv="$(cd "$(dirname "$0")/.." && pwd)/target/pyclients-aetcd"
+if ! "$avenv/bin/python" -c 'import grpc, google.protobuf, pytest, pytest_asyncio, pytest_mock' >/dev/null 2>&1; then
+  rm -rf "$avenv"
+  python3 -m venv "$avenv"
+  "$avenv/bin/pip" install -q --disable-pip-version-check \
+    grpcio==1.85.3 protobuf==7.36.2 pytest==9.0.3 pytest-asyncio==1.3.0 pytest-mock==3.15.1
+fi
+if [ ! -f "$avenv/aetcd-1.0.0/tests/integration/conftest.py" ]; then
+  rm -rf "$avenv/sdist"
+  "$avenv/bin/pip" download -q --disable-pip-version-check --no-deps \
+    --no-binary :all: -d "$avenv/sdist" aetcd==1.0.0
+  echo "9d7173c9909ea3fc8a54dc7c82227c0ddf439d1b42c1bd2496956297d76c1107  $avenv/sdist/aetcd-1.0.0.tar.gz" | sha256sum -c --quiet
+  tar xzf "$avenv/sdist/aetcd-1.0.0.tar.gz" -C "$avenv"
 fi

@@ -54,6 +54,13 @@ impl Member {
             peer_host: "127.0.0.1",
         }
     }
+    /// The same member on client port `port` (a fixed port some client
+    /// test suites assume, such as etcd's 2379).
+    #[allow(dead_code)]
+    pub fn on_client_port(mut self, port: u16) -> Member {
+        self.port = port;
+        self
+    }
     /// The flags after keelson's own for the next start.
     #[allow(dead_code)]
     pub fn set_extra(&mut self, extra: &[&str]) {

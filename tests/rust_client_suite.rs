@@ -1,0 +1,122 @@
+//! The Rust `etcd-client` crate's own test suite (`tests/` of the version
+//! this project's Cargo.lock pins, taken from cargo's registry copy of its
+//! source), unchanged, against the real binary: its CI starts one etcd on
+//! localhost:2379 with a 2-second auth token TTL and a `root` user
+//! (password `rootpwd`, role `root`), and so does this test, then runs
+//! `cargo test` on a copy of the crate (its own target directory under
+//! `target/`; the first run compiles it). Passes against etcd 3.4 too
+//! (`KEELSON_TEST_SERVER=etcd`); the suite's tests that need etcd 3.7 or a
+//! four-node cluster are ignored by the crate itself.
+
+mod support;
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+use support::{etcdctl, Member};
+
+/// The etcd-client version Cargo.lock pins.
+fn pinned_version(root: &Path) -> String {
+    let lock = std::fs::read_to_string(root.join("Cargo.lock")).unwrap();
+    let at = lock
+        .find("name = \"etcd-client\"\nversion = \"")
+        .expect("etcd-client in Cargo.lock");
+    let rest = &lock[at..].split_once("version = \"").unwrap().1;
+    rest.split('"').next().unwrap().to_string()
+}
+
+/// cargo's unpacked source of `crate_dir` (name-version) in its registry.
+fn registry_source(crate_dir: &str) -> PathBuf {
+    let home = std::env::var_os("CARGO_HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(std::env::var_os("HOME").unwrap()).join(".cargo"));
+    std::fs::read_dir(home.join("registry/src"))
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .map(|e| e.path().join(crate_dir))
+        .find(|p| p.join("tests/client.rs").exists())
+        .unwrap_or_else(|| panic!("{crate_dir}'s source is not in cargo's registry"))
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap() {
+        let e = e.unwrap();
+        let dest = to.join(e.file_name());
+        if e.file_type().unwrap().is_dir() {
+            copy_dir(&e.path(), &dest);
+        } else {
+            std::fs::copy(e.path(), dest).unwrap();
+        }
+    }
+}
+
+#[test]
+fn etcd_client_crates_own_test_suite_passes() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let name = format!("etcd-client-{}", pinned_version(root));
+    let work = root.join("target/etcd-client-suite");
+    let suite = work.join(&name);
+    if !suite.join("tests/client.rs").exists() {
+        let _ = std::fs::remove_dir_all(&suite);
+        copy_dir(&registry_source(&name), &suite);
+    }
+
+    let mut m = Member::new(&["--auth-token-ttl", "2"]).on_client_port(2379);
+    assert!(m.start().is_none(), "{}", m.log_text());
+    let ep = m.endpoint();
+    for args in [
+        &["user", "add", "root", "--new-user-password=rootpwd"][..],
+        &["user", "grant-role", "root", "root"][..],
+    ] {
+        let (ok, out, err) = etcdctl(&ep, args, None);
+        assert!(ok, "{args:?}: {out}{err}");
+    }
+
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let mut child = Command::new(cargo)
+        .current_dir(&suite)
+        .args(["test", "--tests", "--target-dir"])
+        .arg(work.join("target"))
+        .env_remove("CARGO_TARGET_DIR")
+        .env_remove("CARGO_BUILD_TARGET_DIR")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let drain = |mut r: Box<dyn Read + Send>| {
+        std::thread::spawn(move || {
+            let mut s = String::new();
+            let _ = r.read_to_string(&mut s);
+            s
+        })
+    };
+    let out = drain(Box::new(child.stdout.take().unwrap()));
+    let err = drain(Box::new(child.stderr.take().unwrap()));
+    // Compiling the crate and its dependencies the first time takes most.
+    let deadline = Instant::now() + Duration::from_secs(900);
+    let status = loop {
+        if let Some(st) = child.try_wait().unwrap() {
+            break Some(st);
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let (out, err) = (out.join().unwrap(), err.join().unwrap());
+    let passed: usize = out
+        .lines()
+        .filter_map(|l| l.strip_prefix("test result: ok. "))
+        .filter_map(|l| l.split(' ').next()?.parse::<usize>().ok())
+        .sum();
+    assert!(
+        status.map(|s| s.success()).unwrap_or(false) && passed >= 20,
+        "etcd-client's suite: {status:?}, {passed} passed\nstdout:\n{out}\nstderr:\n{err}\nserver log:\n{}",
+        m.log_text()
+    );
+    drop(m);
+}
