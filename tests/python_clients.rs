@@ -11,9 +11,8 @@
 
 mod support;
 
-use std::io::Read;
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 use support::Member;
 
@@ -32,42 +31,11 @@ fn run_python(script: &str, args: &[&str], limit: Duration) {
     run_until(cmd, script, limit);
 }
 
-/// Runs `cmd` in a process group of its own; panics with its output
-/// unless it exits 0 within `limit`. On the deadline the whole group is
-/// killed, servers the command started included.
-fn run_until(mut cmd: Command, what: &str, limit: Duration) {
-    use std::os::unix::process::CommandExt;
-    let mut child = cmd
-        .process_group(0)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    // Drained while it runs, so a full pipe cannot stall it.
-    let drain = |mut r: Box<dyn Read + Send>| {
-        std::thread::spawn(move || {
-            let mut s = String::new();
-            let _ = r.read_to_string(&mut s);
-            s
-        })
-    };
-    let out = drain(Box::new(child.stdout.take().unwrap()));
-    let err = drain(Box::new(child.stderr.take().unwrap()));
+/// Runs `cmd` (`support::run_for`); panics with its output unless it
+/// exits 0 within `limit`.
+fn run_until(cmd: Command, what: &str, limit: Duration) {
     let start = Instant::now();
-    let status = loop {
-        if let Some(st) = child.try_wait().unwrap() {
-            break Some(st);
-        }
-        if start.elapsed() > limit {
-            let _ = Command::new("kill")
-                .args(["-KILL", "--", &format!("-{}", child.id())])
-                .status();
-            let _ = child.wait();
-            break None;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    };
-    let (out, err) = (out.join().unwrap(), err.join().unwrap());
+    let (status, out, err) = support::run_for(cmd, limit);
     assert!(
         status.map(|s| s.success()).unwrap_or(false),
         "{what}: {status:?} after {:?}\nstdout:\n{out}\nstderr:\n{err}",

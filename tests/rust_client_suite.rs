@@ -10,10 +10,9 @@
 
 mod support;
 
-use std::io::Read;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::Command;
+use std::time::Duration;
 use support::{etcdctl, Member};
 
 /// The etcd-client version Cargo.lock pins.
@@ -75,39 +74,14 @@ fn etcd_client_crates_own_test_suite_passes() {
     }
 
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-    let mut child = Command::new(cargo)
-        .current_dir(&suite)
+    let mut cmd = Command::new(cargo);
+    cmd.current_dir(&suite)
         .args(["test", "--tests", "--target-dir"])
         .arg(work.join("target"))
         .env_remove("CARGO_TARGET_DIR")
-        .env_remove("CARGO_BUILD_TARGET_DIR")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let drain = |mut r: Box<dyn Read + Send>| {
-        std::thread::spawn(move || {
-            let mut s = String::new();
-            let _ = r.read_to_string(&mut s);
-            s
-        })
-    };
-    let out = drain(Box::new(child.stdout.take().unwrap()));
-    let err = drain(Box::new(child.stderr.take().unwrap()));
+        .env_remove("CARGO_BUILD_TARGET_DIR");
     // Compiling the crate and its dependencies the first time takes most.
-    let deadline = Instant::now() + Duration::from_secs(900);
-    let status = loop {
-        if let Some(st) = child.try_wait().unwrap() {
-            break Some(st);
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            break None;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    };
-    let (out, err) = (out.join().unwrap(), err.join().unwrap());
+    let (status, out, err) = support::run_for(cmd, Duration::from_secs(900));
     let passed: usize = out
         .lines()
         .filter_map(|l| l.strip_prefix("test result: ok. "))

@@ -442,3 +442,43 @@ pub fn etcdctl(ep: &str, args: &[&str], stdin: Option<&str>) -> (bool, String, S
         String::from_utf8_lossy(&out.stderr).into_owned(),
     )
 }
+
+/// Runs `cmd` in a process group of its own, its output drained while it
+/// runs (a full pipe cannot stall it); on `limit` the whole group is
+/// killed, servers it started included. Returns (exit status, `None` when
+/// killed; stdout; stderr).
+#[allow(dead_code)]
+pub fn run_for(mut cmd: Command, limit: Duration) -> (Option<ExitStatus>, String, String) {
+    use std::io::Read;
+    use std::os::unix::process::CommandExt;
+    let mut child = cmd
+        .process_group(0)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let drain = |mut r: Box<dyn Read + Send>| {
+        std::thread::spawn(move || {
+            let mut s = String::new();
+            let _ = r.read_to_string(&mut s);
+            s
+        })
+    };
+    let out = drain(Box::new(child.stdout.take().unwrap()));
+    let err = drain(Box::new(child.stderr.take().unwrap()));
+    let start = Instant::now();
+    let status = loop {
+        if let Some(st) = child.try_wait().unwrap() {
+            break Some(st);
+        }
+        if start.elapsed() > limit {
+            let _ = Command::new("kill")
+                .args(["-KILL", "--", &format!("-{}", child.id())])
+                .status();
+            let _ = child.wait();
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    (status, out.join().unwrap(), err.join().unwrap())
+}
