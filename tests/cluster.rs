@@ -492,8 +492,8 @@ async fn histories_stay_linearizable_through_partitions_and_kills() {
         *s ^= *s << 17;
         *s
     }
-    let (mut ms, proxy) = support::cluster_with_proxy(3, &[]).await;
-    start_all(&mut ms);
+    let (ms, proxy) = support::cluster_with_proxy(3, &[]).await;
+    let mut ms = support::start_all_behind_proxy(ms).await;
     leader(&ms, &[0, 1, 2]).await;
     let mut ids = Vec::new();
     for m in &ms {
@@ -838,8 +838,8 @@ async fn a_member_far_behind_catches_up_through_a_snapshot() {
 /// member cut off from the others it ends with etcd's "no leader" error.
 #[tokio::test]
 async fn a_watch_requiring_a_leader_ends_when_its_member_loses_it() {
-    let (mut ms, proxy) = support::cluster_with_proxy(3, &[]).await;
-    start_all(&mut ms);
+    let (ms, proxy) = support::cluster_with_proxy(3, &[]).await;
+    let ms = support::start_all_behind_proxy(ms).await;
     if support::is_etcd() {
         return; // the proxy speaks keelson's peer protocol
     }

@@ -210,6 +210,10 @@ pub struct View {
     /// The member's database size as the applier last told.
     pub db_bytes: Cell<u64>,
     pub auth: std::cell::RefCell<std::sync::Arc<crate::auth::AuthState>>,
+    /// Told once, when this core first learns of a leader: the member
+    /// says it is ready to serve only after every core has (as etcd does
+    /// once it has a leader and has published itself).
+    pub first_leader: std::cell::RefCell<Option<std::sync::mpsc::Sender<()>>>,
 }
 
 impl View {
@@ -256,6 +260,11 @@ impl View {
                 self.leader.set(leader);
                 self.commit.set(self.commit.get().max(commit));
                 self.learner.set(learner);
+                if leader != 0 {
+                    if let Some(tx) = self.first_leader.borrow_mut().take() {
+                        let _ = tx.send(());
+                    }
+                }
             }
         }
     }
@@ -1276,6 +1285,7 @@ pub fn run(cfg: Config) -> Result<(), String> {
     // Every shard checkpoints the whole lease table at the same index.
     let leases_at_start = shards.first().map(|s| s.leases.clone()).unwrap_or_default();
     let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<(), String>>();
+    let (leader_tx, leader_rx) = std::sync::mpsc::channel::<()>();
     let mut shard_slots: Vec<Option<Shard>> = shards.into_iter().map(Some).collect();
     let mut core0 = Some((
         RaftBoot {
@@ -1313,6 +1323,7 @@ pub fn run(cfg: Config) -> Result<(), String> {
         let membership = membership.clone();
         let router = router.clone();
         let ready = ready_tx.clone();
+        let leader_seen = leader_tx.clone();
         let client_addrs = client_addrs.clone();
         let tls_addrs = tls_addrs.clone();
         let tls_cfg = tls_cfg.clone();
@@ -1335,7 +1346,10 @@ pub fn run(cfg: Config) -> Result<(), String> {
                 let ctx = Rc::new_cyclic(|me| Core {
                     id: core,
                     router: router.clone(),
-                    view: View::default(),
+                    view: View {
+                        first_leader: std::cell::RefCell::new(Some(leader_seen)),
+                        ..View::default()
+                    },
                     watch: watch::Hub::default(),
                     me: me.clone(),
                     rpcs: Default::default(),
@@ -1468,6 +1482,7 @@ pub fn run(cfg: Config) -> Result<(), String> {
         handles.push(h);
     }
     drop(ready_tx);
+    drop(leader_tx);
     for _ in 0..cfg.cores {
         match ready_rx.recv() {
             Ok(Ok(())) => {}
@@ -1475,10 +1490,15 @@ pub fn run(cfg: Config) -> Result<(), String> {
             Err(_) => return Err("an executor stopped during startup".into()),
         }
     }
-    crate::info!(
-        "ready to serve client requests on {}",
-        cfg.listen_client_urls.join(",")
-    );
+    // Clients are served from here on (a request that needs a leader waits
+    // for one), but, as etcd, the member announces it is ready only once
+    // every core knows the leader, so /health answers 200 from then on.
+    if (0..cfg.cores).all(|_| leader_rx.recv().is_ok()) {
+        crate::info!(
+            "ready to serve client requests on {}",
+            cfg.listen_client_urls.join(",")
+        );
+    }
     for h in handles {
         let _ = h.join();
     }
