@@ -38,6 +38,12 @@ pub struct Config {
     pub peer_key_file: Option<PathBuf>,
     pub peer_trusted_ca_file: Option<PathBuf>,
     pub peer_client_cert_auth: bool,
+    /// etcd's `--auto-tls` and `--peer-auto-tls`: client (peer) TLS with a
+    /// certificate the member generates under `data-dir/fixtures/`, when
+    /// no certificate file is given (`tls::self_certs` then sets the files
+    /// and clears the CA checks, as etcd replaces its TLS settings).
+    pub auto_tls: bool,
+    pub peer_auto_tls: bool,
     /// etcd's `--listen-metrics-urls`: HTTP/1 only (/metrics, /health).
     pub listen_metrics_urls: Vec<String>,
     pub initial_advertise_peer_urls: Vec<String>,
@@ -259,8 +265,8 @@ const FLAGS: &[FlagSpec] = &[
     FlagSpec { name: "peer-cert-allowed-hostname", help: "allowed TLS hostname for inter peer authentication" },
     FlagSpec { name: "client-crl-file", help: "path to the client certificate revocation list file (read at start)" },
     FlagSpec { name: "peer-crl-file", help: "path to the peer certificate revocation list file (read at start)" },
-    FlagSpec { name: "auto-tls", help: "client TLS using generated certificates: only false (keelson does not generate certificates)" },
-    FlagSpec { name: "peer-auto-tls", help: "peer TLS using generated certificates: only false (keelson does not generate certificates)" },
+    FlagSpec { name: "auto-tls", help: "client TLS using generated certificates (when no --cert-file/--key-file is given)" },
+    FlagSpec { name: "peer-auto-tls", help: "peer TLS using generated certificates (when no --peer-cert-file/--peer-key-file is given)" },
     FlagSpec { name: "experimental-peer-skip-client-san-verification", help: "accepted: keelson never checks a dialing peer's certificate SANs against its address (as etcd with this flag)" },
     FlagSpec { name: "metrics", help: "accepted ('basic' or 'extensive'): keelson's /metrics has one set" },
     FlagSpec { name: "initial-election-tick-advance", help: "accepted: keelson's members never fast-forward election ticks at start (as etcd with false) (default true)" },
@@ -570,15 +576,6 @@ where
         ))
         }
     }
-    for flag in ["auto-tls", "peer-auto-tls"] {
-        if flag_bool(flag)? {
-            return Err(format!(
-                "--{flag}: keelson does not generate certificates; give --{}cert-file and --{}key-file",
-                if flag == "auto-tls" { "" } else { "peer-" },
-                if flag == "auto-tls" { "" } else { "peer-" },
-            ));
-        }
-    }
     let cipher_suites = list("cipher-suites", "");
     if let Some(cs) = cipher_suites
         .iter()
@@ -630,6 +627,8 @@ where
         peer_key_file: lookup("peer-key-file").map(PathBuf::from),
         peer_trusted_ca_file: lookup("peer-trusted-ca-file").map(PathBuf::from),
         peer_client_cert_auth: flag_bool("peer-client-cert-auth")?,
+        auto_tls: flag_bool("auto-tls")?,
+        peer_auto_tls: flag_bool("peer-auto-tls")?,
         auth_token_ttl: Duration::from_secs(num("auth-token-ttl", 300)?.max(1)),
         strict_reconfig_check,
         unsafe_no_fsync: flag_bool("unsafe-no-fsync")?,
@@ -864,7 +863,7 @@ impl Config {
                 "peer URLs mix http and https: keelson's members speak TLS to every peer or to none".into(),
             );
         }
-        if tls_peers > 0 {
+        if tls_peers > 0 && !self.peer_auto_tls {
             if self.peer_cert_file.is_none() || self.peer_key_file.is_none() {
                 return Err("https peer URLs need --peer-cert-file and --peer-key-file".into());
             }
@@ -874,15 +873,17 @@ impl Config {
                 );
             }
         }
-        if self.peer_client_cert_auth && self.peer_trusted_ca_file.is_none() {
+        if self.peer_client_cert_auth && self.peer_trusted_ca_file.is_none() && !self.peer_auto_tls
+        {
             return Err("--peer-client-cert-auth needs --peer-trusted-ca-file".into());
         }
         if self.listen_client_urls.iter().any(|u| is_tls_url(u))
             && (self.cert_file.is_none() || self.key_file.is_none())
+            && !self.auto_tls
         {
             return Err("https client URLs need --cert-file and --key-file".into());
         }
-        if self.client_cert_auth && self.trusted_ca_file.is_none() {
+        if self.client_cert_auth && self.trusted_ca_file.is_none() && !self.auto_tls {
             return Err("--client-cert-auth needs --trusted-ca-file".into());
         }
         Ok(())
@@ -1289,8 +1290,7 @@ mod tests {
                 &["--peer-cert-allowed-cn=a", "--peer-cert-allowed-hostname=b"][..],
                 "mutually exclusive",
             ),
-            (&["--auto-tls"][..], "does not generate certificates"),
-            (&["--peer-auto-tls=true"][..], "--peer-cert-file"),
+            (&["--auto-tls=maybe"][..], "-auto-tls"),
             (&["--proxy=on"][..], "no v2 proxy"),
             (&["--proxy=sideways"][..], "valid values are"),
             (&["--backend-batch-limit=many"][..], "-backend-batch-limit"),
@@ -1310,6 +1310,35 @@ mod tests {
             let e = p(args, &[]).unwrap_err();
             assert!(e.contains(says), "{args:?}: {e}");
         }
+    }
+
+    #[test]
+    fn auto_tls_stands_in_for_the_certificate_files() {
+        let https = ["--listen-client-urls", "https://127.0.0.1:2379"];
+        let e = p(&https, &[]).unwrap_err();
+        assert!(e.contains("--cert-file"), "{e}");
+        let c = p(&[https[0], https[1], "--auto-tls"], &[]).unwrap();
+        assert!(c.auto_tls && c.cert_file.is_none());
+        // etcd drops --client-cert-auth then (its TLS settings are replaced).
+        assert!(p(
+            &[https[0], https[1], "--auto-tls", "--client-cert-auth"],
+            &[]
+        )
+        .is_ok());
+        let peers = [
+            "--listen-peer-urls",
+            "https://127.0.0.1:2380",
+            "--initial-advertise-peer-urls",
+            "https://127.0.0.1:2380",
+            "--initial-cluster",
+            "default=https://127.0.0.1:2380",
+        ];
+        let e = p(&peers, &[]).unwrap_err();
+        assert!(e.contains("--peer-cert-file"), "{e}");
+        let mut with = peers.to_vec();
+        with.push("--peer-auto-tls");
+        let c = p(&with, &[("ETCD_AUTO_TLS", "true")]).unwrap();
+        assert!(c.peer_auto_tls && c.auto_tls);
     }
 
     #[test]

@@ -41,7 +41,7 @@ pub async fn serve_conn(
         if s.get_ref().1.alpn_protocol() == Some(b"http/1.1") {
             return super::http::serve(s, core, true, true).await;
         }
-        return serve_h2(s, core, peer).await;
+        return serve_h2(s, core, peer, true).await;
     }
     // etcd serves HTTP/1 (/metrics, /health, /version, the JSON gateway)
     // on the client port too; an HTTP/2 connection starts with "PRI".
@@ -49,7 +49,7 @@ pub async fn serve_conn(
         return super::http::serve(stream, core, true, false).await;
     }
     let peer = stream.peer_addr().ok();
-    serve_h2(stream, core, peer).await
+    serve_h2(stream, core, peer, false).await
 }
 
 /// Whether a plain connection speaks HTTP/1: its first bytes are a method
@@ -75,8 +75,11 @@ async fn is_http1(stream: &glommio::net::TcpStream) -> bool {
     }
 }
 
-/// One HTTP/2 connection (plain or TLS) until it ends.
-async fn serve_h2<S>(stream: S, core: Rc<Core>, peer: Option<std::net::SocketAddr>)
+/// One HTTP/2 connection (plain or TLS) until it ends. On TLS, as etcd's
+/// handler there, a request whose content-type is not gRPC's goes to the
+/// HTTP handlers (/health, /version, /metrics, the JSON gateway); on a
+/// plain connection every HTTP/2 stream is gRPC (etcd's cmux).
+async fn serve_h2<S>(stream: S, core: Rc<Core>, peer: Option<std::net::SocketAddr>, tls: bool)
 where
     S: futures::io::AsyncRead + futures::io::AsyncWrite + Unpin + 'static,
 {
@@ -109,7 +112,7 @@ where
         while let Some(next) = conn.accept().await {
             match next {
                 Ok((req, respond)) => {
-                    glommio::spawn_local(handle_stream(req, respond, core.clone())).detach();
+                    glommio::spawn_local(handle_stream(req, respond, core.clone(), tls)).detach();
                 }
                 Err(e) => {
                     if !e.is_io() && !e.is_go_away() {
@@ -172,10 +175,14 @@ async fn handle_stream(
     req: http::Request<h2::RecvStream>,
     mut respond: h2::server::SendResponse<Bytes>,
     core: Rc<Core>,
+    tls: bool,
 ) {
     let (parts, body) = req.into_parts();
-    let path = parts.uri.path();
     let h = CallHeaders::of(&parts.headers);
+    if tls && !h.grpc {
+        return super::http::serve_h2_request(parts, body, respond, core).await;
+    }
+    let path = parts.uri.path();
     if let Some(sm) = api::lookup_stream(path) {
         if let Some(st) = h.bad_encoding() {
             send_status(&mut respond, &st);
@@ -282,6 +289,8 @@ struct CallHeaders<'a> {
     require_leader: bool,
     /// The auth token.
     token: Option<&'a str>,
+    /// The content-type names gRPC (`application/grpc...`).
+    grpc: bool,
 }
 
 impl<'a> CallHeaders<'a> {
@@ -290,9 +299,10 @@ impl<'a> CallHeaders<'a> {
             encoding: None,
             require_leader: false,
             token: None,
+            grpc: false,
         };
         // Several values under one name: the first counts, as `get` did.
-        let (mut enc, mut leader, mut token) = (false, false, false);
+        let (mut enc, mut leader, mut token, mut ctype) = (false, false, false, false);
         for (name, value) in h {
             match name.as_str() {
                 "grpc-encoding" if !enc => {
@@ -308,6 +318,13 @@ impl<'a> CallHeaders<'a> {
                 "token" if !token => {
                     token = true;
                     out.token = value.to_str().ok();
+                }
+                "content-type" if !ctype => {
+                    ctype = true;
+                    out.grpc = value
+                        .as_bytes()
+                        .windows(16)
+                        .any(|w| w == b"application/grpc");
                 }
                 _ => {}
             }

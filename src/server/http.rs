@@ -466,7 +466,20 @@ where
             && core.router.member.grpc_gateway
             && gateway::is_gateway_path(&req.path)
         {
-            match serve_gateway(&mut stream, &mut buf, &req, &core, body_max).await {
+            // While a call that may wait runs, the connection is read:
+            // pipelined bytes are kept, and its end means the client left.
+            let gone = async {
+                let mut chunk = [0u8; 1024];
+                loop {
+                    match stream.read(&mut chunk).await {
+                        Ok(n) if n > 0 && buf.len() + n <= body_max => {
+                            buf.extend_from_slice(&chunk[..n])
+                        }
+                        _ => return,
+                    }
+                }
+            };
+            match serve_gateway(&req, &core, gone).await {
                 Gw::Answer(a) => a,
                 Gw::Stream(path, m) => {
                     let more =
@@ -536,17 +549,13 @@ enum Gw {
     Gone,
 }
 
-/// A request under /v3/ or /v3beta/.
-async fn serve_gateway<S>(
-    stream: &mut S,
-    buf: &mut Vec<u8>,
+/// A request under /v3/ or /v3beta/; `gone` resolves if the client
+/// leaves while a call that may wait (Lock, Campaign) runs.
+async fn serve_gateway(
     req: &Request,
     core: &Core,
-    body_max: usize,
-) -> Gw
-where
-    S: futures::io::AsyncRead + Unpin,
-{
+    gone: impl std::future::Future<Output = ()>,
+) -> Gw {
     let text = |status, body: &str| Answer {
         status,
         content_type: "text/plain; charset=utf-8",
@@ -577,27 +586,14 @@ where
         }
         Route::Unary(path, m) => {
             let call = gateway::call(path, m, &req.body, req.token.as_deref(), core);
-            futures::pin_mut!(call);
-            loop {
-                let done = async { Some(call.as_mut().await) };
-                let mut chunk = [0u8; 1024];
-                let gone = async {
-                    match stream.read(&mut chunk).await {
-                        Ok(0) | Err(_) => None,
-                        Ok(n) => Some(n),
-                    }
-                };
-                let next = futures_lite::future::or(async { done.await.map(Ok) }, async {
-                    Some(Err(gone.await))
-                })
-                .await;
-                match next {
-                    Some(Ok(r)) => break r,
-                    Some(Err(Some(n))) if buf.len() + n <= body_max => {
-                        buf.extend_from_slice(&chunk[..n])
-                    }
-                    _ => return Gw::Gone,
-                }
+            match futures_lite::future::or(async { Some(call.await) }, async {
+                gone.await;
+                None
+            })
+            .await
+            {
+                Some(r) => r,
+                None => return Gw::Gone,
             }
         }
     };
@@ -745,6 +741,233 @@ where
     out.extend_from_slice(b"\r\n");
     w.write_all(&out).await?;
     w.flush().await
+}
+
+/// An HTTP/2 request on a TLS client connection that is not gRPC: etcd's
+/// TLS handler gives it to the same HTTP handlers as HTTP/1 (CORS and
+/// OPTIONS as there; no `--host-whitelist`, which is for plain HTTP). A
+/// gateway stream's result lines go out as DATA frames.
+pub async fn serve_h2_request(
+    parts: http::request::Parts,
+    mut body: h2::RecvStream,
+    mut respond: h2::server::SendResponse<Bytes>,
+    core: Rc<Core>,
+) {
+    let body_max = gateway::body_bytes_max(&core);
+    let header = |name: &str| {
+        parts
+            .headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .map(|v| v.trim().to_string())
+    };
+    let member = &core.router.member;
+    let origin = header("origin");
+    let mut req = Request {
+        method: parts.method.as_str().to_string(),
+        path: parts.uri.path().to_string(),
+        query: parts.uri.query().unwrap_or("").to_string(),
+        token: header("authorization").or_else(|| header("grpc-metadata-token")),
+        require_leader: header("grpc-metadata-hasleader").as_deref() == Some("true"),
+        keep_alive: true,
+        body: Vec::new(),
+        host: parts.uri.authority().map(|a| a.to_string()),
+        cors: cors_headers(&member.cors, origin.as_deref()),
+        origin,
+    };
+    while let Some(chunk) = body.data().await {
+        let Ok(chunk) = chunk else {
+            return;
+        };
+        let _ = body.flow_control().release_capacity(chunk.len());
+        if req.body.len() + chunk.len() > body_max {
+            let st = crate::error::Status::new(
+                crate::error::Code::ResourceExhausted,
+                format!(
+                    "request body larger than max ({} vs. {body_max})",
+                    req.body.len() + chunk.len()
+                ),
+            );
+            let r = gateway::error_reply(&st);
+            let a = Answer {
+                status: r.status,
+                content_type: "application/json",
+                extra: req.cors.clone(),
+                body: r.body,
+            };
+            h2_answer(&mut respond, &a, false).await;
+            return;
+        }
+        req.body.extend_from_slice(&chunk);
+    }
+    if req.method == "OPTIONS" {
+        let a = Answer {
+            status: "200 OK",
+            content_type: "",
+            extra: req.cors.clone(),
+            body: Vec::new(),
+        };
+        h2_answer(&mut respond, &a, false).await;
+        return;
+    }
+    let a = if member.grpc_gateway && gateway::is_gateway_path(&req.path) {
+        let gone = async {
+            let _ = futures::future::poll_fn(|cx| respond.poll_reset(cx)).await;
+        };
+        match serve_gateway(&req, &core, gone).await {
+            Gw::Answer(a) => a,
+            Gw::Stream(path, m) => return h2_stream(&req, &core, path, m, respond).await,
+            Gw::Gone => return,
+        }
+    } else {
+        plain(&req, &core, true).await
+    };
+    h2_answer(&mut respond, &a, req.method == "HEAD").await;
+}
+
+/// Writes `data` on an HTTP/2 stream as its window allows; false if the
+/// client went away.
+async fn h2_send(send: &mut h2::SendStream<Bytes>, mut data: Bytes, end: bool) -> bool {
+    if data.is_empty() {
+        return !end || send.send_data(data, true).is_ok();
+    }
+    while !data.is_empty() {
+        send.reserve_capacity(data.len());
+        let cap = match futures::future::poll_fn(|cx| send.poll_capacity(cx)).await {
+            Some(Ok(n)) if n > 0 => n,
+            Some(Ok(_)) => continue,
+            _ => return false,
+        };
+        let chunk = data.split_to(cap.min(data.len()));
+        if send.send_data(chunk, end && data.is_empty()).is_err() {
+            return false;
+        }
+    }
+    true
+}
+
+/// An `Answer` as an HTTP/2 response.
+fn h2_head(a: &Answer, length: Option<usize>) -> Option<http::Response<()>> {
+    let code: u16 = a.status.get(..3)?.parse().ok()?;
+    let mut b = http::Response::builder().status(code);
+    for line in a.extra.split("\r\n") {
+        if let Some((name, value)) = line.split_once(": ") {
+            b = b.header(name.to_ascii_lowercase(), value);
+        }
+    }
+    if !a.content_type.is_empty() {
+        b = b.header("content-type", a.content_type);
+    }
+    if let Some(n) = length {
+        b = b.header("content-length", n);
+    }
+    b.body(()).ok()
+}
+
+async fn h2_answer(respond: &mut h2::server::SendResponse<Bytes>, a: &Answer, head_only: bool) {
+    let Some(head) = h2_head(a, Some(a.body.len())) else {
+        respond.send_reset(h2::Reason::INTERNAL_ERROR);
+        return;
+    };
+    if head_only || a.body.is_empty() {
+        let _ = respond.send_response(head, true);
+        return;
+    }
+    if let Ok(mut send) = respond.send_response(head, false) {
+        h2_send(&mut send, Bytes::from(a.body.clone()), true).await;
+    }
+}
+
+/// A gateway stream over HTTP/2: as `serve_stream`, with the result lines
+/// as DATA frames and the stream's reset as the client leaving.
+async fn h2_stream(
+    req: &Request,
+    core: &Core,
+    path: &'static str,
+    m: StreamMethod,
+    mut respond: h2::server::SendResponse<Bytes>,
+) {
+    use futures::StreamExt;
+    let refuse = |st: &crate::error::Status| {
+        let r = gateway::error_reply(st);
+        Answer {
+            status: r.status,
+            content_type: "application/json",
+            extra: req.cors.clone(),
+            body: r.body,
+        }
+    };
+    let start = super::grpc::check_leader(core, req.require_leader)
+        .and_then(|()| gateway::stream_requests(m, &req.body))
+        .and_then(|msgs| {
+            super::auth::authorize_stream(core, m, req.token.as_deref()).map(|u| (msgs, u))
+        });
+    let (msgs, user) = match start {
+        Ok(v) => v,
+        Err(st) => return h2_answer(&mut respond, &refuse(&st), false).await,
+    };
+    let a = Answer {
+        status: "200 OK",
+        content_type: "application/json",
+        extra: format!(
+            "{}Grpc-Metadata-Content-Type: application/grpc\r\n",
+            req.cors
+        ),
+        body: Vec::new(),
+    };
+    let Some(head) = h2_head(&a, None) else {
+        return;
+    };
+    let Ok(mut send) = respond.send_response(head, false) else {
+        return;
+    };
+    let (closed_tx, closed_rx) = futures::channel::oneshot::channel::<()>();
+    let (mut sink, mut rx) = MsgSink::queued(STREAM_QUEUE_DEPTH, closed_rx);
+    let input = MsgStream::queued(msgs);
+    let meta = Metadata {
+        require_leader: req.require_leader,
+        user,
+    };
+    let handler = async move {
+        let end = api::call_stream(m, input, &mut sink, meta, core).await;
+        core.count_result(path, &end);
+        drop(sink);
+        end
+    };
+    // The writer also watches for the client's reset (the stream's, as
+    // the response is sent); then dropping `closed_tx` ends the handler.
+    let writer = async move {
+        loop {
+            let next = futures::future::poll_fn(|cx| {
+                if send.poll_reset(cx).is_ready() {
+                    return std::task::Poll::Ready(None);
+                }
+                rx.poll_next_unpin(cx).map(Some)
+            })
+            .await;
+            match next {
+                Some(Some(pb)) => {
+                    let line: Bytes = gateway::stream_result(m, &pb).into();
+                    if !h2_send(&mut send, line, false).await {
+                        break;
+                    }
+                }
+                Some(None) => return (true, send),
+                None => break,
+            }
+        }
+        drop(closed_tx);
+        (false, send)
+    };
+    let (end, (written, mut send)) = futures::future::join(handler, writer).await;
+    if !written {
+        return;
+    }
+    let tail = match end {
+        Err(st) => Bytes::from(gateway::stream_error(&st)),
+        Ok(()) => Bytes::new(),
+    };
+    h2_send(&mut send, tail, true).await;
 }
 
 /// etcd's /health (3.5): unhealthy with an alarm raised that the query

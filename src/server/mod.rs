@@ -1175,8 +1175,6 @@ pub fn run(cfg: Config) -> Result<(), String> {
         .filter_map(|u| crate::config::parse_url(u).ok())
         .flatten()
         .collect();
-    let tls_cfg = tls::server_config(&cfg)?;
-    let peer_tls = tls::peer_config(&cfg)?;
     if cfg.enable_pprof {
         crate::warn!(
             "--enable-pprof: keelson has no Go runtime profiler; /debug/pprof is not served"
@@ -1189,6 +1187,9 @@ pub fn run(cfg: Config) -> Result<(), String> {
     for a in client_addrs.iter().chain(&peer_addrs).chain(&metrics_addrs) {
         check_port_free(*a)?;
     }
+    let cfg = tls::self_certs(cfg)?;
+    let tls_cfg = tls::server_config(&cfg)?;
+    let peer_tls = tls::peer_config(&cfg)?;
     let meta = load_or_create_meta(&cfg)?;
     let membership = load_membership(&cfg, &meta)?;
     if membership.removed.contains(&meta.member_id) {

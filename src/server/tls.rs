@@ -17,6 +17,17 @@
 //! that subject common name, or be valid for that name; on peer
 //! connections in both directions, as etcd sets one check for its server
 //! and client configs).
+//!
+//! `--auto-tls` / `--peer-auto-tls` (`self_certs`): with no certificate
+//! file given, the member uses a self-signed certificate it generates
+//! once under `data-dir/fixtures/client` (`peer`), as etcd's
+//! `transport.SelfCert` does: `cert.pem` and `key.pem`, valid for a year
+//! for the listen URLs' hosts, organization "etcd", reused while the
+//! files exist. As in etcd, that replaces the TLS settings: no client
+//! certificate is asked for, and a member accepts any certificate a peer
+//! presents (it still checks the handshake is signed by that
+//! certificate's key). keelson's key is ECDSA P-256 (etcd 3.4: P-521,
+//! which ring cannot sign with).
 
 use crate::config::Config;
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
@@ -25,7 +36,7 @@ use rustls::pki_types::{
 };
 use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
 use rustls::{DigitallySignedStruct, DistinguishedName, SignatureScheme};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 fn read_pem(path: &Path) -> Result<Vec<u8>, String> {
@@ -243,6 +254,150 @@ impl ServerCertVerifier for Restricted<dyn ServerCertVerifier> {
     }
 }
 
+/// The peer verifier of `--peer-auto-tls`: any certificate, as etcd's
+/// peer client then skips verification (Go still checks the handshake
+/// signature, and so does this).
+#[derive(Debug)]
+struct AnyPeerCertificate(Arc<rustls::crypto::CryptoProvider>);
+
+impl ServerCertVerifier for AnyPeerCertificate {
+    fn verify_server_cert(
+        &self,
+        _end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp_response: &[u8],
+        _now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        Ok(ServerCertVerified::assertion())
+    }
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
+    }
+}
+
+/// etcd's `transport.SelfCert`: `dir/cert.pem` and `dir/key.pem`, made
+/// (self-signed, for the URLs' hosts, a year; for TLS clients too with
+/// `peer`) unless both exist.
+pub fn self_cert(dir: &Path, urls: &[String], peer: bool) -> Result<(PathBuf, PathBuf), String> {
+    let cert = dir.join("cert.pem");
+    let key = dir.join("key.pem");
+    if cert.exists() && key.exists() {
+        return Ok((cert, key));
+    }
+    let at = |e: &dyn std::fmt::Display| format!("{}: {e}", dir.display());
+    std::fs::create_dir_all(dir).map_err(|e| at(&e))?;
+    let mut hosts: Vec<String> = urls
+        .iter()
+        .filter_map(|u| crate::config::url_host(u))
+        .collect();
+    hosts.sort();
+    hosts.dedup();
+    let mut params = rcgen::CertificateParams::new(hosts).map_err(|e| at(&e))?;
+    params.distinguished_name = rcgen::DistinguishedName::new();
+    params
+        .distinguished_name
+        .push(rcgen::DnType::OrganizationName, "etcd");
+    let now = time::OffsetDateTime::now_utc();
+    params.not_before = now;
+    params.not_after = now + time::Duration::days(365);
+    params.is_ca = rcgen::IsCa::ExplicitNoCa;
+    params.key_usages = vec![
+        rcgen::KeyUsagePurpose::KeyEncipherment,
+        rcgen::KeyUsagePurpose::DigitalSignature,
+    ];
+    params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ServerAuth];
+    if peer {
+        // A member presents it on both ends of a peer connection (etcd
+        // 3.5 adds client auth to peer certificates too).
+        params
+            .extended_key_usages
+            .push(rcgen::ExtendedKeyUsagePurpose::ClientAuth);
+    }
+    let pair = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).map_err(|e| at(&e))?;
+    let signed = params.self_signed(&pair).map_err(|e| at(&e))?;
+    // The key first and private, then the certificate: a crash between
+    // leaves no cert.pem, so the next start makes both again.
+    write_private(&key, pair.serialize_pem().as_bytes())?;
+    std::fs::write(&cert, signed.pem()).map_err(|e| format!("{}: {e}", cert.display()))?;
+    crate::info!("created self-signed certificate {}", cert.display());
+    Ok((cert, key))
+}
+
+fn write_private(path: &Path, data: &[u8]) -> Result<(), String> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
+        .and_then(|mut f| f.write_all(data))
+        .map_err(|e| format!("{}: {e}", path.display()))
+}
+
+/// `--auto-tls` and `--peer-auto-tls` applied (run with the data dir
+/// locked): where no certificate file is given, the generated one, and
+/// none of the CA checks, as etcd replaces its TLS settings. Afterwards
+/// `auto_tls` (`peer_auto_tls`) is true only where a certificate was
+/// generated.
+pub fn self_certs(mut cfg: Config) -> Result<Config, String> {
+    let fixtures = cfg.data_dir.join("fixtures");
+    if cfg.auto_tls && (cfg.cert_file.is_some() || cfg.key_file.is_some()) {
+        crate::warn!("ignoring client auto TLS since certs given");
+        cfg.auto_tls = false;
+    } else if cfg.auto_tls {
+        let (cert, key) = self_cert(&fixtures.join("client"), &cfg.listen_client_urls, false)?;
+        cfg.cert_file = Some(cert);
+        cfg.key_file = Some(key);
+        cfg.trusted_ca_file = None;
+        cfg.client_cert_auth = false;
+        cfg.client_crl_file = None;
+        cfg.client_cert_allowed_hostname = None;
+    }
+    if cfg.peer_auto_tls && (cfg.peer_cert_file.is_some() || cfg.peer_key_file.is_some()) {
+        crate::warn!("ignoring peer auto TLS since certs given");
+        cfg.peer_auto_tls = false;
+    } else if cfg.peer_auto_tls {
+        let (cert, key) = self_cert(&fixtures.join("peer"), &cfg.listen_peer_urls, true)?;
+        cfg.peer_cert_file = Some(cert);
+        cfg.peer_key_file = Some(key);
+        cfg.peer_trusted_ca_file = None;
+        cfg.peer_client_cert_auth = false;
+        cfg.peer_crl_file = None;
+        cfg.peer_cert_allowed_cn = None;
+        cfg.peer_cert_allowed_hostname = None;
+    }
+    Ok(cfg)
+}
+
 /// One DER element: (tag, contents, the bytes after it).
 fn der(input: &[u8]) -> Option<(u8, &[u8], &[u8])> {
     let (&tag, rest) = input.split_first()?;
@@ -408,6 +563,26 @@ pub fn peer_config(cfg: &Config) -> Result<Option<crate::peer::PeerTls>, String>
     let (Some(cert), Some(key)) = (&cfg.peer_cert_file, &cfg.peer_key_file) else {
         return Err("https peer URLs need --peer-cert-file and --peer-key-file".into());
     };
+    if cfg.peer_auto_tls {
+        let suites = &cfg.cipher_suites;
+        let checks = Checks {
+            suites,
+            crl: None,
+            allowed: None,
+        };
+        let server = server(cert, key, None, &checks)?;
+        let client = rustls::ClientConfig::builder_with_provider(provider(suites))
+            .with_safe_default_protocol_versions()
+            .map_err(|e| e.to_string())?
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(AnyPeerCertificate(provider(suites))))
+            .with_client_auth_cert(load_certs(cert)?, load_key(key)?)
+            .map_err(|e| format!("{}: {e}", cert.display()))?;
+        return Ok(Some(crate::peer::PeerTls {
+            server: Arc::new(server),
+            client: Arc::new(client),
+        }));
+    }
     let ca = cfg.peer_trusted_ca_file.as_deref().ok_or(
         "https peer URLs need --peer-trusted-ca-file (keelson verifies every peer's certificate against it)",
     )?;
@@ -473,6 +648,35 @@ mod tests {
         assert!(Allowed::Cn("first".into()).check(&c).is_err());
         // No SANs: valid for no host name.
         assert!(Allowed::Hostname("member".into()).check(&c).is_err());
+    }
+
+    #[test]
+    fn a_self_signed_certificate_is_made_once_for_the_url_hosts() {
+        let dir = tempfile::tempdir().unwrap();
+        let at = dir.path().join("fixtures/peer");
+        let urls = [
+            "https://127.0.0.1:2380".to_string(),
+            "https://localhost:2381".to_string(),
+            "https://[::1]:2380".to_string(),
+        ];
+        let (cert, key) = self_cert(&at, &urls, true).unwrap();
+        let pem = std::fs::read(&cert).unwrap();
+        let der = load_certs(&cert).unwrap().remove(0);
+        load_key(&key).unwrap();
+        for host in ["127.0.0.1", "localhost", "::1"] {
+            assert!(Allowed::Hostname(host.into()).check(&der).is_ok(), "{host}");
+        }
+        assert!(Allowed::Hostname("example.com".into()).check(&der).is_err());
+        // No common name: organization "etcd" only.
+        assert_eq!(subject_common_name(&der), None);
+        // Both files there: kept as they are.
+        let again = self_cert(&at, &urls[..1], true).unwrap();
+        assert_eq!(again, (cert.clone(), key.clone()));
+        assert_eq!(std::fs::read(&cert).unwrap(), pem);
+        // Only one of them: both made again.
+        std::fs::remove_file(&key).unwrap();
+        self_cert(&at, &urls[..1], true).unwrap();
+        assert_ne!(std::fs::read(&cert).unwrap(), pem);
     }
 
     #[test]
