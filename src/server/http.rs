@@ -385,6 +385,22 @@ where
     stream.write_all(&bytes).await.is_ok() && stream.flush().await.is_ok()
 }
 
+/// Reads a connection while a call runs, keeping what the client
+/// pipelines in `buf` (up to `max` bytes); returns when the client has
+/// gone, or sent more than that.
+async fn read_until_gone<R>(stream: &mut R, buf: &mut Vec<u8>, max: usize)
+where
+    R: futures::io::AsyncRead + Unpin,
+{
+    let mut chunk = [0u8; 1024];
+    loop {
+        match stream.read(&mut chunk).await {
+            Ok(n) if n > 0 && buf.len() + n <= max => buf.extend_from_slice(&chunk[..n]),
+            _ => return,
+        }
+    }
+}
+
 /// Serves requests on one connection until it closes; `client_port` adds
 /// /version, the gateway and etcd's access control (CORS headers, OPTIONS
 /// answered, and, on a plain connection (`tls` false), `--host-whitelist`);
@@ -468,17 +484,7 @@ where
         {
             // While a call that may wait runs, the connection is read:
             // pipelined bytes are kept, and its end means the client left.
-            let gone = async {
-                let mut chunk = [0u8; 1024];
-                loop {
-                    match stream.read(&mut chunk).await {
-                        Ok(n) if n > 0 && buf.len() + n <= body_max => {
-                            buf.extend_from_slice(&chunk[..n])
-                        }
-                        _ => return,
-                    }
-                }
-            };
+            let gone = read_until_gone(&mut stream, &mut buf, body_max);
             match serve_gateway(&req, &core, gone).await {
                 Gw::Answer(a) => a,
                 Gw::Stream(path, m) => {
@@ -694,15 +700,7 @@ where
         futures::pin_mut!(both);
         let pipelined = &mut pipelined;
         let reader = async move {
-            let mut chunk = [0u8; 1024];
-            loop {
-                match rd.read(&mut chunk).await {
-                    Ok(n) if n > 0 && pipelined.len() + n <= body_max => {
-                        pipelined.extend_from_slice(&chunk[..n])
-                    }
-                    _ => break,
-                }
-            }
+            read_until_gone(&mut rd, pipelined, body_max).await;
             // The client is gone (or sent too much): the handler's
             // `closed` resolves.
             drop(closed_tx);
@@ -775,9 +773,22 @@ pub async fn serve_h2_request(
         cors: cors_headers(&member.cors, origin.as_deref()),
         origin,
     };
-    while let Some(chunk) = body.data().await {
-        let Ok(chunk) = chunk else {
-            return;
+    // The body, in REQUEST_TIMEOUT as on HTTP/1.
+    let deadline = Instant::now() + REQUEST_TIMEOUT;
+    loop {
+        let next = futures_lite::future::or(async { Some(body.data().await) }, async {
+            glommio::timer::sleep(deadline.saturating_duration_since(Instant::now())).await;
+            None
+        })
+        .await;
+        let chunk = match next {
+            Some(Some(Ok(chunk))) => chunk,
+            Some(None) => break,
+            Some(Some(Err(_))) => return,
+            None => {
+                respond.send_reset(h2::Reason::CANCEL);
+                return;
+            }
         };
         let _ = body.flow_control().release_capacity(chunk.len());
         if req.body.len() + chunk.len() > body_max {
@@ -795,7 +806,7 @@ pub async fn serve_h2_request(
                 extra: req.cors.clone(),
                 body: r.body,
             };
-            h2_answer(&mut respond, &a, false).await;
+            h2_answer(&mut respond, a, false).await;
             return;
         }
         req.body.extend_from_slice(&chunk);
@@ -807,7 +818,7 @@ pub async fn serve_h2_request(
             extra: req.cors.clone(),
             body: Vec::new(),
         };
-        h2_answer(&mut respond, &a, false).await;
+        h2_answer(&mut respond, a, false).await;
         return;
     }
     let a = if member.grpc_gateway && gateway::is_gateway_path(&req.path) {
@@ -822,7 +833,7 @@ pub async fn serve_h2_request(
     } else {
         plain(&req, &core, true).await
     };
-    h2_answer(&mut respond, &a, req.method == "HEAD").await;
+    h2_answer(&mut respond, a, req.method == "HEAD").await;
 }
 
 /// Writes `data` on an HTTP/2 stream as its window allows; false if the
@@ -864,8 +875,8 @@ fn h2_head(a: &Answer, length: Option<usize>) -> Option<http::Response<()>> {
     b.body(()).ok()
 }
 
-async fn h2_answer(respond: &mut h2::server::SendResponse<Bytes>, a: &Answer, head_only: bool) {
-    let Some(head) = h2_head(a, Some(a.body.len())) else {
+async fn h2_answer(respond: &mut h2::server::SendResponse<Bytes>, a: Answer, head_only: bool) {
+    let Some(head) = h2_head(&a, Some(a.body.len())) else {
         respond.send_reset(h2::Reason::INTERNAL_ERROR);
         return;
     };
@@ -874,7 +885,7 @@ async fn h2_answer(respond: &mut h2::server::SendResponse<Bytes>, a: &Answer, he
         return;
     }
     if let Ok(mut send) = respond.send_response(head, false) {
-        h2_send(&mut send, Bytes::from(a.body.clone()), true).await;
+        h2_send(&mut send, Bytes::from(a.body), true).await;
     }
 }
 
@@ -904,7 +915,7 @@ async fn h2_stream(
         });
     let (msgs, user) = match start {
         Ok(v) => v,
-        Err(st) => return h2_answer(&mut respond, &refuse(&st), false).await,
+        Err(st) => return h2_answer(&mut respond, refuse(&st), false).await,
     };
     let a = Answer {
         status: "200 OK",

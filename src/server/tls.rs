@@ -479,16 +479,104 @@ struct Checks<'a> {
     allowed: Option<Allowed>,
 }
 
-/// A server config: `cert` and `key`, and client certificates required
-/// and checked against `ca` when given.
+/// The modification times and sizes of a certificate and key file.
+type Stamp = Option<[(std::time::SystemTime, u64); 2]>;
+
+fn stamp(cert: &Path, key: &Path) -> Stamp {
+    let one = |p: &Path| {
+        let m = std::fs::metadata(p).ok()?;
+        Some((m.modified().ok()?, m.len()))
+    };
+    Some([one(cert)?, one(key)?])
+}
+
+/// A certificate and key as the files hold them now. etcd rereads the
+/// files at every handshake, so a renewed certificate is used without a
+/// restart; keelson looks at their modification times and sizes at every
+/// handshake and reloads them when those changed. A pair that does not
+/// load (half written, a key that does not match) leaves the last good
+/// one in use, with a warning, until the files change again.
+#[derive(Debug)]
+struct CertFiles {
+    cert: PathBuf,
+    key: PathBuf,
+    provider: Arc<rustls::crypto::CryptoProvider>,
+    current: std::sync::Mutex<(Stamp, Arc<rustls::sign::CertifiedKey>)>,
+}
+
+impl CertFiles {
+    fn load(
+        cert: &Path,
+        key: &Path,
+        provider: &rustls::crypto::CryptoProvider,
+    ) -> Result<rustls::sign::CertifiedKey, String> {
+        rustls::sign::CertifiedKey::from_der(load_certs(cert)?, load_key(key)?, provider)
+            .map_err(|e| format!("{}: {e}", cert.display()))
+    }
+
+    fn new(
+        cert: &Path,
+        key: &Path,
+        provider: Arc<rustls::crypto::CryptoProvider>,
+    ) -> Result<CertFiles, String> {
+        let now = stamp(cert, key);
+        let loaded = CertFiles::load(cert, key, &provider)?;
+        Ok(CertFiles {
+            cert: cert.to_path_buf(),
+            key: key.to_path_buf(),
+            provider,
+            current: std::sync::Mutex::new((now, Arc::new(loaded))),
+        })
+    }
+
+    fn get(&self) -> Arc<rustls::sign::CertifiedKey> {
+        let now = stamp(&self.cert, &self.key);
+        let mut current = self.current.lock().unwrap_or_else(|e| e.into_inner());
+        if now.is_some() && now != current.0 {
+            current.0 = now;
+            match CertFiles::load(&self.cert, &self.key, &self.provider) {
+                Ok(loaded) => {
+                    crate::info!("loaded the renewed certificate {}", self.cert.display());
+                    current.1 = Arc::new(loaded);
+                }
+                Err(e) => crate::warn!("{e}; still using the certificate loaded before"),
+            }
+        }
+        current.1.clone()
+    }
+}
+
+impl rustls::server::ResolvesServerCert for CertFiles {
+    fn resolve(
+        &self,
+        _hello: rustls::server::ClientHello<'_>,
+    ) -> Option<Arc<rustls::sign::CertifiedKey>> {
+        Some(self.get())
+    }
+}
+
+impl rustls::client::ResolvesClientCert for CertFiles {
+    fn resolve(
+        &self,
+        _root_hint_subjects: &[&[u8]],
+        _sigschemes: &[SignatureScheme],
+    ) -> Option<Arc<rustls::sign::CertifiedKey>> {
+        Some(self.get())
+    }
+    fn has_certs(&self) -> bool {
+        true
+    }
+}
+
+/// A server config: `cert` and `key` (reread when they change), and
+/// client certificates required and checked against `ca` when given.
 fn server(
     cert: &Path,
     key: &Path,
     ca: Option<&Path>,
     checks: &Checks<'_>,
 ) -> Result<rustls::ServerConfig, String> {
-    let certs = load_certs(cert)?;
-    let key_der = load_key(key)?;
+    let files = CertFiles::new(cert, key, provider(checks.suites))?;
     let builder = rustls::ServerConfig::builder_with_provider(provider(checks.suites))
         .with_safe_default_protocol_versions()
         .map_err(|e| e.to_string())?;
@@ -519,9 +607,7 @@ fn server(
         }
         None => builder.with_no_client_auth(),
     };
-    builder
-        .with_single_cert(certs, key_der)
-        .map_err(|e| format!("{}: {e}", cert.display()))
+    Ok(builder.with_cert_resolver(Arc::new(files)))
 }
 
 /// None when no client URL is https.
@@ -576,8 +662,7 @@ pub fn peer_config(cfg: &Config) -> Result<Option<crate::peer::PeerTls>, String>
             .map_err(|e| e.to_string())?
             .dangerous()
             .with_custom_certificate_verifier(Arc::new(AnyPeerCertificate(provider(suites))))
-            .with_client_auth_cert(load_certs(cert)?, load_key(key)?)
-            .map_err(|e| format!("{}: {e}", cert.display()))?;
+            .with_client_cert_resolver(Arc::new(CertFiles::new(cert, key, provider(suites))?));
         return Ok(Some(crate::peer::PeerTls {
             server: Arc::new(server),
             client: Arc::new(client),
@@ -615,9 +700,11 @@ pub fn peer_config(cfg: &Config) -> Result<Option<crate::peer::PeerTls>, String>
                 }))
         }
     };
-    let client = builder
-        .with_client_auth_cert(load_certs(cert)?, load_key(key)?)
-        .map_err(|e| format!("{}: {e}", cert.display()))?;
+    let client = builder.with_client_cert_resolver(Arc::new(CertFiles::new(
+        cert,
+        key,
+        provider(checks.suites),
+    )?));
     Ok(Some(crate::peer::PeerTls {
         server: Arc::new(server),
         client: Arc::new(client),
