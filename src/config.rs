@@ -38,6 +38,9 @@ pub struct Config {
     pub peer_key_file: Option<PathBuf>,
     pub peer_trusted_ca_file: Option<PathBuf>,
     pub peer_client_cert_auth: bool,
+    /// `--experimental-peer-skip-client-san-verification`: a dialing
+    /// peer's certificate is not matched against the address it dials from.
+    pub peer_skip_client_san_verification: bool,
     /// etcd's `--auto-tls` and `--peer-auto-tls`: client (peer) TLS with a
     /// certificate the member generates under `data-dir/fixtures/`, when
     /// no certificate file is given (`tls::self_certs` then sets the files
@@ -267,7 +270,7 @@ const FLAGS: &[FlagSpec] = &[
     FlagSpec { name: "peer-crl-file", help: "path to the peer certificate revocation list file (read at start)" },
     FlagSpec { name: "auto-tls", help: "client TLS using generated certificates (when no --cert-file/--key-file is given)" },
     FlagSpec { name: "peer-auto-tls", help: "peer TLS using generated certificates (when no --peer-cert-file/--peer-key-file is given)" },
-    FlagSpec { name: "experimental-peer-skip-client-san-verification", help: "accepted: keelson never checks a dialing peer's certificate SANs against its address (as etcd with this flag)" },
+    FlagSpec { name: "experimental-peer-skip-client-san-verification", help: "do not match a dialing peer's certificate against the address it dials from" },
     FlagSpec { name: "metrics", help: "accepted ('basic' or 'extensive'): keelson's /metrics has one set" },
     FlagSpec { name: "initial-election-tick-advance", help: "accepted: keelson's members never fast-forward election ticks at start (as etcd with false) (default true)" },
     FlagSpec { name: "backend-batch-interval", help: "accepted, no effect: keelson has no bbolt backend (each raft batch is one commit)" },
@@ -561,7 +564,6 @@ where
     for flag in [
         "initial-election-tick-advance",
         "experimental-enable-lease-checkpoint",
-        "experimental-peer-skip-client-san-verification",
     ] {
         flag_bool(flag)?;
     }
@@ -627,6 +629,9 @@ where
         peer_key_file: lookup("peer-key-file").map(PathBuf::from),
         peer_trusted_ca_file: lookup("peer-trusted-ca-file").map(PathBuf::from),
         peer_client_cert_auth: flag_bool("peer-client-cert-auth")?,
+        peer_skip_client_san_verification: flag_bool(
+            "experimental-peer-skip-client-san-verification",
+        )?,
         auto_tls: flag_bool("auto-tls")?,
         peer_auto_tls: flag_bool("peer-auto-tls")?,
         auth_token_ttl: Duration::from_secs(num("auth-token-ttl", 300)?.max(1)),

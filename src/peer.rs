@@ -138,6 +138,10 @@ const PAYLOAD_EAGER_BYTES: usize = 1 << 20;
 pub struct PeerTls {
     pub server: std::sync::Arc<rustls::ServerConfig>,
     pub client: std::sync::Arc<rustls::ClientConfig>,
+    /// Match a dialing peer's certificate against the address it dials
+    /// from (`server::tls::check_peer_san`), as etcd does unless
+    /// `--experimental-peer-skip-client-san-verification`.
+    pub check_san: bool,
 }
 
 pub struct PeerConfig {
@@ -380,9 +384,22 @@ pub async fn serve_inbound(peers: Rc<Peers>, stream: TcpStream) {
         serve_conn(peers, stream, &remote).await;
         return;
     };
+    let from = stream.peer_addr().ok().map(|a| a.ip());
     let accept = futures_rustls::TlsAcceptor::from(tls.server).accept(stream);
     match tls_within(peers.cfg.dial_timeout, accept).await {
         Ok(s) => {
+            let cert = s.get_ref().1.peer_certificates().and_then(|c| c.first());
+            if let (true, Some(cert), Some(from)) = (tls.check_san, cert, from) {
+                let cert = cert.as_ref().to_vec();
+                // It may resolve the certificate's DNS names: off the core.
+                let checked = glommio::executor()
+                    .spawn_blocking(move || crate::server::tls::check_peer_san(&cert, from))
+                    .await;
+                if let Err(e) = checked {
+                    crate::warn!("peer: rejected connection from {remote}: {e}; closing");
+                    return;
+                }
+            }
             serve_conn(peers, s, &remote).await;
         }
         Err(e) => crate::warn!("peer: inbound {remote}: TLS handshake failed: {e}; closing"),

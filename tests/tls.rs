@@ -291,6 +291,77 @@ fn peer_tls_cluster_replicates_joins_and_refuses_an_untrusted_member() {
     let _ = dir;
 }
 
+/// etcd's check of a dialing peer's certificate: m0's peer URL is on
+/// 127.0.0.2 and its certificate names that address only, so when m0 dials
+/// m1 (from 127.0.0.1) m1 refuses the connection (on keelson, where each
+/// member sends over connections it dialed itself, the two never form a
+/// cluster); with `--experimental-peer-skip-client-san-verification` m1
+/// lets it in and they do. (m1's own certificate names `localhost`, which
+/// resolves to the 127.0.0.1 it dials from.)
+#[test]
+fn a_dialing_peer_whose_certificate_does_not_name_its_address_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    certs(d);
+    std::fs::write(
+        d.join("ip2.ext"),
+        "subjectAltName=IP:127.0.0.2\nextendedKeyUsage=serverAuth,clientAuth\n",
+    )
+    .unwrap();
+    signed(d, "ip2", "ca", "ip2.ext");
+    let p = |f: &str| d.join(f).to_str().unwrap().to_string();
+    let flags = |who: &str, skip: bool| -> Vec<String> {
+        let mut f = vec![
+            "--peer-cert-file".into(),
+            p(&format!("{who}.crt")),
+            "--peer-key-file".into(),
+            p(&format!("{who}.key")),
+            "--peer-trusted-ca-file".into(),
+            p("ca.crt"),
+            "--peer-client-cert-auth".into(),
+        ];
+        if skip {
+            f.push("--experimental-peer-skip-client-san-verification".into());
+        }
+        f
+    };
+    let refusal = "certificate is valid for 127.0.0.2, not 127.0.0.1";
+    let mut ms = support::cluster_with_peer_tls(&[flags("ip2", false), flags("peer", false)]);
+    support::set_peer_host(&mut ms, 0, "127.0.0.2");
+    for m in ms.iter_mut() {
+        m.launch();
+    }
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
+    while !ms[1].log_text().contains(refusal) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "m1 never refused m0:\n{}",
+            ms[1].log_text()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    if !support::is_etcd() {
+        // etcd's members also reach each other over connections the other
+        // side dialed (m1's stream readers), so m0 still gets through there.
+        let (ok, out, err) = etcdctl(
+            &ms[1].endpoint(),
+            &["put", "k", "v", "--command-timeout=2s"],
+            None,
+        );
+        assert!(!ok, "a write without a quorum: {out}{err}");
+    }
+    drop(ms);
+
+    let mut ms = support::cluster_with_peer_tls(&[flags("ip2", true), flags("peer", true)]);
+    support::set_peer_host(&mut ms, 0, "127.0.0.2");
+    support::start_all(&mut ms);
+    let (ok, out, err) = etcdctl(&ms[0].endpoint(), &["put", "k", "v"], None);
+    assert!(ok && out.contains("OK"), "{out}{err}");
+    let (ok, out, err) = etcdctl(&ms[1].endpoint(), &["get", "k"], None);
+    assert!(ok && out.contains('v'), "{out}{err}");
+    assert!(!ms[1].log_text().contains(refusal), "{}", ms[1].log_text());
+}
+
 #[test]
 fn https_without_a_certificate_is_a_clear_error() {
     if support::is_etcd() {

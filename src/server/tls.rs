@@ -36,6 +36,7 @@ use rustls::pki_types::{
 };
 use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
 use rustls::{DigitallySignedStruct, DistinguishedName, SignatureScheme};
+use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -472,6 +473,119 @@ fn subject_common_name(cert: &[u8]) -> Option<String> {
     cn
 }
 
+/// The IP addresses and DNS names among a certificate's subject
+/// alternative names, or None when it is not DER this can read.
+fn subject_alt_names(cert: &[u8]) -> Option<(Vec<IpAddr>, Vec<String>)> {
+    const SEQ: u8 = 0x30;
+    const SAN_OID: &[u8] = &[0x55, 0x1d, 0x11];
+    let (SEQ, cert, _) = der(cert)? else {
+        return None;
+    };
+    let (SEQ, tbs, _) = der(cert)? else {
+        return None;
+    };
+    let mut rest = tbs;
+    if rest.first() == Some(&0xa0) {
+        rest = der(rest)?.2;
+    }
+    // Serial, signature algorithm, issuer, validity, subject, public key;
+    // then optional unique IDs and [3] the extensions.
+    for _ in 0..6 {
+        rest = der(rest)?.2;
+    }
+    let (mut ips, mut names) = (Vec::new(), Vec::new());
+    while !rest.is_empty() {
+        let (tag, body, next) = der(rest)?;
+        rest = next;
+        if tag != 0xa3 {
+            continue;
+        }
+        let (SEQ, mut exts, _) = der(body)? else {
+            return None;
+        };
+        while !exts.is_empty() {
+            let (_, ext, next) = der(exts)?;
+            exts = next;
+            let (0x06, oid, mut value) = der(ext)? else {
+                return None;
+            };
+            if oid != SAN_OID {
+                continue;
+            }
+            if value.first() == Some(&0x01) {
+                value = der(value)?.2; // critical
+            }
+            let (0x04, octets, _) = der(value)? else {
+                return None;
+            };
+            let (SEQ, mut general, _) = der(octets)? else {
+                return None;
+            };
+            while !general.is_empty() {
+                let (tag, v, next) = der(general)?;
+                general = next;
+                match tag {
+                    0x82 => names.push(String::from_utf8_lossy(v).into_owned()),
+                    0x87 => {
+                        if let Ok(v4) = <[u8; 4]>::try_from(v) {
+                            ips.push(IpAddr::from(v4));
+                        } else if let Ok(v6) = <[u8; 16]>::try_from(v) {
+                            ips.push(IpAddr::from(v6));
+                        }
+                    }
+                    _ => {}
+                }
+            }
+        }
+    }
+    Some((ips, names))
+}
+
+/// etcd's check of a dialing peer's certificate (its peer listener's
+/// `checkSAN`, off with `--experimental-peer-skip-client-san-verification`):
+/// a certificate with IP addresses among its names must have `from`, the
+/// address the peer dials from, unless it also has DNS names; then one of
+/// those must resolve to `from`. A certificate with neither passes. It
+/// resolves names, so it blocks: call it off the core. Difference: etcd
+/// also accepts a DNS name that a reverse lookup of `from` gives; keelson
+/// only looks names up forward.
+pub fn check_peer_san(cert: &[u8], from: IpAddr) -> Result<(), String> {
+    use std::net::ToSocketAddrs;
+    let from = from.to_canonical();
+    let Some((ips, names)) = subject_alt_names(cert) else {
+        return Err("x509: the certificate's names cannot be read".to_string());
+    };
+    if ips.iter().any(|ip| ip.to_canonical() == from) {
+        return Ok(());
+    }
+    if names.is_empty() {
+        if ips.is_empty() {
+            return Ok(());
+        }
+        let valid: Vec<String> = ips.iter().map(|ip| ip.to_string()).collect();
+        return Err(format!(
+            "x509: certificate is valid for {}, not {from}",
+            valid.join(", ")
+        ));
+    }
+    let mut why = String::new();
+    for name in names.iter().filter(|n| !n.starts_with("*.")) {
+        match (name.as_str(), 0).to_socket_addrs() {
+            Ok(mut addrs) => {
+                if addrs.any(|a| a.ip().to_canonical() == from) {
+                    return Ok(());
+                }
+            }
+            Err(e) => why = format!(" ({e})"),
+        }
+    }
+    let quoted: Vec<String> = names.iter().map(|n| format!("{n:?}")).collect();
+    Err(format!(
+        "tls: \"{from}\" does not match any of DNSNames [{}]{why}",
+        quoted.join(" ")
+    ))
+}
+
 /// How a TLS config checks certificates beyond its CA.
 struct Checks<'a> {
     suites: &'a [String],
@@ -666,6 +780,7 @@ pub fn peer_config(cfg: &Config) -> Result<Option<crate::peer::PeerTls>, String>
         return Ok(Some(crate::peer::PeerTls {
             server: Arc::new(server),
             client: Arc::new(client),
+            check_san: !cfg.peer_skip_client_san_verification,
         }));
     }
     let ca = cfg.peer_trusted_ca_file.as_deref().ok_or(
@@ -708,6 +823,7 @@ pub fn peer_config(cfg: &Config) -> Result<Option<crate::peer::PeerTls>, String>
     Ok(Some(crate::peer::PeerTls {
         server: Arc::new(server),
         client: Arc::new(client),
+        check_san: !cfg.peer_skip_client_san_verification,
     }))
 }
 
@@ -771,9 +887,11 @@ mod tests {
         let der = cert();
         for n in 0..der.len() {
             let _ = subject_common_name(&der[..n]);
+            let _ = subject_alt_names(&der[..n]);
             let mut bad = der.clone();
             bad[n] ^= 0xff;
             let _ = subject_common_name(&bad);
+            let _ = subject_alt_names(&bad);
         }
         assert_eq!(subject_common_name(&[]), None);
         assert_eq!(
@@ -781,5 +899,51 @@ mod tests {
             None
         );
         assert_eq!(subject_common_name(&[0x30, 0x80]), None);
+    }
+
+    #[test]
+    fn a_dialing_peers_certificate_must_name_the_address_it_dials_from() {
+        let dir = tempfile::tempdir().unwrap();
+        let made = |sub: &str, urls: &[&str]| {
+            let urls: Vec<String> = urls.iter().map(|u| u.to_string()).collect();
+            let (cert, _) = self_cert(&dir.path().join(sub), &urls, true).unwrap();
+            load_certs(&cert).unwrap().remove(0).to_vec()
+        };
+        let ip: fn(&str) -> IpAddr = |s| s.parse().unwrap();
+        // IP addresses only: the dialing address must be one of them.
+        let two = made("two", &["https://127.0.0.2:2380", "https://[::2]:2380"]);
+        let (ips, names) = subject_alt_names(&two).unwrap();
+        assert_eq!(ips, vec![ip("127.0.0.2"), ip("::2")]);
+        assert!(names.is_empty());
+        assert!(check_peer_san(&two, ip("127.0.0.2")).is_ok());
+        assert!(check_peer_san(&two, ip("::ffff:127.0.0.2")).is_ok());
+        assert_eq!(
+            check_peer_san(&two, ip("127.0.0.1")).unwrap_err(),
+            "x509: certificate is valid for 127.0.0.2, ::2, not 127.0.0.1"
+        );
+        // A DNS name: it must resolve to the dialing address.
+        let local = made("local", &["https://localhost:2380"]);
+        assert_eq!(
+            subject_alt_names(&local).unwrap(),
+            (vec![], vec!["localhost".to_string()])
+        );
+        assert!(check_peer_san(&local, ip("127.0.0.1")).is_ok());
+        let e = check_peer_san(&local, ip("10.9.9.9")).unwrap_err();
+        assert!(
+            e.starts_with(r#"tls: "10.9.9.9" does not match any of DNSNames ["localhost"]"#),
+            "{e}"
+        );
+        // Both: either may match.
+        let both = made(
+            "both",
+            &["https://127.0.0.2:2380", "https://localhost:2380"],
+        );
+        assert!(check_peer_san(&both, ip("127.0.0.1")).is_ok());
+        assert!(check_peer_san(&both, ip("127.0.0.2")).is_ok());
+        assert!(check_peer_san(&both, ip("10.9.9.9")).is_err());
+        // No alternative names at all: nothing to match, as in etcd.
+        assert_eq!(subject_alt_names(&cert()).unwrap(), (vec![], vec![]));
+        assert!(check_peer_san(&cert(), ip("10.9.9.9")).is_ok());
+        assert!(check_peer_san(&[0x30, 0x00], ip("127.0.0.1")).is_err());
     }
 }

@@ -322,6 +322,13 @@ pub fn cluster_with_peer_tls(extras: &[Vec<String>]) -> Vec<Member> {
     ms
 }
 
+/// Member `i` of `ms` listens on and advertises `host` in its peer URLs.
+#[allow(dead_code)]
+pub fn set_peer_host(ms: &mut [Member], i: usize, host: &'static str) {
+    ms[i].peer_host = host;
+    set_initial_cluster(ms);
+}
+
 /// Like `cluster`, with every member's peer traffic through `PeerProxy`.
 pub async fn cluster_with_proxy(n: usize, extra: &[&str]) -> (Vec<Member>, faults::PeerProxy) {
     let mut ms = cluster(n, extra);
