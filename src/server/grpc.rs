@@ -177,10 +177,13 @@ async fn handle_stream(
     core: Rc<Core>,
     tls: bool,
 ) {
+    // The HTTP and streaming branches are boxed: a task's future is as
+    // large as its largest branch, and every unary call's task is moved
+    // into its heap cell whole (4.4 KB unboxed, 1.8 KB boxed).
     let (parts, body) = req.into_parts();
     let h = CallHeaders::of(&parts.headers);
     if tls && !h.grpc {
-        return super::http::serve_h2_request(parts, body, respond, core).await;
+        return Box::pin(super::http::serve_h2_request(parts, body, respond, core)).await;
     }
     let path = parts.uri.path();
     if let Some(sm) = api::lookup_stream(path) {
@@ -221,7 +224,7 @@ async fn handle_stream(
             queued: Default::default(),
         };
         let mut sink = MsgSink::H2(send);
-        let end = api::call_stream(sm, input, &mut sink, meta, &core).await;
+        let end = Box::pin(api::call_stream(sm, input, &mut sink, meta, &core)).await;
         core.count_result(path, &end);
         sink.finish(end.err().as_ref());
         return;
