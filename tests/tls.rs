@@ -378,7 +378,8 @@ fn https_without_a_certificate_is_a_clear_error() {
 /// etcd's refinements of client certificate checks: with
 /// `--client-cert-allowed-hostname` a certificate the CA signed must also
 /// be valid for that name, one whose serial `--client-crl-file` lists is
-/// refused, and `--cipher-suites` limits TLS 1.2 to the suites it names.
+/// refused (the list reread when it changes), and `--cipher-suites`
+/// limits TLS 1.2 to the suites it names.
 #[test]
 fn client_certificates_allowed_hostname_revocation_list_and_cipher_suites() {
     let dir = tempfile::tempdir().unwrap();
@@ -481,6 +482,17 @@ fn client_certificates_allowed_hostname_revocation_list_and_cipher_suites() {
     };
     assert!(s_client("ECDHE-RSA-AES128-GCM-SHA256"));
     assert!(!s_client("ECDHE-RSA-AES256-GCM-SHA384"));
+
+    // The list is reread when it changes: "named" revoked too, with a new
+    // list written over the old one, is refused from then on.
+    openssl(d, &["ca", "-config", "ca.cnf", "-revoke", "named.crt"]);
+    openssl(
+        d,
+        &["ca", "-config", "ca.cnf", "-gencrl", "-out", "crl.new"],
+    );
+    std::fs::rename(d.join("crl.new"), d.join("crl.pem")).unwrap();
+    let (ok, out, err) = as_("named", &["get", "k"]);
+    assert!(!ok, "a revoked certificate let in: {out}{err}");
     drop(m);
     let _ = dir;
 }

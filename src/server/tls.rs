@@ -1,5 +1,5 @@
 //! TLS (rustls). Client TLS: the server config built once at startup
-//! from `--cert-file`, `--key-file` and, with `--client-cert-auth`,
+//! from `--cert-file`, `--key-file` (both reread when they change) and, with `--client-cert-auth`,
 //! `--trusted-ca-file`; ALPN offers h2 (gRPC) and http/1.1 (/health,
 //! /metrics, /version), as etcd's listener serves both. Peer TLS: with
 //! https peer URLs, a server config (`--peer-cert-file`, `--peer-key-file`,
@@ -10,8 +10,8 @@
 //! Both take etcd's refinements: `--cipher-suites` (the TLS 1.2 suites
 //! offered; TLS 1.3's stay on, as in Go), `--client-crl-file` and
 //! `--peer-crl-file` (a presented client certificate, or any certificate
-//! of its chain, whose serial a revocation list names is refused; read at
-//! start, where etcd rereads the file per connection), and
+//! of its chain, whose serial a revocation list names is refused; reread
+//! when the file changes, as etcd rereads it per connection), and
 //! `--client-cert-allowed-hostname`, `--peer-cert-allowed-cn` and
 //! `--peer-cert-allowed-hostname` (a verified certificate must also have
 //! that subject common name, or be valid for that name; on peer
@@ -597,11 +597,13 @@ struct Checks<'a> {
 type Stamp = Option<[(std::time::SystemTime, u64); 2]>;
 
 fn stamp(cert: &Path, key: &Path) -> Stamp {
-    let one = |p: &Path| {
-        let m = std::fs::metadata(p).ok()?;
-        Some((m.modified().ok()?, m.len()))
-    };
-    Some([one(cert)?, one(key)?])
+    Some([file_stamp(cert)?, file_stamp(key)?])
+}
+
+/// A file's modification time and size; None when it cannot be read.
+fn file_stamp(p: &Path) -> Option<(std::time::SystemTime, u64)> {
+    let m = std::fs::metadata(p).ok()?;
+    Some((m.modified().ok()?, m.len()))
 }
 
 /// A certificate and key as the files hold them now. etcd rereads the
@@ -682,6 +684,112 @@ impl rustls::client::ResolvesClientCert for CertFiles {
     }
 }
 
+/// A client certificate verifier with a revocation list file that is
+/// reread when it changes (its modification time or size, looked at on
+/// each handshake), as etcd rereads the list for every connection. A list
+/// that does not load leaves the last good one in use, with a warning.
+/// The rest of the verifier (roots, schemes) never changes: `first`
+/// answers for it.
+struct CrlFile {
+    first: Arc<dyn ClientCertVerifier>,
+    crl: PathBuf,
+    roots: Arc<rustls::RootCertStore>,
+    provider: Arc<rustls::crypto::CryptoProvider>,
+    current: std::sync::Mutex<(
+        Option<(std::time::SystemTime, u64)>,
+        Arc<dyn ClientCertVerifier>,
+    )>,
+}
+
+impl std::fmt::Debug for CrlFile {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CrlFile").field("crl", &self.crl).finish()
+    }
+}
+
+impl CrlFile {
+    fn new(
+        first: Arc<dyn ClientCertVerifier>,
+        crl: &Path,
+        roots: Arc<rustls::RootCertStore>,
+        provider: Arc<rustls::crypto::CryptoProvider>,
+    ) -> CrlFile {
+        CrlFile {
+            current: std::sync::Mutex::new((file_stamp(crl), first.clone())),
+            first,
+            crl: crl.to_path_buf(),
+            roots,
+            provider,
+        }
+    }
+
+    fn current(&self) -> Arc<dyn ClientCertVerifier> {
+        let now = file_stamp(&self.crl);
+        let mut current = self.current.lock().unwrap_or_else(|e| e.into_inner());
+        if now.is_some() && now != current.0 {
+            current.0 = now;
+            let built = load_crls(&self.crl).and_then(|crls| {
+                rustls::server::WebPkiClientVerifier::builder_with_provider(
+                    self.roots.clone(),
+                    self.provider.clone(),
+                )
+                .with_crls(crls)
+                .allow_unknown_revocation_status()
+                .build()
+                .map_err(|e| format!("{}: {e}", self.crl.display()))
+            });
+            match built {
+                Ok(v) => {
+                    crate::info!("loaded the changed revocation list {}", self.crl.display());
+                    current.1 = v;
+                }
+                Err(e) => crate::warn!("{e}; still using the revocation list loaded before"),
+            }
+        }
+        current.1.clone()
+    }
+}
+
+impl ClientCertVerifier for CrlFile {
+    fn offer_client_auth(&self) -> bool {
+        self.first.offer_client_auth()
+    }
+    fn client_auth_mandatory(&self) -> bool {
+        self.first.client_auth_mandatory()
+    }
+    fn root_hint_subjects(&self) -> &[DistinguishedName] {
+        self.first.root_hint_subjects()
+    }
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<ClientCertVerified, rustls::Error> {
+        self.current()
+            .verify_client_cert(end_entity, intermediates, now)
+    }
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.first.verify_tls12_signature(message, cert, dss)
+    }
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.first.verify_tls13_signature(message, cert, dss)
+    }
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.first.supported_verify_schemes()
+    }
+}
+
 /// A server config: `cert` and `key` (reread when they change), and
 /// client certificates required and checked against `ca` when given.
 fn server(
@@ -711,9 +819,18 @@ fn server(
                 let file = checks.crl.unwrap_or(ca);
                 format!("{}: {e}", file.display())
             })?;
+            let verifier: Arc<dyn ClientCertVerifier> = match checks.crl {
+                Some(crl) => Arc::new(CrlFile::new(
+                    verifier,
+                    crl,
+                    load_roots(ca)?,
+                    provider(checks.suites),
+                )),
+                None => verifier,
+            };
             match &checks.allowed {
                 Some(a) => builder.with_client_cert_verifier(Arc::new(Restricted {
-                    inner: verifier as Arc<dyn ClientCertVerifier>,
+                    inner: verifier,
                     allowed: a.clone(),
                 })),
                 None => builder.with_client_cert_verifier(verifier),
