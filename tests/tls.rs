@@ -46,6 +46,33 @@ fn certs(dir: &Path) {
     signed(dir, "rogue", "other-ca", "dns.ext");
 }
 
+/// `{who}.crt` and `{who}.key`: a certificate the CA "ca" signed for the
+/// subject alternative names `san` (openssl's syntax).
+fn signed_for(dir: &Path, who: &str, san: &str) {
+    let ext = format!("{who}.ext");
+    std::fs::write(
+        dir.join(&ext),
+        format!("subjectAltName={san}\nextendedKeyUsage=serverAuth,clientAuth\n"),
+    )
+    .unwrap();
+    signed(dir, who, "ca", &ext);
+}
+
+/// Peer TLS flags for a member presenting `{who}.crt` from `dir`: peers'
+/// certificates checked against `ca.crt` both ways.
+fn peer_flags(dir: &Path, who: &str) -> Vec<String> {
+    let p = |f: &str| dir.join(f).to_str().unwrap().to_string();
+    vec![
+        "--peer-cert-file".into(),
+        p(&format!("{who}.crt")),
+        "--peer-key-file".into(),
+        p(&format!("{who}.key")),
+        "--peer-trusted-ca-file".into(),
+        p("ca.crt"),
+        "--peer-client-cert-auth".into(),
+    ]
+}
+
 /// `{name}.crt` and `{name}.key`: a self-signed CA.
 fn ca(dir: &Path, name: &str, cn: &str) {
     openssl(
@@ -172,22 +199,19 @@ fn peer_tls_cluster_replicates_joins_and_refuses_an_untrusted_member() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     certs(d);
-    let p = |f: &str| d.join(f).to_str().unwrap().to_string();
     let flags = |who: &str| -> Vec<String> {
-        vec![
-            "--peer-cert-file".into(),
-            p(&format!("{who}.crt")),
-            "--peer-key-file".into(),
-            p(&format!("{who}.key")),
-            "--peer-trusted-ca-file".into(),
-            p("ca.crt"),
-            "--peer-client-cert-auth".into(),
-            // A member that joins later catches up through a snapshot.
-            "--snapshot-count".into(),
-            "20".into(),
-            "--experimental-snapshot-catchup-entries".into(),
-            "10".into(),
-        ]
+        let mut f = peer_flags(d, who);
+        // A member that joins later catches up through a snapshot.
+        f.extend(
+            [
+                "--snapshot-count",
+                "20",
+                "--experimental-snapshot-catchup-entries",
+                "10",
+            ]
+            .map(String::from),
+        );
+        f
     };
     let mut ms = support::cluster_with_peer_tls(&[flags("peer"), flags("peer"), flags("peer")]);
     support::start_all(&mut ms);
@@ -303,23 +327,9 @@ fn a_dialing_peer_whose_certificate_does_not_name_its_address_is_refused() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     certs(d);
-    std::fs::write(
-        d.join("ip2.ext"),
-        "subjectAltName=IP:127.0.0.2\nextendedKeyUsage=serverAuth,clientAuth\n",
-    )
-    .unwrap();
-    signed(d, "ip2", "ca", "ip2.ext");
-    let p = |f: &str| d.join(f).to_str().unwrap().to_string();
+    signed_for(d, "ip2", "IP:127.0.0.2");
     let flags = |who: &str, skip: bool| -> Vec<String> {
-        let mut f = vec![
-            "--peer-cert-file".into(),
-            p(&format!("{who}.crt")),
-            "--peer-key-file".into(),
-            p(&format!("{who}.key")),
-            "--peer-trusted-ca-file".into(),
-            p("ca.crt"),
-            "--peer-client-cert-auth".into(),
-        ];
+        let mut f = peer_flags(d, who);
         if skip {
             f.push("--experimental-peer-skip-client-san-verification".into());
         }
@@ -385,13 +395,8 @@ fn client_certificates_allowed_hostname_revocation_list_and_cipher_suites() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     certs(d);
-    std::fs::write(
-        d.join("named.ext"),
-        "subjectAltName=DNS:client.example\nextendedKeyUsage=serverAuth,clientAuth\n",
-    )
-    .unwrap();
-    signed(d, "named", "ca", "named.ext");
-    signed(d, "revoked", "ca", "named.ext");
+    signed_for(d, "named", "DNS:client.example");
+    signed_for(d, "revoked", "DNS:client.example");
     // A revocation list from the CA naming "revoked".
     std::fs::write(
         d.join("ca.cnf"),
@@ -508,19 +513,10 @@ fn peer_cert_allowed_cn_keeps_a_member_with_another_name_out() {
     let d = dir.path();
     certs(d);
     signed(d, "stranger", "ca", "dns.ext");
-    let p = |f: &str| d.join(f).to_str().unwrap().to_string();
     let flags = |who: &str| -> Vec<String> {
-        vec![
-            "--peer-cert-file".into(),
-            p(&format!("{who}.crt")),
-            "--peer-key-file".into(),
-            p(&format!("{who}.key")),
-            "--peer-trusted-ca-file".into(),
-            p("ca.crt"),
-            "--peer-client-cert-auth".into(),
-            "--peer-cert-allowed-cn".into(),
-            "peer".into(),
-        ]
+        let mut f = peer_flags(d, who);
+        f.extend(["--peer-cert-allowed-cn", "peer"].map(String::from));
+        f
     };
     let mut ms = support::cluster_with_peer_tls(&[flags("peer"), flags("peer"), flags("stranger")]);
     for m in ms.iter_mut() {

@@ -419,27 +419,33 @@ fn der(input: &[u8]) -> Option<(u8, &[u8], &[u8])> {
     Some((tag, &rest[..len], &rest[len..]))
 }
 
+/// A certificate's TBSCertificate fields after its version and the
+/// `skip` fields that follow it.
+fn tbs_after(cert: &[u8], skip: usize) -> Option<&[u8]> {
+    const SEQ: u8 = 0x30;
+    let (SEQ, cert, _) = der(cert)? else {
+        return None;
+    };
+    let (SEQ, mut rest, _) = der(cert)? else {
+        return None;
+    };
+    // [0] version, optional.
+    if rest.first() == Some(&0xa0) {
+        rest = der(rest)?.2;
+    }
+    for _ in 0..skip {
+        rest = der(rest)?.2;
+    }
+    Some(rest)
+}
+
 /// The subject's common name (the last one, as Go's `Subject.CommonName`),
 /// or None when the certificate has none or is not DER this can read.
 fn subject_common_name(cert: &[u8]) -> Option<String> {
     const SEQ: u8 = 0x30;
     const CN_OID: &[u8] = &[0x55, 0x04, 0x03];
-    let (SEQ, cert, _) = der(cert)? else {
-        return None;
-    };
-    let (SEQ, tbs, _) = der(cert)? else {
-        return None;
-    };
-    let mut rest = tbs;
-    // [0] version (optional), serial, signature algorithm, issuer,
-    // validity, then the subject.
-    if rest.first() == Some(&0xa0) {
-        rest = der(rest)?.2;
-    }
-    for _ in 0..4 {
-        rest = der(rest)?.2;
-    }
-    let (SEQ, mut rdns, _) = der(rest)? else {
+    // Serial, signature algorithm, issuer, validity, then the subject.
+    let (SEQ, mut rdns, _) = der(tbs_after(cert, 4)?)? else {
         return None;
     };
     let mut cn = None;
@@ -478,21 +484,9 @@ fn subject_common_name(cert: &[u8]) -> Option<String> {
 fn subject_alt_names(cert: &[u8]) -> Option<(Vec<IpAddr>, Vec<String>)> {
     const SEQ: u8 = 0x30;
     const SAN_OID: &[u8] = &[0x55, 0x1d, 0x11];
-    let (SEQ, cert, _) = der(cert)? else {
-        return None;
-    };
-    let (SEQ, tbs, _) = der(cert)? else {
-        return None;
-    };
-    let mut rest = tbs;
-    if rest.first() == Some(&0xa0) {
-        rest = der(rest)?.2;
-    }
     // Serial, signature algorithm, issuer, validity, subject, public key;
     // then optional unique IDs and [3] the extensions.
-    for _ in 0..6 {
-        rest = der(rest)?.2;
-    }
+    let mut rest = tbs_after(cert, 6)?;
     let (mut ips, mut names) = (Vec::new(), Vec::new());
     while !rest.is_empty() {
         let (tag, body, next) = der(rest)?;
