@@ -488,6 +488,22 @@ fn client_certificates_allowed_hostname_revocation_list_and_cipher_suites() {
     assert!(s_client("ECDHE-RSA-AES128-GCM-SHA256"));
     assert!(!s_client("ECDHE-RSA-AES256-GCM-SHA384"));
 
+    if !support::is_etcd() {
+        // A list that does not load leaves the last good one in use (etcd
+        // refuses every client certificate then).
+        std::fs::write(d.join("crl.new"), "not a list").unwrap();
+        std::fs::rename(d.join("crl.new"), d.join("crl.pem")).unwrap();
+        let (ok, out, err) = as_("named", &["get", "k"]);
+        assert!(ok && out.contains('v'), "{out}{err}");
+        let (ok, out, err) = as_("revoked", &["get", "k"]);
+        assert!(!ok, "{out}{err}");
+        assert!(
+            m.log_text()
+                .contains("still using the revocation list loaded before"),
+            "{}",
+            m.log_text()
+        );
+    }
     // The list is reread when it changes: "named" revoked too, with a new
     // list written over the old one, is refused from then on.
     openssl(d, &["ca", "-config", "ca.cnf", "-revoke", "named.crt"]);
