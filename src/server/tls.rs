@@ -588,30 +588,73 @@ struct Checks<'a> {
 }
 
 /// The modification times and sizes of a certificate and key file.
-type Stamp = Option<[(std::time::SystemTime, u64); 2]>;
+/// The modification times and sizes of some files; None when one cannot
+/// be read.
+type Stamp = Option<Vec<(std::time::SystemTime, u64)>>;
 
-fn stamp(cert: &Path, key: &Path) -> Stamp {
-    Some([file_stamp(cert)?, file_stamp(key)?])
+fn stamp(files: &[PathBuf]) -> Stamp {
+    files
+        .iter()
+        .map(|p| {
+            let m = std::fs::metadata(p).ok()?;
+            Some((m.modified().ok()?, m.len()))
+        })
+        .collect()
 }
 
-/// A file's modification time and size; None when it cannot be read.
-fn file_stamp(p: &Path) -> Option<(std::time::SystemTime, u64)> {
-    let m = std::fs::metadata(p).ok()?;
-    Some((m.modified().ok()?, m.len()))
+/// Something loaded from `files`, loaded again when their modification
+/// times or sizes change (looked at on each `get`). What does not load
+/// leaves the last good one in use, with a warning naming `what`, until
+/// the files change again.
+struct Reloaded<T: ?Sized> {
+    files: Vec<PathBuf>,
+    what: &'static str,
+    current: std::sync::Mutex<(Stamp, Arc<T>)>,
+}
+
+impl<T: ?Sized> Reloaded<T> {
+    fn new(files: Vec<PathBuf>, what: &'static str, loaded: Arc<T>) -> Reloaded<T> {
+        Reloaded {
+            current: std::sync::Mutex::new((stamp(&files), loaded)),
+            files,
+            what,
+        }
+    }
+
+    fn get(&self, load: impl FnOnce() -> Result<Arc<T>, String>) -> Arc<T> {
+        let now = stamp(&self.files);
+        let mut current = self.current.lock().unwrap_or_else(|e| e.into_inner());
+        if now.is_some() && now != current.0 {
+            current.0 = now;
+            match load() {
+                Ok(loaded) => {
+                    crate::info!("reloaded the {} {}", self.what, self.files[0].display());
+                    current.1 = loaded;
+                }
+                Err(e) => crate::warn!("{e}; still using the {} loaded before", self.what),
+            }
+        }
+        current.1.clone()
+    }
+}
+
+impl<T: ?Sized> std::fmt::Debug for Reloaded<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Reloaded")
+            .field("files", &self.files)
+            .finish()
+    }
 }
 
 /// A certificate and key as the files hold them now. etcd rereads the
 /// files at every handshake, so a renewed certificate is used without a
-/// restart; keelson looks at their modification times and sizes at every
-/// handshake and reloads them when those changed. A pair that does not
-/// load (half written, a key that does not match) leaves the last good
-/// one in use, with a warning, until the files change again.
+/// restart; keelson reloads them when they changed (`Reloaded`). A pair
+/// that does not load (half written, a key that does not match) leaves
+/// the last good one in use.
 #[derive(Debug)]
 struct CertFiles {
-    cert: PathBuf,
-    key: PathBuf,
     provider: Arc<rustls::crypto::CryptoProvider>,
-    current: std::sync::Mutex<(Stamp, Arc<rustls::sign::CertifiedKey>)>,
+    pair: Reloaded<rustls::sign::CertifiedKey>,
 }
 
 impl CertFiles {
@@ -619,8 +662,9 @@ impl CertFiles {
         cert: &Path,
         key: &Path,
         provider: &rustls::crypto::CryptoProvider,
-    ) -> Result<rustls::sign::CertifiedKey, String> {
+    ) -> Result<Arc<rustls::sign::CertifiedKey>, String> {
         rustls::sign::CertifiedKey::from_der(load_certs(cert)?, load_key(key)?, provider)
+            .map(Arc::new)
             .map_err(|e| format!("{}: {e}", cert.display()))
     }
 
@@ -629,30 +673,18 @@ impl CertFiles {
         key: &Path,
         provider: Arc<rustls::crypto::CryptoProvider>,
     ) -> Result<CertFiles, String> {
-        let now = stamp(cert, key);
         let loaded = CertFiles::load(cert, key, &provider)?;
+        let files = vec![cert.to_path_buf(), key.to_path_buf()];
         Ok(CertFiles {
-            cert: cert.to_path_buf(),
-            key: key.to_path_buf(),
             provider,
-            current: std::sync::Mutex::new((now, Arc::new(loaded))),
+            pair: Reloaded::new(files, "certificate", loaded),
         })
     }
 
     fn get(&self) -> Arc<rustls::sign::CertifiedKey> {
-        let now = stamp(&self.cert, &self.key);
-        let mut current = self.current.lock().unwrap_or_else(|e| e.into_inner());
-        if now.is_some() && now != current.0 {
-            current.0 = now;
-            match CertFiles::load(&self.cert, &self.key, &self.provider) {
-                Ok(loaded) => {
-                    crate::info!("loaded the renewed certificate {}", self.cert.display());
-                    current.1 = Arc::new(loaded);
-                }
-                Err(e) => crate::warn!("{e}; still using the certificate loaded before"),
-            }
-        }
-        current.1.clone()
+        let files = &self.pair.files;
+        self.pair
+            .get(|| CertFiles::load(&files[0], &files[1], &self.provider))
     }
 }
 
@@ -684,21 +716,12 @@ impl rustls::client::ResolvesClientCert for CertFiles {
 /// that does not load leaves the last good one in use, with a warning.
 /// The rest of the verifier (roots, schemes) never changes: `first`
 /// answers for it.
+#[derive(Debug)]
 struct CrlFile {
     first: Arc<dyn ClientCertVerifier>,
-    crl: PathBuf,
     roots: Arc<rustls::RootCertStore>,
     provider: Arc<rustls::crypto::CryptoProvider>,
-    current: std::sync::Mutex<(
-        Option<(std::time::SystemTime, u64)>,
-        Arc<dyn ClientCertVerifier>,
-    )>,
-}
-
-impl std::fmt::Debug for CrlFile {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("CrlFile").field("crl", &self.crl).finish()
-    }
+    verifier: Reloaded<dyn ClientCertVerifier>,
 }
 
 impl CrlFile {
@@ -709,38 +732,26 @@ impl CrlFile {
         provider: Arc<rustls::crypto::CryptoProvider>,
     ) -> CrlFile {
         CrlFile {
-            current: std::sync::Mutex::new((file_stamp(crl), first.clone())),
+            verifier: Reloaded::new(vec![crl.to_path_buf()], "revocation list", first.clone()),
             first,
-            crl: crl.to_path_buf(),
             roots,
             provider,
         }
     }
 
     fn current(&self) -> Arc<dyn ClientCertVerifier> {
-        let now = file_stamp(&self.crl);
-        let mut current = self.current.lock().unwrap_or_else(|e| e.into_inner());
-        if now.is_some() && now != current.0 {
-            current.0 = now;
-            let built = load_crls(&self.crl).and_then(|crls| {
-                rustls::server::WebPkiClientVerifier::builder_with_provider(
-                    self.roots.clone(),
-                    self.provider.clone(),
-                )
-                .with_crls(crls)
-                .allow_unknown_revocation_status()
-                .build()
-                .map_err(|e| format!("{}: {e}", self.crl.display()))
-            });
-            match built {
-                Ok(v) => {
-                    crate::info!("loaded the changed revocation list {}", self.crl.display());
-                    current.1 = v;
-                }
-                Err(e) => crate::warn!("{e}; still using the revocation list loaded before"),
-            }
-        }
-        current.1.clone()
+        let crl = &self.verifier.files[0];
+        self.verifier.get(|| {
+            rustls::server::WebPkiClientVerifier::builder_with_provider(
+                self.roots.clone(),
+                self.provider.clone(),
+            )
+            .with_crls(load_crls(crl)?)
+            .allow_unknown_revocation_status()
+            .build()
+            .map(|v| v as Arc<dyn ClientCertVerifier>)
+            .map_err(|e| format!("{}: {e}", crl.display()))
+        })
     }
 }
 
