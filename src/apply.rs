@@ -25,7 +25,8 @@ use crate::kv::{self, Access, CmpPartial, OpPartial, RangePartial};
 use crate::lease::{self, Lessor};
 use crate::mailbox::Receiver;
 use crate::proto::etcdserverpb::{
-    Compare, LeaseRevokeRequest, RangeRequest, RequestOp, ResponseOp, TxnRequest, TxnResponse,
+    Compare, LeaseCheckpoint, LeaseCheckpointRequest, LeaseRevokeRequest, RangeRequest, RequestOp,
+    ResponseOp, TxnRequest, TxnResponse,
 };
 use crate::proto::keelson::{raft_command, RaftCommand};
 use crate::server::Router;
@@ -246,10 +247,11 @@ pub enum ApplierMsg {
     },
     /// The node lost leadership or is stopping: fail what waits.
     FailReads(Status),
-    /// A lease keep-alive: replies with the TTL, 0 if there is no lease.
+    /// A lease keep-alive on the leader: replies with the TTL, 0 if there
+    /// is no lease, or the error of the checkpoint clearing it first.
     KeepAlive {
         id: i64,
-        reply: oneshot::Sender<i64>,
+        reply: oneshot::Sender<Result<i64, Status>>,
     },
     /// (granted TTL, remaining seconds) of a lease, if it exists.
     LeaseTimeToLive {
@@ -659,7 +661,7 @@ pub struct Applier {
 impl Applier {
     pub fn new(router: Arc<Router>, st: ApplierState) -> Applier {
         let last = st.applied;
-        let lessor = Lessor::new(&st.leases);
+        let lessor = Lessor::new(&st.leases, router.member.lease_checkpoint);
         let shards = router.shards.len();
         Applier {
             router,
@@ -730,7 +732,11 @@ impl Applier {
     fn lease_msg(&mut self, m: ApplierMsg) {
         match m {
             ApplierMsg::KeepAlive { id, reply } => {
-                let _ = reply.send(self.lessor.renew(id));
+                if self.is_leader && self.lessor.checkpointed(id) {
+                    self.clear_checkpoint_then_renew(id, reply);
+                } else {
+                    let _ = reply.send(Ok(self.lessor.renew(id)));
+                }
             }
             ApplierMsg::LeaseTimeToLive { id, reply } => {
                 let _ = reply.send(self.lessor.time_to_live(id));
@@ -740,15 +746,18 @@ impl Applier {
             }
             ApplierMsg::Role { leader } => {
                 if leader && !self.is_leader {
-                    self.lessor.refresh_all();
+                    self.lessor.promote();
+                } else if !leader && self.is_leader {
+                    self.lessor.demote();
                 }
                 self.is_leader = leader;
             }
             ApplierMsg::LeaseTick => {
-                // Only the leader's lessor decides expiry.
+                // Only the leader's lessor decides expiry and checkpoints.
                 if !self.is_leader {
                     return;
                 }
+                self.propose_checkpoints();
                 let per_tick =
                     lease::REVOKES_PER_SEC * lease::EXPIRY_CHECK.as_millis() as usize / 1000;
                 let retry = self.router.member.request_timeout;
@@ -768,6 +777,73 @@ impl Applier {
             }
             _ => {}
         }
+    }
+
+    /// Proposes the lease checkpoints due (etcd: at most 1000 per entry;
+    /// nobody waits for them: a lost one is taken again at the next
+    /// interval).
+    fn propose_checkpoints(&mut self) {
+        loop {
+            let due = self.lessor.due_checkpoints(lease::CHECKPOINTS_PER_ENTRY);
+            if due.is_empty() {
+                return;
+            }
+            let more = due.len() == lease::CHECKPOINTS_PER_ENTRY;
+            crate::debug!("checkpointing {} leases", due.len());
+            let checkpoints = due
+                .into_iter()
+                .map(|(id, remaining_ttl)| LeaseCheckpoint { id, remaining_ttl })
+                .collect();
+            let cmd = RaftCommand {
+                cmd: Some(raft_command::Cmd::LeaseCheckpoint(LeaseCheckpointRequest {
+                    checkpoints,
+                })),
+            };
+            let (tx, _rx) = oneshot::channel();
+            self.router.raft.send(crate::raftcore::RaftMsg::Propose {
+                data: prost::Message::encode_to_vec(&cmd),
+                reply: tx.into(),
+            });
+            if !more {
+                return;
+            }
+        }
+    }
+
+    /// A keep-alive on the leader for a lease with a checkpointed remaining
+    /// TTL: first clears it on every member with a checkpoint of 0 through
+    /// the log, then renews (etcd's `Renew`), so no member keeps a
+    /// remaining TTL shorter than what the client was told.
+    fn clear_checkpoint_then_renew(&self, id: i64, reply: oneshot::Sender<Result<i64, Status>>) {
+        let cmd = RaftCommand {
+            cmd: Some(raft_command::Cmd::LeaseCheckpoint(LeaseCheckpointRequest {
+                checkpoints: vec![LeaseCheckpoint {
+                    id,
+                    remaining_ttl: 0,
+                }],
+            })),
+        };
+        let (tx, rx) = oneshot::channel();
+        self.router.raft.send(crate::raftcore::RaftMsg::Propose {
+            data: prost::Message::encode_to_vec(&cmd),
+            reply: tx.into(),
+        });
+        let applier = self.router.applier.clone();
+        glommio::spawn_local(async move {
+            match rx.await {
+                // Applied: the lessor has no remaining TTL for it now.
+                Ok(Ok(_)) => {
+                    applier.send(ApplierMsg::KeepAlive { id, reply });
+                }
+                Ok(Err(st)) => {
+                    let _ = reply.send(Err(st));
+                }
+                Err(_) => {
+                    let _ = reply.send(Err(error::stopped()));
+                }
+            }
+        })
+        .detach();
     }
 
     fn single_shard(&self, txn: &TxnRequest) -> Option<usize> {
@@ -903,6 +979,19 @@ impl Applier {
                 p.result = Some(Ok(TxnResponse::default()));
                 self.pending.push_back(p);
             }
+            Some(raft_command::Cmd::LeaseCheckpoint(req)) => {
+                // Not kept on disk (as etcd 3.4): applied on replay too, in
+                // log order, so a restarted member has what its log says.
+                for cp in req.checkpoints {
+                    self.lessor.apply_checkpoint(cp.id, cp.remaining_ttl);
+                }
+                p.done = true;
+                if index > self.st.applied {
+                    self.applied_everywhere(index);
+                }
+                p.result = Some(Ok(TxnResponse::default()));
+                self.pending.push_back(p);
+            }
             Some(raft_command::Cmd::LeaseKeepAlive(req)) => {
                 p.done = true;
                 p.lease_ttl = self.lessor.renew(req.id);
@@ -1021,7 +1110,7 @@ impl Applier {
         for w in waits {
             w.await.map_err(|_| "a shard stopped".to_string())??;
         }
-        self.lessor = Lessor::new(&meta.leases);
+        self.lessor = Lessor::new(&meta.leases, self.router.member.lease_checkpoint);
         self.st.applied = meta.index;
         self.st.current_rev = current.max(1);
         self.st.compact_rev = meta.compact_rev;

@@ -92,6 +92,11 @@ pub struct Config {
     pub log_level: u8,
     /// etcd's `--experimental-watch-progress-notify-interval` (10m).
     pub watch_progress_notify_interval: Duration,
+    /// etcd's `--experimental-enable-lease-checkpoint`: the leader records
+    /// leases' remaining TTLs in the log every this often (keelson's own
+    /// `--lease-checkpoint-interval`, etcd's fixed 5 minutes by default),
+    /// so a new leader carries them on; `None`: off.
+    pub lease_checkpoint: Option<Duration>,
     /// etcd's `--grpc-keepalive-interval` and `--grpc-keepalive-timeout`
     /// (2h, 20s): the server pings each gRPC connection every interval and
     /// closes one that has not answered within the timeout; `None` when
@@ -278,7 +283,7 @@ const FLAGS: &[FlagSpec] = &[
     FlagSpec { name: "experimental-backend-bbolt-freelist-type", help: "accepted, no effect: keelson has no bbolt backend" },
     FlagSpec { name: "experimental-compaction-batch-limit", help: "accepted, no effect: a keelson shard compacts its in-memory index in one pass" },
     FlagSpec { name: "experimental-warning-apply-duration", help: "accepted, no effect: keelson does not time single applies (default 100ms)" },
-    FlagSpec { name: "experimental-enable-lease-checkpoint", help: "accepted: keelson has no lease checkpoints, so a leader change gives every lease its whole TTL again, as etcd without them (default false)" },
+    FlagSpec { name: "experimental-enable-lease-checkpoint", help: "enable leader to send regular checkpoints to other members to prevent reset of remaining TTL on leader change (default false)" },
     FlagSpec { name: "bcrypt-cost", help: "accepted, no effect: keelson hashes passwords with salted, iterated SHA-256, not bcrypt (default 10)" },
     FlagSpec { name: "log-package-levels", help: "accepted, no effect: capnslog's per-package levels (use --log-level)" },
     FlagSpec { name: "proxy", help: "etcd's v2 proxy mode: only 'off' (keelson has no v2 proxy) (default \"off\")" },
@@ -289,6 +294,7 @@ const FLAGS: &[FlagSpec] = &[
     FlagSpec { name: "proxy-read-timeout", help: "accepted, no effect (v2 proxy only)" },
     FlagSpec { name: "cores", help: "keelson: number of executor threads, one per core (default: all cores)" },
     FlagSpec { name: "shards", help: "keelson: number of keyspace shards, fixed when the data dir is created (default: --cores, or 1 with 2 cores or fewer)" },
+    FlagSpec { name: "lease-checkpoint-interval", help: "keelson: how often the leader checkpoints leases' remaining TTLs with --experimental-enable-lease-checkpoint (default 5m0s, etcd's fixed interval)" },
 ];
 
 pub fn usage() -> String {
@@ -561,12 +567,18 @@ where
     ] {
         num(flag, 0)?;
     }
-    for flag in [
-        "initial-election-tick-advance",
-        "experimental-enable-lease-checkpoint",
-    ] {
-        flag_bool(flag)?;
-    }
+    flag_bool("initial-election-tick-advance")?;
+    let lease_checkpoint_interval = match lookup("lease-checkpoint-interval") {
+        None => Duration::from_secs(300),
+        Some(v) => match parse_duration(&v) {
+            Some(d) if d >= Duration::from_secs(1) => d,
+            _ => {
+                return Err(format!(
+                    "invalid value {v:?} for flag -lease-checkpoint-interval: a duration of at least 1s"
+                ))
+            }
+        },
+    };
     match lookup("proxy").as_deref() {
         None | Some("off") => {}
         Some(v @ ("on" | "readonly")) => {
@@ -674,6 +686,8 @@ where
                 format!("invalid value {v:?} for flag -experimental-watch-progress-notify-interval: parse error")
             })?,
         },
+        lease_checkpoint: flag_bool("experimental-enable-lease-checkpoint")?
+            .then_some(lease_checkpoint_interval),
     };
     cfg.validate()?;
     Ok(Parsed::Serve(Box::new(cfg)))
@@ -1040,6 +1054,28 @@ mod tests {
         assert_eq!(c.data_dir, PathBuf::from("/tmp/x"));
         assert_eq!(c.max_request_bytes, 10);
         assert_eq!(c.snapshot_count, 7);
+    }
+
+    #[test]
+    fn lease_checkpoints_are_off_by_default_and_every_5_minutes_when_on() {
+        let lc = |args: &[&str]| p(args, &[]).map(|c| c.lease_checkpoint);
+        assert_eq!(lc(&[]), Ok(None));
+        assert_eq!(lc(&["--lease-checkpoint-interval=2s"]), Ok(None));
+        assert_eq!(
+            lc(&["--experimental-enable-lease-checkpoint"]),
+            Ok(Some(Duration::from_secs(300)))
+        );
+        assert_eq!(
+            lc(&[
+                "--experimental-enable-lease-checkpoint=true",
+                "--lease-checkpoint-interval",
+                "1m30s"
+            ]),
+            Ok(Some(Duration::from_secs(90)))
+        );
+        assert!(lc(&["--lease-checkpoint-interval=10ms"]).is_err());
+        assert!(lc(&["--lease-checkpoint-interval=soon"]).is_err());
+        assert!(lc(&["--experimental-enable-lease-checkpoint=maybe"]).is_err());
     }
 
     #[test]

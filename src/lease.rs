@@ -12,6 +12,20 @@
 //! leases when a member becomes leader, so a failover or a restart never
 //! expires leases en masse).
 //!
+//! Lease checkpoints (etcd's `--experimental-enable-lease-checkpoint`): the
+//! leader's lessor looks at each lease one checkpoint interval after it was
+//! granted, renewed, checkpointed or the leader took over, and proposes its
+//! remaining TTL (whole seconds, rounded up) when that is less than the
+//! granted TTL. Every member records the last checkpointed remaining TTL
+//! when the entry applies, and a new leader gives a lease that much
+//! instead of its whole TTL, so a lease kept alive by nobody expires in
+//! about its TTL even when leaders change more often than that. A
+//! keep-alive clears it: on the leader through a checkpoint of 0 proposed
+//! before it renews, as etcd's `Renew` does, and through the log when it
+//! was sent to a follower. As in etcd 3.4, checkpoints are not kept in the
+//! lease table on disk: a restarted member has those of the log entries it
+//! replays, and one that installs a snapshot starts without them.
+//!
 //! *Invariant:* the set of leases changes only by applying log entries;
 //! expiry only proposes.
 
@@ -31,27 +45,43 @@ pub fn min_ttl(election_timeout: Duration) -> i64 {
     ((ms + 999) / 1000).max(1)
 }
 
+/// Lease checkpoints in one log entry at most (etcd's
+/// `maxLeaseCheckpointBatchSize`).
+pub const CHECKPOINTS_PER_ENTRY: usize = 1000;
+
 #[derive(Debug, Clone)]
 struct Lease {
     ttl: i64,
+    /// The remaining TTL the last applied checkpoint recorded, in seconds;
+    /// 0: none (a new leader gives the whole TTL).
+    remaining_ttl: i64,
     expiry: Instant,
     /// When its revoke was last proposed (expired leases only).
     revoking: Option<Instant>,
+    /// When the leader's lessor checkpoints it next.
+    checkpoint_at: Option<Instant>,
 }
 
 pub struct Lessor {
     leases: BTreeMap<i64, Lease>,
+    /// The checkpoint interval; `None`: checkpoints are off.
+    checkpoint: Option<Duration>,
+    /// This is the leader's lessor: it schedules checkpoints.
+    primary: bool,
 }
 
 impl Lessor {
     /// Leases as recovered (ID → TTL): each gets its whole TTL from now.
-    pub fn new(recovered: &BTreeMap<i64, i64>) -> Lessor {
+    /// `checkpoint`: the lease checkpoint interval, if they are on.
+    pub fn new(recovered: &BTreeMap<i64, i64>, checkpoint: Option<Duration>) -> Lessor {
         let now = Instant::now();
         Lessor {
             leases: recovered
                 .iter()
                 .map(|(&id, &ttl)| (id, Lease::fresh(ttl, now)))
                 .collect(),
+            checkpoint,
+            primary: false,
         }
     }
 
@@ -64,7 +94,10 @@ impl Lessor {
         if self.leases.contains_key(&id) {
             return false;
         }
-        self.leases.insert(id, Lease::fresh(ttl, Instant::now()));
+        let now = Instant::now();
+        let mut l = Lease::fresh(ttl, now);
+        l.checkpoint_at = next_checkpoint(self.checkpoint, self.primary, &l, now);
+        self.leases.insert(id, l);
         true
     }
 
@@ -83,16 +116,76 @@ impl Lessor {
     }
 
     /// A keep-alive: the granted TTL, or 0 when the lease does not exist or
-    /// has already expired (as etcd answers).
+    /// has already expired (as etcd answers). It clears the lease's
+    /// checkpointed remaining TTL: on the leader a checkpoint of 0 was
+    /// applied before (`checkpointed`), on the others this is applied from
+    /// the log.
     pub fn renew(&mut self, id: i64) -> i64 {
         let now = Instant::now();
         match self.leases.get_mut(&id) {
             Some(l) if l.expiry > now => {
+                l.remaining_ttl = 0;
                 l.expiry = now + secs(l.ttl);
                 l.ttl
             }
             _ => 0,
         }
+    }
+
+    /// Lease `id` has a checkpointed remaining TTL, which a keep-alive on
+    /// the leader clears through the log before it renews (etcd's `Renew`:
+    /// at most two checkpoint entries per lease and interval).
+    pub fn checkpointed(&self, id: i64) -> bool {
+        self.leases
+            .get(&id)
+            .is_some_and(|l| l.remaining_ttl > 0 && l.expiry > Instant::now())
+    }
+
+    /// Applies a checkpoint: the lease's remaining TTL as the leader saw it
+    /// (0 clears it). The leader's lessor schedules the next one.
+    pub fn apply_checkpoint(&mut self, id: i64, remaining_ttl: i64) {
+        let now = Instant::now();
+        let (every, primary) = (self.checkpoint, self.primary);
+        if let Some(l) = self.leases.get_mut(&id) {
+            l.remaining_ttl = remaining_ttl.max(0);
+            l.checkpoint_at = next_checkpoint(every, primary, l, now);
+        }
+    }
+
+    /// Checkpoints due now (lease ID, remaining whole seconds rounded up),
+    /// at most `max`, on the leader's lessor: leases whose time is up and
+    /// whose remaining TTL is less than their granted TTL (etcd's
+    /// `findDueScheduledCheckpoints`). A lease checked here is scheduled
+    /// again when its checkpoint applies, or at once when it needs none
+    /// yet (renewed meanwhile; etcd 3.4 then checks it again only after
+    /// the next leader change).
+    pub fn due_checkpoints(&mut self, max: usize) -> Vec<(i64, i64)> {
+        let now = Instant::now();
+        let mut out = Vec::new();
+        if !self.primary {
+            return out;
+        }
+        let every = self.checkpoint;
+        for (&id, l) in self.leases.iter_mut() {
+            if out.len() >= max {
+                break;
+            }
+            match l.checkpoint_at {
+                Some(at) if at <= now => l.checkpoint_at = None,
+                _ => continue,
+            }
+            if l.expiry <= now {
+                continue;
+            }
+            let left = l.expiry - now;
+            let remaining = left.as_secs() as i64 + i64::from(left.subsec_nanos() > 0);
+            if remaining >= l.ttl {
+                l.checkpoint_at = next_checkpoint(every, true, l, now);
+                continue;
+            }
+            out.push((id, remaining));
+        }
+        out
     }
 
     /// (granted TTL, remaining whole seconds) of a lease.
@@ -107,13 +200,26 @@ impl Lessor {
         Some((l.ttl, remaining))
     }
 
-    /// A new leader gives every lease its whole TTL again from now (etcd's
-    /// `Promote`): deadlines kept by the old leader are not known here, and
-    /// no lease may expire just because leadership moved.
-    pub fn refresh_all(&mut self) {
+    /// A new leader gives every lease its whole TTL again from now, or
+    /// the remaining TTL its last checkpoint recorded (etcd's `Promote`):
+    /// deadlines kept by the old leader are not known here, and no lease
+    /// may expire just because leadership moved.
+    pub fn promote(&mut self) {
         let now = Instant::now();
+        self.primary = true;
         for l in self.leases.values_mut() {
-            *l = Lease::fresh(l.ttl, now);
+            l.expiry = now + secs(l.base_ttl());
+            l.revoking = None;
+            l.checkpoint_at = next_checkpoint(self.checkpoint, true, l, now);
+        }
+    }
+
+    /// This member's lessor is no longer the leader's: it schedules no
+    /// checkpoints.
+    pub fn demote(&mut self) {
+        self.primary = false;
+        for l in self.leases.values_mut() {
+            l.checkpoint_at = None;
         }
     }
 
@@ -152,9 +258,36 @@ impl Lease {
     fn fresh(ttl: i64, now: Instant) -> Lease {
         Lease {
             ttl,
+            remaining_ttl: 0,
             expiry: now + secs(ttl),
             revoking: None,
+            checkpoint_at: None,
         }
+    }
+
+    /// What a new leader gives it: the checkpointed remaining TTL if there
+    /// is one, else the whole TTL (etcd's `RemainingTTL`).
+    fn base_ttl(&self) -> i64 {
+        if self.remaining_ttl > 0 {
+            self.remaining_ttl
+        } else {
+            self.ttl
+        }
+    }
+}
+
+/// When the leader's lessor checkpoints `l` next: one interval (`every`)
+/// from now, if a checkpoint could matter (etcd: its remaining TTL is longer
+/// than the interval); never on another member's lessor.
+fn next_checkpoint(
+    every: Option<Duration>,
+    primary: bool,
+    l: &Lease,
+    now: Instant,
+) -> Option<Instant> {
+    match every {
+        Some(every) if primary && l.base_ttl() > every.as_secs() as i64 => Some(now + every),
+        _ => None,
     }
 }
 
@@ -178,7 +311,7 @@ mod tests {
 
     #[test]
     fn grant_renew_revoke() {
-        let mut l = Lessor::new(&BTreeMap::new());
+        let mut l = Lessor::new(&BTreeMap::new(), None);
         assert!(l.grant(5, 10));
         assert!(!l.grant(5, 20));
         assert_eq!(l.renew(5), 10);
@@ -193,7 +326,7 @@ mod tests {
 
     #[test]
     fn expired_proposes_once_until_retry() {
-        let mut l = Lessor::new(&BTreeMap::new());
+        let mut l = Lessor::new(&BTreeMap::new(), None);
         l.grant(1, 0); // expires at once
         l.grant(2, 100);
         assert_eq!(l.expired(10, Duration::from_secs(60)), vec![1]);
@@ -202,9 +335,79 @@ mod tests {
         assert_eq!(l.renew(1), 0, "an expired lease cannot be kept alive");
     }
 
+    /// Moves lease `id`'s life on by `by` and makes its checkpoint due.
+    fn age(l: &mut Lessor, id: i64, by: Duration) {
+        let lease = l.leases.get_mut(&id).unwrap();
+        lease.expiry = lease.expiry.checked_sub(by).unwrap();
+        if let Some(at) = lease.checkpoint_at.as_mut() {
+            *at = Instant::now();
+        }
+    }
+
+    #[test]
+    fn checkpoints_carry_the_remaining_ttl_to_a_new_leader() {
+        let every = Some(Duration::from_secs(30));
+        let mut leader = Lessor::new(&BTreeMap::new(), every);
+        let mut follower = Lessor::new(&BTreeMap::new(), every);
+        leader.promote();
+        for l in [&mut leader, &mut follower] {
+            assert!(l.grant(7, 100));
+            assert!(l.grant(8, 20), "shorter than the interval");
+        }
+        assert!(follower.due_checkpoints(10).is_empty(), "only the leader's");
+        age(&mut leader, 7, Duration::from_millis(40_500));
+        age(&mut leader, 8, Duration::from_secs(5));
+        assert_eq!(leader.due_checkpoints(10), vec![(7, 60)]);
+        assert!(leader.due_checkpoints(10).is_empty(), "once until applied");
+        for l in [&mut leader, &mut follower] {
+            l.apply_checkpoint(7, 60);
+            l.apply_checkpoint(99, 5); // no such lease: nothing
+        }
+        assert!(leader.checkpointed(7) && !leader.checkpointed(8));
+        assert!(leader.leases[&7].checkpoint_at.is_some(), "scheduled again");
+        // The follower takes over: 60 s left, not the whole 100.
+        leader.demote();
+        assert!(leader.leases.values().all(|l| l.checkpoint_at.is_none()));
+        follower.promote();
+        let (ttl, left) = follower.time_to_live(7).unwrap();
+        assert_eq!(ttl, 100);
+        assert!((59..=60).contains(&left), "{left}");
+        assert!((19..=20).contains(&follower.time_to_live(8).unwrap().1));
+        // A keep-alive clears it; the next leader gives the whole TTL.
+        assert!(follower.checkpointed(7));
+        assert_eq!(follower.renew(7), 100);
+        assert!(!follower.checkpointed(7));
+        leader.apply_checkpoint(7, 0);
+        leader.promote();
+        assert!((99..=100).contains(&leader.time_to_live(7).unwrap().1));
+    }
+
+    #[test]
+    fn a_lease_renewed_since_is_checked_again_later() {
+        let mut l = Lessor::new(&BTreeMap::new(), Some(Duration::from_secs(30)));
+        l.promote();
+        l.grant(1, 100);
+        age(&mut l, 1, Duration::ZERO);
+        assert!(l.due_checkpoints(10).is_empty(), "nothing to record yet");
+        assert!(l.leases[&1].checkpoint_at.is_some());
+        age(&mut l, 1, Duration::from_secs(10));
+        assert_eq!(l.due_checkpoints(10), vec![(1, 90)]);
+    }
+
+    #[test]
+    fn without_checkpoints_a_new_leader_gives_the_whole_ttl() {
+        let mut l = Lessor::new(&BTreeMap::new(), None);
+        l.promote();
+        l.grant(1, 100);
+        age(&mut l, 1, Duration::from_secs(50));
+        assert!(l.due_checkpoints(10).is_empty());
+        l.promote();
+        assert!((99..=100).contains(&l.time_to_live(1).unwrap().1));
+    }
+
     #[test]
     fn picked_ids_are_unused_and_positive() {
-        let mut l = Lessor::new(&BTreeMap::new());
+        let mut l = Lessor::new(&BTreeMap::new(), None);
         let a = l.pick_id(7, 0xffff_ffff);
         assert!(a > 0);
         l.grant(a, 5);

@@ -320,6 +320,7 @@ fn start(node: &mut Node, world: &Rc<World>) {
             max_concurrent_streams: 4096,
             cors: vec!["*".into()],
             host_whitelist: vec!["*".into()],
+            lease_checkpoint: None,
         },
     });
     let boot = RaftBoot {

@@ -1083,7 +1083,7 @@ async fn lease_keep_alive(
                 id,
                 reply,
             })
-            .await?
+            .await??
         } else {
             // A follower's lessor does not decide expiry: the keep-alive
             // goes through the log so the leader's lessor renews it too.

@@ -74,6 +74,9 @@ pub struct Member {
     /// `--cors` and `--host-whitelist` (the client port's HTTP/1).
     pub cors: Vec<String>,
     pub host_whitelist: Vec<String>,
+    /// The lease checkpoint interval when checkpoints are on
+    /// (`--experimental-enable-lease-checkpoint`).
+    pub lease_checkpoint: Option<std::time::Duration>,
 }
 
 /// The WAL's directory, checked against where this data dir's WAL was
@@ -1269,6 +1272,7 @@ pub fn run(cfg: Config) -> Result<(), String> {
             max_concurrent_streams: cfg.max_concurrent_streams,
             cors: cfg.cors.clone(),
             host_whitelist: cfg.host_whitelist.clone(),
+            lease_checkpoint: cfg.lease_checkpoint,
         },
     });
     match cfg.quota_bytes() {
