@@ -188,6 +188,80 @@ fn https_clients_and_client_certificates() {
     let _ = dir;
 }
 
+/// With `--client-cert-auth` and auth enabled, a request without a token
+/// acts as the user its client certificate's common name names, as etcd's
+/// `AuthInfoFromTLS`; a token (user and password) takes precedence.
+#[test]
+fn a_client_certificates_common_name_is_its_user_under_auth() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    certs(d);
+    signed(d, "root", "ca", "san.ext"); // CN=root
+    let p = |f: &str| d.join(f).to_str().unwrap().to_string();
+    let port = support::free_port();
+    let url = format!("https://127.0.0.1:{port}");
+    let mut m = support::Member::new(&[
+        "--listen-client-urls",
+        &url,
+        "--advertise-client-urls",
+        &url,
+        "--cert-file",
+        &p("server.crt"),
+        "--key-file",
+        &p("server.key"),
+        "--trusted-ca-file",
+        &p("ca.crt"),
+        "--client-cert-auth",
+    ]);
+    assert!(m.start().is_none(), "{}", m.log_text());
+    let as_ = |who: &str, args: &[&str]| {
+        let mut a = vec![
+            format!("--cacert={}", p("ca.crt")),
+            format!("--cert={}", p(&format!("{who}.crt"))),
+            format!("--key={}", p(&format!("{who}.key"))),
+        ];
+        a.extend(args.iter().map(|s| s.to_string()));
+        let a: Vec<&str> = a.iter().map(|s| s.as_str()).collect();
+        etcdctl(&url, &a, None)
+    };
+    for args in [
+        &["user", "add", "root:rootpw"][..],
+        &["role", "add", "root"],
+        &["user", "grant-role", "root", "root"],
+        &["user", "add", "client:clientpw"],
+        &["role", "add", "r"],
+        &["role", "grant-permission", "r", "readwrite", "foo"],
+        &["user", "grant-role", "client", "r"],
+        &["auth", "enable"],
+    ] {
+        let (ok, out, err) = as_("client", args);
+        assert!(ok, "{args:?}: {out}{err}");
+    }
+    // "client" by its certificate alone: may write foo, not bar.
+    let (ok, out, err) = as_("client", &["put", "foo", "1"]);
+    assert!(ok && out.contains("OK"), "{out}{err}");
+    let (ok, out, err) = as_("client", &["put", "bar", "1"]);
+    assert!(!ok && err.contains("permission denied"), "{out}{err}");
+    let (ok, out, err) = as_("client", &["user", "list"]);
+    assert!(!ok && err.contains("permission denied"), "{out}{err}");
+    // "root" by its certificate alone: anything.
+    let (ok, out, err) = as_("root", &["put", "bar", "2"]);
+    assert!(ok && out.contains("OK"), "{out}{err}");
+    let (ok, out, err) = as_("root", &["user", "list"]);
+    assert!(ok && out.contains("client"), "{out}{err}");
+    let (ok, out, err) = as_("root", &["endpoint", "hashkv"]);
+    assert!(ok, "{out}{err}");
+    // A token wins over the certificate, both ways.
+    let (ok, out, err) = as_("client", &["--user=root:rootpw", "put", "bar", "3"]);
+    assert!(ok && out.contains("OK"), "{out}{err}");
+    let (ok, out, err) = as_("root", &["--user=client:clientpw", "put", "bar", "4"]);
+    assert!(!ok && err.contains("permission denied"), "{out}{err}");
+    let (ok, out, err) = as_("root", &["get", "bar"]);
+    assert!(ok && out.contains('3'), "{out}{err}");
+    drop(m);
+    let _ = dir;
+}
+
 /// Peer TLS: three members with https peer URLs and etcd's --peer-* flags
 /// (certificates checked both ways) form a cluster and replicate; a
 /// fourth added with `member add` joins over TLS and catches up; a fifth

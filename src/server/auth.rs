@@ -47,15 +47,45 @@ fn decode<M: Message + Default>(body: &[u8]) -> Result<M, Status> {
     })
 }
 
+/// Who sent a request: its auth token, and the common name of the client
+/// certificate its TLS connection was verified with (only with
+/// `--client-cert-auth`; never for the JSON gateway, as etcd's gateway
+/// requests are not taken as the certificate's user either).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Caller<'a> {
+    pub token: Option<&'a str>,
+    pub cert_cn: Option<&'a str>,
+}
+
+impl<'a> Caller<'a> {
+    pub fn token(token: Option<&'a str>) -> Caller<'a> {
+        Caller {
+            token,
+            cert_cn: None,
+        }
+    }
+
+    /// The user named, as etcd's `AuthInfoFromCtx`: a token's user (an
+    /// invalid token is refused), else the certificate's common name, else
+    /// None.
+    fn user(&self, a: &AuthState) -> Result<Option<String>, Status> {
+        match (self.token, self.cert_cn) {
+            (Some(t), _) => a
+                .verify(t, now_ms())
+                .map(Some)
+                .ok_or_else(auth::invalid_auth_token),
+            (None, Some(cn)) if !cn.is_empty() => Ok(Some(cn.to_string())),
+            _ => Ok(None),
+        }
+    }
+}
+
 /// The user a request acts as: None while auth is disabled.
-fn user_of(a: &AuthState, token: Option<&str>) -> Result<Option<String>, Status> {
+fn user_of(a: &AuthState, caller: Caller) -> Result<Option<String>, Status> {
     if !a.enabled {
         return Ok(None);
     }
-    let token = token.ok_or_else(auth::user_empty)?;
-    a.verify(token, now_ms())
-        .map(Some)
-        .ok_or_else(auth::invalid_auth_token)
+    caller.user(a)?.map(Some).ok_or_else(auth::user_empty)
 }
 
 fn txn_allowed(a: &AuthState, user: &str, t: &TxnRequest) -> bool {
@@ -88,11 +118,12 @@ fn raw(msg: &str) -> Status {
 
 /// etcd 3.4's `IsAdminPermitted` as its maintenance server answers it:
 /// Defragment, Hash, HashKV and Snapshot.
-fn admin_raw(a: &AuthState, token: Option<&str>) -> Result<(), Status> {
-    let token = token.ok_or_else(|| raw("auth: user name is empty"))?;
-    let user = a
-        .verify(token, now_ms())
-        .ok_or_else(|| raw("auth: invalid auth token"))?;
+fn admin_raw(a: &AuthState, caller: Caller) -> Result<(), Status> {
+    let user = match caller.user(a) {
+        Ok(Some(user)) => user,
+        Ok(None) => return Err(raw("auth: user name is empty")),
+        Err(_) => return Err(raw("auth: invalid auth token")),
+    };
     if a.is_root(&user) {
         Ok(())
     } else {
@@ -112,9 +143,9 @@ pub async fn authorize(
     core: &Core,
     m: Method,
     body: &[u8],
-    token: Option<&str>,
+    caller: Caller<'_>,
 ) -> Result<(), Status> {
-    let Some(check) = authorize_request(core, m, body, token)? else {
+    let Some(check) = authorize_request(core, m, body, caller)? else {
         return Ok(());
     };
     // etcd's `checkLeasePuts`: a lease is revoked, or a key attached to
@@ -141,7 +172,7 @@ fn authorize_request(
     core: &Core,
     m: Method,
     body: &[u8],
-    token: Option<&str>,
+    caller: Caller,
 ) -> Result<Option<LeaseKeysCheck>, Status> {
     // Borrowed, not cloned: nothing here waits, and most calls stop at
     // `enabled`.
@@ -162,22 +193,17 @@ fn authorize_request(
         // Through the log without a check of their own: the token is
         // optional, but must be valid when sent.
         Method::LeaseGrant | Method::Compact | Method::Alarm => {
-            if let Some(t) = token {
-                a.verify(t, now_ms()).ok_or_else(auth::invalid_auth_token)?;
-            }
+            caller.user(&a)?;
             return Ok(None);
         }
         // The same, and the user must be able to write the lease's keys.
         Method::LeaseRevoke => {
-            let user = match token {
-                Some(t) => Some(a.verify(t, now_ms()).ok_or_else(auth::invalid_auth_token)?),
-                None => None,
-            };
+            let user = caller.user(&a)?;
             let r: LeaseRevokeRequest = decode(body)?;
             return Ok(Some(LeaseKeysCheck { user, lease: r.id }));
         }
         Method::Defragment | Method::Hash | Method::HashKV => {
-            return admin_raw(&a, token).map(|_| None)
+            return admin_raw(&a, caller).map(|_| None)
         }
         _ => {}
     }
@@ -190,7 +216,7 @@ fn authorize_request(
             | Method::Leader
             | Method::Resign
     );
-    let user = match user_of(&a, token) {
+    let user = match user_of(&a, caller) {
         Ok(u) => u,
         // Lock and Election pass their KV calls' errors on as code Unknown.
         Err(e) if coord => return Err(Status::new(Code::Unknown, e.message)),
@@ -330,18 +356,18 @@ fn coord_allowed(a: &AuthState, user: &str, m: Method, body: &[u8]) -> Result<()
 pub fn authorize_stream(
     core: &Core,
     m: StreamMethod,
-    token: Option<&str>,
+    caller: Caller,
 ) -> Result<Option<String>, Status> {
     let a = core.view.auth.borrow();
     if !a.enabled {
         return Ok(None);
     }
-    match (m, token) {
+    match m {
         // etcd's lease keep-alive checks nothing.
-        (StreamMethod::LeaseKeepAlive, _) => Ok(None),
-        (StreamMethod::Snapshot, _) => admin_raw(&a, token).map(|_| None),
-        (StreamMethod::Watch, None) => Ok(Some(String::new())),
-        _ => user_of(&a, token),
+        StreamMethod::LeaseKeepAlive => Ok(None),
+        StreamMethod::Snapshot => admin_raw(&a, caller).map(|_| None),
+        StreamMethod::Watch => Ok(Some(caller.user(&a)?.unwrap_or_default())),
+        _ => user_of(&a, caller),
     }
 }
 

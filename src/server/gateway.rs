@@ -260,7 +260,7 @@ pub async fn call(
         if pb.len() > limit {
             return Err(crate::error::message_too_large(pb.len(), limit));
         }
-        super::auth::authorize(core, m, &pb, token).await?;
+        super::auth::authorize(core, m, &pb, super::auth::Caller::token(token)).await?;
         let pb = bytes::Bytes::from(pb);
         let out = api::call(m, &pb, core).await;
         core.count_result(grpc_path, &out);

@@ -41,7 +41,17 @@ pub async fn serve_conn(
         if s.get_ref().1.alpn_protocol() == Some(b"http/1.1") {
             return super::http::serve(s, core, true, true).await;
         }
-        return serve_h2(s, core, peer, true).await;
+        // With --client-cert-auth the client's certificate was verified
+        // (and required); its common name is the user of a request that
+        // carries no token, as etcd's `AuthInfoFromTLS` takes it.
+        let cert_cn = s
+            .get_ref()
+            .1
+            .peer_certificates()
+            .and_then(|c| c.first())
+            .and_then(|c| super::tls::subject_common_name(c))
+            .map(Rc::from);
+        return serve_h2(s, core, peer, Some(cert_cn)).await;
     }
     // etcd serves HTTP/1 (/metrics, /health, /version, the JSON gateway)
     // on the client port too; an HTTP/2 connection starts with "PRI".
@@ -49,7 +59,7 @@ pub async fn serve_conn(
         return super::http::serve(stream, core, true, false).await;
     }
     let peer = stream.peer_addr().ok();
-    serve_h2(stream, core, peer, false).await
+    serve_h2(stream, core, peer, None).await
 }
 
 /// Whether a plain connection speaks HTTP/1: its first bytes are a method
@@ -78,9 +88,14 @@ async fn is_http1(stream: &glommio::net::TcpStream) -> bool {
 /// One HTTP/2 connection (plain or TLS) until it ends. On TLS, as etcd's
 /// handler there, a request whose content-type is not gRPC's goes to the
 /// HTTP handlers (/health, /version, /metrics, the JSON gateway); on a
-/// plain connection every HTTP/2 stream is gRPC (etcd's cmux).
-async fn serve_h2<S>(stream: S, core: Rc<Core>, peer: Option<std::net::SocketAddr>, tls: bool)
-where
+/// plain connection every HTTP/2 stream is gRPC (etcd's cmux). `tls`: the
+/// connection is TLS, with the client certificate's common name if any.
+async fn serve_h2<S>(
+    stream: S,
+    core: Rc<Core>,
+    peer: Option<std::net::SocketAddr>,
+    tls: Option<Option<Rc<str>>>,
+) where
     S: futures::io::AsyncRead + futures::io::AsyncWrite + Unpin + 'static,
 {
     let io = super::io::TokioIo::new(stream);
@@ -112,7 +127,8 @@ where
         while let Some(next) = conn.accept().await {
             match next {
                 Ok((req, respond)) => {
-                    glommio::spawn_local(handle_stream(req, respond, core.clone(), tls)).detach();
+                    glommio::spawn_local(handle_stream(req, respond, core.clone(), tls.clone()))
+                        .detach();
                 }
                 Err(e) => {
                     if !e.is_io() && !e.is_go_away() {
@@ -175,14 +191,18 @@ async fn handle_stream(
     req: http::Request<h2::RecvStream>,
     mut respond: h2::server::SendResponse<Bytes>,
     core: Rc<Core>,
-    tls: bool,
+    tls: Option<Option<Rc<str>>>,
 ) {
     // The HTTP and streaming branches are boxed: a task's future is as
     // large as its largest branch, and every unary call's task is moved
     // into its heap cell whole (4.4 KB unboxed, 1.8 KB boxed).
     let (parts, body) = req.into_parts();
     let h = CallHeaders::of(&parts.headers);
-    if tls && !h.grpc {
+    let caller = super::auth::Caller {
+        token: h.token,
+        cert_cn: tls.as_ref().and_then(|cn| cn.as_deref()),
+    };
+    if tls.is_some() && !h.grpc {
         return Box::pin(super::http::serve_h2_request(parts, body, respond, core)).await;
     }
     let path = parts.uri.path();
@@ -199,7 +219,7 @@ async fn handle_stream(
             send_status(&mut respond, &st);
             return;
         }
-        let user = match super::auth::authorize_stream(&core, sm, h.token) {
+        let user = match super::auth::authorize_stream(&core, sm, caller) {
             Ok(u) => u,
             Err(st) => {
                 send_status(&mut respond, &st);
@@ -257,7 +277,7 @@ async fn handle_stream(
             return;
         }
     };
-    if let Err(st) = super::auth::authorize(&core, method, &body, h.token).await {
+    if let Err(st) = super::auth::authorize(&core, method, &body, caller).await {
         send_status(&mut respond, &st);
         return;
     }

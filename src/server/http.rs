@@ -656,7 +656,11 @@ where
         Ok(msgs) => msgs,
         Err(st) => return write_answer(stream, &refuse(&st), false, req.keep_alive).await,
     };
-    let user = match super::auth::authorize_stream(core, m, req.token.as_deref()) {
+    let user = match super::auth::authorize_stream(
+        core,
+        m,
+        super::auth::Caller::token(req.token.as_deref()),
+    ) {
         Ok(u) => u,
         Err(st) => return write_answer(stream, &refuse(&st), false, req.keep_alive).await,
     };
@@ -911,7 +915,8 @@ async fn h2_stream(
     let start = super::grpc::check_leader(core, req.require_leader)
         .and_then(|()| gateway::stream_requests(m, &req.body))
         .and_then(|msgs| {
-            super::auth::authorize_stream(core, m, req.token.as_deref()).map(|u| (msgs, u))
+            super::auth::authorize_stream(core, m, super::auth::Caller::token(req.token.as_deref()))
+                .map(|u| (msgs, u))
         });
     let (msgs, user) = match start {
         Ok(v) => v,
@@ -981,10 +986,11 @@ async fn h2_stream(
     h2_send(&mut send, tail, true).await;
 }
 
-/// etcd's /health (3.5): unhealthy with an alarm raised that the query
-/// does not exclude (`?exclude=NOSPACE`, repeatable), else without a
-/// leader unless the query asks for `serializable=true`; the reason as
-/// etcd words it.
+/// etcd 3.4's /health: unhealthy with an alarm raised that the query does
+/// not exclude (`?exclude=NOSPACE`, repeatable), else without a leader
+/// unless the query asks for `serializable=true` (3.5's); the body and
+/// content type as etcd 3.4 writes them (no reason: 3.5 added one, and
+/// etcd 3.4's own tests match the body exactly).
 fn health(core: &Core, query: &str) -> (&'static str, &'static str, String) {
     let mut excluded = 0u8;
     let mut serializable = false;
@@ -997,26 +1003,21 @@ fn health(core: &Core, query: &str) -> (&'static str, &'static str, String) {
         }
     }
     let alarms = core.view.alarms.get() & !excluded;
-    let reason = if alarms & 1 != 0 {
-        Some("ALARM NOSPACE")
-    } else if alarms & 2 != 0 {
-        Some("ALARM CORRUPT")
-    } else if !serializable && core.view.leader.get() == 0 {
-        Some("RAFT NO LEADER")
-    } else {
-        None
-    };
-    match reason {
-        None => (
+    let healthy = alarms == 0 && (serializable || core.view.leader.get() != 0);
+    if healthy {
+        // Go's content sniffing names this text/plain.
+        (
             "200 OK",
-            "application/json",
-            "{\"health\":\"true\",\"reason\":\"\"}".into(),
-        ),
-        Some(r) => (
+            "text/plain; charset=utf-8",
+            "{\"health\":\"true\"}".into(),
+        )
+    } else {
+        // Go's http.Error: text/plain and a newline.
+        (
             "503 Service Unavailable",
-            "application/json",
-            format!("{{\"health\":\"false\",\"reason\":\"{r}\"}}"),
-        ),
+            "text/plain; charset=utf-8",
+            "{\"health\":\"false\"}\n".into(),
+        )
     }
 }
 

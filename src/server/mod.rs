@@ -1028,7 +1028,7 @@ fn start_peers(
 }
 
 /// Publishes this member's name and client URLs through the log (etcd's
-/// `publish`), retrying until it is applied.
+/// `publish`), retrying until it is applied, and then logs it as etcd does.
 async fn publish_attributes(router: Arc<Router>) {
     use crate::proto::keelson::{raft_command, MemberAttributes, RaftCommand};
     let m = &router.member;
@@ -1050,7 +1050,18 @@ async fn publish_attributes(router: Arc<Router>) {
             None
         };
         match futures_lite::future::or(async { rx.await.ok() }, timed).await {
-            Some(Ok(_)) => return,
+            Some(Ok(_)) => {
+                // etcd's lines, which scripts and test harnesses wait for
+                // (etcd's e2e suite waits for both).
+                crate::info!(
+                    "published {{Name:{} ClientURLs:[{}]}} to cluster {:x}",
+                    m.name,
+                    m.client_urls.join(" "),
+                    m.cluster_id
+                );
+                crate::info!("enabled capabilities for version 3.5");
+                return;
+            }
             _ => glommio::timer::sleep(std::time::Duration::from_millis(500)).await,
         }
     }

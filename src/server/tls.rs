@@ -441,7 +441,7 @@ fn tbs_after(cert: &[u8], skip: usize) -> Option<&[u8]> {
 
 /// The subject's common name (the last one, as Go's `Subject.CommonName`),
 /// or None when the certificate has none or is not DER this can read.
-fn subject_common_name(cert: &[u8]) -> Option<String> {
+pub(super) fn subject_common_name(cert: &[u8]) -> Option<String> {
     const SEQ: u8 = 0x30;
     const CN_OID: &[u8] = &[0x55, 0x04, 0x03];
     // Serial, signature algorithm, issuer, validity, then the subject.
