@@ -262,6 +262,67 @@ fn a_client_certificates_common_name_is_its_user_under_auth() {
     let _ = dir;
 }
 
+/// One self-signed CA certificate as the server's, the client's and the
+/// trusted CA file (etcd's e2e fixtures do this): Go's x509 accepts a CA
+/// certificate as its own leaf, so keelson takes it too.
+#[test]
+fn a_self_signed_ca_certificate_serves_as_its_own_client_certificate() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    openssl(
+        d,
+        &[
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "2",
+            "-keyout",
+            "self.key",
+            "-out",
+            "self.crt",
+            "-subj",
+            "/CN=root",
+            "-addext",
+            "subjectAltName=IP:127.0.0.1,DNS:localhost",
+            "-addext",
+            "basicConstraints=critical,CA:TRUE",
+        ],
+    );
+    let p = |f: &str| d.join(f).to_str().unwrap().to_string();
+    let port = support::free_port();
+    let url = format!("https://127.0.0.1:{port}");
+    let mut m = support::Member::new(&[
+        "--listen-client-urls",
+        &url,
+        "--advertise-client-urls",
+        &url,
+        "--cert-file",
+        &p("self.crt"),
+        "--key-file",
+        &p("self.key"),
+        "--trusted-ca-file",
+        &p("self.crt"),
+        "--client-cert-auth",
+    ]);
+    assert!(m.start().is_none(), "{}", m.log_text());
+    let args = [
+        format!("--cacert={}", p("self.crt")),
+        format!("--cert={}", p("self.crt")),
+        format!("--key={}", p("self.key")),
+        "put".into(),
+        "k".into(),
+        "v".into(),
+    ];
+    let args: Vec<&str> = args.iter().map(|s| s.as_str()).collect();
+    let (ok, out, err) = etcdctl(&url, &args, None);
+    assert!(ok && out.contains("OK"), "{out}{err}");
+    drop(m);
+    let _ = dir;
+}
+
 /// Peer TLS: three members with https peer URLs and etcd's --peer-* flags
 /// (certificates checked both ways) form a cluster and replicate; a
 /// fourth added with `member add` joins over TLS and catches up; a fifth

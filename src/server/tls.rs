@@ -62,14 +62,10 @@ fn load_key(path: &Path) -> Result<PrivateKeyDer<'static>, String> {
 
 fn load_roots(path: &Path) -> Result<Arc<rustls::RootCertStore>, String> {
     let mut roots = rustls::RootCertStore::empty();
-    for c in rustls_pemfile::certs(&mut read_pem(path)?.as_slice()) {
-        let c = c.map_err(|e| format!("{}: {e}", path.display()))?;
+    for c in load_certs(path)? {
         roots
             .add(c)
             .map_err(|e| format!("{}: {e}", path.display()))?;
-    }
-    if roots.is_empty() {
-        return Err(format!("{}: no certificate in it", path.display()));
     }
     Ok(Arc::new(roots))
 }
@@ -165,11 +161,17 @@ impl Allowed {
     }
 }
 
-/// A verifier that, after the CA's verification, also checks `Allowed`.
+/// A verifier that, after the CA's verification, also checks `Allowed`;
+/// and, for client certificates, takes one of the trusted CA file's own
+/// certificates presented alone while it is valid: Go's crypto/x509, and
+/// so etcd, accepts a self-signed CA certificate used as its own leaf,
+/// which webpki refuses (`CaUsedAsEndEntity`).
 #[derive(Debug)]
 struct Restricted<V: ?Sized> {
     inner: Arc<V>,
-    allowed: Allowed,
+    allowed: Option<Allowed>,
+    /// The trusted CA file's certificates (client verification only).
+    anchors: Vec<CertificateDer<'static>>,
 }
 
 impl ClientCertVerifier for Restricted<dyn ClientCertVerifier> {
@@ -188,10 +190,26 @@ impl ClientCertVerifier for Restricted<dyn ClientCertVerifier> {
         intermediates: &[CertificateDer<'_>],
         now: UnixTime,
     ) -> Result<ClientCertVerified, rustls::Error> {
-        let ok = self
+        let ok = match self
             .inner
-            .verify_client_cert(end_entity, intermediates, now)?;
-        self.allowed.check(end_entity)?;
+            .verify_client_cert(end_entity, intermediates, now)
+        {
+            Ok(ok) => ok,
+            Err(_)
+                if intermediates.is_empty()
+                    && self
+                        .anchors
+                        .iter()
+                        .any(|a| a.as_ref() == end_entity.as_ref())
+                    && valid_at(end_entity, now) =>
+            {
+                ClientCertVerified::assertion()
+            }
+            Err(e) => return Err(e),
+        };
+        if let Some(a) = &self.allowed {
+            a.check(end_entity)?;
+        }
         Ok(ok)
     }
     fn verify_tls12_signature(
@@ -231,7 +249,9 @@ impl ServerCertVerifier for Restricted<dyn ServerCertVerifier> {
             ocsp_response,
             now,
         )?;
-        self.allowed.check(end_entity)?;
+        if let Some(a) = &self.allowed {
+            a.check(end_entity)?;
+        }
         Ok(ok)
     }
     fn verify_tls12_signature(
@@ -437,6 +457,66 @@ fn tbs_after(cert: &[u8], skip: usize) -> Option<&[u8]> {
         rest = der(rest)?.2;
     }
     Some(rest)
+}
+
+/// Whether `now` is within the certificate's validity period (false when
+/// it is not DER this can read).
+fn valid_at(cert: &[u8], now: UnixTime) -> bool {
+    const SEQ: u8 = 0x30;
+    // Serial, signature algorithm, issuer, then the validity.
+    let Some((SEQ, validity, _)) = tbs_after(cert, 3).and_then(der) else {
+        return false;
+    };
+    let Some((t1, from, rest)) = der(validity) else {
+        return false;
+    };
+    let Some((t2, until, _)) = der(rest) else {
+        return false;
+    };
+    let now = now.as_secs() as i64;
+    match (asn1_time(t1, from), asn1_time(t2, until)) {
+        (Some(from), Some(until)) => from <= now && now <= until,
+        _ => false,
+    }
+}
+
+/// Seconds since the epoch of an ASN.1 UTCTime (tag 0x17, `YYMMDDHHMMSSZ`,
+/// years 1950-2049) or GeneralizedTime (0x18, `YYYYMMDDHHMMSSZ`).
+fn asn1_time(tag: u8, v: &[u8]) -> Option<i64> {
+    let digits = |s: &[u8]| -> Option<i64> {
+        s.iter().try_fold(0i64, |a, &c| {
+            c.is_ascii_digit().then(|| a * 10 + i64::from(c - b'0'))
+        })
+    };
+    let (year, rest) = match (tag, v.len()) {
+        (0x17, 13) => {
+            let y = digits(&v[..2])?;
+            (if y < 50 { 2000 + y } else { 1900 + y }, &v[2..])
+        }
+        (0x18, 15) => (digits(&v[..4])?, &v[4..]),
+        _ => return None,
+    };
+    if rest[10] != b'Z' {
+        return None;
+    }
+    let (mo, d) = (digits(&rest[0..2])?, digits(&rest[2..4])?);
+    let (h, mi, s) = (
+        digits(&rest[4..6])?,
+        digits(&rest[6..8])?,
+        digits(&rest[8..10])?,
+    );
+    if !(1..=12).contains(&mo) || !(1..=31).contains(&d) || h > 23 || mi > 59 || s > 60 {
+        return None;
+    }
+    // Days from the civil date (Howard Hinnant's algorithm).
+    let y = if mo <= 2 { year - 1 } else { year };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let mp = (mo + 9) % 12;
+    let doy = (153 * mp + 2) / 5 + d - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = era * 146_097 + doe - 719_468;
+    Some(days * 86_400 + h * 3600 + mi * 60 + s)
 }
 
 /// The subject's common name (the last one, as Go's `Subject.CommonName`),
@@ -833,13 +913,11 @@ fn server(
                 )),
                 None => verifier,
             };
-            match &checks.allowed {
-                Some(a) => builder.with_client_cert_verifier(Arc::new(Restricted {
-                    inner: verifier,
-                    allowed: a.clone(),
-                })),
-                None => builder.with_client_cert_verifier(verifier),
-            }
+            builder.with_client_cert_verifier(Arc::new(Restricted {
+                inner: verifier,
+                allowed: checks.allowed.clone(),
+                anchors: load_certs(ca)?,
+            }))
         }
         None => builder.with_no_client_auth(),
     };
@@ -933,7 +1011,8 @@ pub fn peer_config(cfg: &Config) -> Result<Option<crate::peer::PeerTls>, String>
                 .dangerous()
                 .with_custom_certificate_verifier(Arc::new(Restricted {
                     inner: inner as Arc<dyn ServerCertVerifier>,
-                    allowed: a.clone(),
+                    allowed: Some(a.clone()),
+                    anchors: Vec::new(),
                 }))
         }
     };
@@ -963,6 +1042,29 @@ mod tests {
             .unwrap()
             .unwrap()
             .to_vec()
+    }
+
+    #[test]
+    fn validity_is_read_from_utc_and_generalized_times() {
+        assert_eq!(asn1_time(0x17, b"700101000000Z"), Some(0));
+        assert_eq!(asn1_time(0x17, b"491231235959Z"), Some(2_524_607_999));
+        assert_eq!(asn1_time(0x18, b"20000301000000Z"), Some(951_868_800));
+        assert_eq!(asn1_time(0x17, b"700101000000"), None);
+        assert_eq!(asn1_time(0x17, b"701301000000Z"), None);
+        assert_eq!(asn1_time(0x18, b"2000030100000+Z"), None);
+        // CERT_PEM: from 2026-12-04 05:59:32 (UTCTime) to 2126-11-10
+        // 05:59:32 (GeneralizedTime).
+        let at = |s| {
+            valid_at(
+                &cert(),
+                UnixTime::since_unix_epoch(std::time::Duration::from_secs(s)),
+            )
+        };
+        assert!(!at(1_796_363_971));
+        assert!(at(1_796_363_972));
+        assert!(at(4_949_963_972));
+        assert!(!at(4_949_963_973));
+        assert!(!valid_at(&cert()[..60], UnixTime::now()));
     }
 
     #[test]
