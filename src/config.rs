@@ -75,6 +75,9 @@ pub struct Config {
     /// `--enable-pprof`: accepted (etcd's Procfile passes it); keelson has
     /// no Go runtime profiler, so it only logs that at start.
     pub enable_pprof: bool,
+    /// etcd's `--enable-v2`: accepted with a warning (there is no v2 API;
+    /// its requests get 404), so configurations written for etcd start.
+    pub enable_v2: bool,
     /// `--unsafe-no-fsync`: WAL batches are not fdatasynced.
     pub unsafe_no_fsync: bool,
     /// `--pre-vote` (default true here, as in etcd 3.5; 3.4's is false).
@@ -240,7 +243,7 @@ const FLAGS: &[FlagSpec] = &[
     FlagSpec { name: "logger", help: "accepted for etcd's 'capnslog' and 'zap'; keelson's log lines are its own" },
     FlagSpec { name: "log-outputs", help: "where to write logs: 'default' or 'stderr', 'stdout', or one file path (default \"default\")" },
     FlagSpec { name: "debug", help: "enable debug-level logging (as --log-level debug)" },
-    FlagSpec { name: "enable-v2", help: "accept etcd V2 client requests: only false (keelson has no v2 API)" },
+    FlagSpec { name: "enable-v2", help: "accept etcd V2 client requests: accepted with a warning, keelson has no v2 API (its requests get 404) (default false)" },
     FlagSpec { name: "enable-pprof", help: "accepted; keelson has no Go runtime profiler, so /debug/pprof is not served (default false)" },
     FlagSpec { name: "force-new-cluster", help: "force to create a new one-member cluster from this member's data (default false)" },
     FlagSpec { name: "experimental-initial-corrupt-check", help: "enable to check data corruption before serving any client/peer traffic: keelson compares its hash with every reachable peer's at start and stops on a mismatch (default false)" },
@@ -292,6 +295,7 @@ const FLAGS: &[FlagSpec] = &[
     FlagSpec { name: "proxy-dial-timeout", help: "accepted, no effect (v2 proxy only)" },
     FlagSpec { name: "proxy-write-timeout", help: "accepted, no effect (v2 proxy only)" },
     FlagSpec { name: "proxy-read-timeout", help: "accepted, no effect (v2 proxy only)" },
+    FlagSpec { name: "config-file", help: "path to the server configuration file (etcd's YAML); other flags and ETCD_* variables are then ignored" },
     FlagSpec { name: "cores", help: "keelson: number of executor threads, one per core (default: all cores)" },
     FlagSpec { name: "shards", help: "keelson: number of keyspace shards, fixed when the data dir is created (default: --cores, or 1 with 2 cores or fewer)" },
     FlagSpec { name: "lease-checkpoint-interval", help: "keelson: how often the leader checkpoints leases' remaining TTLs with --experimental-enable-lease-checkpoint (default 5m0s, etcd's fixed interval)" },
@@ -362,6 +366,24 @@ where
         };
         given.push((spec.name, value));
         i += 1;
+    }
+    // etcd's --config-file: the file's settings, and nothing from the
+    // command line or the environment ("other configuration command line
+    // flags and environment variables will be ignored").
+    let config_file = given
+        .iter()
+        .rev()
+        .find(|(n, _)| *n == "config-file")
+        .map(|(_, v)| v.clone())
+        .or_else(|| env(&env_name("config-file")).filter(|v| !v.is_empty()));
+    if let Some(path) = config_file {
+        let text =
+            std::fs::read_to_string(&path).map_err(|e| format!("--config-file: {path}: {e}"))?;
+        let args = config_file_args(&text).map_err(|e| format!("--config-file: {path}: {e}"))?;
+        fn no_env(_: &str) -> Option<String> {
+            None
+        }
+        return parse(args, no_env as fn(&str) -> Option<String>);
     }
     let lookup = |flag: &str| -> Option<String> {
         given
@@ -482,9 +504,6 @@ where
             )),
         }
     };
-    if flag_bool("enable-v2")? {
-        return Err("--enable-v2: keelson has no v2 API".to_string());
-    }
     match lookup("logger").as_deref() {
         None | Some("zap") | Some("capnslog") => {}
         Some(other) => return Err(format!("unknown logger option {other:?}")),
@@ -652,6 +671,7 @@ where
         force_new_cluster: flag_bool("force-new-cluster")?,
         initial_corrupt_check: flag_bool("experimental-initial-corrupt-check")?,
         enable_pprof: flag_bool("enable-pprof")?,
+        enable_v2: flag_bool("enable-v2")?,
         pre_vote,
         grpc_gateway,
         max_concurrent_streams,
@@ -691,6 +711,103 @@ where
     };
     cfg.validate()?;
     Ok(Parsed::Serve(Box::new(cfg)))
+}
+
+/// The flags an etcd YAML configuration file (`--config-file`) stands for,
+/// as etcd 3.4's `embed.Config` reads it: each top-level key is the flag of
+/// the same name, and `client-transport-security` and
+/// `peer-transport-security` hold the client and peer TLS settings. Empty
+/// values mean "not set"; lists are joined with commas; keys etcd reads
+/// but keelson has no flag for are ignored, as etcd ignores keys it does
+/// not know. The discovery keys (bootstrap through a discovery service)
+/// are refused when set, as the flags are.
+fn config_file_args(text: &str) -> Result<Vec<String>, String> {
+    use yaml_rust2::{Yaml, YamlLoader};
+    let docs = YamlLoader::load_from_str(text).map_err(|e| e.to_string())?;
+    let Some(doc) = docs.into_iter().next() else {
+        return Ok(Vec::new());
+    };
+    let top = match doc {
+        Yaml::Hash(h) => h,
+        Yaml::Null => return Ok(Vec::new()),
+        _ => return Err("not a mapping of settings".into()),
+    };
+    fn scalar(v: &Yaml) -> Result<Option<String>, String> {
+        Ok(match v {
+            Yaml::Null => None,
+            Yaml::String(s) | Yaml::Real(s) if s.is_empty() => None,
+            Yaml::String(s) | Yaml::Real(s) => Some(s.clone()),
+            Yaml::Integer(i) => Some(i.to_string()),
+            Yaml::Boolean(b) => Some(b.to_string()),
+            Yaml::Array(a) => {
+                let parts: Vec<String> = a
+                    .iter()
+                    .map(scalar)
+                    .collect::<Result<Vec<_>, _>>()?
+                    .into_iter()
+                    .flatten()
+                    .collect();
+                (!parts.is_empty()).then(|| parts.join(","))
+            }
+            _ => return Err("a value is neither a scalar nor a list".into()),
+        })
+    }
+    let mut args = Vec::new();
+    let mut push = |flag: &str, v: &Yaml| -> Result<(), String> {
+        if let Some(v) = scalar(v).map_err(|e| format!("{flag}: {e}"))? {
+            args.push(format!("--{flag}={v}"));
+        }
+        Ok(())
+    };
+    let known = |flag: &str| FLAGS.iter().any(|f| f.name == flag) && flag != "config-file";
+    for (k, v) in &top {
+        let Some(key) = k.as_str() else {
+            return Err("a key is not a string".into());
+        };
+        let prefix = match key {
+            "client-transport-security" => Some(""),
+            "peer-transport-security" => Some("peer-"),
+            _ => None,
+        };
+        if let Some(prefix) = prefix {
+            let Yaml::Hash(tls) = v else {
+                if matches!(v, Yaml::Null) {
+                    continue;
+                }
+                return Err(format!("{key}: not a mapping"));
+            };
+            for (k, v) in tls {
+                let Some(name) = k.as_str() else {
+                    return Err(format!("{key}: a key is not a string"));
+                };
+                let flag = match (prefix, name) {
+                    ("", "crl-file") => "client-crl-file".to_string(),
+                    (p, n) => format!("{p}{n}"),
+                };
+                if known(&flag) {
+                    push(&flag, v)?;
+                }
+            }
+            continue;
+        }
+        match key {
+            // etcd's default; meaningless without a discovery service.
+            "discovery-fallback" => continue,
+            "discovery" | "discovery-srv" | "discovery-srv-name" | "discovery-proxy" => {
+                if scalar(v)?.is_some() {
+                    return Err(format!(
+                        "{key}: keelson cannot bootstrap through discovery (use initial-cluster)"
+                    ));
+                }
+                continue;
+            }
+            _ => {}
+        }
+        if known(key) {
+            push(key, v)?;
+        }
+    }
+    Ok(args)
 }
 
 /// The cipher suite names `--cipher-suites` takes: every name Go's
@@ -1056,6 +1173,64 @@ mod tests {
         assert_eq!(c.snapshot_count, 7);
     }
 
+    /// Parses with `--config-file` naming a file holding `yaml`, plus
+    /// `more` command-line flags.
+    fn with_file(yaml: &str, more: &[&str]) -> Result<Config, String> {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("etcd.conf.yml");
+        std::fs::write(&path, yaml).unwrap();
+        let mut args = vec!["--config-file".to_string(), path.display().to_string()];
+        args.extend(more.iter().map(|s| s.to_string()));
+        let args: Vec<&str> = args.iter().map(|s| s.as_str()).collect();
+        p(&args, &[("ETCD_NAME", "from-env")])
+    }
+
+    #[test]
+    fn a_config_file_is_read_as_etcd_reads_it() {
+        let c = with_file(
+            "# etcd.conf.yml\nname: 'infra1'\ndata-dir:\nsnapshot-count: 10000\n\
+             heartbeat-interval: 100\nelection-timeout: 1000\n\
+             listen-client-urls: https://127.0.0.1:2379\n\
+             advertise-client-urls: https://127.0.0.1:2379\n\
+             initial-cluster: infra1=http://localhost:2380\n\
+             initial-cluster-state: 'existing'\nstrict-reconfig-check: false\n\
+             enable-v2: true\ndiscovery:\ndiscovery-fallback: 'proxy'\n\
+             client-transport-security:\n  cert-file: /c.crt\n  key-file: /c.key\n  \
+             client-cert-auth: true\n  trusted-ca-file: /ca.crt\n  auto-tls: false\n\
+             peer-transport-security:\n  cert-file:\n  client-cert-auth: false\n\
+             log-outputs: [stderr]\nauto-compaction-mode: periodic\n\
+             auto-compaction-retention: \"1\"\nsome-future-setting: 5\n",
+            // Ignored with a config file, as etcd ignores them.
+            &["--name", "from-flag"],
+        )
+        .unwrap();
+        assert_eq!(c.name, "infra1");
+        assert_eq!(c.data_dir, PathBuf::from("infra1.keelson"));
+        assert_eq!(c.snapshot_count, 10000);
+        assert_eq!(c.listen_client_urls, vec!["https://127.0.0.1:2379"]);
+        assert_eq!(c.initial_cluster_state, "existing");
+        assert!(!c.strict_reconfig_check && c.enable_v2);
+        assert_eq!(c.cert_file, Some(PathBuf::from("/c.crt")));
+        assert_eq!(c.trusted_ca_file, Some(PathBuf::from("/ca.crt")));
+        assert!(c.client_cert_auth && !c.peer_client_cert_auth);
+        assert_eq!(c.peer_cert_file, None);
+        // An empty file is etcd's defaults.
+        assert_eq!(with_file("", &[]).unwrap().name, "default");
+        for (yaml, says) in [
+            ("discovery: https://discovery.etcd.io/x\n", "discovery"),
+            ("name: [a, {b: c}]\n", "name"),
+            ("- a\n- b\n", "not a mapping"),
+            ("name: 'unterminated\n", "--config-file"),
+            ("snapshot-count: many\n", "snapshot-count"),
+        ] {
+            let e = with_file(yaml, &[]).unwrap_err();
+            assert!(e.contains(says), "{yaml:?}: {e}");
+        }
+        assert!(p(&["--config-file", "/no/such/file"], &[])
+            .unwrap_err()
+            .contains("/no/such/file"));
+    }
+
     #[test]
     fn lease_checkpoints_are_off_by_default_and_every_5_minutes_when_on() {
         let lc = |args: &[&str]| p(args, &[]).map(|c| c.lease_checkpoint);
@@ -1236,7 +1411,6 @@ mod tests {
             .unwrap_err()
             .contains("-grpc-keepalive-interval"));
         for (args, says) in [
-            (&["--enable-v2"][..], "has no v2 API"),
             (&["--max-wals=-1"][..], "-max-wals"),
             (&["--auth-token", "jwt,pub-key=x"][..], "only 'simple'"),
             (&["--logger", "glog"][..], "unknown logger"),

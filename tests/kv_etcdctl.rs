@@ -190,3 +190,55 @@ fn etcdctl_compaction_and_endpoint_commands() {
         "{out}"
     );
 }
+
+/// `--config-file`: a member runs from etcd's YAML configuration file
+/// alone; the command-line flags that come with it (the test harness's own
+/// ports and data dir, and a bogus name) are ignored, as etcd ignores them.
+#[test]
+fn a_member_runs_from_an_etcd_yaml_config_file() {
+    let mut m = support::Member::new(&[]);
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("from-file");
+    let client = format!("http://{}", m.endpoint());
+    let peer = m.peer_url();
+    let yaml = format!(
+        "# etcd.conf.yml\n\
+         name: 'from-file'\n\
+         data-dir: {}\n\
+         wal-dir:\n\
+         snapshot-count: 10000\n\
+         heartbeat-interval: 100\n\
+         election-timeout: 1000\n\
+         listen-peer-urls: {peer}\n\
+         listen-client-urls: {client}\n\
+         initial-advertise-peer-urls: {peer}\n\
+         advertise-client-urls: {client}\n\
+         discovery:\n\
+         discovery-fallback: 'proxy'\n\
+         initial-cluster: from-file={peer}\n\
+         initial-cluster-token: 'etcd-cluster'\n\
+         initial-cluster-state: 'new'\n\
+         client-transport-security:\n  cert-file:\n  client-cert-auth: false\n\
+         peer-transport-security:\n  auto-tls: false\n\
+         log-outputs: [stderr]\n\
+         auto-compaction-mode: periodic\n\
+         auto-compaction-retention: \"1\"\n",
+        data.display()
+    );
+    let path = dir.path().join("etcd.conf.yml");
+    std::fs::write(&path, yaml).unwrap();
+    m.set_extra(&[
+        "--config-file",
+        path.to_str().unwrap(),
+        "--name",
+        "from-flag",
+    ]);
+    assert!(m.start().is_none(), "{}", m.log_text());
+    let ep = m.endpoint();
+    let (ok, out, err) = etcdctl(&ep, &["put", "k", "v"], None);
+    assert!(ok && out == "OK\n", "{out}{err}");
+    let (ok, out, err) = etcdctl(&ep, &["member", "list"], None);
+    assert!(ok && out.contains(", from-file, "), "{out}{err}");
+    assert!(data.is_dir(), "the file's data dir is used");
+    assert!(!m.data().exists(), "the command line's data dir is not");
+}

@@ -1189,6 +1189,9 @@ pub fn run(cfg: Config) -> Result<(), String> {
         .filter_map(|u| crate::config::parse_url(u).ok())
         .flatten()
         .collect();
+    if cfg.enable_v2 {
+        crate::warn!("--enable-v2: keelson has no v2 API; v2 requests are answered 404");
+    }
     if cfg.enable_pprof {
         crate::warn!(
             "--enable-pprof: keelson has no Go runtime profiler; /debug/pprof is not served"
