@@ -402,7 +402,10 @@ pub async fn serve_inbound(peers: Rc<Peers>, stream: TcpStream) {
             }
             serve_conn(peers, s, &remote).await;
         }
-        Err(e) => crate::warn!("peer: inbound {remote}: TLS handshake failed: {e}; closing"),
+        Err(e) => crate::warn!(
+            "peer: inbound {remote}: TLS handshake failed: {}; closing",
+            crate::server::tls::describe(&e)
+        ),
     }
 }
 
@@ -498,7 +501,12 @@ async fn dial(
                     futures_rustls::TlsConnector::from(tls.client.clone()).connect(name, s);
                 match tls_within(timeout, connect).await {
                     Ok(s) => return Ok(Conn::Tls(Box::new(s))),
-                    Err(e) => last = io::Error::other(format!("{a}: TLS: {e}")),
+                    Err(e) => {
+                        last = io::Error::other(format!(
+                            "{a}: TLS: {}",
+                            crate::server::tls::describe(&e)
+                        ))
+                    }
                 }
             }
             Err(e) => last = io::Error::other(format!("{a}: {e}")),
@@ -627,7 +635,7 @@ async fn run_writer(cfg: Rc<PeerConfig>, peer: Rc<Peer>) {
                 if up_at.elapsed() >= BACKOFF_RESET_AFTER {
                     backoff = BACKOFF_START;
                 }
-                format!("connection lost: {e}")
+                format!("connection lost: {}", crate::server::tls::describe(&e))
             }
         };
         let dropped = peer.clear_queue();

@@ -707,6 +707,15 @@ fn peer_cert_allowed_cn_keeps_a_member_with_another_name_out() {
             ms[2].log_text()
         );
     }
+    // The refused member's log says why in Go's words, as etcd's does
+    // (etcd's e2e test waits for this line).
+    assert!(
+        ms[2]
+            .log_text()
+            .contains("remote error: tls: bad certificate"),
+        "{}",
+        ms[2].log_text()
+    );
     drop(ms);
     let _ = dir;
 }

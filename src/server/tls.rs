@@ -154,8 +154,10 @@ impl Allowed {
         if ok {
             Ok(())
         } else {
+            // Sent to the other side as a bad_certificate alert, as Go
+            // (etcd) sends it when its VerifyPeerCertificate refuses.
             Err(rustls::Error::InvalidCertificate(
-                rustls::CertificateError::ApplicationVerificationFailure,
+                rustls::CertificateError::NotValidForName,
             ))
         }
     }
@@ -457,6 +459,49 @@ fn tbs_after(cert: &[u8], skip: usize) -> Option<&[u8]> {
         rest = der(rest)?.2;
     }
     Some(rest)
+}
+
+/// An I/O error as Go words it where a TLS alert from the other side is
+/// behind it (`remote error: tls: bad certificate`), so logs read as
+/// etcd's; any other error as it is.
+pub fn describe(e: &std::io::Error) -> String {
+    use rustls::AlertDescription as A;
+    let alert = e
+        .get_ref()
+        .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+        .and_then(|r| match r {
+            rustls::Error::AlertReceived(a) => Some(*a),
+            _ => None,
+        });
+    let Some(a) = alert else {
+        return e.to_string();
+    };
+    let go = match a {
+        A::CloseNotify => "close notify",
+        A::UnexpectedMessage => "unexpected message",
+        A::BadRecordMac => "bad record MAC",
+        A::RecordOverflow => "record overflow",
+        A::HandshakeFailure => "handshake failure",
+        A::BadCertificate => "bad certificate",
+        A::UnsupportedCertificate => "unsupported certificate",
+        A::CertificateRevoked => "revoked certificate",
+        A::CertificateExpired => "expired certificate",
+        A::CertificateUnknown => "unknown certificate",
+        A::IllegalParameter => "illegal parameter",
+        A::UnknownCA => "unknown certificate authority",
+        A::AccessDenied => "access denied",
+        A::DecodeError => "error decoding message",
+        A::DecryptError => "error decrypting message",
+        A::ProtocolVersion => "protocol version not supported",
+        A::InsufficientSecurity => "insufficient security level",
+        A::InternalError => "internal error",
+        A::UserCanceled => "user canceled",
+        A::NoRenegotiation => "no renegotiation",
+        A::CertificateRequired => "certificate required",
+        A::NoApplicationProtocol => "no application protocol",
+        other => return format!("remote error: tls: {other:?}"),
+    };
+    format!("remote error: tls: {go}")
 }
 
 /// Whether `now` is within the certificate's validity period (false when
