@@ -548,22 +548,17 @@ impl Members {
     }
 
     /// An ID for a member being added: etcd's recipe (its peer URLs, the
-    /// cluster token, the time), never one in use or removed.
+    /// cluster token, the time; here in nanoseconds, etcd's in seconds),
+    /// never one in use or removed.
     fn new_id(&self, peer_urls: &[String]) -> u64 {
-        let mut urls = peer_urls.to_vec();
-        urls.sort();
         let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_nanos().to_string())
+            .map(|d| d.as_nanos())
             .unwrap_or_default();
-        let mut salt = 0u64;
+        let mut salt = 0u128;
         loop {
-            let salt_s = salt.to_string();
-            let mut parts: Vec<&str> = urls.iter().map(|s| s.as_str()).collect();
-            parts.push(&self.token);
-            parts.push(&now);
-            parts.push(&salt_s);
-            let id = crate::server::hash64(&parts);
+            let time = (now + salt).to_string();
+            let id = crate::server::member_id_of(peer_urls, &self.token, Some(&time));
             if !self.m.members.contains_key(&id) && !self.m.removed.contains(&id) {
                 return id;
             }

@@ -716,6 +716,15 @@ fn peer_cert_allowed_cn_keeps_a_member_with_another_name_out() {
         "{}",
         ms[2].log_text()
     );
+    // And the member that refused the certificate, as etcd's
+    // VerifyPeerCertificate words it.
+    assert!(
+        ms[0]
+            .log_text()
+            .contains("client certificate authentication failed"),
+        "{}",
+        ms[0].log_text()
+    );
     drop(ms);
     let _ = dir;
 }

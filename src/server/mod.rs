@@ -398,30 +398,35 @@ impl std::hash::Hasher for Fnv {
     }
 }
 
-pub fn hash64(parts: &[&str]) -> u64 {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for p in parts {
-        for b in p.as_bytes().iter().chain(b"\0") {
-            h ^= *b as u64;
-            h = h.wrapping_mul(0x0000_0100_0000_01b3);
-        }
-    }
-    if h == 0 {
-        1
-    } else {
-        h
-    }
+/// etcd's ID recipe: the first 8 bytes of the SHA-1 of `bytes`, big
+/// endian.
+pub fn sha1_id(bytes: &[u8]) -> u64 {
+    use sha1::Digest;
+    let h = sha1::Sha1::digest(bytes);
+    u64::from_be_bytes(h[..8].try_into().expect("a SHA-1 has 20 bytes"))
 }
 
-/// The cluster ID of a new cluster: as etcd does, a hash of its members'
-/// IDs (which already carry the cluster token), so it differs from the
-/// member ID even when there is one member.
+/// A member's ID as etcd computes it (`NewMember`): its sorted peer URLs,
+/// the cluster token and, for a member added later, a time, concatenated.
+pub fn member_id_of(peer_urls: &[String], token: &str, time: Option<&str>) -> u64 {
+    let mut urls = peer_urls.to_vec();
+    urls.sort();
+    let mut b = urls.concat().into_bytes();
+    b.extend_from_slice(token.as_bytes());
+    if let Some(t) = time {
+        b.extend_from_slice(t.as_bytes());
+    }
+    sha1_id(&b)
+}
+
+/// The cluster ID of a new cluster, as etcd computes it (`genID`): its
+/// members' sorted IDs, big endian, hashed; so a keelson cluster started
+/// with etcd's flags has etcd's member and cluster IDs.
 pub fn cluster_id_of(peers: &[PeerInfo]) -> u64 {
-    let mut ids: Vec<String> = peers.iter().map(|p| format!("{:016x}", p.id)).collect();
-    ids.sort();
-    let mut parts: Vec<&str> = vec!["cluster"];
-    parts.extend(ids.iter().map(|s| s.as_str()));
-    hash64(&parts)
+    let mut ids: Vec<u64> = peers.iter().map(|p| p.id).collect();
+    ids.sort_unstable();
+    let b: Vec<u8> = ids.iter().flat_map(|id| id.to_be_bytes()).collect();
+    sha1_id(&b)
 }
 
 /// A member of the cluster as bootstrapped: ID, name, peer URLs.
@@ -462,8 +467,9 @@ pub fn parse_member_line(line: &str) -> Option<(u64, String, Vec<String>)> {
 }
 
 /// The members named by `--initial-cluster` (a name listed several times
-/// has several peer URLs), each with its ID: a hash of its sorted peer URLs
-/// and the cluster token, so every member computes the same IDs.
+/// has several peer URLs), each with its ID: etcd's hash of its sorted peer
+/// URLs and the cluster token, so every member computes the same IDs, and
+/// the same as etcd's.
 pub fn initial_peers(cfg: &Config) -> Result<Vec<PeerInfo>, String> {
     let mut by_name: Vec<PeerInfo> = Vec::new();
     for (name, url) in cfg.initial_members()? {
@@ -478,9 +484,7 @@ pub fn initial_peers(cfg: &Config) -> Result<Vec<PeerInfo>, String> {
     }
     for p in &mut by_name {
         p.peer_urls.sort();
-        let mut parts: Vec<&str> = p.peer_urls.iter().map(|s| s.as_str()).collect();
-        parts.push(&cfg.initial_cluster_token);
-        p.id = hash64(&parts);
+        p.id = member_id_of(&p.peer_urls, &cfg.initial_cluster_token, None);
     }
     let mut ids: Vec<u64> = by_name.iter().map(|p| p.id).collect();
     ids.sort_unstable();
@@ -1527,6 +1531,34 @@ pub fn run(cfg: Config) -> Result<(), String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn member_and_cluster_ids_are_etcds() {
+        // What etcd 3.4.23 answered for `--initial-cluster-token new
+        // --initial-cluster testname0=http://localhost:23991`.
+        let id = member_id_of(&["http://localhost:23991".to_string()], "new", None);
+        assert_eq!(id, 10_096_977_618_009_402_566);
+        let peers = [PeerInfo {
+            id,
+            name: "testname0".into(),
+            peer_urls: vec![],
+        }];
+        assert_eq!(cluster_id_of(&peers), 4_939_526_417_839_766_432);
+        // Peer URLs in any order; the token and the time count.
+        let urls = |a: &str, b: &str| vec![a.to_string(), b.to_string()];
+        assert_eq!(
+            member_id_of(&urls("http://b:1", "http://a:1"), "t", None),
+            member_id_of(&urls("http://a:1", "http://b:1"), "t", None)
+        );
+        assert_ne!(
+            member_id_of(&urls("http://a:1", "http://b:1"), "u", None),
+            id
+        );
+        assert_ne!(
+            member_id_of(&urls("http://a:1", "http://b:1"), "t", Some("1")),
+            member_id_of(&urls("http://a:1", "http://b:1"), "t", None)
+        );
+    }
 
     fn peer(id: u64) -> PeerInfo {
         PeerInfo {

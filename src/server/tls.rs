@@ -461,21 +461,25 @@ fn tbs_after(cert: &[u8], skip: usize) -> Option<&[u8]> {
     Some(rest)
 }
 
-/// An I/O error as Go words it where a TLS alert from the other side is
-/// behind it (`remote error: tls: bad certificate`), so logs read as
-/// etcd's; any other error as it is.
+/// An I/O error as Go words it where TLS is behind it, so logs read as
+/// etcd's: an alert from the other side (`remote error: tls: bad
+/// certificate`), and a certificate `Allowed` refused (etcd's `client
+/// certificate authentication failed`; webpki's own name mismatches carry
+/// their names and are told as rustls tells them); any other error as it
+/// is.
 pub fn describe(e: &std::io::Error) -> String {
     use rustls::AlertDescription as A;
-    let alert = e
+    let tls = e
         .get_ref()
-        .and_then(|inner| inner.downcast_ref::<rustls::Error>())
-        .and_then(|r| match r {
-            rustls::Error::AlertReceived(a) => Some(*a),
-            _ => None,
-        });
-    let Some(a) = alert else {
-        return e.to_string();
+        .and_then(|inner| inner.downcast_ref::<rustls::Error>());
+    let alert = match tls {
+        Some(rustls::Error::AlertReceived(a)) => *a,
+        Some(rustls::Error::InvalidCertificate(rustls::CertificateError::NotValidForName)) => {
+            return "client certificate authentication failed".into()
+        }
+        _ => return e.to_string(),
     };
+    let a = alert;
     let go = match a {
         A::CloseNotify => "close notify",
         A::UnexpectedMessage => "unexpected message",
