@@ -763,20 +763,27 @@ impl Applier {
                 let retry = self.router.member.request_timeout;
                 for id in self.lessor.expired(per_tick.max(1), retry) {
                     crate::debug!("lease {id:x} expired; proposing its revoke");
-                    let cmd = RaftCommand {
-                        cmd: Some(raft_command::Cmd::LeaseRevoke(LeaseRevokeRequest { id })),
-                    };
                     // Nobody waits for the answer: if the revoke is lost it
                     // is proposed again after `retry`.
                     let (tx, _rx) = oneshot::channel();
-                    self.router.raft.send(crate::raftcore::RaftMsg::Propose {
-                        data: prost::Message::encode_to_vec(&cmd),
-                        reply: tx.into(),
-                    });
+                    self.propose(
+                        raft_command::Cmd::LeaseRevoke(LeaseRevokeRequest { id }),
+                        tx,
+                    );
                 }
             }
             _ => {}
         }
+    }
+
+    /// Proposes an entry of the lessor's own (a revoke, a checkpoint);
+    /// `reply` hears when it has applied, or why not.
+    fn propose(&self, cmd: raft_command::Cmd, reply: oneshot::Sender<Result<WriteResult, Status>>) {
+        let cmd = RaftCommand { cmd: Some(cmd) };
+        self.router.raft.send(crate::raftcore::RaftMsg::Propose {
+            data: prost::Message::encode_to_vec(&cmd),
+            reply: reply.into(),
+        });
     }
 
     /// Proposes the lease checkpoints due (etcd: at most 1000 per entry;
@@ -794,16 +801,11 @@ impl Applier {
                 .into_iter()
                 .map(|(id, remaining_ttl)| LeaseCheckpoint { id, remaining_ttl })
                 .collect();
-            let cmd = RaftCommand {
-                cmd: Some(raft_command::Cmd::LeaseCheckpoint(LeaseCheckpointRequest {
-                    checkpoints,
-                })),
-            };
             let (tx, _rx) = oneshot::channel();
-            self.router.raft.send(crate::raftcore::RaftMsg::Propose {
-                data: prost::Message::encode_to_vec(&cmd),
-                reply: tx.into(),
-            });
+            self.propose(
+                raft_command::Cmd::LeaseCheckpoint(LeaseCheckpointRequest { checkpoints }),
+                tx,
+            );
             if !more {
                 return;
             }
@@ -815,19 +817,15 @@ impl Applier {
     /// the log, then renews (etcd's `Renew`), so no member keeps a
     /// remaining TTL shorter than what the client was told.
     fn clear_checkpoint_then_renew(&self, id: i64, reply: oneshot::Sender<Result<i64, Status>>) {
-        let cmd = RaftCommand {
-            cmd: Some(raft_command::Cmd::LeaseCheckpoint(LeaseCheckpointRequest {
-                checkpoints: vec![LeaseCheckpoint {
-                    id,
-                    remaining_ttl: 0,
-                }],
-            })),
-        };
         let (tx, rx) = oneshot::channel();
-        self.router.raft.send(crate::raftcore::RaftMsg::Propose {
-            data: prost::Message::encode_to_vec(&cmd),
-            reply: tx.into(),
-        });
+        let checkpoints = vec![LeaseCheckpoint {
+            id,
+            remaining_ttl: 0,
+        }];
+        self.propose(
+            raft_command::Cmd::LeaseCheckpoint(LeaseCheckpointRequest { checkpoints }),
+            tx,
+        );
         let applier = self.router.applier.clone();
         glommio::spawn_local(async move {
             match rx.await {
