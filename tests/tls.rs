@@ -73,6 +73,34 @@ fn peer_flags(dir: &Path, who: &str) -> Vec<String> {
     ]
 }
 
+/// A member serving https on `url` (client and advertised URL) with
+/// `{server}.crt` and `{server}.key` from `dir`, requiring client
+/// certificates that `{ca}.crt` signed (`--client-cert-auth`); `extra`
+/// flags follow. Not started.
+fn https_member(dir: &Path, url: &str, server: &str, ca: &str, extra: &[&str]) -> support::Member {
+    let p = |f: String| dir.join(f).to_str().unwrap().to_string();
+    let (crt, key, trusted) = (
+        p(format!("{server}.crt")),
+        p(format!("{server}.key")),
+        p(format!("{ca}.crt")),
+    );
+    let mut flags = vec![
+        "--listen-client-urls",
+        url,
+        "--advertise-client-urls",
+        url,
+        "--cert-file",
+        &crt,
+        "--key-file",
+        &key,
+        "--trusted-ca-file",
+        &trusted,
+        "--client-cert-auth",
+    ];
+    flags.extend_from_slice(extra);
+    support::Member::new(&flags)
+}
+
 /// `{name}.crt` and `{name}.key`: a self-signed CA.
 fn ca(dir: &Path, name: &str, cn: &str) {
     openssl(
@@ -143,19 +171,7 @@ fn https_clients_and_client_certificates() {
     let p = |f: &str| d.join(f).to_str().unwrap().to_string();
     let port = support::free_port();
     let url = format!("https://127.0.0.1:{port}");
-    let mut m = support::Member::new(&[
-        "--listen-client-urls",
-        &url,
-        "--advertise-client-urls",
-        &url,
-        "--cert-file",
-        &p("server.crt"),
-        "--key-file",
-        &p("server.key"),
-        "--trusted-ca-file",
-        &p("ca.crt"),
-        "--client-cert-auth",
-    ]);
+    let mut m = https_member(d, &url, "server", "ca", &[]);
     assert!(m.start().is_none(), "{}", m.log_text());
     let tls = [
         format!("--cacert={}", p("ca.crt")),
@@ -200,19 +216,7 @@ fn a_client_certificates_common_name_is_its_user_under_auth() {
     let p = |f: &str| d.join(f).to_str().unwrap().to_string();
     let port = support::free_port();
     let url = format!("https://127.0.0.1:{port}");
-    let mut m = support::Member::new(&[
-        "--listen-client-urls",
-        &url,
-        "--advertise-client-urls",
-        &url,
-        "--cert-file",
-        &p("server.crt"),
-        "--key-file",
-        &p("server.key"),
-        "--trusted-ca-file",
-        &p("ca.crt"),
-        "--client-cert-auth",
-    ]);
+    let mut m = https_member(d, &url, "server", "ca", &[]);
     assert!(m.start().is_none(), "{}", m.log_text());
     let as_ = |who: &str, args: &[&str]| {
         let mut a = vec![
@@ -294,19 +298,7 @@ fn a_self_signed_ca_certificate_serves_as_its_own_client_certificate() {
     let p = |f: &str| d.join(f).to_str().unwrap().to_string();
     let port = support::free_port();
     let url = format!("https://127.0.0.1:{port}");
-    let mut m = support::Member::new(&[
-        "--listen-client-urls",
-        &url,
-        "--advertise-client-urls",
-        &url,
-        "--cert-file",
-        &p("self.crt"),
-        "--key-file",
-        &p("self.key"),
-        "--trusted-ca-file",
-        &p("self.crt"),
-        "--client-cert-auth",
-    ]);
+    let mut m = https_member(d, &url, "self", "self", &[]);
     assert!(m.start().is_none(), "{}", m.log_text());
     let args = [
         format!("--cacert={}", p("self.crt")),
@@ -549,25 +541,20 @@ fn client_certificates_allowed_hostname_revocation_list_and_cipher_suites() {
     let p = |f: &str| d.join(f).to_str().unwrap().to_string();
     let port = support::free_port();
     let url = format!("https://127.0.0.1:{port}");
-    let mut m = support::Member::new(&[
-        "--listen-client-urls",
+    let mut m = https_member(
+        d,
         &url,
-        "--advertise-client-urls",
-        &url,
-        "--cert-file",
-        &p("server.crt"),
-        "--key-file",
-        &p("server.key"),
-        "--trusted-ca-file",
-        &p("ca.crt"),
-        "--client-cert-auth",
-        "--client-cert-allowed-hostname",
-        "client.example",
-        "--client-crl-file",
-        &p("crl.pem"),
-        "--cipher-suites",
-        "TLS_ECDHE_RSA_WITH_AES_128_GCM_SHA256,TLS_ECDHE_RSA_WITH_AES_256_CBC_SHA",
-    ]);
+        "server",
+        "ca",
+        &[
+            "--client-cert-allowed-hostname",
+            "client.example",
+            "--client-crl-file",
+            &p("crl.pem"),
+            "--cipher-suites",
+            "TLS_ECDHE_RSA_WITH_AES_128_GCM_SHA256,TLS_ECDHE_RSA_WITH_AES_256_CBC_SHA",
+        ],
+    );
     assert!(m.start().is_none(), "{}", m.log_text());
     let as_ = |who: &str, args: &[&str]| {
         let mut a = vec![
