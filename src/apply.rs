@@ -214,6 +214,8 @@ pub enum ShardMsg {
 #[derive(Debug, Default, Clone, Copy)]
 pub struct ShardStats {
     pub keys: usize,
+    /// Keys live now (not deleted).
+    pub live_keys: usize,
     pub bytes: u64,
     /// What the versions still held take (dbSizeInUse).
     pub in_use: u64,
@@ -397,6 +399,7 @@ pub async fn run_shard(mut shard: Shard, rx: Receiver<ShardMsg>, router: Arc<Rou
                 ShardMsg::Stats { reply } => {
                     let _ = reply.send(ShardStats {
                         keys: shard.key_count(),
+                        live_keys: shard.live_keys(),
                         bytes: shard.disk_bytes(),
                         in_use: shard.in_use_bytes(),
                     });
@@ -1014,9 +1017,13 @@ impl Applier {
                         });
                         waits.push(rx);
                     }
+                    let mut deleted = 0;
                     for w in waits {
-                        p.changed |= w.await.unwrap_or(0) > 0;
+                        deleted += w.await.unwrap_or(0);
                     }
+                    p.changed = deleted > 0;
+                    // etcd's lessor deletes each key in one mvcc transaction.
+                    crate::metrics::mvcc_txn(0, 0, deleted as u64);
                     p.result = Some(Ok(TxnResponse::default()));
                 } else {
                     self.applied_everywhere(index);

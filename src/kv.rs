@@ -546,7 +546,11 @@ pub async fn run_txn<A: Access>(a: &mut A, t: &TxnRequest) -> Result<TxnResponse
     let path = decide(t, &mut results.iter());
     let mut checks = Vec::new();
     // Reads inside the txn may name any revision up to the one it writes.
-    path_checks(t, &path, a.compact_rev(), a.rev(), &mut checks)?;
+    if let Err(e) = path_checks(t, &path, a.compact_rev(), a.rev(), &mut checks) {
+        crate::metrics::mvcc_txn(cmps.len() as u64, 0, 0);
+        return Err(e);
+    }
+    count_mvcc(t, &path, cmps.len(), &checks);
     if !checks.is_empty() {
         let exists: Vec<Compare> = checks
             .iter()
@@ -579,6 +583,80 @@ pub async fn run_txn<A: Access>(a: &mut A, t: &TxnRequest) -> Result<TxnResponse
     let mut resp = apply_path(a, t, &path).await;
     mark_reads_before_changes(&mut resp.responses, &mut false);
     Ok(resp)
+}
+
+/// Counts the entry's operations as etcd's mvcc metrics count them
+/// (`metrics::mvcc_txn`). A Put or DeleteRange call (a txn of one op and
+/// no compares here) is one mvcc transaction, as etcd's `applyPut` is: the
+/// op, plus a range when it reads the previous version (`prev_kv`,
+/// `ignore_value`, `ignore_lease`). A Txn call reads first (each compare
+/// and each key check of a put that ignores its value or lease is a
+/// range), then, unless it only reads, runs its taken branches as a second
+/// mvcc transaction; a read-only txn's ops count with its reads. Counted
+/// whether or not the checks then pass, as etcd counts the reads it made.
+fn count_mvcc(t: &TxnRequest, path: &Path, compares: usize, checks: &[Check]) {
+    fn ops(t: &TxnRequest, p: &Path, n: &mut [u64; 3]) {
+        let branch = if p.succeeded { &t.success } else { &t.failure };
+        let mut nested = p.nested.iter();
+        for op in branch {
+            match &op.request {
+                Some(request_op::Request::RequestPut(put)) => {
+                    n[1] += 1;
+                    if put.prev_kv || put.ignore_value || put.ignore_lease {
+                        n[0] += 1;
+                    }
+                }
+                Some(request_op::Request::RequestDeleteRange(d)) => {
+                    n[2] += 1;
+                    if d.prev_kv {
+                        n[0] += 1;
+                    }
+                }
+                Some(request_op::Request::RequestRange(_)) => n[0] += 1,
+                Some(request_op::Request::RequestTxn(t)) => {
+                    if let Some(np) = nested.next() {
+                        ops(t, np, n);
+                    }
+                }
+                None => {}
+            }
+        }
+    }
+    fn writes(t: &TxnRequest) -> bool {
+        t.success
+            .iter()
+            .chain(&t.failure)
+            .any(|op| match &op.request {
+                Some(request_op::Request::RequestPut(_))
+                | Some(request_op::Request::RequestDeleteRange(_)) => true,
+                Some(request_op::Request::RequestTxn(n)) => writes(n),
+                _ => false,
+            })
+    }
+    let mut n = [0u64; 3];
+    ops(t, path, &mut n);
+    let single_call = compares == 0 && t.success.len() == 1 && t.failure.is_empty();
+    if single_call
+        && matches!(
+            t.success[0].request,
+            Some(request_op::Request::RequestPut(_))
+                | Some(request_op::Request::RequestDeleteRange(_))
+        )
+    {
+        crate::metrics::mvcc_txn(n[0], n[1], n[2]);
+        return;
+    }
+    let reads = (compares
+        + checks
+            .iter()
+            .filter(|c| matches!(c, Check::KeyExists(_)))
+            .count()) as u64;
+    if writes(t) {
+        crate::metrics::mvcc_txn(reads, 0, 0);
+        crate::metrics::mvcc_txn(n[0], n[1], n[2]);
+    } else {
+        crate::metrics::mvcc_txn(reads + n[0], n[1], n[2]);
+    }
 }
 
 /// Stands, in an op's header, for "the store's revision before this

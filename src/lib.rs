@@ -15,6 +15,7 @@ pub mod kv;
 pub mod lease;
 pub mod mailbox;
 pub mod membership;
+pub mod metrics;
 pub mod peer;
 pub mod proto;
 pub mod raftcore;

@@ -458,10 +458,15 @@ impl Wal {
         let tail_from = (end / align * align - start) as usize;
         let new_tail = b[tail_from..t + data.len()].to_vec();
         let written = if sync {
-            self.file
+            let t = std::time::Instant::now();
+            let n = self
+                .file
                 .write_at_then_fdatasync(dma, start)
                 .await
-                .map_err(|e| format!("wal write and fdatasync: {e}"))?
+                .map_err(|e| format!("wal write and fdatasync: {e}"))?;
+            let secs = t.elapsed().as_secs_f64();
+            crate::metrics::count(|c| c.wal_fsync.observe(secs));
+            n
         } else {
             self.file
                 .write_at(dma, start)

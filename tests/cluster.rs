@@ -269,6 +269,13 @@ async fn a_minority_cannot_write() {
         msg.contains("etcdserver: request timed out") || msg.contains("etcdserver: no leader"),
         "{msg}"
     );
+    // etcd counts that write as a failed proposal.
+    let (_, body) = support::http_get(&ms[l].endpoint(), "/metrics");
+    assert!(
+        body.lines()
+            .any(|l| l.starts_with("etcd_server_proposals_failed_total ") && !l.ends_with(" 0")),
+        "{body}"
+    );
     // Serializable reads still answer from the survivor.
     let r = c
         .get("before", Some(GetOptions::new().with_serializable()))

@@ -10,7 +10,7 @@
 mod support;
 
 use etcd_client::*;
-use support::{etcdctl, started};
+use support::{etcdctl, http_get, started};
 
 fn message(e: Error) -> String {
     match e {
@@ -421,31 +421,6 @@ fn snapshot_save(ep: &str) -> (tempfile::TempDir, std::path::PathBuf) {
     (dir, file)
 }
 
-fn http_get(addr: &str, path: &str) -> (u16, String) {
-    use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect(addr).unwrap();
-    s.set_read_timeout(Some(std::time::Duration::from_secs(10)))
-        .unwrap();
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
-    )
-    .unwrap();
-    let mut out = String::new();
-    s.read_to_string(&mut out).unwrap();
-    let code = out
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0);
-    let body = out
-        .split_once("\r\n\r\n")
-        .map(|b| b.1)
-        .unwrap_or("")
-        .to_string();
-    (code, body)
-}
-
 /// `--enable-pprof` (etcd's Procfile passes it) starts a member that
 /// serves as usual; etcd then serves Go's profiles under /debug/pprof/,
 /// keelson, which has no Go runtime, answers 404 there (README).
@@ -520,6 +495,90 @@ async fn health_version_and_metrics_over_http() {
     assert!(body.contains("etcdserver"), "{body}");
     // gRPC still works on the same port afterwards.
     c.put("after", "http", None).await.unwrap();
+}
+
+/// /metrics counts the mvcc operations as etcd's mvcc layer counts them
+/// (a compare or a read of the previous value is a range; a call that did
+/// more than one is a txn), live keys, the member's ID, versions, leader
+/// changes, proposals, /health answers and the WAL's syncs; the figures
+/// below are what etcd 3.4 reports for the same calls.
+#[tokio::test]
+async fn metrics_count_mvcc_operations_and_server_events_as_etcd_does() {
+    let (m, mut c) = started(&[]).await;
+    c.put("k", "v", None).await.unwrap();
+    for i in 1..=3 {
+        c.put(i.to_string(), "v", None).await.unwrap();
+        c.delete(i.to_string(), None).await.unwrap();
+    }
+    c.put("p", "v", Some(PutOptions::new().with_prev_key()))
+        .await
+        .unwrap();
+    c.delete("p", Some(DeleteOptions::new().with_prev_key()))
+        .await
+        .unwrap();
+    let txn = Txn::new()
+        .when([Compare::mod_revision("k", CompareOp::Greater, 0)])
+        .and_then([TxnOp::put("t1", "v", None), TxnOp::put("t2", "v", None)]);
+    assert!(c.txn(txn).await.unwrap().succeeded());
+    c.get("k", None).await.unwrap();
+    c.get("t", Some(GetOptions::new().with_prefix()))
+        .await
+        .unwrap();
+    c.delete("t", Some(DeleteOptions::new().with_prefix()))
+        .await
+        .unwrap();
+    let id = c.status().await.unwrap().header().unwrap().member_id();
+    let (code, _) = http_get(&m.endpoint(), "/health");
+    assert_eq!(code, 200);
+    let (code, body) = http_get(&m.endpoint(), "/metrics");
+    assert_eq!(code, 200);
+    let value = |name: &str| -> f64 {
+        body.lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
+            .unwrap_or_else(|| panic!("no {name} in\n{body}"))
+            .trim()
+            .parse()
+            .unwrap()
+    };
+    // Puts: k, 1, 2, 3, p, t1, t2. Deletes: 1, 2, 3, p, t*. Ranges: the
+    // two prev_kv reads, the compare, the two gets. Txns: the two prev_kv
+    // calls and the txn's two puts.
+    assert_eq!(value("etcd_mvcc_put_total"), 7.0, "{body}");
+    assert_eq!(value("etcd_mvcc_delete_total"), 5.0, "{body}");
+    assert_eq!(value("etcd_mvcc_range_total"), 5.0, "{body}");
+    assert_eq!(value("etcd_mvcc_txn_total"), 3.0, "{body}");
+    assert_eq!(value("etcd_debugging_mvcc_keys_total"), 1.0, "{body}");
+    assert_eq!(value("etcd_debugging_mvcc_compact_revision"), -1.0);
+    assert!(value("etcd_debugging_mvcc_current_revision") >= 12.0);
+    assert_eq!(
+        value(&format!("etcd_server_id{{server_id=\"{id:x}\"}}")),
+        1.0
+    );
+    assert!(
+        body.lines()
+            .any(|l| l.starts_with("etcd_server_version{server_version=\"3.")
+                && l.ends_with("\"} 1")),
+        "{body}"
+    );
+    assert!(
+        body.lines().any(
+            |l| l.starts_with("etcd_cluster_version{cluster_version=\"3.") && l.ends_with("\"} 1")
+        ),
+        "{body}"
+    );
+    assert_eq!(value("etcd_server_leader_changes_seen_total"), 1.0);
+    assert_eq!(value("etcd_server_proposals_pending"), 0.0);
+    assert_eq!(value("etcd_server_proposals_failed_total"), 0.0);
+    assert!(value("etcd_server_health_success") >= 1.0);
+    assert_eq!(value("etcd_server_health_failures"), 0.0);
+    // Every write above waited for a WAL sync; the buckets add up.
+    let syncs = value("etcd_disk_wal_fsync_duration_seconds_count");
+    assert!(syncs >= 10.0, "{body}");
+    assert_eq!(
+        value("etcd_disk_wal_fsync_duration_seconds_bucket{le=\"+Inf\"}"),
+        syncs
+    );
+    assert!(value("etcd_disk_wal_fsync_duration_seconds_sum") > 0.0);
 }
 
 /// `etcdctl check datascale` (memory from /metrics around 10000 puts,

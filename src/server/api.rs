@@ -603,6 +603,7 @@ pub(super) async fn range(core: &Core, req: RangeRequest) -> Result<RangeRespons
     } else {
         current
     };
+    crate::metrics::mvcc_txn(1, 0, 0);
     let shards = &core.router.shards;
     let targets: Vec<usize> = if req.range_end.is_empty() {
         vec![shard_of(&req.key, shards.len())]

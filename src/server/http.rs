@@ -1004,6 +1004,13 @@ fn health(core: &Core, query: &str) -> (&'static str, &'static str, String) {
     }
     let alarms = core.view.alarms.get() & !excluded;
     let healthy = alarms == 0 && (serializable || core.view.leader.get() != 0);
+    crate::metrics::count(|c| {
+        if healthy {
+            c.health_ok += 1
+        } else {
+            c.health_failed += 1
+        }
+    });
     if healthy {
         // Go's content sniffing names this text/plain.
         (
@@ -1041,22 +1048,24 @@ const CODES: [&str; 17] = [
     "Unauthenticated",
 ];
 
-/// dbSize and dbSizeInUse, summed over this member's shards (as Status).
-async fn db_sizes(core: &Core) -> (u64, u64) {
+/// dbSize, dbSizeInUse and the live keys, summed over this member's
+/// shards.
+async fn db_sizes(core: &Core) -> (u64, u64, u64) {
     let mut waits = Vec::new();
     for s in &core.router.shards {
         let (tx, rx) = futures::channel::oneshot::channel();
         s.send(crate::apply::ShardMsg::Stats { reply: tx });
         waits.push(rx);
     }
-    let (mut db, mut in_use) = (0, 0);
+    let (mut db, mut in_use, mut keys) = (0, 0, 0);
     for w in waits {
         if let Ok(st) = w.await {
             db += st.bytes;
             in_use += st.in_use;
+            keys += st.live_keys as u64;
         }
     }
-    (db, in_use)
+    (db, in_use, keys)
 }
 
 /// The Prometheus Go client's process collector, which etcd's /metrics
@@ -1152,14 +1161,18 @@ async fn metrics(core: &Core) -> String {
         waits.push(rx);
     }
     let mut total: std::collections::BTreeMap<String, [u64; 17]> = Default::default();
+    let mut counts = crate::metrics::Counts::default();
+    let mut pending = 0;
     for w in waits {
         if let Ok(v) = w.await {
-            for (path, counts) in v {
+            for (path, n) in v.rpcs {
                 let t = total.entry(path).or_insert([0; 17]);
-                for (t, n) in t.iter_mut().zip(counts) {
+                for (t, n) in t.iter_mut().zip(n) {
                     *t += n;
                 }
             }
+            counts.add(&v.counts);
+            pending += v.writes_pending;
         }
     }
     let v = &core.view;
@@ -1205,7 +1218,7 @@ async fn metrics(core: &Core) -> String {
         "gauge",
         v.applied.get(),
     );
-    let (db, in_use) = db_sizes(core).await;
+    let (db, in_use, keys) = db_sizes(core).await;
     gauge(
         &mut out,
         "etcd_mvcc_db_total_size_in_bytes",
@@ -1228,6 +1241,122 @@ async fn metrics(core: &Core) -> String {
         "Current backend storage quota size in bytes.",
         "gauge",
         core.router.member.quota_bytes.unwrap_or(0),
+    );
+    let info = |out: &mut String, name: &str, help: &str, label: &str, value: &str| {
+        out.push_str(&format!(
+            "# HELP {name} {help}\n# TYPE {name} gauge\n{name}{{{label}=\"{value}\"}} 1\n"
+        ));
+    };
+    let version = crate::ETCD_VERSION;
+    info(
+        &mut out,
+        "etcd_server_version",
+        "Which version is running. 1 for 'server_version' label with current version.",
+        "server_version",
+        version,
+    );
+    info(
+        &mut out,
+        "etcd_cluster_version",
+        "Which version is running. 1 for 'cluster_version' label with current cluster version",
+        "cluster_version",
+        version
+            .rsplit_once('.')
+            .map(|(mm, _)| mm)
+            .unwrap_or(version),
+    );
+    info(
+        &mut out,
+        "etcd_server_id",
+        "Server or member ID in hexadecimal format. 1 for 'server_id' label with current ID.",
+        "server_id",
+        &format!("{me:x}"),
+    );
+    gauge(
+        &mut out,
+        "etcd_server_leader_changes_seen_total",
+        "The number of leader changes seen.",
+        "counter",
+        v.leader_changes.get(),
+    );
+    gauge(
+        &mut out,
+        "etcd_server_proposals_pending",
+        "The current number of pending proposals to commit.",
+        "gauge",
+        pending as u64,
+    );
+    gauge(
+        &mut out,
+        "etcd_server_proposals_failed_total",
+        "The total number of failed proposals seen.",
+        "counter",
+        counts.proposals_failed,
+    );
+    gauge(
+        &mut out,
+        "etcd_server_health_success",
+        "The total number of successful health checks",
+        "counter",
+        counts.health_ok,
+    );
+    gauge(
+        &mut out,
+        "etcd_server_health_failures",
+        "The total number of failed health checks",
+        "counter",
+        counts.health_failed,
+    );
+    for (name, help, n) in [
+        (
+            "etcd_mvcc_range_total",
+            "Total number of ranges seen by this member.",
+            counts.ranges,
+        ),
+        (
+            "etcd_mvcc_put_total",
+            "Total number of puts seen by this member.",
+            counts.puts,
+        ),
+        (
+            "etcd_mvcc_delete_total",
+            "Total number of deletes seen by this member.",
+            counts.deletes,
+        ),
+        (
+            "etcd_mvcc_txn_total",
+            "Total number of txns seen by this member.",
+            counts.txns,
+        ),
+    ] {
+        gauge(&mut out, name, help, "counter", n);
+    }
+    gauge(
+        &mut out,
+        "etcd_debugging_mvcc_keys_total",
+        "Total number of keys.",
+        "gauge",
+        keys,
+    );
+    gauge(
+        &mut out,
+        "etcd_debugging_mvcc_current_revision",
+        "The current revision of store.",
+        "gauge",
+        v.revision.get().max(0) as u64,
+    );
+    // etcd's is -1 until the first compaction.
+    let compacted = match v.compact_revision.get() {
+        0 => -1,
+        r => r,
+    };
+    out.push_str(&format!(
+        "# HELP etcd_debugging_mvcc_compact_revision The revision of the last compaction in store.\n# TYPE etcd_debugging_mvcc_compact_revision gauge\netcd_debugging_mvcc_compact_revision {compacted}\n"
+    ));
+    counts.wal_fsync.render(
+        &mut out,
+        "etcd_disk_wal_fsync_duration_seconds",
+        "The latency distributions of fsync called by WAL.",
     );
     process_metrics(&mut out);
     out.push_str("# HELP grpc_server_handled_total Total number of RPCs completed on the server, regardless of success or failure.\n# TYPE grpc_server_handled_total counter\n");

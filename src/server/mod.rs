@@ -163,9 +163,9 @@ pub enum CoreMsg {
         alarms: u8,
         ack: futures::channel::oneshot::Sender<()>,
     },
-    /// This core's RPC counts, for /metrics.
+    /// This core's counts, for /metrics.
     Rpcs {
-        reply: futures::channel::oneshot::Sender<Vec<(String, [u64; 17])>>,
+        reply: futures::channel::oneshot::Sender<CoreCounts>,
     },
     /// The auth store changed: the core's copy, acknowledged once it is in
     /// the `View`.
@@ -198,6 +198,16 @@ pub enum CoreMsg {
     },
 }
 
+/// What one core counted, for /metrics.
+pub struct CoreCounts {
+    /// RPCs completed: method path → count per gRPC code.
+    pub rpcs: Vec<(String, [u64; 17])>,
+    /// Everything else its thread counted (`metrics`).
+    pub counts: crate::metrics::Counts,
+    /// Its clients' writes waiting for the log.
+    pub writes_pending: usize,
+}
+
 /// A core's view of the node, refreshed by `CoreMsg`s. Serializable reads
 /// and response headers use it without asking another core.
 #[derive(Default)]
@@ -212,6 +222,8 @@ pub struct View {
     pub alarms: Cell<u8>,
     /// The member's database size as the applier last told.
     pub db_bytes: Cell<u64>,
+    /// Leaders seen since start (`etcd_server_leader_changes_seen_total`).
+    pub leader_changes: Cell<u64>,
     pub auth: std::cell::RefCell<std::sync::Arc<crate::auth::AuthState>>,
     /// Told once, when this core first learns of a leader: the member
     /// says it is ready to serve only after every core has (as etcd does
@@ -260,6 +272,11 @@ impl View {
             } => {
                 self.alarms.set(alarms);
                 self.term.set(term);
+                // etcd counts a leader it had not just seen (none in
+                // between counts again).
+                if leader != 0 && leader != self.leader.get() {
+                    self.leader_changes.set(self.leader_changes.get() + 1);
+                }
                 self.leader.set(leader);
                 self.commit.set(self.commit.get().max(commit));
                 self.learner.set(learner);
@@ -352,21 +369,29 @@ impl Core {
                     }
                 }
                 CoreMsg::Written(written) => {
+                    // Refused by the raft core: etcd counts such a
+                    // proposal as failed.
                     for (slot, res) in written {
-                        self.writes.finish(slot, res);
+                        let failed = res.is_err();
+                        if self.writes.finish(slot, res) && failed {
+                            crate::metrics::count(|c| c.proposals_failed += 1);
+                        }
                     }
                 }
                 CoreMsg::Raft { .. } | CoreMsg::Auth(..) | CoreMsg::Alarms { .. } => {
                     self.view.apply(m)
                 }
                 CoreMsg::Rpcs { reply } => {
-                    let _ = reply.send(
-                        self.rpcs
+                    let _ = reply.send(CoreCounts {
+                        rpcs: self
+                            .rpcs
                             .borrow()
                             .iter()
                             .map(|(k, v)| (k.clone(), *v))
                             .collect(),
-                    );
+                        counts: crate::metrics::local(),
+                        writes_pending: self.writes.in_progress(),
+                    });
                 }
             }
         }

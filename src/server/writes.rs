@@ -106,14 +106,15 @@ impl Writes {
         slot
     }
 
-    /// The answer for `slot`; dropped if the slot was given up meanwhile.
-    pub fn finish(&self, slot: WriteSlot, res: Result<WriteResult, Status>) {
+    /// The answer for `slot`; dropped if the slot was given up meanwhile
+    /// or already answered. True if it went to the slot's waiter.
+    pub fn finish(&self, slot: WriteSlot, res: Result<WriteResult, Status>) -> bool {
         let mut slots = self.slots.borrow_mut();
         let Some(s) = slots.get_mut(slot.index as usize) else {
-            return;
+            return false;
         };
         if s.gen != slot.gen {
-            return;
+            return false;
         }
         if let State::Waiting(w) = &mut s.state {
             let w = w.take();
@@ -121,7 +122,9 @@ impl Writes {
             if let Some(w) = w {
                 w.wake();
             }
+            return true;
         }
+        false
     }
 
     /// Waits for the answer of a slot taken by `begin`. Dropping the
@@ -168,7 +171,9 @@ impl Writes {
                         break;
                     }
                     d.pop_front();
-                    self.finish(slot, Err(error::timeout()));
+                    if self.finish(slot, Err(error::timeout())) {
+                        crate::metrics::count(|c| c.proposals_failed += 1);
+                    }
                 }
                 d.front().map(|&(at, _)| at)
             };
@@ -259,7 +264,7 @@ mod tests {
         let s = w.begin();
         let mut f = Box::pin(w.wait(s));
         assert!(f.as_mut().now_or_never().is_none());
-        w.finish(s, ok(7));
+        assert!(w.finish(s, ok(7)));
         assert_eq!(f.now_or_never().unwrap().unwrap().revision, 7);
         assert_eq!(w.in_progress(), 0);
     }
@@ -272,16 +277,16 @@ mod tests {
         assert_eq!(w.in_progress(), 0);
         let new = w.begin();
         assert_eq!(new.index, old.index, "the slot is reused");
-        w.finish(old, ok(1)); // the late answer
+        assert!(!w.finish(old, ok(1)), "the late answer is dropped");
         let mut f = Box::pin(w.wait(new));
         assert!(
             f.as_mut().now_or_never().is_none(),
             "late answer was delivered"
         );
-        w.finish(new, ok(2));
+        assert!(w.finish(new, ok(2)));
         assert_eq!(f.now_or_never().unwrap().unwrap().revision, 2);
         // A second answer for the same write is dropped too.
-        w.finish(new, ok(3));
+        assert!(!w.finish(new, ok(3)));
         assert_eq!(w.in_progress(), 0);
     }
 

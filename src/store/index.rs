@@ -226,12 +226,15 @@ impl<V> Hist<V> {
 /// shard keeps `segment::Loc`, where the bytes are in its segment files.
 pub struct Index<V> {
     keys: BTreeMap<Key, Hist<V>>,
+    /// Keys whose newest version is not a tombstone.
+    live: usize,
 }
 
 impl<V> Default for Index<V> {
     fn default() -> Self {
         Index {
             keys: BTreeMap::new(),
+            live: 0,
         }
     }
 }
@@ -243,6 +246,11 @@ impl<V> Index<V> {
 
     pub fn key_count(&self) -> usize {
         self.keys.len()
+    }
+
+    /// Keys live now (etcd's `etcd_debugging_mvcc_keys_total`).
+    pub fn live_keys(&self) -> usize {
+        self.live
     }
 
     /// The newest version of `key` at or below `rev`, if it is live.
@@ -311,9 +319,12 @@ impl<V> Index<V> {
         if self.keys.get(key).is_none() {
             let v = make((rev, 1));
             self.keys.insert(key.into(), Hist::One(v));
+            self.live += 1;
         } else if let Some(hist) = self.keys.get_mut(key) {
+            let was_live = hist.as_slice().last().is_some_and(|v| !v.is_tombstone());
             let v = make(next(hist.as_slice(), rev));
             hist.push(v);
+            self.live += usize::from(!was_live);
         }
         self.keys
             .get(key)
@@ -357,11 +368,14 @@ impl<V> Index<V> {
             (prev, v)
         }
         if let Some(hist) = self.keys.get_mut(key) {
-            return push(Some(hist), rev, f);
+            let out = push(Some(hist), rev, f);
+            self.live += usize::from(out.0.is_none());
+            return out;
         }
         // A new key: its one version stays in the tree node.
         let out = push(None, rev, f);
         self.keys.insert(key.into(), Hist::One(out.1));
+        self.live += 1;
         out
     }
 
@@ -378,11 +392,22 @@ impl<V> Index<V> {
 
     /// Restores a version read back from a segment (recovery).
     pub fn restore(&mut self, key: &[u8], v: Version<V>) {
-        match self.keys.get_mut(key) {
-            Some(h) => h.push(v),
+        let now_live = !v.is_tombstone();
+        let was_live = match self.keys.get_mut(key) {
+            Some(h) => {
+                let was = h.as_slice().last().is_some_and(|v| !v.is_tombstone());
+                h.push(v);
+                was
+            }
             None => {
                 self.keys.insert(key.into(), Hist::One(v));
+                false
             }
+        };
+        match (was_live, now_live) {
+            (false, true) => self.live += 1,
+            (true, false) => self.live -= 1,
+            _ => {}
         }
     }
 
@@ -402,6 +427,7 @@ impl<V> Index<V> {
                     lease: 0,
                     value: None,
                 });
+                self.live -= 1;
                 true
             }
             _ => false,
@@ -658,6 +684,7 @@ mod tests {
                     e.1 += 1;
                     assert_eq!((v.create_rev, v.version), *e);
                 }
+                assert_eq!(ix.live_keys(), st.len(), "live keys at {rev}");
                 states.push(st);
                 if next() % 20 == 0 {
                     // Compaction never moves backwards (the store refuses it).
@@ -672,6 +699,38 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// The live key count follows every way a version gets in.
+    #[test]
+    fn live_keys_follow_puts_deletes_restores_and_compaction() {
+        let mut ix: Index<u32> = Index::new();
+        let version = |rev: Rev, live: bool| Version {
+            mod_rev: rev,
+            create_rev: if live { rev } else { 0 },
+            version: i64::from(live),
+            lease: 0,
+            value: live.then_some(0),
+        };
+        ix.put_after(b"a", 1, |_, _, _| (0, 1));
+        ix.put_after(b"a", 2, |_, _, _| (0, 2));
+        ix.put_after(b"b", 3, |_, _, _| (0, 3));
+        assert_eq!(ix.live_keys(), 2);
+        assert!(ix.tombstone(b"a", 4));
+        assert!(!ix.tombstone(b"a", 5));
+        assert_eq!(ix.live_keys(), 1);
+        ix.put_after(b"a", 6, |_, _, _| (0, 6));
+        assert_eq!(ix.live_keys(), 2);
+        ix.restore(b"c", version(7, true));
+        assert_eq!(ix.live_keys(), 3);
+        ix.restore(b"c", version(8, false));
+        assert_eq!(ix.live_keys(), 2);
+        ix.put(b"d", 9, 9, 0);
+        ix.put(b"d", 10, 10, 0);
+        assert_eq!(ix.live_keys(), 3);
+        ix.compact(10);
+        assert_eq!(ix.live_keys(), 3);
+        assert_eq!(ix.key_count(), 3, "c's tombstone is compacted away");
     }
 
     /// A key written once keeps a history of capacity 1 (not the 4 a first

@@ -424,6 +424,11 @@ impl Shard {
         self.index.key_count()
     }
 
+    /// Keys live now.
+    pub fn live_keys(&self) -> usize {
+        self.index.live_keys()
+    }
+
     /// This shard's part of a Range at `rev` (etcd's mvcc Range plus the
     /// pruning of `applyRange`, which are per key and so shard-local).
     pub fn range(&self, r: &RangeRequest, rev: i64) -> Result<RangePartial, Status> {

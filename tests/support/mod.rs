@@ -502,3 +502,32 @@ pub fn run_for(mut cmd: Command, limit: Duration) -> (Option<ExitStatus>, String
     };
     (status, out.join().unwrap(), err.join().unwrap())
 }
+
+/// A plain HTTP/1.1 GET of `path` from `addr` (host:port, or a client
+/// URL): the status code and the body.
+#[allow(dead_code)]
+pub fn http_get(addr: &str, path: &str) -> (u16, String) {
+    use std::io::{Read, Write};
+    let addr = addr.trim_start_matches("http://");
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(std::time::Duration::from_secs(10)))
+        .unwrap();
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    let code = out
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = out
+        .split_once("\r\n\r\n")
+        .map(|b| b.1)
+        .unwrap_or("")
+        .to_string();
+    (code, body)
+}
