@@ -528,6 +528,8 @@ async fn metrics_count_mvcc_operations_and_server_events_as_etcd_does() {
         .await
         .unwrap();
     let id = c.status().await.unwrap().header().unwrap().member_id();
+    // A watch stream open: started, not yet handled.
+    let watch_stream = c.watch("w", None).await.unwrap();
     let (code, _) = http_get(&m.endpoint(), "/health");
     assert_eq!(code, 200);
     let (code, body) = http_get(&m.endpoint(), "/metrics");
@@ -579,6 +581,25 @@ async fn metrics_count_mvcc_operations_and_server_events_as_etcd_does() {
         syncs
     );
     assert!(value("etcd_disk_wal_fsync_duration_seconds_sum") > 0.0);
+    // go-grpc-prometheus' started and handled counts.
+    let put = r#"grpc_method="Put",grpc_service="etcdserverpb.KV",grpc_type="unary""#;
+    assert_eq!(value(&format!("grpc_server_started_total{{{put}}}")), 5.0);
+    assert_eq!(
+        value(&format!(
+            "grpc_server_handled_total{{grpc_code=\"OK\",{put}}}"
+        )),
+        5.0
+    );
+    let watch = r#"grpc_method="Watch",grpc_service="etcdserverpb.Watch",grpc_type="bidi_stream""#;
+    assert_eq!(value(&format!("grpc_server_started_total{{{watch}}}")), 1.0);
+    // (etcd lists every code at 0; keelson only those it has seen.)
+    assert!(
+        body.lines()
+            .filter(|l| l.starts_with("grpc_server_handled_total{") && l.contains(watch))
+            .all(|l| l.ends_with(" 0")),
+        "{body}"
+    );
+    drop(watch_stream);
 }
 
 /// `etcdctl check datascale` (memory from /metrics around 10000 puts,

@@ -262,6 +262,7 @@ pub async fn call(
         }
         super::auth::authorize(core, m, &pb, super::auth::Caller::token(token)).await?;
         let pb = bytes::Bytes::from(pb);
+        core.count_started(grpc_path);
         let out = api::call(m, &pb, core).await;
         core.count_result(grpc_path, &out);
         pb_to_json(m, out?.message())

@@ -244,6 +244,7 @@ async fn handle_stream(
             queued: Default::default(),
         };
         let mut sink = MsgSink::H2(send);
+        core.count_started(path);
         let end = Box::pin(api::call_stream(sm, input, &mut sink, meta, &core)).await;
         core.count_result(path, &end);
         sink.finish(end.err().as_ref());
@@ -281,6 +282,7 @@ async fn handle_stream(
         send_status(&mut respond, &st);
         return;
     }
+    core.count_started(path);
     // A call that waits (Lock, Campaign) is dropped when the client resets
     // the stream or goes away; it cleans up after itself on drop.
     let result = if !method.may_wait() {

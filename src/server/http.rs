@@ -1,9 +1,10 @@
 //! HTTP/1.1 on the client port (and on `--listen-metrics-urls`), as etcd
 //! serves it next to gRPC: `GET /health` (JSON, 503 without a leader or
 //! with an alarm raised), `GET /version`, `GET /metrics` in the
-//! Prometheus text format — gRPC calls completed per method and code
-//! (`grpc_server_handled_total`, summed over every core) and a few of
-//! etcd's server gauges — and, on the client port, etcd's JSON gateway
+//! Prometheus text format — gRPC calls started and completed per method
+//! and code (`grpc_server_started_total`, `grpc_server_handled_total`),
+//! etcd's server, mvcc and WAL figures (`metrics.rs`), all summed over
+//! every core — and, on the client port, etcd's JSON gateway
 //! under `/v3/` and `/v3beta/` (`gateway.rs`).
 //!
 //! Connections are kept alive (HTTP/1.1 unless `Connection: close`;
@@ -683,6 +684,7 @@ where
     let mut pipelined = Vec::new();
     let (end, written) = {
         let handler = async move {
+            core.count_started(path);
             let end = api::call_stream(m, input, &mut sink, meta, core).await;
             core.count_result(path, &end);
             // Dropping the sink ends the writer below.
@@ -945,6 +947,7 @@ async fn h2_stream(
         user,
     };
     let handler = async move {
+        core.count_started(path);
         let end = api::call_stream(m, input, &mut sink, meta, core).await;
         core.count_result(path, &end);
         drop(sink);
@@ -1160,13 +1163,13 @@ async fn metrics(core: &Core) -> String {
         c.send(CoreMsg::Rpcs { reply: tx });
         waits.push(rx);
     }
-    let mut total: std::collections::BTreeMap<String, [u64; 17]> = Default::default();
+    let mut total: std::collections::BTreeMap<String, [u64; 18]> = Default::default();
     let mut counts = crate::metrics::Counts::default();
     let mut pending = 0;
     for w in waits {
         if let Ok(v) = w.await {
             for (path, n) in v.rpcs {
-                let t = total.entry(path).or_insert([0; 17]);
+                let t = total.entry(path).or_insert([0; 18]);
                 for (t, n) in t.iter_mut().zip(n) {
                     *t += n;
                 }
@@ -1359,20 +1362,36 @@ async fn metrics(core: &Core) -> String {
         "The latency distributions of fsync called by WAL.",
     );
     process_metrics(&mut out);
-    out.push_str("# HELP grpc_server_handled_total Total number of RPCs completed on the server, regardless of success or failure.\n# TYPE grpc_server_handled_total counter\n");
-    for (path, counts) in total {
+    // go-grpc-prometheus' labels: service, method and the call's kind.
+    let labels = |path: &str| -> String {
+        use super::api::StreamMethod;
         let (svc, method) = path
             .trim_start_matches('/')
             .split_once('/')
-            .unwrap_or(("", path.as_str()));
-        let kind = if super::api::lookup_stream(&path).is_some() {
-            "bidi_stream"
-        } else {
-            "unary"
+            .unwrap_or(("", path));
+        let kind = match super::api::lookup_stream(path) {
+            Some(StreamMethod::Watch | StreamMethod::LeaseKeepAlive) => "bidi_stream",
+            Some(StreamMethod::Snapshot | StreamMethod::Observe) => "server_stream",
+            None => "unary",
         };
-        for (code, n) in CODES.iter().zip(counts).filter(|(_, n)| *n > 0) {
+        format!("grpc_method=\"{method}\",grpc_service=\"{svc}\",grpc_type=\"{kind}\"")
+    };
+    out.push_str("# HELP grpc_server_handled_total Total number of RPCs completed on the server, regardless of success or failure.\n# TYPE grpc_server_handled_total counter\n");
+    for (path, counts) in &total {
+        let l = labels(path);
+        for (code, n) in CODES.iter().zip(counts).filter(|(_, n)| **n > 0) {
             out.push_str(&format!(
-                "grpc_server_handled_total{{grpc_code=\"{code}\",grpc_method=\"{method}\",grpc_service=\"{svc}\",grpc_type=\"{kind}\"}} {n}\n"
+                "grpc_server_handled_total{{grpc_code=\"{code}\",{l}}} {n}\n"
+            ));
+        }
+    }
+    out.push_str("# HELP grpc_server_started_total Total number of RPCs started on the server.\n# TYPE grpc_server_started_total counter\n");
+    for (path, counts) in &total {
+        let n = counts[super::STARTED as usize];
+        if n > 0 {
+            out.push_str(&format!(
+                "grpc_server_started_total{{{}}} {n}\n",
+                labels(path)
             ));
         }
     }

@@ -198,10 +198,15 @@ pub enum CoreMsg {
     },
 }
 
+/// Where `Core::rpcs` keeps the count of calls started (after the 17
+/// gRPC codes).
+pub const STARTED: u8 = 17;
+
 /// What one core counted, for /metrics.
 pub struct CoreCounts {
-    /// RPCs completed: method path → count per gRPC code.
-    pub rpcs: Vec<(String, [u64; 17])>,
+    /// RPCs: method path → count completed per gRPC code, then the count
+    /// started.
+    pub rpcs: Vec<(String, [u64; 18])>,
     /// Everything else its thread counted (`metrics`).
     pub counts: crate::metrics::Counts,
     /// Its clients' writes waiting for the log.
@@ -298,10 +303,10 @@ pub struct Core {
     pub watch: watch::Hub,
     /// This core itself, for tasks it spawns.
     pub me: std::rc::Weak<Core>,
-    /// RPCs completed here: method path → count per gRPC code (only
-    /// known methods are counted, so it stays small).
+    /// RPCs here: method path → count completed per gRPC code, then the
+    /// count started (only known methods are counted, so it stays small).
     pub rpcs: std::cell::RefCell<
-        std::collections::HashMap<String, [u64; 17], std::hash::BuildHasherDefault<Fnv>>,
+        std::collections::HashMap<String, [u64; 18], std::hash::BuildHasherDefault<Fnv>>,
     >,
     /// Writes this core's clients wait for.
     pub writes: writes::Writes,
@@ -313,14 +318,19 @@ impl Core {
         self.count_rpc(path, r.as_ref().err().map(|s| s.code as u8).unwrap_or(0));
     }
 
+    /// Counts an RPC handed to its handler (`grpc_server_started_total`).
+    pub fn count_started(&self, path: &str) {
+        self.count_rpc(path, STARTED);
+    }
+
     fn count_rpc(&self, path: &str, code: u8) {
-        let code = (code as usize).min(16);
+        let code = (code as usize).min(STARTED as usize);
         let mut m = self.rpcs.borrow_mut();
         // Looked up by &str: a String is made once per method, not per call.
         match m.get_mut(path) {
             Some(n) => n[code] += 1,
             None => {
-                let mut n = [0; 17];
+                let mut n = [0; 18];
                 n[code] = 1;
                 m.insert(path.to_string(), n);
             }
