@@ -46,6 +46,7 @@ errs! {
     auth_not_enabled => (FailedPrecondition, "etcdserver: authentication is not enabled");
     invalid_auth_token => (Unauthenticated, "etcdserver: invalid auth token");
     invalid_auth_mgmt => (InvalidArgument, "etcdserver: invalid auth management");
+    auth_old_revision => (InvalidArgument, "etcdserver: revision of auth store is old");
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq)]

@@ -63,6 +63,8 @@ pub struct Config {
     pub snapshot_catchup_entries: u64,
     /// etcd's `--auth-token-ttl`: how long an auth token is good for.
     pub auth_token_ttl: Duration,
+    /// `--auth-token jwt,…`: JWT tokens instead of keelson's simple ones.
+    pub jwt: Option<std::sync::Arc<crate::jwt::Jwt>>,
     /// etcd's `--strict-reconfig-check`: refuse membership changes that
     /// could lose quorum (started voters, every voter connected).
     pub strict_reconfig_check: bool,
@@ -250,7 +252,7 @@ const FLAGS: &[FlagSpec] = &[
     FlagSpec { name: "experimental-corrupt-check-time", help: "duration of time between cluster corruption check passes (0 to disable) (default 0s)" },
     FlagSpec { name: "max-snapshots", help: "accepted, no effect: keelson keeps the two newest shard checkpoints (etcd's default 5)" },
     FlagSpec { name: "max-wals", help: "accepted, no effect: keelson keeps the WAL segments from the newest checkpoint every shard has on (etcd's default 5)" },
-    FlagSpec { name: "auth-token", help: "the auth token provider: only 'simple' (keelson's own self-validating tokens)" },
+    FlagSpec { name: "auth-token", help: "the auth token provider: 'simple' (keelson's own self-validating tokens) or 'jwt,priv-key=…,pub-key=…,sign-method=…,ttl=…'" },
     FlagSpec { name: "log-level", help: "configures log level: debug, info, warn, error (default info)" },
     FlagSpec { name: "grpc-keepalive-interval", help: "frequency duration of server-to-client ping to check if a connection is alive (0 to disable) (default 2h0m0s)" },
     FlagSpec { name: "grpc-keepalive-timeout", help: "additional duration of wait before closing a non-responsive connection (0 to disable) (default 20s)" },
@@ -518,14 +520,18 @@ where
         }
         Some(path) => LogOutput::File(PathBuf::from(path)),
     };
-    match lookup("auth-token").as_deref() {
-        None | Some("simple") => {}
+    let jwt = match lookup("auth-token").as_deref() {
+        None | Some("simple") => None,
+        Some(t) if t == "jwt" || t.starts_with("jwt,") => Some(std::sync::Arc::new(
+            crate::jwt::Jwt::from_options(t.trim_start_matches("jwt"))
+                .map_err(|e| format!("--auth-token: {e}"))?,
+        )),
         Some(other) => {
             return Err(format!(
-            "--auth-token {other:?}: keelson has only 'simple' tokens (its own, self-validating)"
-        ))
+                "--auth-token {other:?}: unknown token type (etcd's are 'simple' and 'jwt')"
+            ))
         }
-    }
+    };
     let on_by_default = |flag: &str| -> Result<bool, String> {
         if lookup(flag).is_some() {
             flag_bool(flag)
@@ -666,6 +672,7 @@ where
         auto_tls: flag_bool("auto-tls")?,
         peer_auto_tls: flag_bool("peer-auto-tls")?,
         auth_token_ttl: Duration::from_secs(num("auth-token-ttl", 300)?.max(1)),
+        jwt,
         strict_reconfig_check,
         unsafe_no_fsync: flag_bool("unsafe-no-fsync")?,
         force_new_cluster: flag_bool("force-new-cluster")?,
@@ -1412,7 +1419,15 @@ mod tests {
             .contains("-grpc-keepalive-interval"));
         for (args, says) in [
             (&["--max-wals=-1"][..], "-max-wals"),
-            (&["--auth-token", "jwt,pub-key=x"][..], "only 'simple'"),
+            (
+                &["--auth-token", "jwt,pub-key=/nonexistent"][..],
+                "pub-key /nonexistent",
+            ),
+            (
+                &["--auth-token", "jwt,sign-method=RS256"][..],
+                "missing key",
+            ),
+            (&["--auth-token", "paseto"][..], "unknown token type"),
             (&["--logger", "glog"][..], "unknown logger"),
             (&["--log-outputs", "stderr,/tmp/x"][..], "one output"),
             (&["--max-txn-ops", "0"][..], "at least 1"),

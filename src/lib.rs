@@ -11,6 +11,7 @@ pub mod bbolt;
 pub mod config;
 pub mod error;
 pub mod etcd_db;
+pub mod jwt;
 pub mod kv;
 pub mod lease;
 pub mod mailbox;

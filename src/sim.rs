@@ -313,6 +313,7 @@ fn start(node: &mut Node, world: &Rc<World>) {
             data_dir: node.dir.path().to_path_buf(),
             election_timeout: Duration::from_secs(1),
             auth_token_ttl: Duration::from_secs(300),
+            jwt: None,
             quota_bytes: None,
             grpc_keepalive: None,
             max_txn_ops: crate::config::MAX_TXN_OPS,

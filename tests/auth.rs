@@ -309,3 +309,148 @@ async fn lease_revokes_and_prev_kv_need_permission_on_the_keys() {
     root.lease_revoke(shared).await.unwrap();
     assert!(root.get("secret", None).await.unwrap().kvs().is_empty());
 }
+
+/// `--auth-token jwt,…` as etcd's e2e tests start it (an RSA key and its
+/// certificate, RS256): tokens are JWTs with etcd's claims, any call with
+/// one works until it expires (then "invalid auth token") or until the
+/// auth store changes (then "revision of auth store is old"), and a token
+/// signed with another key is refused.
+#[tokio::test]
+async fn jwt_tokens_sign_expire_and_go_old_as_etcds_do() {
+    use base64::Engine;
+    let d = tempfile::tempdir().unwrap();
+    let p = |f: &str| d.path().join(f).to_str().unwrap().to_string();
+    support::openssl(
+        d.path(),
+        &["genrsa", "-traditional", "-out", &p("jwt.key"), "2048"],
+    );
+    support::openssl(
+        d.path(),
+        &[
+            "req",
+            "-x509",
+            "-new",
+            "-key",
+            &p("jwt.key"),
+            "-subj",
+            "/CN=jwt",
+            "-days",
+            "2",
+            "-out",
+            &p("jwt.crt"),
+        ],
+    );
+    support::openssl(
+        d.path(),
+        &["genrsa", "-traditional", "-out", &p("other.key"), "2048"],
+    );
+    let opts = format!(
+        "jwt,pub-key={},priv-key={},sign-method=RS256,ttl=2s",
+        p("jwt.crt"),
+        p("jwt.key")
+    );
+    let (m, mut c) = started(&["--auth-token", &opts]).await;
+    let ep = m.endpoint();
+    support::add_root_and_user(
+        &mut c,
+        &ep,
+        "alice",
+        "pw",
+        "reader",
+        vec![Permission::read_write("k")],
+    )
+    .await;
+    support::enable_auth(&ep);
+    let (ok, out, err) = etcdctl(&ep, &["--user", "alice:pw", "put", "k", "v"], None);
+    assert!(ok, "{out}{err}");
+    let (ok, out, err) = etcdctl(
+        &ep,
+        &["--user", "alice:pw", "get", "k", "--print-value-only"],
+        None,
+    );
+    assert!(ok && out.trim() == "v", "{out}{err}");
+
+    // The token etcd would give: a JWT with its claims.
+    let plain = Client::connect([ep.as_str()], None).await.unwrap();
+    let alice_token = || async {
+        plain
+            .auth_client()
+            .authenticate("alice".into(), "pw".into())
+            .await
+            .unwrap()
+            .token()
+            .to_string()
+    };
+    let token = alice_token().await;
+    let parts: Vec<&str> = token.split('.').collect();
+    assert_eq!(parts.len(), 3, "{token}");
+    let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
+    let header: serde_json::Value = serde_json::from_slice(&b64.decode(parts[0]).unwrap()).unwrap();
+    assert_eq!(header["alg"], "RS256");
+    let claims: serde_json::Value = serde_json::from_slice(&b64.decode(parts[1]).unwrap()).unwrap();
+    assert_eq!(claims["username"], "alice");
+    assert!(claims["revision"].as_u64().unwrap() > 0, "{claims}");
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let exp = claims["exp"].as_u64().unwrap();
+    assert!(exp >= now + 1 && exp <= now + 3, "{claims}");
+
+    // A client holding a token reads; a change to the auth store makes
+    // its token old.
+    let mut alice = as_user(&ep, "alice", "pw").await.unwrap();
+    assert_eq!(alice.get("k", None).await.unwrap().kvs()[0].value(), b"v");
+    let (ok, out, err) = etcdctl(
+        &ep,
+        &["--user", "root:rootpwd", "role", "add", "other"],
+        None,
+    );
+    assert!(ok, "{out}{err}");
+    assert_eq!(
+        message(alice.get("k", None).await.unwrap_err()),
+        "etcdserver: revision of auth store is old"
+    );
+    // A fresh token works until it expires (2 s).
+    let mut alice = as_user(&ep, "alice", "pw").await.unwrap();
+    alice.get("k", None).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(3100)).await;
+    assert_eq!(
+        message(alice.get("k", None).await.unwrap_err()),
+        "etcdserver: invalid auth token"
+    );
+    // Through the JSON gateway, a fresh token reads; the same claims
+    // signed with another key are refused.
+    let gw = |token: &str| -> String {
+        use std::io::{Read, Write};
+        let body = r#"{"key":"aw=="}"#;
+        let mut s = std::net::TcpStream::connect(ep.trim_start_matches("http://")).unwrap();
+        write!(
+            s,
+            "POST /v3/kv/range HTTP/1.1\r\nHost: x\r\nConnection: close\r\nAuthorization: {token}\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        )
+        .unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).unwrap();
+        out
+    };
+    let fresh = alice_token().await;
+    let ok = gw(&fresh);
+    assert!(
+        ok.starts_with("HTTP/1.1 200") && ok.contains("\"dg==\""),
+        "{ok}"
+    );
+    let other = format!("jwt,priv-key={},sign-method=RS256,ttl=1m", p("other.key"));
+    let forger = keelson::jwt::Jwt::from_options(other.trim_start_matches("jwt")).unwrap();
+    let fresh_claims: serde_json::Value =
+        serde_json::from_slice(&b64.decode(fresh.split('.').nth(1).unwrap()).unwrap()).unwrap();
+    let forged = forger
+        .sign("alice", fresh_claims["revision"].as_u64().unwrap(), now)
+        .unwrap();
+    let refused = gw(&forged);
+    assert!(
+        refused.contains("etcdserver: invalid auth token"),
+        "{refused}"
+    );
+}

@@ -421,6 +421,17 @@ fn snapshot_save(ep: &str) -> (tempfile::TempDir, std::path::PathBuf) {
     (dir, file)
 }
 
+/// The value of the sample `name` (with its labels, if any) in a
+/// /metrics body; panics if it is not there.
+fn metric(body: &str, name: &str) -> f64 {
+    body.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
+        .unwrap_or_else(|| panic!("no {name} in\n{body}"))
+        .trim()
+        .parse()
+        .unwrap()
+}
+
 /// `--enable-pprof` (etcd's Procfile passes it) starts a member that
 /// serves as usual; etcd then serves Go's profiles under /debug/pprof/,
 /// keelson, which has no Go runtime, answers 404 there (README).
@@ -466,14 +477,7 @@ async fn health_version_and_metrics_over_http() {
         // The process collector's figures and the backend's size, as
         // etcd's /metrics has them (dashboards and `etcdctl check
         // datascale` read them).
-        let value = |name: &str| -> f64 {
-            body.lines()
-                .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
-                .unwrap_or_else(|| panic!("no {name} in\n{body}"))
-                .trim()
-                .parse()
-                .unwrap()
-        };
+        let value = |name: &str| metric(&body, name);
         let rss = value("process_resident_memory_bytes");
         assert!(rss > 1e6 && rss < 4e9, "{rss}");
         // A member just started may not have used one clock tick yet.
@@ -534,14 +538,7 @@ async fn metrics_count_mvcc_operations_and_server_events_as_etcd_does() {
     assert_eq!(code, 200);
     let (code, body) = http_get(&m.endpoint(), "/metrics");
     assert_eq!(code, 200);
-    let value = |name: &str| -> f64 {
-        body.lines()
-            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
-            .unwrap_or_else(|| panic!("no {name} in\n{body}"))
-            .trim()
-            .parse()
-            .unwrap()
-    };
+    let value = |name: &str| metric(&body, name);
     // Puts: k, 1, 2, 3, p, t1, t2. Deletes: 1, 2, 3, p, t*. Ranges: the
     // two prev_kv reads, the compare, the two gets. Txns: the two prev_kv
     // calls and the txn's two puts.

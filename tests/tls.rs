@@ -9,20 +9,7 @@ mod support;
 
 use std::path::Path;
 use std::process::Command;
-use support::etcdctl;
-
-fn openssl(dir: &Path, args: &[&str]) {
-    let out = Command::new("openssl")
-        .current_dir(dir)
-        .args(args)
-        .output()
-        .expect("openssl is installed");
-    assert!(
-        out.status.success(),
-        "openssl {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
+use support::{etcdctl, openssl};
 
 /// A CA, a server certificate for 127.0.0.1 and a client certificate;
 /// "peer", a certificate for the name localhost only; and "rogue", one for

@@ -55,21 +55,43 @@ fn decode<M: Message + Default>(body: &[u8]) -> Result<M, Status> {
 pub struct Caller<'a> {
     pub token: Option<&'a str>,
     pub cert_cn: Option<&'a str>,
+    /// The member's JWT keys when its tokens are JWTs (set by `authorize`).
+    pub jwt: Option<&'a crate::jwt::Jwt>,
 }
 
 impl<'a> Caller<'a> {
     pub fn token(token: Option<&'a str>) -> Caller<'a> {
         Caller {
             token,
-            cert_cn: None,
+            ..Default::default()
+        }
+    }
+
+    /// The same caller, checked against `core`'s token kind.
+    fn on(self, core: &'a Core) -> Caller<'a> {
+        Caller {
+            jwt: core.router.member.jwt.as_deref(),
+            ..self
         }
     }
 
     /// The user named, as etcd's `AuthInfoFromCtx`: a token's user (an
     /// invalid token is refused), else the certificate's common name, else
-    /// None.
+    /// None. A JWT also names the auth revision it was issued at: one
+    /// issued before the auth store last changed is refused as old
+    /// (etcd's `ErrAuthOldRevision`; the client authenticates again).
     fn user(&self, a: &AuthState) -> Result<Option<String>, Status> {
         match (self.token, self.cert_cn) {
+            (Some(t), _) if self.jwt.is_some() => {
+                let jwt = self.jwt.expect("checked");
+                let c = jwt
+                    .verify(t, now_ms() / 1000)
+                    .ok_or_else(auth::invalid_auth_token)?;
+                if c.revision < a.revision {
+                    return Err(auth::auth_old_revision());
+                }
+                Ok(Some(c.username))
+            }
             (Some(t), _) => a
                 .verify(t, now_ms())
                 .map(Some)
@@ -145,7 +167,7 @@ pub async fn authorize(
     body: &[u8],
     caller: Caller<'_>,
 ) -> Result<(), Status> {
-    let Some(check) = authorize_request(core, m, body, caller)? else {
+    let Some(check) = authorize_request(core, m, body, caller.on(core))? else {
         return Ok(());
     };
     // etcd's `checkLeasePuts`: a lease is revoked, or a key attached to
@@ -358,6 +380,7 @@ pub fn authorize_stream(
     m: StreamMethod,
     caller: Caller,
 ) -> Result<Option<String>, Status> {
+    let caller = caller.on(core);
     let a = core.view.auth.borrow();
     if !a.enabled {
         return Ok(None);
@@ -472,10 +495,20 @@ pub async fn call(core: &Core, m: Method, body: &[u8]) -> Result<Vec<u8>, Status
             if !a.check_password(&r.name, &r.password) {
                 return Err(auth::auth_failed());
             }
-            let ttl = core.router.member.auth_token_ttl.as_millis() as u64;
+            let token = match &core.router.member.jwt {
+                // etcd's verify-only JWT member: "auth: token signing
+                // attempted with verify-only key", code Unknown.
+                Some(jwt) => jwt
+                    .sign(&r.name, a.revision, now_ms() / 1000)
+                    .ok_or_else(|| raw("auth: token signing attempted with verify-only key"))?,
+                None => {
+                    let ttl = core.router.member.auth_token_ttl.as_millis() as u64;
+                    a.token(&r.name, now_ms(), ttl)
+                }
+            };
             AuthenticateResponse {
                 header: header(core),
-                token: a.token(&r.name, now_ms(), ttl),
+                token,
             }
             .encode_to_vec()
         }

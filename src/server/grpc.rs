@@ -201,6 +201,7 @@ async fn handle_stream(
     let caller = super::auth::Caller {
         token: h.token,
         cert_cn: tls.as_ref().and_then(|cn| cn.as_deref()),
+        jwt: None,
     };
     if tls.is_some() && !h.grpc {
         return Box::pin(super::http::serve_h2_request(parts, body, respond, core)).await;

@@ -59,6 +59,8 @@ pub struct Member {
     pub election_timeout: std::time::Duration,
     /// How long an auth token is good for (`--auth-token-ttl`).
     pub auth_token_ttl: std::time::Duration,
+    /// `--auth-token jwt,…`: the JWT keys, else keelson's simple tokens.
+    pub jwt: Option<Arc<crate::jwt::Jwt>>,
     /// The most ops a txn may have (`--max-txn-ops`).
     pub max_txn_ops: usize,
     /// The JSON gateway is served (`--enable-grpc-gateway`).
@@ -1318,6 +1320,7 @@ pub fn run(cfg: Config) -> Result<(), String> {
             data_dir: cfg.data_dir.clone(),
             election_timeout: cfg.election_timeout,
             auth_token_ttl: cfg.auth_token_ttl,
+            jwt: cfg.jwt.clone(),
             quota_bytes: cfg.quota_bytes(),
             grpc_keepalive: cfg.grpc_keepalive,
             max_txn_ops: cfg.max_txn_ops,

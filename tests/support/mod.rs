@@ -531,3 +531,18 @@ pub fn http_get(addr: &str, path: &str) -> (u16, String) {
         .to_string();
     (code, body)
 }
+
+/// Runs openssl in `dir`; panics with its error output unless it succeeds.
+#[allow(dead_code)]
+pub fn openssl(dir: &std::path::Path, args: &[&str]) {
+    let out = std::process::Command::new("openssl")
+        .current_dir(dir)
+        .args(args)
+        .output()
+        .expect("openssl is installed");
+    assert!(
+        out.status.success(),
+        "openssl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
