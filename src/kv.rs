@@ -550,7 +550,16 @@ pub async fn run_txn<A: Access>(a: &mut A, t: &TxnRequest) -> Result<TxnResponse
         crate::metrics::mvcc_txn(cmps.len() as u64, 0, 0);
         return Err(e);
     }
-    count_mvcc(t, &path, cmps.len(), &checks);
+    let checked = check_path(a, &checks).await;
+    count_mvcc(t, &path, cmps.len(), &checks, checked.is_ok());
+    checked?;
+    let mut resp = apply_path(a, t, &path).await;
+    mark_reads_before_changes(&mut resp.responses, &mut false);
+    Ok(resp)
+}
+
+/// The checks of the taken path: keys that must exist, leases that must.
+async fn check_path<A: Access>(a: &mut A, checks: &[Check]) -> Result<(), Status> {
     if !checks.is_empty() {
         let exists: Vec<Compare> = checks
             .iter()
@@ -565,7 +574,7 @@ pub async fn run_txn<A: Access>(a: &mut A, t: &TxnRequest) -> Result<TxnResponse
             a.compares(&exists).await
         }
         .into_iter();
-        for c in &checks {
+        for c in checks {
             match c {
                 Check::KeyExists(_) => {
                     if !found.next().unwrap_or(false) {
@@ -580,9 +589,7 @@ pub async fn run_txn<A: Access>(a: &mut A, t: &TxnRequest) -> Result<TxnResponse
             }
         }
     }
-    let mut resp = apply_path(a, t, &path).await;
-    mark_reads_before_changes(&mut resp.responses, &mut false);
-    Ok(resp)
+    Ok(())
 }
 
 /// Counts the entry's operations as etcd's mvcc metrics count them
@@ -592,9 +599,9 @@ pub async fn run_txn<A: Access>(a: &mut A, t: &TxnRequest) -> Result<TxnResponse
 /// `ignore_value`, `ignore_lease`). A Txn call reads first (each compare
 /// and each key check of a put that ignores its value or lease is a
 /// range), then, unless it only reads, runs its taken branches as a second
-/// mvcc transaction; a read-only txn's ops count with its reads. Counted
-/// whether or not the checks then pass, as etcd counts the reads it made.
-fn count_mvcc(t: &TxnRequest, path: &Path, compares: usize, checks: &[Check]) {
+/// mvcc transaction; a read-only txn's ops count with its reads. When the
+/// checks fail (`ran` false) only the reads made count, as on etcd.
+fn count_mvcc(t: &TxnRequest, path: &Path, compares: usize, checks: &[Check], ran: bool) {
     fn ops(t: &TxnRequest, p: &Path, n: &mut [u64; 3]) {
         let branch = if p.succeeded { &t.success } else { &t.failure };
         let mut nested = p.nested.iter();
@@ -643,7 +650,12 @@ fn count_mvcc(t: &TxnRequest, path: &Path, compares: usize, checks: &[Check]) {
                 | Some(request_op::Request::RequestDeleteRange(_))
         )
     {
-        crate::metrics::mvcc_txn(n[0], n[1], n[2]);
+        // etcd's applyPut reads the previous version before it fails.
+        if ran {
+            crate::metrics::mvcc_txn(n[0], n[1], n[2]);
+        } else {
+            crate::metrics::mvcc_txn(n[0], 0, 0);
+        }
         return;
     }
     let reads = (compares
@@ -651,7 +663,9 @@ fn count_mvcc(t: &TxnRequest, path: &Path, compares: usize, checks: &[Check]) {
             .iter()
             .filter(|c| matches!(c, Check::KeyExists(_)))
             .count()) as u64;
-    if writes(t) {
+    if !ran {
+        crate::metrics::mvcc_txn(reads, 0, 0);
+    } else if writes(t) {
         crate::metrics::mvcc_txn(reads, 0, 0);
         crate::metrics::mvcc_txn(n[0], n[1], n[2]);
     } else {

@@ -531,6 +531,10 @@ async fn metrics_count_mvcc_operations_and_server_events_as_etcd_does() {
     c.delete("t", Some(DeleteOptions::new().with_prefix()))
         .await
         .unwrap();
+    // A put of a missing key's old value: the read happens, the put not.
+    c.put("gone", "", Some(PutOptions::new().with_ignore_value()))
+        .await
+        .unwrap_err();
     let id = c.status().await.unwrap().header().unwrap().member_id();
     // A watch stream open: started, not yet handled.
     let watch_stream = c.watch("w", None).await.unwrap();
@@ -540,11 +544,11 @@ async fn metrics_count_mvcc_operations_and_server_events_as_etcd_does() {
     assert_eq!(code, 200);
     let value = |name: &str| metric(&body, name);
     // Puts: k, 1, 2, 3, p, t1, t2. Deletes: 1, 2, 3, p, t*. Ranges: the
-    // two prev_kv reads, the compare, the two gets. Txns: the two prev_kv
-    // calls and the txn's two puts.
+    // two prev_kv reads, the compare, the two gets, the read of "gone".
+    // Txns: the two prev_kv calls and the txn's two puts.
     assert_eq!(value("etcd_mvcc_put_total"), 7.0, "{body}");
     assert_eq!(value("etcd_mvcc_delete_total"), 5.0, "{body}");
-    assert_eq!(value("etcd_mvcc_range_total"), 5.0, "{body}");
+    assert_eq!(value("etcd_mvcc_range_total"), 6.0, "{body}");
     assert_eq!(value("etcd_mvcc_txn_total"), 3.0, "{body}");
     assert_eq!(value("etcd_debugging_mvcc_keys_total"), 1.0, "{body}");
     assert_eq!(value("etcd_debugging_mvcc_compact_revision"), -1.0);
@@ -580,7 +584,7 @@ async fn metrics_count_mvcc_operations_and_server_events_as_etcd_does() {
     assert!(value("etcd_disk_wal_fsync_duration_seconds_sum") > 0.0);
     // go-grpc-prometheus' started and handled counts.
     let put = r#"grpc_method="Put",grpc_service="etcdserverpb.KV",grpc_type="unary""#;
-    assert_eq!(value(&format!("grpc_server_started_total{{{put}}}")), 5.0);
+    assert_eq!(value(&format!("grpc_server_started_total{{{put}}}")), 6.0);
     assert_eq!(
         value(&format!(
             "grpc_server_handled_total{{grpc_code=\"OK\",{put}}}"
