@@ -213,7 +213,14 @@ async fn leader_killed_under_load_loses_nothing_acknowledged() {
     }
     assert!(acked.len() > 100, "writers made progress: {}", acked.len());
     for &i in &up {
-        let mut c = connect(&ms[i]).await;
+        // A longer timeout than `connect`'s 3 s: CI runs several clusters
+        // at once on two cores, and one slow read is not a lost write.
+        let mut c = Client::connect(
+            [ms[i].endpoint()],
+            Some(ConnectOptions::new().with_timeout(Duration::from_secs(15))),
+        )
+        .await
+        .unwrap();
         for (k, rev) in &acked {
             let r = c
                 .get(k.as_str(), None)
