@@ -81,9 +81,8 @@ impl<'a> Caller<'a> {
     /// issued before the auth store last changed is refused as old
     /// (etcd's `ErrAuthOldRevision`; the client authenticates again).
     fn user(&self, a: &AuthState) -> Result<Option<String>, Status> {
-        match (self.token, self.cert_cn) {
-            (Some(t), _) if self.jwt.is_some() => {
-                let jwt = self.jwt.expect("checked");
+        match (self.token, self.cert_cn, self.jwt) {
+            (Some(t), _, Some(jwt)) => {
                 let c = jwt
                     .verify(t, now_ms() / 1000)
                     .ok_or_else(auth::invalid_auth_token)?;
@@ -92,11 +91,11 @@ impl<'a> Caller<'a> {
                 }
                 Ok(Some(c.username))
             }
-            (Some(t), _) => a
+            (Some(t), _, None) => a
                 .verify(t, now_ms())
                 .map(Some)
                 .ok_or_else(auth::invalid_auth_token),
-            (None, Some(cn)) if !cn.is_empty() => Ok(Some(cn.to_string())),
+            (None, Some(cn), _) if !cn.is_empty() => Ok(Some(cn.to_string())),
             _ => Ok(None),
         }
     }
