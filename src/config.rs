@@ -84,6 +84,10 @@ pub struct Config {
     pub unsafe_no_fsync: bool,
     /// `--pre-vote` (default true here, as in etcd 3.5; 3.4's is false).
     pub pre_vote: bool,
+    /// `--initial-election-tick-advance` (default true): at start, once the
+    /// connections to more than one peer are up, fast-forward the election
+    /// clock to two ticks short of the timeout, as etcd's `adjustTicks`.
+    pub initial_election_tick_advance: bool,
     /// `--enable-grpc-gateway`: the JSON gateway on the client port.
     pub grpc_gateway: bool,
     /// `--max-concurrent-streams`: HTTP/2 streams per client connection.
@@ -282,7 +286,7 @@ const FLAGS: &[FlagSpec] = &[
     FlagSpec { name: "peer-auto-tls", help: "peer TLS using generated certificates (when no --peer-cert-file/--peer-key-file is given)" },
     FlagSpec { name: "experimental-peer-skip-client-san-verification", help: "do not match a dialing peer's certificate against the address it dials from" },
     FlagSpec { name: "metrics", help: "accepted ('basic' or 'extensive'): keelson's /metrics has one set" },
-    FlagSpec { name: "initial-election-tick-advance", help: "accepted: keelson's members never fast-forward election ticks at start (as etcd with false) (default true)" },
+    FlagSpec { name: "initial-election-tick-advance", help: "whether to fast-forward the election clock at start, once peers are connected (default true)" },
     FlagSpec { name: "backend-batch-interval", help: "accepted, no effect: keelson has no bbolt backend (each raft batch is one commit)" },
     FlagSpec { name: "backend-batch-limit", help: "accepted, no effect: keelson has no bbolt backend (each raft batch is one commit)" },
     FlagSpec { name: "experimental-backend-bbolt-freelist-type", help: "accepted, no effect: keelson has no bbolt backend" },
@@ -592,7 +596,7 @@ where
     ] {
         num(flag, 0)?;
     }
-    flag_bool("initial-election-tick-advance")?;
+    let initial_election_tick_advance = on_by_default("initial-election-tick-advance")?;
     let lease_checkpoint_interval = match lookup("lease-checkpoint-interval") {
         None => Duration::from_secs(300),
         Some(v) => match parse_duration(&v) {
@@ -680,6 +684,7 @@ where
         enable_pprof: flag_bool("enable-pprof")?,
         enable_v2: flag_bool("enable-v2")?,
         pre_vote,
+        initial_election_tick_advance,
         grpc_gateway,
         max_concurrent_streams,
         name,
@@ -1325,19 +1330,21 @@ mod tests {
     fn etcd_flags_keelson_takes_as_etcd_or_refuses_plainly() {
         let d = p(&[], &[]).unwrap();
         assert!(d.pre_vote && d.grpc_gateway && !d.unsafe_no_fsync);
+        assert!(d.initial_election_tick_advance);
         assert!(p(&["--unsafe-no-fsync"], &[]).unwrap().unsafe_no_fsync);
         assert_eq!(d.max_concurrent_streams, 4096);
         let c = p(
             &[
                 "--pre-vote=false",
                 "--enable-grpc-gateway=false",
+                "--initial-election-tick-advance=false",
                 "--max-concurrent-streams",
                 "10",
             ],
             &[],
         )
         .unwrap();
-        assert!(!c.pre_vote && !c.grpc_gateway);
+        assert!(!c.pre_vote && !c.grpc_gateway && !c.initial_election_tick_advance);
         assert_eq!(c.max_concurrent_streams, 10);
         let c = p(
             &[
@@ -1463,7 +1470,6 @@ mod tests {
                 "--log-package-levels",
                 "etcdserver=DEBUG",
                 "--metrics=extensive",
-                "--initial-election-tick-advance=false",
                 "--experimental-enable-lease-checkpoint",
                 "--experimental-peer-skip-client-san-verification",
                 "--auto-tls=false",

@@ -329,6 +329,24 @@ impl Peers {
             .unwrap_or(false)
     }
 
+    /// Dials `id` now, with nothing to send yet, unless a connection is up
+    /// (a writer backing off dials when its backoff ends). At start, the
+    /// raft core connects to its peers ahead of any message, as etcd's
+    /// stream readers do, to learn when to advance its election clock.
+    pub fn connect(&self, id: u64) {
+        let Some(p) = self.peers.borrow().get(&id).cloned() else {
+            return;
+        };
+        if p.link.get() == Link::Up {
+            return;
+        }
+        p.eager.set(true);
+        if p.writer.borrow().is_none() {
+            self.spawn_writer(&p);
+        }
+        p.wake();
+    }
+
     /// Since when the connection to `id` has been up (etcd's
     /// `ActiveSince`); None when there is none.
     pub fn active_since(&self, id: u64) -> Option<Instant> {
@@ -540,6 +558,8 @@ struct Peer {
     refused: Cell<u64>,
     /// Dropping it cancels the task and closes its connection.
     writer: RefCell<Option<glommio::Task<()>>>,
+    /// Dial without waiting for work (`Peers::connect`).
+    eager: Cell<bool>,
 }
 
 impl Peer {
@@ -555,6 +575,7 @@ impl Peer {
             up_since: Cell::new(None),
             refused: Cell::new(0),
             writer: RefCell::new(None),
+            eager: Cell::new(false),
         }
     }
 
@@ -615,6 +636,7 @@ async fn run_writer(cfg: Rc<PeerConfig>, peer: Rc<Peer>) {
             Err(e) => format!("dial failed: {e}"),
             Ok(mut stream) => {
                 crate::debug!("peer {:x}: connected", peer.id);
+                peer.eager.set(false);
                 let up_at = Instant::now();
                 peer.link.set(Link::Up);
                 peer.up_since.set(Some(up_at));
@@ -699,10 +721,11 @@ async fn pump<S: AsyncRead + AsyncWrite + Unpin>(
     }
 }
 
-/// Waits until the queue has something (no connection open).
+/// Waits until the queue has something or a dial is asked for (no
+/// connection open).
 async fn wait_for_work(peer: &Peer) {
     poll_fn(|cx| {
-        if !peer.queue.borrow().is_empty() {
+        if !peer.queue.borrow().is_empty() || peer.eager.replace(false) {
             return Poll::Ready(());
         }
         *peer.waker.borrow_mut() = Some(cx.waker().clone());

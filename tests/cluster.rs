@@ -1185,3 +1185,29 @@ async fn initial_corrupt_check_stops_a_member_whose_data_differs() {
     assert!(log.contains("found data inconsistency with peers"), "{log}");
     assert!(!log.contains("panicked"), "{log}");
 }
+
+/// `--initial-election-tick-advance` (default true): a member of a new
+/// cluster, once connected to its peers, puts its election clock two ticks
+/// short of the timeout (etcd's log line says "fast-forwarding"), so the
+/// first leader comes a few ticks after the members meet; with false, no
+/// member does. Clients that start a cluster and use it at once (the
+/// etcd-rs crate's tests do) would otherwise find no leader for 1–2 s.
+#[tokio::test]
+async fn new_members_fast_forward_their_election_clock_unless_told_not_to() {
+    for (flags, advance) in [
+        (&[][..], true),
+        (&["--initial-election-tick-advance=false"][..], false),
+    ] {
+        let mut ms = cluster(3, flags);
+        start_all(&mut ms);
+        leader(&ms, &[0, 1, 2]).await;
+        for m in &ms {
+            let log = m.log_text();
+            assert_eq!(
+                log.contains("fast-forwarding"),
+                advance,
+                "{flags:?}:\n{log}"
+            );
+        }
+    }
+}
