@@ -13,6 +13,8 @@ command -v etcd >/dev/null 2>&1 || need+=(etcd-server)
 # Certificates for the TLS tests, and an HTTP/2 client for TLS ports.
 command -v openssl >/dev/null 2>&1 || need+=(openssl)
 command -v curl >/dev/null 2>&1 || need+=(curl ca-certificates)
+# make runs the etcd-rs crate's test harness (tests/rust_client_suite.rs).
+command -v make >/dev/null 2>&1 || need+=(make)
 # A venv for the Python clients the tests run (tests/python_clients.rs).
 python3 -c 'import venv, ensurepip' >/dev/null 2>&1 || need+=(python3-venv)
 if [ ${#need[@]} -gt 0 ]; then
@@ -74,4 +76,14 @@ if [ ! -f "$avenv/aetcd-1.0.0/tests/integration/conftest.py" ]; then
     --no-binary :all: -d "$avenv/sdist" aetcd==1.0.0
   echo "9d7173c9909ea3fc8a54dc7c82227c0ddf439d1b42c1bd2496956297d76c1107  $avenv/sdist/aetcd-1.0.0.tar.gz" | sha256sum -c --quiet
   tar xzf "$avenv/sdist/aetcd-1.0.0.tar.gz" -C "$avenv"
+fi
+# The etcd-rs crate's source release (with its own tests), from crates.io,
+# in target/etcd-rs-suite (tests/rust_client_suite.rs).
+rs="$(cd "$(dirname "$0")/.." && pwd)/target/etcd-rs-suite"
+if [ ! -f "$rs/etcd-rs-1.0.1/tests/failover.rs" ]; then
+  rm -rf "$rs/etcd-rs-1.0.1"
+  mkdir -p "$rs"
+  curl -sSfL -o "$rs/etcd-rs-1.0.1.crate" https://static.crates.io/crates/etcd-rs/etcd-rs-1.0.1.crate
+  echo "ac209f35d6d386385644695eb4edfb1af99637977193e9239ef2d8721c930d25  $rs/etcd-rs-1.0.1.crate" | sha256sum -c --quiet
+  tar xzf "$rs/etcd-rs-1.0.1.crate" -C "$rs"
 fi
