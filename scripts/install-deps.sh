@@ -15,6 +15,10 @@ command -v openssl >/dev/null 2>&1 || need+=(openssl)
 command -v curl >/dev/null 2>&1 || need+=(curl ca-certificates)
 # make runs the etcd-rs crate's test harness (tests/rust_client_suite.rs).
 command -v make >/dev/null 2>&1 || need+=(make)
+# Go and etcd 3.4's Go source (clientv3 and its examples), for the Go
+# client's examples run against three members (tests/go_client.rs).
+command -v go >/dev/null 2>&1 || need+=(golang-go)
+[ -f /usr/share/gocode/src/go.etcd.io/etcd/clientv3/example_kv_test.go ] || need+=(golang-etcd-server-dev)
 # A venv for the Python clients the tests run (tests/python_clients.rs).
 python3 -c 'import venv, ensurepip' >/dev/null 2>&1 || need+=(python3-venv)
 if [ ${#need[@]} -gt 0 ]; then
