@@ -422,18 +422,13 @@ async fn jwt_tokens_sign_expire_and_go_old_as_etcds_do() {
     // Through the JSON gateway, a fresh token reads; the same claims
     // signed with another key are refused.
     let gw = |token: &str| -> String {
-        use std::io::{Read, Write};
-        let body = r#"{"key":"aw=="}"#;
-        let mut s = std::net::TcpStream::connect(ep.trim_start_matches("http://")).unwrap();
-        write!(
-            s,
-            "POST /v3/kv/range HTTP/1.1\r\nHost: x\r\nConnection: close\r\nAuthorization: {token}\r\nContent-Length: {}\r\n\r\n{body}",
-            body.len()
+        support::http_request(
+            &ep,
+            "POST",
+            "/v3/kv/range",
+            &format!("Authorization: {token}\r\n"),
+            r#"{"key":"aw=="}"#,
         )
-        .unwrap();
-        let mut out = String::new();
-        s.read_to_string(&mut out).unwrap();
-        out
     };
     let fresh = alice_token().await;
     let ok = gw(&fresh);

@@ -320,19 +320,13 @@ async fn a_minority_cannot_write() {
     };
     assert!(e.contains("etcdserver: no leader"), "{e}");
     let gw = |headers: &str| {
-        use std::io::{Read, Write};
-        let body = r#"{"key":"YmVmb3Jl","serializable":true}"#;
-        let mut s =
-            std::net::TcpStream::connect(ms[l].endpoint().trim_start_matches("http://")).unwrap();
-        write!(
-            s,
-            "POST /v3/kv/range HTTP/1.1\r\nHost: x\r\nConnection: close\r\n{headers}Content-Length: {}\r\n\r\n{body}",
-            body.len()
+        support::http_request(
+            &ms[l].endpoint(),
+            "POST",
+            "/v3/kv/range",
+            headers,
+            r#"{"key":"YmVmb3Jl","serializable":true}"#,
         )
-        .unwrap();
-        let mut out = String::new();
-        s.read_to_string(&mut out).unwrap();
-        out
     };
     let refused = gw("Grpc-Metadata-Hasleader: true\r\n");
     assert!(

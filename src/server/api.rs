@@ -630,20 +630,29 @@ pub(super) async fn range(core: &Core, req: RangeRequest) -> Result<RangeRespons
     Ok(out)
 }
 
-async fn status(core: &Core, _req: StatusRequest) -> Result<StatusResponse, Status> {
+/// The shards' stored bytes, bytes in use and live keys, summed (a shard
+/// that does not answer, only while stopping, adds nothing).
+pub(super) async fn shard_totals(core: &Core) -> (u64, u64, u64) {
     let mut waits = Vec::new();
     for s in &core.router.shards {
         let (tx, rx) = oneshot::channel();
         s.send(ShardMsg::Stats { reply: tx });
         waits.push(rx);
     }
-    let (mut db_size, mut in_use) = (0i64, 0i64);
+    let (mut bytes, mut in_use, mut keys) = (0, 0, 0);
     for w in waits {
         if let Ok(st) = w.await {
-            db_size += st.bytes as i64;
-            in_use += st.in_use as i64;
+            bytes += st.bytes;
+            in_use += st.in_use;
+            keys += st.live_keys as u64;
         }
     }
+    (bytes, in_use, keys)
+}
+
+async fn status(core: &Core, _req: StatusRequest) -> Result<StatusResponse, Status> {
+    let (db_size, in_use, _) = shard_totals(core).await;
+    let (db_size, in_use) = (db_size as i64, in_use as i64);
     let v = &core.view;
     let leader = v.leader.get();
     let mut errors = Vec::new();

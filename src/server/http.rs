@@ -1051,26 +1051,6 @@ const CODES: [&str; 17] = [
     "Unauthenticated",
 ];
 
-/// dbSize, dbSizeInUse and the live keys, summed over this member's
-/// shards.
-async fn db_sizes(core: &Core) -> (u64, u64, u64) {
-    let mut waits = Vec::new();
-    for s in &core.router.shards {
-        let (tx, rx) = futures::channel::oneshot::channel();
-        s.send(crate::apply::ShardMsg::Stats { reply: tx });
-        waits.push(rx);
-    }
-    let (mut db, mut in_use, mut keys) = (0, 0, 0);
-    for w in waits {
-        if let Ok(st) = w.await {
-            db += st.bytes;
-            in_use += st.in_use;
-            keys += st.live_keys as u64;
-        }
-    }
-    (db, in_use, keys)
-}
-
 /// The Prometheus Go client's process collector, which etcd's /metrics
 /// carries (`etcdctl check datascale` reads `process_resident_memory_bytes`),
 /// from /proc. A figure that cannot be read is left out.
@@ -1221,7 +1201,7 @@ async fn metrics(core: &Core) -> String {
         "gauge",
         v.applied.get(),
     );
-    let (db, in_use, keys) = db_sizes(core).await;
+    let (db, in_use, keys) = super::api::shard_totals(core).await;
     gauge(
         &mut out,
         "etcd_mvcc_db_total_size_in_bytes",

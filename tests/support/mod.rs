@@ -503,10 +503,11 @@ pub fn run_for(mut cmd: Command, limit: Duration) -> (Option<ExitStatus>, String
     (status, out.join().unwrap(), err.join().unwrap())
 }
 
-/// A plain HTTP/1.1 GET of `path` from `addr` (host:port, or a client
-/// URL): the status code and the body.
+/// A plain HTTP/1.1 request to `addr` (host:port, or a client URL), with
+/// `headers` (each line ending in CRLF) besides Host, Connection and
+/// Content-Length, and `body`: the whole response as text.
 #[allow(dead_code)]
-pub fn http_get(addr: &str, path: &str) -> (u16, String) {
+pub fn http_request(addr: &str, method: &str, path: &str, headers: &str, body: &str) -> String {
     use std::io::{Read, Write};
     let addr = addr.trim_start_matches("http://");
     let mut s = std::net::TcpStream::connect(addr).unwrap();
@@ -514,11 +515,20 @@ pub fn http_get(addr: &str, path: &str) -> (u16, String) {
         .unwrap();
     write!(
         s,
-        "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+        "{method} {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n{headers}Content-Length: {}\r\n\r\n{body}",
+        body.len()
     )
     .unwrap();
     let mut out = String::new();
     s.read_to_string(&mut out).unwrap();
+    out
+}
+
+/// A plain HTTP/1.1 GET of `path` from `addr` (host:port, or a client
+/// URL): the status code and the body.
+#[allow(dead_code)]
+pub fn http_get(addr: &str, path: &str) -> (u16, String) {
+    let out = http_request(addr, "GET", path, "", "");
     let code = out
         .split_whitespace()
         .nth(1)
