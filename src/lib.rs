@@ -26,6 +26,7 @@ pub mod server;
 mod sim;
 pub mod snapshot;
 pub mod store;
+pub mod tcp_gateway;
 pub mod wal;
 pub mod watch;
 

@@ -11,6 +11,9 @@ fn main() {
     if all.first().map(|a| a == "snapshot").unwrap_or(false) {
         std::process::exit(snapshot_cmd(&all[1..]));
     }
+    if all.first().map(|a| a == "gateway").unwrap_or(false) {
+        std::process::exit(gateway_cmd(&all[1..]));
+    }
     let args = all.into_iter();
     match config::parse(args, |k| std::env::var(k).ok()) {
         Ok(Parsed::Help) => {
@@ -44,6 +47,29 @@ fn main() {
             eprintln!("keelson: {e}");
             eprintln!("Run 'keelson --help' for usage.");
             std::process::exit(2);
+        }
+    }
+}
+
+/// `keelson gateway start [flags]`: etcd's L4 gateway (`keelson::tcp_gateway`).
+fn gateway_cmd(args: &[String]) -> i32 {
+    use keelson::tcp_gateway::{self as gateway, Command};
+    match gateway::parse(args) {
+        Ok(Command::Help) => {
+            print!("{}", gateway::USAGE);
+            0
+        }
+        Ok(Command::Start(cfg)) => match gateway::run(cfg) {
+            Ok(()) => 0,
+            Err(e) => {
+                eprintln!("keelson gateway: {e}");
+                1
+            }
+        },
+        Err(e) => {
+            eprintln!("keelson gateway: {e}");
+            eprintln!("Run 'keelson gateway --help' for usage.");
+            2
         }
     }
 }

@@ -1205,3 +1205,71 @@ async fn new_members_fast_forward_their_election_clock_unless_told_not_to() {
         }
     }
 }
+
+/// `gateway start`: etcd's L4 gateway, a TCP proxy to the members' client
+/// endpoints. etcdctl writes through it; with the member it would dial
+/// first killed, it marks that one down and goes on with the others; a
+/// malformed endpoint stops it at start with etcd's message.
+#[tokio::test]
+async fn the_l4_gateway_proxies_to_the_members_that_answer() {
+    let mut ms = cluster(3, &[]);
+    start_all(&mut ms);
+    leader(&ms, &[0, 1, 2]).await;
+    let bin = if support::is_etcd() {
+        "etcd"
+    } else {
+        env!("CARGO_BIN_EXE_keelson")
+    };
+    let eps: Vec<String> = ms.iter().map(|m| m.endpoint()).collect();
+    let listen = format!("127.0.0.1:{}", support::free_port());
+    let dir = tempfile::tempdir().unwrap();
+    let log_path = dir.path().join("gateway.log");
+    let log = std::fs::File::create(&log_path).unwrap();
+    let mut gw = std::process::Command::new(bin)
+        .args(["gateway", "--endpoints", &eps.join(","), "start"])
+        .arg(format!("--listen-addr={listen}"))
+        .stdout(log.try_clone().unwrap())
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !std::fs::read_to_string(&log_path)
+        .unwrap()
+        .contains("ready to proxy client requests")
+    {
+        assert!(Instant::now() < deadline, "the gateway did not start");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let put = |k: &str| support::etcdctl(&listen, &["put", k, "v"], None);
+    let (ok, out, err) = put("through-gateway");
+    assert!(ok && out == "OK\n", "{out}{err}");
+    // The gateway dials the members in turn: the next connection goes to
+    // the second member. Kill it; every put still lands.
+    ms[1].kill9();
+    for i in 0..6 {
+        let (ok, out, err) = put(&format!("after-kill-{i}"));
+        assert!(ok && out == "OK\n", "put {i}: {out}{err}");
+    }
+    let text = std::fs::read_to_string(&log_path).unwrap();
+    assert!(text.contains("deactivated endpoint"), "{text}");
+    let (ok, out, _) = support::etcdctl(
+        &eps[0],
+        &["get", "after-kill-5", "--print-value-only"],
+        None,
+    );
+    assert!(ok && out == "v\n", "{out}");
+    let _ = gw.kill();
+    let _ = gw.wait();
+
+    let out = std::process::Command::new(bin)
+        .args(["gateway", "start", "--endpoints=nope"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(text.contains("error parsing endpoint"), "{text}");
+}
