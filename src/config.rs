@@ -309,7 +309,7 @@ const FLAGS: &[FlagSpec] = &[
 
 pub fn usage() -> String {
     let mut s = String::from(
-        "Usage:\n  keelson [serve] [flags]\n\nA distributed, reliable key-value store speaking the etcd v3 API.\n\nFlags (etcd's; each also read from ETCD_<FLAG> in the environment):\n",
+        "Usage:\n  keelson [serve] [flags]\n  keelson gateway start [flags]   (etcd's L4 gateway; keelson gateway --help)\n  keelson snapshot status|restore FILE ...\n\nA distributed, reliable key-value store speaking the etcd v3 API.\n\nFlags (etcd's; each also read from ETCD_<FLAG> in the environment):\n",
     );
     for f in FLAGS {
         s.push_str(&format!("  --{}\n        {}\n", f.name, f.help));
