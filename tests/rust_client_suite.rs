@@ -57,6 +57,14 @@ fn copy_dir(from: &Path, to: &Path) {
     }
 }
 
+/// Tests passed, summed over `cargo test`'s "test result: ok." lines.
+fn passed(out: &str) -> usize {
+    out.lines()
+        .filter_map(|l| l.strip_prefix("test result: ok. "))
+        .filter_map(|l| l.split(' ').next()?.parse::<usize>().ok())
+        .sum()
+}
+
 #[test]
 fn etcd_client_crates_own_test_suite_passes() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
@@ -88,11 +96,7 @@ fn etcd_client_crates_own_test_suite_passes() {
         .env_remove("CARGO_BUILD_TARGET_DIR");
     // Compiling the crate and its dependencies the first time takes most.
     let (status, out, err) = support::run_for(cmd, Duration::from_secs(900));
-    let passed: usize = out
-        .lines()
-        .filter_map(|l| l.strip_prefix("test result: ok. "))
-        .filter_map(|l| l.split(' ').next()?.parse::<usize>().ok())
-        .sum();
+    let passed = passed(&out);
     assert!(
         status.map(|s| s.success()).unwrap_or(false) && passed >= 20,
         "etcd-client's suite: {status:?}, {passed} passed\nstdout:\n{out}\nstderr:\n{err}\nserver log:\n{}",
@@ -139,11 +143,7 @@ fn etcd_rs_crates_own_test_suite_passes() {
             .env("SERVER_FLAGS", "--cores 1");
     }
     let (status, out, err) = support::run_for(cmd, Duration::from_secs(1200));
-    let passed: usize = out
-        .lines()
-        .filter_map(|l| l.strip_prefix("test result: ok. "))
-        .filter_map(|l| l.split(' ').next()?.parse::<usize>().ok())
-        .sum();
+    let passed = passed(&out);
     let logs: String = ["etcd-1", "etcd-2", "etcd-3"]
         .iter()
         .map(|n| {
