@@ -1214,7 +1214,7 @@ async fn new_members_fast_forward_their_election_clock_unless_told_not_to() {
 async fn the_l4_gateway_proxies_to_the_members_that_answer() {
     let mut ms = cluster(3, &[]);
     start_all(&mut ms);
-    leader(&ms, &[0, 1, 2]).await;
+    let l = leader(&ms, &[0, 1, 2]).await;
     let bin = if support::is_etcd() {
         "etcd"
     } else {
@@ -1240,12 +1240,14 @@ async fn the_l4_gateway_proxies_to_the_members_that_answer() {
         assert!(Instant::now() < deadline, "the gateway did not start");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    let put = |k: &str| support::etcdctl(&listen, &["put", k, "v"], None);
+    let put = |k: &str| support::etcdctl(&listen, &["--command-timeout=15s", "put", k, "v"], None);
     let (ok, out, err) = put("through-gateway");
     assert!(ok && out == "OK\n", "{out}{err}");
-    // The gateway dials the members in turn: the next connection goes to
-    // the second member. Kill it; every put still lands.
-    ms[1].kill9();
+    // The gateway dials the members in turn, so six connections reach
+    // each member. Kill a follower (the test is of the gateway, not of a
+    // leader election): every put still lands.
+    let f = (l + 1) % 3;
+    ms[f].kill9();
     for i in 0..6 {
         let (ok, out, err) = put(&format!("after-kill-{i}"));
         assert!(ok && out == "OK\n", "put {i}: {out}{err}");
@@ -1253,7 +1255,7 @@ async fn the_l4_gateway_proxies_to_the_members_that_answer() {
     let text = std::fs::read_to_string(&log_path).unwrap();
     assert!(text.contains("deactivated endpoint"), "{text}");
     let (ok, out, _) = support::etcdctl(
-        &eps[0],
+        &eps[l],
         &["get", "after-kill-5", "--print-value-only"],
         None,
     );
