@@ -1225,13 +1225,15 @@ async fn the_l4_gateway_proxies_to_the_members_that_answer() {
     let dir = tempfile::tempdir().unwrap();
     let log_path = dir.path().join("gateway.log");
     let log = std::fs::File::create(&log_path).unwrap();
-    let mut gw = std::process::Command::new(bin)
-        .args(["gateway", "--endpoints", &eps.join(","), "start"])
-        .arg(format!("--listen-addr={listen}"))
-        .stdout(log.try_clone().unwrap())
-        .stderr(log)
-        .spawn()
-        .unwrap();
+    let gw = support::KillOnDrop(
+        std::process::Command::new(bin)
+            .args(["gateway", "--endpoints", &eps.join(","), "start"])
+            .arg(format!("--listen-addr={listen}"))
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap(),
+    );
     let deadline = Instant::now() + Duration::from_secs(10);
     while !std::fs::read_to_string(&log_path)
         .unwrap()
@@ -1260,8 +1262,7 @@ async fn the_l4_gateway_proxies_to_the_members_that_answer() {
         None,
     );
     assert!(ok && out == "v\n", "{out}");
-    let _ = gw.kill();
-    let _ = gw.wait();
+    drop(gw);
 
     let out = std::process::Command::new(bin)
         .args(["gateway", "start", "--endpoints=nope"])

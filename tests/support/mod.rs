@@ -236,6 +236,18 @@ impl Member {
     }
 }
 
+/// A child process killed when dropped, so a failing test leaves none
+/// behind.
+#[allow(dead_code)]
+pub struct KillOnDrop(pub Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 impl Drop for Member {
     fn drop(&mut self) {
         if let Some(mut c) = self.child.take() {
