@@ -488,7 +488,7 @@ async fn keepalive_client(
         }
         let t0 = Instant::now();
         stream.send(frame.clone(), false)?;
-        let msg = stream.next().await?;
+        let msg = by(deadline, stream.next()).await?;
         let r = LeaseKeepAliveResponse::decode(&msg[..])
             .map_err(|e| format!("keep-alive response: {e}"))?;
         if r.ttl <= 0 {
@@ -498,6 +498,27 @@ async fn keepalive_client(
         let _ = result.borrow_mut().hist.record(us.max(1));
     }
     stream.send(Bytes::new(), true)
+}
+
+/// How long past the phase's deadline a request may still take before the
+/// load gives up on it (so a server that stops answering cannot hold the
+/// load, and the script running it, forever).
+const ANSWER_GRACE: Duration = Duration::from_secs(10);
+
+/// `fut`, or an error if it has not finished `ANSWER_GRACE` after `deadline`.
+async fn by<T>(
+    deadline: Instant,
+    fut: impl std::future::Future<Output = Result<T, String>>,
+) -> Result<T, String> {
+    let left = (deadline + ANSWER_GRACE).saturating_duration_since(Instant::now());
+    futures_lite::future::or(fut, async move {
+        glommio::timer::sleep(left).await;
+        Err(format!(
+            "no answer {} s after the phase's deadline",
+            ANSWER_GRACE.as_secs()
+        ))
+    })
+    .await
 }
 
 /// Connects one HTTP/2 connection and drives it on this executor; exits
@@ -826,7 +847,7 @@ fn run_thread(
                         }
                         let (path, body) = request(&o, &workload, n, &value);
                         let t0 = Instant::now();
-                        let r = one_call(&sr, &ep, path, body).await;
+                        let r = by(deadline, one_call(&sr, &ep, path, body)).await;
                         let us = t0.elapsed().as_micros() as u64;
                         let mut res = result.borrow_mut();
                         match r {

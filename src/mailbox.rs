@@ -187,6 +187,30 @@ mod tests {
         assert!(late < Duration::from_millis(1000), "{late:?}");
     }
 
+    /// The rule the patched reactor keeps an armed user-timer timeout by: a
+    /// timeout that has fired (its completion consumed while the reactor was
+    /// deciding to sleep) is never kept, whatever its deadline, or the
+    /// executor would sleep with no timeout armed at all (seen as a put
+    /// load stalling for minutes behind a 300 µs timer in the raft loop).
+    #[test]
+    fn a_fired_timeout_is_never_kept_armed() {
+        use glommio::keep_armed_timeout as keep;
+        let now = Instant::now();
+        let later = now + Duration::from_millis(5);
+        assert!(keep(false, Some(true), Some(now), later));
+        assert!(keep(false, Some(true), Some(later), later));
+        assert!(!keep(false, Some(false), Some(now), later), "fired");
+        assert!(!keep(false, None, None, later), "none armed");
+        assert!(
+            !keep(false, Some(true), Some(later), now),
+            "due after the new deadline"
+        );
+        assert!(
+            !keep(true, Some(true), Some(now), later),
+            "preemption timers on"
+        );
+    }
+
     /// The patched reactor keeps its link to the latency ring (where timers
     /// complete) armed across sleeps and arms a new one only once it has
     /// fired. Timers must wake an executor that sleeps on nothing else, one

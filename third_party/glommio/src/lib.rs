@@ -460,6 +460,11 @@ pub use crate::{
     sys::hardware_topology::CpuLocation,
 };
 pub use enclose::enclose;
+/// keelson patch: the reactor's rule for keeping an armed user-timer
+/// timeout across sleeps, exposed (hidden) so keelson's tests can check it;
+/// glommio's own tests do not build here (PATCHES.md).
+#[doc(hidden)]
+pub use crate::sys::uring::keep_armed_timeout;
 pub use scopeguard::defer;
 use sketches_ddsketch::DDSketch;
 use std::{

@@ -1296,6 +1296,21 @@ pub(crate) fn read_flags() -> PollFlags {
     PollFlags::POLLIN | PollFlags::POLLPRI
 }
 
+/// keelson patch: whether a sleep may keep the io_uring timeout already
+/// armed for a user timer (`armed`: `Some(true)` if one is armed and has not
+/// fired) instead of arming one for `deadline`. Only without preemption
+/// timers, only an armed timeout that has not fired, and only one due no
+/// later than `deadline` (an earlier one at worst wakes the executor once
+/// for nothing).
+pub fn keep_armed_timeout(
+    preempt_timers: bool,
+    armed: Option<bool>,
+    armed_deadline: Option<std::time::Instant>,
+    deadline: std::time::Instant,
+) -> bool {
+    !preempt_timers && armed == Some(true) && armed_deadline.is_some_and(|d| d <= deadline)
+}
+
 macro_rules! consume_rings {
     (into $woke:expr; $( $ring:expr ),+ ) => {{
         let mut consumed = 0;
@@ -1988,11 +2003,19 @@ impl Reactor {
                 // or an earlier one (an earlier one at worst wakes us once for
                 // nothing); otherwise replace it. Upstream always arms anew,
                 // and cancels it again on the next poll.
+                //
+                // The armed timeout may have fired since the check above: its
+                // completion is consumed after the flush, and being nobody's
+                // waiter it wakes no task. A fired one must not be kept, or
+                // we would sleep with no timeout armed at all.
                 let deadline = std::time::Instant::now() + dur;
                 let armed = self.latency_preemption_timeout_src.take();
-                let keep = !self.preempt_timers.get()
-                    && armed.is_some()
-                    && self.armed_user_deadline.get().is_some_and(|d| d <= deadline);
+                let keep = keep_armed_timeout(
+                    self.preempt_timers.get(),
+                    armed.as_ref().map(|s| s.result().is_none()),
+                    self.armed_user_deadline.get(),
+                    deadline,
+                );
                 if keep {
                     self.latency_preemption_timeout_src.set(armed);
                 } else {
