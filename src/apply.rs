@@ -301,7 +301,7 @@ impl Access for LocalAccess<'_> {
         self.changed |= changed;
         ops.iter()
             .zip(parts)
-            .map(|(op, p)| kv::merge_op(op, vec![p], self.rev))
+            .map(|(op, p)| kv::merge_op(op, std::iter::once(p), self.rev))
             .collect()
     }
     fn rev(&self) -> i64 {

@@ -362,7 +362,11 @@ pub fn combine_compare(c: &Compare, parts: &[CmpPartial]) -> bool {
 }
 
 /// Merges one op's partial results from every shard into its response.
-pub fn merge_op(op: &RequestOp, parts: Vec<OpPartial>, rev: i64) -> ResponseOp {
+pub fn merge_op(
+    op: &RequestOp,
+    parts: impl IntoIterator<Item = OpPartial>,
+    rev: i64,
+) -> ResponseOp {
     let header = Some(ResponseHeader {
         revision: rev,
         ..Default::default()
@@ -553,7 +557,26 @@ pub async fn run_txn<A: Access>(a: &mut A, t: &TxnRequest) -> Result<TxnResponse
     let checked = check_path(a, &checks).await;
     count_mvcc(t, &path, cmps.len(), &checks, checked.is_ok());
     checked?;
-    let mut resp = apply_path(a, t, &path).await;
+    // A txn with no nested txn in its taken branch (every Put and
+    // DeleteRange call) runs its ops directly, without the boxed recursion.
+    let mut resp = if path.nested.is_empty() {
+        let branch = if path.succeeded {
+            &t.success
+        } else {
+            &t.failure
+        };
+        TxnResponse {
+            header: None,
+            succeeded: path.succeeded,
+            responses: if branch.is_empty() {
+                Vec::new()
+            } else {
+                a.ops(branch).await
+            },
+        }
+    } else {
+        apply_path(a, t, &path).await
+    };
     mark_reads_before_changes(&mut resp.responses, &mut false);
     Ok(resp)
 }

@@ -273,6 +273,10 @@ async fn handle_stream(
     }
     let limit = core.router.member.max_request_bytes + GRPC_OVERHEAD_BYTES;
     let body = match read_message(body, limit).await {
+        // The message may be a slice of the connection's read buffer; a
+        // call that may wait long (Lock, Campaign) gets its own copy, so it
+        // does not keep that buffer alive.
+        Ok(b) if method.may_wait() => Bytes::copy_from_slice(&b),
         Ok(b) => b,
         Err(st) => {
             send_status(&mut respond, &st);
@@ -590,19 +594,31 @@ impl MsgSink {
 
 /// Reads one length-prefixed gRPC message and the end of the stream.
 async fn read_message(mut body: h2::RecvStream, limit: usize) -> Result<Bytes, Status> {
+    // A message that arrives in one DATA frame (the usual case) is kept as
+    // that frame's bytes; only one split over frames is copied together.
+    let mut first: Option<Bytes> = None;
     let mut buf = BytesMut::new();
     while let Some(chunk) = body.data().await {
         let chunk =
             chunk.map_err(|e| Status::new(Code::Internal, format!("reading request: {e}")))?;
         let _ = body.flow_control().release_capacity(chunk.len());
-        buf.extend_from_slice(&chunk);
-        if buf.len() >= 5 {
-            let len = u32::from_be_bytes([buf[1], buf[2], buf[3], buf[4]]) as usize;
+        if first.is_none() && buf.is_empty() {
+            first = Some(chunk);
+        } else {
+            if let Some(f) = first.take() {
+                buf.extend_from_slice(&f);
+            }
+            buf.extend_from_slice(&chunk);
+        }
+        let got: &[u8] = first.as_deref().unwrap_or(&buf);
+        if got.len() >= 5 {
+            let len = u32::from_be_bytes([got[1], got[2], got[3], got[4]]) as usize;
             if len > limit {
                 return Err(crate::error::message_too_large(len, limit));
             }
         }
     }
+    let buf = first.unwrap_or_else(|| buf.freeze());
     if buf.len() < 5 {
         return Err(Status::new(
             Code::Internal,
@@ -625,7 +641,7 @@ async fn read_message(mut body: h2::RecvStream, limit: usize) -> Result<Bytes, S
             ),
         ));
     }
-    Ok(buf.freeze().slice(5..))
+    Ok(buf.slice(5..))
 }
 
 /// The HPACK block of a gRPC response head: `:status: 200` (static table

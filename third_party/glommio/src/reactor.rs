@@ -124,11 +124,16 @@ impl Timers {
     fn process_timers(&mut self) -> (Option<Duration>, usize) {
         let now = Instant::now();
 
-        // Split timers into ready and pending timers.
-        let pending = self.timers.split_off(&(now, 0));
-        let ready = mem::replace(&mut self.timers, pending);
-        let woke = ready.len();
-        for (_, waker) in ready {
+        // Wake the timers that are due. keelson patch: popped one by one;
+        // upstream's `split_off` allocated a new tree on every poll of the
+        // reactor, due timers or not.
+        let mut woke = 0;
+        while let Some(e) = self.timers.first_entry() {
+            if *e.key() >= (now, 0) {
+                break;
+            }
+            let waker = e.remove();
+            woke += 1;
             wake!(waker);
         }
 
@@ -184,6 +189,7 @@ impl Reactor {
         blocking_thread: BlockingThreadPool,
     ) -> io::Result<Reactor> {
         let sys = sys::Reactor::new(notifier, io_memory, ring_depth, blocking_thread)?;
+        sys::uring::set_io_stamps(record_io_latencies);
         let (preempt_ptr_head, preempt_ptr_tail) = sys.preempt_pointers();
         Ok(Reactor {
             sys,
