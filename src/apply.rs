@@ -848,9 +848,12 @@ impl Applier {
     }
 
     fn single_shard(&self, txn: &TxnRequest) -> Option<usize> {
+        let n = self.router.shards.len();
+        if n == 1 {
+            return Some(0);
+        }
         let mut keys = Vec::new();
         kv::txn_keys(txn, &mut keys);
-        let n = self.router.shards.len();
         let mut shard = None;
         for k in keys {
             let s = shard_of(k?, n);

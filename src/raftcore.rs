@@ -635,18 +635,33 @@ struct Proposals {
     entries: Vec<Entry>,
     replies: Vec<(u64, Reply)>,
     bytes: usize,
+    /// Where the entries' data and contexts are copied to, split off one
+    /// after another: raft-rs clones every entry it appends, and a slice of
+    /// a shared buffer clones by a reference count, where a `Bytes` made
+    /// from its own `Vec` allocates a shared header at its first clone.
+    buf: bytes::BytesMut,
 }
+
+/// The least a proposal buffer grows by.
+const PROPOSE_BUF_CHUNK: usize = 64 << 10;
 
 /// Bounds one MsgPropose (a follower forwards it whole to the leader).
 const PROPOSE_BATCH_ENTRIES: usize = 1024;
 const PROPOSE_BATCH_BYTES: usize = 1 << 20;
 
 impl Proposals {
-    fn add(&mut self, ctx: Vec<u8>, data: Vec<u8>, id: u64, reply: Reply) {
-        self.bytes += data.len() + ctx.len();
+    fn add(&mut self, nonce: u64, data: &[u8], id: u64, reply: Reply) {
+        let need = data.len() + PROPOSAL_CTX_BYTES;
+        self.bytes += need;
+        if self.buf.capacity() < need {
+            self.buf.reserve(need.max(PROPOSE_BUF_CHUNK));
+        }
         let mut e = Entry::default();
-        e.data = data.into();
-        e.context = ctx.into();
+        self.buf.extend_from_slice(data);
+        e.data = self.buf.split().freeze();
+        self.buf.extend_from_slice(&nonce.to_le_bytes());
+        self.buf.extend_from_slice(&id.to_le_bytes());
+        e.context = self.buf.split().freeze();
         self.entries.push(e);
         self.replies.push((id, reply));
     }
@@ -688,10 +703,12 @@ impl Proposals {
     }
 }
 
+const PROPOSAL_CTX_BYTES: usize = 16;
+
 /// A proposal's context: the proposing process's nonce and its sequence
 /// number, so the member that proposed an entry answers its client.
 fn proposal_ctx(nonce: u64, seq: u64) -> Vec<u8> {
-    let mut ctx = Vec::with_capacity(16);
+    let mut ctx = Vec::with_capacity(PROPOSAL_CTX_BYTES);
     ctx.extend_from_slice(&nonce.to_le_bytes());
     ctx.extend_from_slice(&seq.to_le_bytes());
     ctx
@@ -913,7 +930,7 @@ pub async fn run_raft(
         ($data:expr, $reply:expr) => {{
             let id = next_id;
             next_id += 1;
-            proposals.add(proposal_ctx(nonce, id), $data, id, $reply);
+            proposals.add(nonce, &$data, id, $reply);
             if proposals.full() {
                 proposals.step(&mut node, &mut waiters, ticks, &router);
             }
