@@ -15,7 +15,6 @@ use crate::proto::etcdserverpb::{
 use crate::proto::mvccpb::KeyValue;
 use crate::store::index::Version;
 use std::future::Future;
-use std::pin::Pin;
 
 /// One shard's view of a Compare over its keys.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -557,26 +556,7 @@ pub async fn run_txn<A: Access>(a: &mut A, t: &TxnRequest) -> Result<TxnResponse
     let checked = check_path(a, &checks).await;
     count_mvcc(t, &path, cmps.len(), &checks, checked.is_ok());
     checked?;
-    // A txn with no nested txn in its taken branch (every Put and
-    // DeleteRange call) runs its ops directly, without the boxed recursion.
-    let mut resp = if path.nested.is_empty() {
-        let branch = if path.succeeded {
-            &t.success
-        } else {
-            &t.failure
-        };
-        TxnResponse {
-            header: None,
-            succeeded: path.succeeded,
-            responses: if branch.is_empty() {
-                Vec::new()
-            } else {
-                a.ops(branch).await
-            },
-        }
-    } else {
-        apply_path(a, t, &path).await
-    };
+    let mut resp = apply_path(a, t, &path).await;
     mark_reads_before_changes(&mut resp.responses, &mut false);
     Ok(resp)
 }
@@ -754,11 +734,15 @@ pub fn fill_revision_before(responses: &mut [ResponseOp], rev: i64) {
     }
 }
 
-type TxnFuture<'a> = Pin<Box<dyn Future<Output = TxnResponse> + 'a>>;
-
-fn apply_path<'a, A: Access>(a: &'a mut A, t: &'a TxnRequest, p: &'a Path) -> TxnFuture<'a> {
-    Box::pin(async move {
-        let branch = if p.succeeded { &t.success } else { &t.failure };
+/// Applies the taken branches. Only a nested txn's recursion is boxed; a
+/// branch without one (every Put and DeleteRange call) is one run of ops.
+async fn apply_path<A: Access>(a: &mut A, t: &TxnRequest, p: &Path) -> TxnResponse {
+    let branch = if p.succeeded { &t.success } else { &t.failure };
+    let responses = if branch.is_empty() {
+        Vec::new()
+    } else if p.nested.is_empty() {
+        a.ops(branch).await
+    } else {
         let mut nested = p.nested.iter();
         let mut responses = Vec::with_capacity(branch.len());
         let mut start = 0;
@@ -768,7 +752,7 @@ fn apply_path<'a, A: Access>(a: &'a mut A, t: &'a TxnRequest, p: &'a Path) -> Tx
                     responses.extend(a.ops(&branch[start..i]).await);
                 }
                 let np = nested.next().expect("one path per nested txn");
-                let mut r = apply_path(a, n, np).await;
+                let mut r = Box::pin(apply_path(a, n, np)).await;
                 // etcd gives a nested txn's response an empty header.
                 r.header = Some(ResponseHeader::default());
                 responses.push(ResponseOp {
@@ -780,12 +764,13 @@ fn apply_path<'a, A: Access>(a: &'a mut A, t: &'a TxnRequest, p: &'a Path) -> Tx
         if start < branch.len() {
             responses.extend(a.ops(&branch[start..]).await);
         }
-        TxnResponse {
-            header: None,
-            succeeded: p.succeeded,
-            responses,
-        }
-    })
+        responses
+    };
+    TxnResponse {
+        header: None,
+        succeeded: p.succeeded,
+        responses,
+    }
 }
 
 #[cfg(test)]

@@ -659,8 +659,7 @@ impl Proposals {
         let mut e = Entry::default();
         self.buf.extend_from_slice(data);
         e.data = self.buf.split().freeze();
-        self.buf.extend_from_slice(&nonce.to_le_bytes());
-        self.buf.extend_from_slice(&id.to_le_bytes());
+        self.buf.extend_from_slice(&proposal_ctx_bytes(nonce, id));
         e.context = self.buf.split().freeze();
         self.entries.push(e);
         self.replies.push((id, reply));
@@ -706,12 +705,17 @@ impl Proposals {
 const PROPOSAL_CTX_BYTES: usize = 16;
 
 /// A proposal's context: the proposing process's nonce and its sequence
-/// number, so the member that proposed an entry answers its client.
-fn proposal_ctx(nonce: u64, seq: u64) -> Vec<u8> {
-    let mut ctx = Vec::with_capacity(PROPOSAL_CTX_BYTES);
-    ctx.extend_from_slice(&nonce.to_le_bytes());
-    ctx.extend_from_slice(&seq.to_le_bytes());
+/// number, so the member that proposed an entry answers its client
+/// (`hand_off` reads it back).
+fn proposal_ctx_bytes(nonce: u64, seq: u64) -> [u8; PROPOSAL_CTX_BYTES] {
+    let mut ctx = [0; PROPOSAL_CTX_BYTES];
+    ctx[..8].copy_from_slice(&nonce.to_le_bytes());
+    ctx[8..].copy_from_slice(&seq.to_le_bytes());
     ctx
+}
+
+fn proposal_ctx(nonce: u64, seq: u64) -> Vec<u8> {
+    proposal_ctx_bytes(nonce, seq).to_vec()
 }
 
 /// raft-rs refusing a proposal (no leader, a transfer in progress, ...).
@@ -1764,9 +1768,9 @@ fn hand_off(
     for e in entries {
         // Only the member (and process) that proposed an entry answers it.
         let seq = match e.context.len() {
-            16 if e.context[..8] == nonce.to_le_bytes() => Some(u64::from_le_bytes(
-                e.context[8..].try_into().expect("8 bytes"),
-            )),
+            PROPOSAL_CTX_BYTES if e.context[..8] == nonce.to_le_bytes() => Some(
+                u64::from_le_bytes(e.context[8..].try_into().expect("8 bytes")),
+            ),
             _ => None,
         };
         let reply = seq.and_then(|s| waiters.remove(&s)).map(|(_, r)| r);
