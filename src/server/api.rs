@@ -21,53 +21,85 @@ use prost::Message;
 use std::future::Future;
 use std::sync::Arc;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Method {
-    Range,
-    Put,
-    DeleteRange,
-    Txn,
-    Compact,
-    Status,
-    Alarm,
-    MemberList,
-    Defragment,
-    Hash,
-    HashKV,
-    AuthEnable,
-    AuthDisable,
-    AuthStatus,
-    Authenticate,
-    UserAdd,
-    UserGet,
-    UserList,
-    UserDelete,
-    UserChangePassword,
-    UserGrantRole,
-    UserRevokeRole,
-    RoleAdd,
-    RoleGet,
-    RoleList,
-    RoleDelete,
-    RoleGrantPermission,
-    RoleRevokePermission,
+/// Declares a method enum, its lookup by gRPC path and its path, from one
+/// table (the paths are what clients send and what /metrics reports).
+macro_rules! methods {
+    ($(#[$meta:meta])* $name:ident, $lookup:ident { $($(#[$vmeta:meta])* $m:ident => $path:literal,)* }) => {
+        $(#[$meta])*
+        #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+        pub enum $name {
+            $($(#[$vmeta])* $m,)*
+        }
 
-    MemberAdd,
-    MemberRemove,
-    MemberUpdate,
-    MemberPromote,
-    HealthCheck,
-    LeaseGrant,
-    LeaseRevoke,
-    LeaseTimeToLive,
-    LeaseLeases,
-    MoveLeader,
-    Lock,
-    Unlock,
-    Campaign,
-    Proclaim,
-    Leader,
-    Resign,
+        impl $name {
+            /// Every method, in declaration order (`as usize` indexes it).
+            pub const ALL: &'static [$name] = &[$($name::$m,)*];
+
+            /// The gRPC path: `/package.Service/Method`.
+            pub fn path(self) -> &'static str {
+                match self {
+                    $($name::$m => $path,)*
+                }
+            }
+        }
+
+        pub fn $lookup(path: &str) -> Option<$name> {
+            Some(match path {
+                $($path => $name::$m,)*
+                _ => return None,
+            })
+        }
+    };
+}
+
+methods! {
+    /// Unary methods.
+    Method, lookup {
+    Range => "/etcdserverpb.KV/Range",
+    Put => "/etcdserverpb.KV/Put",
+    DeleteRange => "/etcdserverpb.KV/DeleteRange",
+    Txn => "/etcdserverpb.KV/Txn",
+    Compact => "/etcdserverpb.KV/Compact",
+    Status => "/etcdserverpb.Maintenance/Status",
+    Alarm => "/etcdserverpb.Maintenance/Alarm",
+    MemberList => "/etcdserverpb.Cluster/MemberList",
+    Defragment => "/etcdserverpb.Maintenance/Defragment",
+    Hash => "/etcdserverpb.Maintenance/Hash",
+    HashKV => "/etcdserverpb.Maintenance/HashKV",
+    AuthEnable => "/etcdserverpb.Auth/AuthEnable",
+    AuthDisable => "/etcdserverpb.Auth/AuthDisable",
+    AuthStatus => "/etcdserverpb.Auth/AuthStatus",
+    Authenticate => "/etcdserverpb.Auth/Authenticate",
+    UserAdd => "/etcdserverpb.Auth/UserAdd",
+    UserGet => "/etcdserverpb.Auth/UserGet",
+    UserList => "/etcdserverpb.Auth/UserList",
+    UserDelete => "/etcdserverpb.Auth/UserDelete",
+    UserChangePassword => "/etcdserverpb.Auth/UserChangePassword",
+    UserGrantRole => "/etcdserverpb.Auth/UserGrantRole",
+    UserRevokeRole => "/etcdserverpb.Auth/UserRevokeRole",
+    RoleAdd => "/etcdserverpb.Auth/RoleAdd",
+    RoleGet => "/etcdserverpb.Auth/RoleGet",
+    RoleList => "/etcdserverpb.Auth/RoleList",
+    RoleDelete => "/etcdserverpb.Auth/RoleDelete",
+    RoleGrantPermission => "/etcdserverpb.Auth/RoleGrantPermission",
+    RoleRevokePermission => "/etcdserverpb.Auth/RoleRevokePermission",
+    MemberAdd => "/etcdserverpb.Cluster/MemberAdd",
+    MemberRemove => "/etcdserverpb.Cluster/MemberRemove",
+    MemberUpdate => "/etcdserverpb.Cluster/MemberUpdate",
+    MemberPromote => "/etcdserverpb.Cluster/MemberPromote",
+    HealthCheck => "/grpc.health.v1.Health/Check",
+    LeaseGrant => "/etcdserverpb.Lease/LeaseGrant",
+    LeaseRevoke => "/etcdserverpb.Lease/LeaseRevoke",
+    LeaseTimeToLive => "/etcdserverpb.Lease/LeaseTimeToLive",
+    LeaseLeases => "/etcdserverpb.Lease/LeaseLeases",
+    MoveLeader => "/etcdserverpb.Maintenance/MoveLeader",
+    Lock => "/v3lockpb.Lock/Lock",
+    Unlock => "/v3lockpb.Lock/Unlock",
+    Campaign => "/v3electionpb.Election/Campaign",
+    Proclaim => "/v3electionpb.Election/Proclaim",
+    Leader => "/v3electionpb.Election/Leader",
+    Resign => "/v3electionpb.Election/Resign",
+    }
 }
 
 impl Method {
@@ -93,74 +125,14 @@ pub fn known_service(s: &str) -> bool {
     SERVICES.contains(&s)
 }
 
-pub fn lookup(path: &str) -> Option<Method> {
-    Some(match path {
-        "/etcdserverpb.KV/Range" => Method::Range,
-        "/etcdserverpb.KV/Put" => Method::Put,
-        "/etcdserverpb.KV/DeleteRange" => Method::DeleteRange,
-        "/etcdserverpb.KV/Txn" => Method::Txn,
-        "/etcdserverpb.KV/Compact" => Method::Compact,
-        "/etcdserverpb.Maintenance/Status" => Method::Status,
-        "/etcdserverpb.Maintenance/Alarm" => Method::Alarm,
-        "/etcdserverpb.Cluster/MemberList" => Method::MemberList,
-        "/etcdserverpb.Maintenance/Defragment" => Method::Defragment,
-        "/etcdserverpb.Auth/AuthEnable" => Method::AuthEnable,
-        "/etcdserverpb.Auth/AuthDisable" => Method::AuthDisable,
-        "/etcdserverpb.Auth/AuthStatus" => Method::AuthStatus,
-        "/etcdserverpb.Auth/Authenticate" => Method::Authenticate,
-        "/etcdserverpb.Auth/UserAdd" => Method::UserAdd,
-        "/etcdserverpb.Auth/UserGet" => Method::UserGet,
-        "/etcdserverpb.Auth/UserList" => Method::UserList,
-        "/etcdserverpb.Auth/UserDelete" => Method::UserDelete,
-        "/etcdserverpb.Auth/UserChangePassword" => Method::UserChangePassword,
-        "/etcdserverpb.Auth/UserGrantRole" => Method::UserGrantRole,
-        "/etcdserverpb.Auth/UserRevokeRole" => Method::UserRevokeRole,
-        "/etcdserverpb.Auth/RoleAdd" => Method::RoleAdd,
-        "/etcdserverpb.Auth/RoleGet" => Method::RoleGet,
-        "/etcdserverpb.Auth/RoleList" => Method::RoleList,
-        "/etcdserverpb.Auth/RoleDelete" => Method::RoleDelete,
-        "/etcdserverpb.Auth/RoleGrantPermission" => Method::RoleGrantPermission,
-        "/etcdserverpb.Auth/RoleRevokePermission" => Method::RoleRevokePermission,
-
-        "/etcdserverpb.Maintenance/Hash" => Method::Hash,
-        "/etcdserverpb.Maintenance/HashKV" => Method::HashKV,
-        "/etcdserverpb.Cluster/MemberAdd" => Method::MemberAdd,
-        "/etcdserverpb.Cluster/MemberRemove" => Method::MemberRemove,
-        "/etcdserverpb.Cluster/MemberUpdate" => Method::MemberUpdate,
-        "/etcdserverpb.Cluster/MemberPromote" => Method::MemberPromote,
-        "/grpc.health.v1.Health/Check" => Method::HealthCheck,
-        "/etcdserverpb.Lease/LeaseGrant" => Method::LeaseGrant,
-        "/etcdserverpb.Lease/LeaseRevoke" => Method::LeaseRevoke,
-        "/etcdserverpb.Lease/LeaseTimeToLive" => Method::LeaseTimeToLive,
-        "/etcdserverpb.Lease/LeaseLeases" => Method::LeaseLeases,
-        "/etcdserverpb.Maintenance/MoveLeader" => Method::MoveLeader,
-        "/v3lockpb.Lock/Lock" => Method::Lock,
-        "/v3lockpb.Lock/Unlock" => Method::Unlock,
-        "/v3electionpb.Election/Campaign" => Method::Campaign,
-        "/v3electionpb.Election/Proclaim" => Method::Proclaim,
-        "/v3electionpb.Election/Leader" => Method::Leader,
-        "/v3electionpb.Election/Resign" => Method::Resign,
-        _ => return None,
-    })
-}
-
-/// Bidirectional streaming methods.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum StreamMethod {
-    LeaseKeepAlive,
-    Watch,
-    Observe,
-    /// Server streaming: one request, then the snapshot in chunks.
-    Snapshot,
-}
-
-pub fn lookup_stream(path: &str) -> Option<StreamMethod> {
-    match path {
-        "/etcdserverpb.Lease/LeaseKeepAlive" => Some(StreamMethod::LeaseKeepAlive),
-        "/etcdserverpb.Watch/Watch" => Some(StreamMethod::Watch),
-        "/v3electionpb.Election/Observe" => Some(StreamMethod::Observe),
-        "/etcdserverpb.Maintenance/Snapshot" => Some(StreamMethod::Snapshot),
-        _ => None,
+methods! {
+    /// Bidirectional streaming methods (Snapshot: server streaming, one
+    /// request, then the snapshot in chunks).
+    StreamMethod, lookup_stream {
+    LeaseKeepAlive => "/etcdserverpb.Lease/LeaseKeepAlive",
+    Watch => "/etcdserverpb.Watch/Watch",
+    Observe => "/v3electionpb.Election/Observe",
+    Snapshot => "/etcdserverpb.Maintenance/Snapshot",
     }
 }
 

@@ -39,11 +39,11 @@ use serde::{Deserialize, Serialize};
 /// What a request under `/v3/` or `/v3beta/` is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Route {
-    /// A unary method, by its gRPC path (`/etcdserverpb.KV/Range`).
-    Unary(&'static str, Method),
-    /// A streaming method, by its gRPC path: the request body holds its
-    /// requests, the answer is a chunked stream of `{"result": ...}` lines.
-    Stream(&'static str, StreamMethod),
+    /// A unary method.
+    Unary(Method),
+    /// A streaming method: the request body holds its requests, the answer
+    /// is a chunked stream of `{"result": ...}` lines.
+    Stream(StreamMethod),
 }
 
 /// etcd 3.4's gateway routes (the `google.api.http` options of its
@@ -138,11 +138,11 @@ pub fn route(path: &str) -> Option<Route> {
         .or_else(|| path.strip_prefix("/v3beta/"))?;
     if let Some((_, grpc)) = ROUTES.iter().find(|(r, _)| *r == rest) {
         let m = api::lookup(grpc).expect("every gateway route names a known method");
-        return Some(Route::Unary(grpc, m));
+        return Some(Route::Unary(m));
     }
     let (_, grpc) = STREAM_ROUTES.iter().find(|(r, _)| *r == rest)?;
     let m = api::lookup_stream(grpc).expect("every gateway stream names a known method");
-    Some(Route::Stream(grpc, m))
+    Some(Route::Stream(m))
 }
 
 /// The requests in a stream's body: a sequence of JSON values, each a
@@ -247,13 +247,7 @@ pub fn body_bytes_max(core: &Core) -> usize {
 }
 
 /// Serves one unary call: JSON in, JSON out, through the gRPC handlers.
-pub async fn call(
-    grpc_path: &'static str,
-    m: Method,
-    json: &[u8],
-    token: Option<&str>,
-    core: &Core,
-) -> Reply {
+pub async fn call(m: Method, json: &[u8], token: Option<&str>, core: &Core) -> Reply {
     let result = async {
         let pb = json_to_pb(m, json)?;
         let limit = core.router.member.max_request_bytes + GRPC_OVERHEAD_BYTES;
@@ -262,9 +256,9 @@ pub async fn call(
         }
         super::auth::authorize(core, m, &pb, super::auth::Caller::token(token)).await?;
         let pb = bytes::Bytes::from(pb);
-        core.count_started(grpc_path);
+        core.count_started(m);
         let out = api::call(m, &pb, core).await;
-        core.count_result(grpc_path, &out);
+        core.count_result(m, &out);
         pb_to_json(m, out?.message())
     }
     .await;
@@ -547,23 +541,16 @@ mod tests {
     fn routes() {
         assert_eq!(
             route("/v3beta/kv/lease/revoke"),
-            Some(Route::Unary(
-                "/etcdserverpb.Lease/LeaseRevoke",
-                Method::LeaseRevoke
-            ))
+            Some(Route::Unary(Method::LeaseRevoke))
         );
         assert_eq!(route("/v3/maintenance/hashkv"), None);
         assert_eq!(route("/v3/auth/status"), None);
         assert_eq!(route("/v3alpha/kv/range"), None);
-        assert_eq!(
-            route("/v3/watch"),
-            Some(Route::Stream(
-                "/etcdserverpb.Watch/Watch",
-                StreamMethod::Watch
-            ))
-        );
-        for (r, _) in ROUTES {
-            assert!(matches!(route(&format!("/v3/{r}")), Some(Route::Unary(..))));
+        assert_eq!(route("/v3/watch"), Some(Route::Stream(StreamMethod::Watch)));
+        for (r, grpc) in ROUTES {
+            assert!(
+                matches!(route(&format!("/v3/{r}")), Some(Route::Unary(m)) if m.path() == *grpc)
+            );
         }
     }
 }

@@ -245,9 +245,9 @@ async fn handle_stream(
             queued: Default::default(),
         };
         let mut sink = MsgSink::H2(send);
-        core.count_started(path);
+        core.count_started(sm);
         let end = Box::pin(api::call_stream(sm, input, &mut sink, meta, &core)).await;
-        core.count_result(path, &end);
+        core.count_result(sm, &end);
         sink.finish(end.err().as_ref());
         return;
     }
@@ -287,7 +287,7 @@ async fn handle_stream(
         send_status(&mut respond, &st);
         return;
     }
-    core.count_started(path);
+    core.count_started(method);
     // A call that waits (Lock, Campaign) is dropped when the client resets
     // the stream or goes away; it cleans up after itself on drop.
     let result = if !method.may_wait() {
@@ -301,7 +301,7 @@ async fn handle_stream(
         futures_lite::future::or(call, reset).await
     };
     if let Some(r) = &result {
-        core.count_result(path, &r);
+        core.count_result(method, &r);
     }
     match result {
         Some(Ok(reply)) => send_ok(&mut respond, reply),

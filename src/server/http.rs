@@ -488,9 +488,8 @@ where
             let gone = read_until_gone(&mut stream, &mut buf, body_max);
             match serve_gateway(&req, &core, gone).await {
                 Gw::Answer(a) => a,
-                Gw::Stream(path, m) => {
-                    let more =
-                        serve_stream(&mut stream, &mut buf, &req, &core, path, m, body_max).await;
+                Gw::Stream(m) => {
+                    let more = serve_stream(&mut stream, &mut buf, &req, &core, m, body_max).await;
                     if !more || !req.keep_alive {
                         return;
                     }
@@ -550,7 +549,7 @@ async fn plain(req: &Request, core: &Core, client_port: bool) -> Answer {
 enum Gw {
     Answer(Answer),
     /// A streaming method: `serve_stream`.
-    Stream(&'static str, StreamMethod),
+    Stream(StreamMethod),
     /// The client went away while a call that may wait (Lock, Campaign)
     /// ran; the call was dropped, as on a reset gRPC stream.
     Gone,
@@ -587,12 +586,12 @@ async fn serve_gateway(
         }
     }
     let reply = match route {
-        Route::Stream(path, m) => return Gw::Stream(path, m),
-        Route::Unary(path, m) if !m.may_wait() => {
-            gateway::call(path, m, &req.body, req.token.as_deref(), core).await
+        Route::Stream(m) => return Gw::Stream(m),
+        Route::Unary(m) if !m.may_wait() => {
+            gateway::call(m, &req.body, req.token.as_deref(), core).await
         }
-        Route::Unary(path, m) => {
-            let call = gateway::call(path, m, &req.body, req.token.as_deref(), core);
+        Route::Unary(m) => {
+            let call = gateway::call(m, &req.body, req.token.as_deref(), core);
             match futures_lite::future::or(async { Some(call.await) }, async {
                 gone.await;
                 None
@@ -633,7 +632,6 @@ async fn serve_stream<S>(
     buf: &mut Vec<u8>,
     req: &Request,
     core: &Core,
-    path: &'static str,
     m: StreamMethod,
     body_max: usize,
 ) -> bool
@@ -684,9 +682,9 @@ where
     let mut pipelined = Vec::new();
     let (end, written) = {
         let handler = async move {
-            core.count_started(path);
+            core.count_started(m);
             let end = api::call_stream(m, input, &mut sink, meta, core).await;
-            core.count_result(path, &end);
+            core.count_result(m, &end);
             // Dropping the sink ends the writer below.
             drop(sink);
             end
@@ -833,7 +831,7 @@ pub async fn serve_h2_request(
         };
         match serve_gateway(&req, &core, gone).await {
             Gw::Answer(a) => a,
-            Gw::Stream(path, m) => return h2_stream(&req, &core, path, m, respond).await,
+            Gw::Stream(m) => return h2_stream(&req, &core, m, respond).await,
             Gw::Gone => return,
         }
     } else {
@@ -900,7 +898,6 @@ async fn h2_answer(respond: &mut h2::server::SendResponse<Bytes>, a: Answer, hea
 async fn h2_stream(
     req: &Request,
     core: &Core,
-    path: &'static str,
     m: StreamMethod,
     mut respond: h2::server::SendResponse<Bytes>,
 ) {
@@ -947,9 +944,9 @@ async fn h2_stream(
         user,
     };
     let handler = async move {
-        core.count_started(path);
+        core.count_started(m);
         let end = api::call_stream(m, input, &mut sink, meta, core).await;
-        core.count_result(path, &end);
+        core.count_result(m, &end);
         drop(sink);
         end
     };
@@ -1143,7 +1140,7 @@ async fn metrics(core: &Core) -> String {
         c.send(CoreMsg::Rpcs { reply: tx });
         waits.push(rx);
     }
-    let mut total: std::collections::BTreeMap<String, [u64; 18]> = Default::default();
+    let mut total: std::collections::BTreeMap<&str, [u64; 18]> = Default::default();
     let mut counts = crate::metrics::Counts::default();
     let mut pending = 0;
     for w in waits {

@@ -204,11 +204,64 @@ pub enum CoreMsg {
 /// gRPC codes).
 pub const STARTED: u8 = 17;
 
+/// A gRPC method, as counted for /metrics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Rpc {
+    Unary(api::Method),
+    Stream(api::StreamMethod),
+}
+
+impl Rpc {
+    /// Every method: unary ones, then streaming ones (`index` order).
+    pub const ALL: &'static [Rpc] = &{
+        const U: usize = api::Method::ALL.len();
+        const N: usize = U + api::StreamMethod::ALL.len();
+        let mut all = [Rpc::Unary(api::Method::Range); N];
+        let mut i = 0;
+        while i < N {
+            all[i] = if i < U {
+                Rpc::Unary(api::Method::ALL[i])
+            } else {
+                Rpc::Stream(api::StreamMethod::ALL[i - U])
+            };
+            i += 1;
+        }
+        all
+    };
+
+    /// Where `Core::rpcs` counts it.
+    pub fn index(self) -> usize {
+        match self {
+            Rpc::Unary(m) => m as usize,
+            Rpc::Stream(m) => api::Method::ALL.len() + m as usize,
+        }
+    }
+
+    pub fn path(self) -> &'static str {
+        match self {
+            Rpc::Unary(m) => m.path(),
+            Rpc::Stream(m) => m.path(),
+        }
+    }
+}
+
+impl From<api::Method> for Rpc {
+    fn from(m: api::Method) -> Rpc {
+        Rpc::Unary(m)
+    }
+}
+
+impl From<api::StreamMethod> for Rpc {
+    fn from(m: api::StreamMethod) -> Rpc {
+        Rpc::Stream(m)
+    }
+}
+
 /// What one core counted, for /metrics.
 pub struct CoreCounts {
-    /// RPCs: method path → count completed per gRPC code, then the count
-    /// started.
-    pub rpcs: Vec<(String, [u64; 18])>,
+    /// RPCs called here: method path, count completed per gRPC code, then
+    /// the count started.
+    pub rpcs: Vec<(&'static str, [u64; 18])>,
     /// Everything else its thread counted (`metrics`).
     pub counts: crate::metrics::Counts,
     /// Its clients' writes waiting for the log.
@@ -305,37 +358,31 @@ pub struct Core {
     pub watch: watch::Hub,
     /// This core itself, for tasks it spawns.
     pub me: std::rc::Weak<Core>,
-    /// RPCs here: method path → count completed per gRPC code, then the
-    /// count started (only known methods are counted, so it stays small).
-    pub rpcs: std::cell::RefCell<
-        std::collections::HashMap<String, [u64; 18], std::hash::BuildHasherDefault<Fnv>>,
-    >,
+    /// RPCs here, by `Rpc::index`: the count completed per gRPC code, then
+    /// the count started.
+    pub rpcs: std::cell::RefCell<Vec<[u64; 18]>>,
     /// Writes this core's clients wait for.
     pub writes: writes::Writes,
 }
 
 impl Core {
     /// Counts a finished RPC under its gRPC code (0 for success).
-    pub fn count_result<T>(&self, path: &str, r: &Result<T, crate::error::Status>) {
-        self.count_rpc(path, r.as_ref().err().map(|s| s.code as u8).unwrap_or(0));
+    pub fn count_result<T>(&self, rpc: impl Into<Rpc>, r: &Result<T, crate::error::Status>) {
+        self.count_rpc(
+            rpc.into(),
+            r.as_ref().err().map(|s| s.code as u8).unwrap_or(0),
+        );
     }
 
     /// Counts an RPC handed to its handler (`grpc_server_started_total`).
-    pub fn count_started(&self, path: &str) {
-        self.count_rpc(path, STARTED);
+    pub fn count_started(&self, rpc: impl Into<Rpc>) {
+        self.count_rpc(rpc.into(), STARTED);
     }
 
-    fn count_rpc(&self, path: &str, code: u8) {
+    fn count_rpc(&self, rpc: Rpc, code: u8) {
         let code = (code as usize).min(STARTED as usize);
-        let mut m = self.rpcs.borrow_mut();
-        // Looked up by &str: a String is made once per method, not per call.
-        match m.get_mut(path) {
-            Some(n) => n[code] += 1,
-            None => {
-                let mut n = [0; 18];
-                n[code] = 1;
-                m.insert(path.to_string(), n);
-            }
+        if let Some(n) = self.rpcs.borrow_mut().get_mut(rpc.index()) {
+            n[code] += 1;
         }
     }
 
@@ -399,7 +446,9 @@ impl Core {
                             .rpcs
                             .borrow()
                             .iter()
-                            .map(|(k, v)| (k.clone(), *v))
+                            .zip(Rpc::ALL)
+                            .filter(|(n, _)| n.iter().any(|&c| c != 0))
+                            .map(|(n, rpc)| (rpc.path(), *n))
                             .collect(),
                         counts: crate::metrics::local(),
                         writes_pending: self.writes.in_progress(),
@@ -1413,7 +1462,7 @@ pub fn run(cfg: Config) -> Result<(), String> {
                     },
                     watch: watch::Hub::default(),
                     me: me.clone(),
-                    rpcs: Default::default(),
+                    rpcs: std::cell::RefCell::new(vec![[0; 18]; Rpc::ALL.len()]),
                     writes: writes::Writes::new(router.member.request_timeout),
                 });
                 // Listeners first, so a port in use is reported before
@@ -1569,6 +1618,26 @@ pub fn run(cfg: Config) -> Result<(), String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_rpc_has_its_own_counter_and_its_path_leads_back_to_it() {
+        let mut paths = std::collections::HashSet::new();
+        for (i, &rpc) in Rpc::ALL.iter().enumerate() {
+            assert_eq!(rpc.index(), i, "{rpc:?}");
+            assert!(paths.insert(rpc.path()), "{} twice", rpc.path());
+            let back = match rpc {
+                Rpc::Unary(_) => api::lookup(rpc.path()).map(Rpc::Unary),
+                Rpc::Stream(_) => api::lookup_stream(rpc.path()).map(Rpc::Stream),
+            };
+            assert_eq!(back, Some(rpc));
+        }
+        assert_eq!(api::lookup("/etcdserverpb.KV/Put"), Some(api::Method::Put));
+        assert_eq!(
+            Rpc::from(api::StreamMethod::Watch).path(),
+            "/etcdserverpb.Watch/Watch"
+        );
+        assert_eq!(api::lookup("/etcdserverpb.KV/Nope"), None);
+    }
 
     #[test]
     fn member_and_cluster_ids_are_etcds() {
