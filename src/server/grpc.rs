@@ -96,7 +96,7 @@ async fn serve_h2<S>(
     peer: Option<std::net::SocketAddr>,
     tls: Option<Option<Rc<str>>>,
 ) where
-    S: futures::io::AsyncRead + futures::io::AsyncWrite + Unpin + 'static,
+    S: super::io::ReadInto + futures::io::AsyncWrite + Unpin + 'static,
 {
     let io = super::io::TokioIo::new(stream);
     let mut conn = match h2::server::Builder::new()

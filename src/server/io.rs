@@ -5,10 +5,13 @@
 //! - Reads: `Compat` zeroes all of the spare capacity of h2's read buffer
 //!   before each read (the inner stream takes an initialized `&mut [u8]`).
 //!   That buffer grows to the largest frame seen, so after one 1 MiB put a
-//!   connection zeroed up to 1 MiB per read. Here a read asks for (and
-//!   zeroes) what recent reads needed: it starts at `READ_BYTES_MIN` and
-//!   doubles, up to `READ_BYTES_MAX`, while reads fill what they asked for,
-//!   and halves back when they use less than a quarter.
+//!   connection zeroed up to 1 MiB per read. Here a plain TCP connection
+//!   reads into the buffer's spare capacity as it is, uninitialized (the
+//!   kernel writes it: `glommio::net::TcpStream::poll_read_uninit`, a
+//!   keelson patch), and any other stream (rustls) is asked for what recent
+//!   reads needed, zeroed first: it starts at `READ_BYTES_MIN` and doubles,
+//!   up to `READ_BYTES_MAX`, while reads fill what they asked for, and
+//!   halves back when they use less than a quarter.
 //! - Writes: `Compat` is not vectored, so h2 writes a DATA frame's payload
 //!   that it keeps apart from its frame buffer (over 256 bytes: a range
 //!   answer with one value) in a second write call. Here vectored writes of
@@ -43,23 +46,74 @@ impl<S> TokioIo<S> {
     }
 }
 
-impl<S: futures::io::AsyncRead + Unpin> tokio::io::AsyncRead for TokioIo<S> {
+/// A stream that reads into a `ReadBuf`; `read_ask` is the reader's state
+/// for streams that must be given initialized memory.
+pub trait ReadInto {
+    fn poll_read_into(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+        read_ask: &mut usize,
+    ) -> Poll<io::Result<()>>;
+}
+
+impl ReadInto for glommio::net::TcpStream {
+    fn poll_read_into(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+        _: &mut usize,
+    ) -> Poll<io::Result<()>> {
+        // SAFETY: the spare capacity is only written (by the kernel), and
+        // only the `n` bytes it wrote are then marked filled.
+        let spare = unsafe { buf.unfilled_mut() };
+        let n = std::task::ready!(self.poll_read_uninit(cx, spare))?;
+        unsafe { buf.assume_init(n) };
+        buf.advance(n);
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl<S: futures::io::AsyncRead + futures::io::AsyncWrite + Unpin> ReadInto
+    for futures_rustls::server::TlsStream<S>
+{
+    fn poll_read_into(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+        read_ask: &mut usize,
+    ) -> Poll<io::Result<()>> {
+        poll_read_zeroed(self, cx, buf, read_ask)
+    }
+}
+
+/// Reads into zeroed memory, as much as recent reads needed (`read_ask`).
+fn poll_read_zeroed<S: futures::io::AsyncRead + ?Sized>(
+    inner: Pin<&mut S>,
+    cx: &mut Context<'_>,
+    buf: &mut tokio::io::ReadBuf<'_>,
+    read_ask: &mut usize,
+) -> Poll<io::Result<()>> {
+    let want = buf.remaining().min(*read_ask);
+    let slice = &mut buf.initialize_unfilled_to(want)[..want];
+    let n = std::task::ready!(inner.poll_read(cx, slice))?;
+    if n == *read_ask {
+        *read_ask = (*read_ask * 2).min(READ_BYTES_MAX);
+    } else if n < *read_ask / 4 {
+        *read_ask = (*read_ask / 2).max(READ_BYTES_MIN);
+    }
+    buf.advance(n);
+    Poll::Ready(Ok(()))
+}
+
+impl<S: ReadInto + Unpin> tokio::io::AsyncRead for TokioIo<S> {
     fn poll_read(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &mut tokio::io::ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let this = self.get_mut();
-        let want = buf.remaining().min(this.read_ask);
-        let slice = &mut buf.initialize_unfilled_to(want)[..want];
-        let n = std::task::ready!(Pin::new(&mut this.inner).poll_read(cx, slice))?;
-        if n == this.read_ask {
-            this.read_ask = (this.read_ask * 2).min(READ_BYTES_MAX);
-        } else if n < this.read_ask / 4 {
-            this.read_ask = (this.read_ask / 2).max(READ_BYTES_MIN);
-        }
-        buf.advance(n);
-        Poll::Ready(Ok(()))
+        Pin::new(&mut this.inner).poll_read_into(cx, buf, &mut this.read_ask)
     }
 }
 
@@ -144,6 +198,17 @@ mod tests {
         }
     }
 
+    impl ReadInto for Recorder {
+        fn poll_read_into(
+            self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+            buf: &mut tokio::io::ReadBuf<'_>,
+            read_ask: &mut usize,
+        ) -> Poll<io::Result<()>> {
+            poll_read_zeroed(self, cx, buf, read_ask)
+        }
+    }
+
     impl futures::io::AsyncWrite for Recorder {
         fn poll_write(
             mut self: Pin<&mut Self>,
@@ -219,5 +284,49 @@ mod tests {
             }
             assert_eq!(io.read_ask, READ_BYTES_MIN);
         });
+    }
+
+    /// A plain TCP connection reads into h2-like spare capacity left
+    /// uninitialized (`read_buf` on a `Vec` with room): every byte sent
+    /// arrives, in order, whatever the sizes of the reads.
+    #[test]
+    fn tcp_reads_into_uninitialized_capacity_deliver_every_byte() {
+        let total = 3 * READ_BYTES_MAX + 12_345;
+        let input: Vec<u8> = (0..total).map(|i| (i * 7 + i / 251) as u8).collect();
+        let want = input.clone();
+        glommio::LocalExecutorBuilder::default()
+            .spawn(move || async move {
+                let listener = glommio::net::TcpListener::bind("127.0.0.1:0").unwrap();
+                let addr = listener.local_addr().unwrap();
+                let writer = glommio::spawn_local(async move {
+                    use futures::io::AsyncWriteExt as _;
+                    let mut c = glommio::net::TcpStream::connect(addr).await.unwrap();
+                    // Uneven pieces, so that reads end mid-way.
+                    for piece in input.chunks(100_003) {
+                        c.write_all(piece).await.unwrap();
+                    }
+                    c.close().await.unwrap();
+                });
+                let stream = listener.accept().await.unwrap();
+                let mut io = TokioIo::new(stream);
+                let mut got: Vec<u8> = Vec::new();
+                let mut reads = 0;
+                loop {
+                    // Spare capacity the read sees uninitialized.
+                    got.reserve(64 << 10);
+                    let n = io.read_buf(&mut got).await.unwrap();
+                    if n == 0 {
+                        break;
+                    }
+                    reads += 1;
+                }
+                writer.await;
+                assert!(reads > 1);
+                assert_eq!(got.len(), want.len());
+                assert!(got == want, "bytes differ");
+            })
+            .unwrap()
+            .join()
+            .unwrap();
     }
 }

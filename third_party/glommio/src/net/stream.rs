@@ -258,6 +258,20 @@ impl<S: AsRawFd> NonBufferedStream<S> {
         cx: &Context<'_>,
         buf: &mut [u8],
     ) -> Poll<io::Result<usize>> {
+        self.poll_read_uninit(cx, unsafe {
+            // SAFETY: initialized bytes are valid `MaybeUninit`s, and
+            // `poll_read_uninit` writes only bytes (never uninit ones).
+            &mut *(buf as *mut [u8] as *mut [std::mem::MaybeUninit<u8>])
+        })
+    }
+
+    /// keelson: `poll_read` into memory that need not be initialized: on
+    /// `Ready(Ok(n))` the kernel has written the first `n` bytes of `buf`.
+    pub(crate) fn poll_read_uninit(
+        &mut self,
+        cx: &Context<'_>,
+        buf: &mut [std::mem::MaybeUninit<u8>],
+    ) -> Poll<io::Result<usize>> {
         let reactor = self.reactor.upgrade().unwrap();
         let reactor = reactor.as_ref();
 
@@ -268,7 +282,9 @@ impl<S: AsRawFd> NonBufferedStream<S> {
             .unwrap_or(true);
 
         if no_pending_poll {
-            if let Some(result) = super::yolo_recv(self.stream.as_raw_fd(), buf) {
+            if let Some(result) =
+                super::yolo_recv_raw(self.stream.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len())
+            {
                 self.source_rx.take();
                 self.read_timeout.cancel_timer(reactor);
                 let result = poll_err!(result);
@@ -391,6 +407,17 @@ where
     unsafe fn from_raw_fd(fd: RawFd) -> Self {
         let socket = socket2::Socket::from_raw_fd(fd);
         GlommioStream::from(socket)
+    }
+}
+
+impl<S: AsRawFd> GlommioStream<S, NonBuffered> {
+    /// keelson: see `NonBufferedStream::poll_read_uninit`.
+    pub(crate) fn poll_read_uninit(
+        &mut self,
+        cx: &Context<'_>,
+        buf: &mut [std::mem::MaybeUninit<u8>],
+    ) -> Poll<io::Result<usize>> {
+        self.stream.poll_read_uninit(cx, buf)
     }
 }
 

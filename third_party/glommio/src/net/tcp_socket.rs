@@ -701,6 +701,21 @@ impl<B: Buffered + Unpin> AsyncBufRead for TcpStream<B> {
     }
 }
 
+impl TcpStream {
+    /// keelson: reads into memory that need not be initialized (so that a
+    /// reader need not zero its buffer first). On `Ready(Ok(n))` the first
+    /// `n` bytes of `buf` were written by the kernel; `Ok(0)` is the end of
+    /// the stream, as for `AsyncRead::poll_read`.
+    #[doc(hidden)]
+    pub fn poll_read_uninit(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut [std::mem::MaybeUninit<u8>],
+    ) -> Poll<io::Result<usize>> {
+        self.stream.poll_read_uninit(cx, buf)
+    }
+}
+
 impl<B: RxBuf + Unpin> AsyncRead for TcpStream<B> {
     fn poll_read(
         mut self: Pin<&mut Self>,
