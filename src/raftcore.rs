@@ -54,6 +54,9 @@ pub enum RaftMsg {
         data: Vec<u8>,
         reply: Reply,
     },
+    /// The writes of one core's clients from one turn of its executor, in
+    /// the order they were made (`server::Outbox`): each as a `Propose`.
+    ProposeMany(Vec<(Vec<u8>, Reply)>),
     ReadIndex {
         reply: ReadReply,
     },
@@ -941,6 +944,25 @@ pub async fn run_raft(
         }};
     }
 
+    // A client's write: proposed, or held while no leader is known.
+    macro_rules! propose {
+        ($data:expr, $reply:expr) => {{
+            let (data, reply) = ($data, $reply);
+            if node.raft.leader_id == raft::INVALID_ID {
+                // As etcd's raft node, which takes no proposal while it
+                // knows no leader: the write waits for one (an election),
+                // or its request times out.
+                if leaderless.len() < LEADERLESS_MAX {
+                    leaderless.push_back((ticks, data, reply));
+                } else {
+                    reply.send(Err(error::no_leader()), &router);
+                }
+            } else {
+                add_proposal!(data, reply);
+            }
+        }};
+    }
+
     // Ticks arrive as messages (`spawn_ticker`), so the loop sleeps only on
     // its mailbox and never re-arms a timer per turn.
     loop {
@@ -1237,19 +1259,11 @@ pub async fn run_raft(
                         crate::debug!("raft: step: {e}");
                     }
                 }
-                RaftMsg::Propose { data, reply } => {
-                    if node.raft.leader_id == raft::INVALID_ID {
-                        // As etcd's raft node, which takes no proposal
-                        // while it knows no leader: the write waits for
-                        // one (an election), or its request times out.
-                        if leaderless.len() < LEADERLESS_MAX {
-                            leaderless.push_back((ticks, data, reply));
-                        } else {
-                            reply.send(Err(error::no_leader()), &router);
-                        }
-                        continue;
+                RaftMsg::Propose { data, reply } => propose!(data, reply),
+                RaftMsg::ProposeMany(writes) => {
+                    for (data, reply) in writes {
+                        propose!(data, reply);
                     }
-                    add_proposal!(data, reply);
                 }
                 RaftMsg::ReadIndex { reply } => reads.push(reply),
                 RaftMsg::Checkpointed { shard, index } => {

@@ -343,13 +343,7 @@ async fn propose_encoded(core: &Core, data: Vec<u8>) -> Result<WriteResult, Stat
     // times the write out; dropping this future gives the slot up.
     let slot = core.writes.begin();
     let wait = core.writes.wait(slot);
-    core.router.raft.send(RaftMsg::Propose {
-        data,
-        reply: crate::apply::Reply::Core {
-            core: core.id,
-            slot,
-        },
-    });
+    core.writes.propose(data, slot);
     let res = wait.await?;
     core.view
         .revision

@@ -1536,6 +1536,13 @@ pub fn run(cfg: Config) -> Result<(), String> {
                 {
                     let ctx = ctx.clone();
                     glommio::spawn_local(async move {
+                        ctx.writes.send_proposals(ctx.id, &ctx.router.raft).await
+                    })
+                    .detach();
+                }
+                {
+                    let ctx = ctx.clone();
+                    glommio::spawn_local(async move {
                         let mut msgs = Vec::new();
                         while core_rx.recv_batch(&mut msgs, 256).await {
                             ctx.on_msgs(&mut msgs);

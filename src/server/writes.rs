@@ -10,14 +10,21 @@
 //! per core fails the expired ones with etcd's `request timed out`, so no
 //! write arms a timer of its own.
 //!
+//! The proposals themselves go to the raft core through an outbox: the
+//! writes a core's clients make in one turn of its executor (typically
+//! every request one read of a connection brought) travel as one
+//! `RaftMsg::ProposeMany`, sent by one task per core that runs after the
+//! handlers of that turn, not as one cross-core message each.
+//!
 //! *Invariants:* a slot is answered at most once; an answer for a slot
 //! that was given up (timed out, or its client went away) and reused is
 //! dropped, never delivered to the new occupant (slots carry a
 //! generation); the table and the deadline queue hold at most one entry
 //! per write in progress plus expired-but-not-swept deadlines.
 
-use crate::apply::WriteResult;
+use crate::apply::{Reply, WriteResult};
 use crate::error::{self, Status};
+use crate::raftcore::RaftMsg;
 use std::cell::{Cell, RefCell};
 use std::collections::VecDeque;
 use std::future::Future;
@@ -53,6 +60,11 @@ pub struct Writes {
     timeout: Duration,
     /// The sweeper, parked while no write waits.
     sweeper: Cell<Option<Waker>>,
+    /// Proposals not yet sent to the raft core, in the order they were
+    /// made, with the slot each answer goes to.
+    outbox: RefCell<Vec<(Vec<u8>, WriteSlot)>>,
+    /// The sender (`send_proposals`), parked while the outbox is empty.
+    sender: Cell<Option<Waker>>,
 }
 
 impl Writes {
@@ -63,6 +75,47 @@ impl Writes {
             deadlines: RefCell::new(VecDeque::new()),
             timeout,
             sweeper: Cell::new(None),
+            outbox: RefCell::new(Vec::new()),
+            sender: Cell::new(None),
+        }
+    }
+
+    /// Queues the proposal of the write that took `slot`; it goes to the
+    /// raft core with the others of this executor turn (`send_proposals`).
+    pub fn propose(&self, data: Vec<u8>, slot: WriteSlot) {
+        let mut out = self.outbox.borrow_mut();
+        out.push((data, slot));
+        if out.len() == 1 {
+            if let Some(w) = self.sender.take() {
+                w.wake();
+            }
+        }
+    }
+
+    /// Sends what `propose` queued as one message per wake-up, the writes
+    /// in the order they were proposed, each answered to this core
+    /// (`core`). Runs for the life of the core; ends only if the raft core
+    /// is gone (shutting down).
+    pub async fn send_proposals(&self, core: usize, raft: &crate::mailbox::Sender<RaftMsg>) {
+        loop {
+            std::future::poll_fn(|cx| {
+                if self.outbox.borrow().is_empty() {
+                    self.sender.set(Some(cx.waker().clone()));
+                    Poll::Pending
+                } else {
+                    Poll::Ready(())
+                }
+            })
+            .await;
+            let batch: Vec<_> = self
+                .outbox
+                .borrow_mut()
+                .drain(..)
+                .map(|(data, slot)| (data, Reply::Core { core, slot }))
+                .collect();
+            if !raft.send(RaftMsg::ProposeMany(batch)) {
+                return;
+            }
         }
     }
 
@@ -340,6 +393,58 @@ mod tests {
             let c = w.begin();
             assert!(w.wait(c).await.is_err());
             drop(sweeper);
+        });
+    }
+
+    /// The proposals of one executor turn go to the raft core as one
+    /// message, in the order they were made, each naming its slot on this
+    /// core; a proposal made later goes in a message of its own.
+    #[test]
+    fn proposals_of_one_turn_travel_together_in_order() {
+        let ex = glommio::LocalExecutorBuilder::default()
+            .preempt_timers(false)
+            .make()
+            .expect("executor");
+        ex.run(async {
+            let (tx, rx) = crate::mailbox::mailbox::<RaftMsg>();
+            let w = std::rc::Rc::new(Writes::new(Duration::from_secs(5)));
+            let sender = {
+                let w = w.clone();
+                glommio::spawn_local(async move { w.send_proposals(3, &tx).await })
+            };
+            let slots: Vec<_> = (0..3).map(|_| w.begin()).collect();
+            for (i, &s) in slots.iter().enumerate() {
+                w.propose(vec![i as u8], s);
+            }
+            assert!(rx.try_recv().is_none(), "sent before the turn ended");
+            let mut got = Vec::new();
+            assert!(rx.recv_batch(&mut got, 16).await);
+            let [RaftMsg::ProposeMany(batch)] = &got[..] else {
+                panic!("one message of proposals expected");
+            };
+            let seen: Vec<_> = batch
+                .iter()
+                .map(|(d, r)| match r {
+                    Reply::Core { core: 3, slot } => (d.clone(), *slot),
+                    _ => panic!("a reply to this core's slot expected"),
+                })
+                .collect();
+            assert_eq!(
+                seen,
+                vec![
+                    (vec![0], slots[0]),
+                    (vec![1], slots[1]),
+                    (vec![2], slots[2])
+                ]
+            );
+            let late = w.begin();
+            w.propose(vec![9], late);
+            got.clear();
+            assert!(rx.recv_batch(&mut got, 16).await);
+            assert!(
+                matches!(&got[..], [RaftMsg::ProposeMany(b)] if b.len() == 1 && b[0].0 == vec![9])
+            );
+            drop(sender);
         });
     }
 }
