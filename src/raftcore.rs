@@ -47,6 +47,16 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
+/// A client's write on its way to the log: the encoded command and, when
+/// the proposing core has it at hand, the same command decoded, so that
+/// the member that proposed it need not decode its own entry again
+/// (`hand_off`). *Invariant:* `cmd`, when given, is what `data` decodes to.
+pub struct Proposal {
+    pub data: Vec<u8>,
+    pub cmd: Option<RaftCommand>,
+    pub reply: Reply,
+}
+
 pub enum RaftMsg {
     /// A heartbeat interval passed (from the ticker task).
     Tick,
@@ -55,8 +65,8 @@ pub enum RaftMsg {
         reply: Reply,
     },
     /// The writes of one core's clients from one turn of its executor, in
-    /// the order they were made (`server::Outbox`): each as a `Propose`.
-    ProposeMany(Vec<(Vec<u8>, Reply)>),
+    /// the order they were made (`server::writes`): each as a `Propose`.
+    ProposeMany(Vec<Proposal>),
     ReadIndex {
         reply: ReadReply,
     },
@@ -636,7 +646,7 @@ impl SnapshotInbox {
 #[derive(Default)]
 struct Proposals {
     entries: Vec<Entry>,
-    replies: Vec<(u64, Reply)>,
+    replies: Vec<(u64, Reply, Option<RaftCommand>)>,
     bytes: usize,
     /// Where the entries' data and contexts are copied to, split off one
     /// after another: raft-rs clones every entry it appends, and a slice of
@@ -653,7 +663,7 @@ const PROPOSE_BATCH_ENTRIES: usize = 1024;
 const PROPOSE_BATCH_BYTES: usize = 1 << 20;
 
 impl Proposals {
-    fn add(&mut self, nonce: u64, data: &[u8], id: u64, reply: Reply) {
+    fn add(&mut self, nonce: u64, data: &[u8], id: u64, reply: Reply, cmd: Option<RaftCommand>) {
         let need = data.len() + PROPOSAL_CTX_BYTES;
         self.bytes += need;
         if self.buf.capacity() < need {
@@ -665,7 +675,7 @@ impl Proposals {
         self.buf.extend_from_slice(&proposal_ctx_bytes(nonce, id));
         e.context = self.buf.split().freeze();
         self.entries.push(e);
-        self.replies.push((id, reply));
+        self.replies.push((id, reply, cmd));
     }
 
     fn full(&self) -> bool {
@@ -691,13 +701,13 @@ impl Proposals {
         m.set_entries(std::mem::take(&mut self.entries).into());
         match node.raft.step(m) {
             Ok(()) => {
-                for (id, reply) in self.replies.drain(..) {
-                    waiters.insert(id, (ticks, reply));
+                for (id, reply, cmd) in self.replies.drain(..) {
+                    waiters.insert(id, (ticks, reply, cmd));
                 }
             }
             Err(e) => {
                 let st = raft_refused(e);
-                for (_, reply) in self.replies.drain(..) {
+                for (_, reply, _) in self.replies.drain(..) {
                     reply.send(Err(st.clone()), router);
                 }
             }
@@ -916,7 +926,7 @@ pub async fn run_raft(
     let mut reads: Vec<ReadReply> = Vec::new();
     // Writes that arrived while this member knew no leader: (tick, data,
     // reply), oldest first.
-    let mut leaderless: std::collections::VecDeque<(u64, Vec<u8>, Reply)> =
+    let mut leaderless: std::collections::VecDeque<(u64, Vec<u8>, Reply, Option<RaftCommand>)> =
         std::collections::VecDeque::new();
     // Read batches waiting for their ReadIndex: id → (tick it was last
     // asked at, replies).
@@ -934,10 +944,10 @@ pub async fn run_raft(
     // A client write joins this turn's proposal batch (stepped at once when
     // the batch is full): from the mailbox, or from `leaderless`.
     macro_rules! add_proposal {
-        ($data:expr, $reply:expr) => {{
+        ($data:expr, $reply:expr, $cmd:expr) => {{
             let id = next_id;
             next_id += 1;
-            proposals.add(nonce, &$data, id, $reply);
+            proposals.add(nonce, &$data, id, $reply, $cmd);
             if proposals.full() {
                 proposals.step(&mut node, &mut waiters, ticks, &router);
             }
@@ -946,19 +956,19 @@ pub async fn run_raft(
 
     // A client's write: proposed, or held while no leader is known.
     macro_rules! propose {
-        ($data:expr, $reply:expr) => {{
-            let (data, reply) = ($data, $reply);
+        ($data:expr, $reply:expr, $cmd:expr) => {{
+            let (data, reply, cmd) = ($data, $reply, $cmd);
             if node.raft.leader_id == raft::INVALID_ID {
                 // As etcd's raft node, which takes no proposal while it
                 // knows no leader: the write waits for one (an election),
                 // or its request times out.
                 if leaderless.len() < LEADERLESS_MAX {
-                    leaderless.push_back((ticks, data, reply));
+                    leaderless.push_back((ticks, data, reply, cmd));
                 } else {
                     reply.send(Err(error::no_leader()), &router);
                 }
             } else {
-                add_proposal!(data, reply);
+                add_proposal!(data, reply, cmd);
             }
         }};
     }
@@ -998,7 +1008,7 @@ pub async fn run_raft(
                     if ticks % 16 == 0 {
                         // Requests whose client gave up (timed out) while
                         // their entry or read was lost in a leader change.
-                        waiters.retain(|_, (t, r)| {
+                        waiters.retain(|_, (t, r, _)| {
                             !r.is_canceled() && ticks.saturating_sub(*t) < waiter_ticks_max
                         });
                         ms.waiters.retain(|_, r| !r.is_canceled());
@@ -1259,10 +1269,10 @@ pub async fn run_raft(
                         crate::debug!("raft: step: {e}");
                     }
                 }
-                RaftMsg::Propose { data, reply } => propose!(data, reply),
+                RaftMsg::Propose { data, reply } => propose!(data, reply, None),
                 RaftMsg::ProposeMany(writes) => {
-                    for (data, reply) in writes {
-                        propose!(data, reply);
+                    for p in writes {
+                        propose!(p.data, p.reply, p.cmd);
                     }
                 }
                 RaftMsg::ReadIndex { reply } => reads.push(reply),
@@ -1280,16 +1290,16 @@ pub async fn run_raft(
         // Writes that waited for a leader go now, unless their request
         // timed out meanwhile (their clients were answered so).
         if node.raft.leader_id != raft::INVALID_ID {
-            while let Some((at, data, reply)) = leaderless.pop_front() {
+            while let Some((at, data, reply, cmd)) = leaderless.pop_front() {
                 if ticks.saturating_sub(at) >= transfer_ticks {
                     continue;
                 }
-                add_proposal!(data, reply);
+                add_proposal!(data, reply, cmd);
             }
         } else if ticks % 16 == 0 {
             while leaderless
                 .front()
-                .is_some_and(|(at, _, _)| ticks.saturating_sub(*at) >= transfer_ticks)
+                .is_some_and(|(at, _, _, _)| ticks.saturating_sub(*at) >= transfer_ticks)
             {
                 leaderless.pop_front();
             }
@@ -1550,7 +1560,11 @@ fn answer_after<T: 'static>(
 const LEADERLESS_MAX: usize = 10_000;
 
 /// Client writes waiting for their entries, by proposal sequence number.
-type Waiters = HashMap<u64, (u64, Reply), std::hash::BuildHasherDefault<SeqHasher>>;
+/// Writes proposed here, by sequence number: the tick they were proposed
+/// at, where the answer goes, and the command decoded if the proposer gave
+/// it (`Proposal`).
+type Waiters =
+    HashMap<u64, (u64, Reply, Option<RaftCommand>), std::hash::BuildHasherDefault<SeqHasher>>;
 
 /// Hashes the sequence numbers of `Waiters` (unique, from one counter):
 /// a multiply spreads them over the table, with none of SipHash's cost.
@@ -1787,11 +1801,17 @@ fn hand_off(
             ),
             _ => None,
         };
-        let reply = seq.and_then(|s| waiters.remove(&s)).map(|(_, r)| r);
+        let (reply, given) = match seq.and_then(|s| waiters.remove(&s)) {
+            Some((_, r, cmd)) => (Some(r), cmd),
+            None => (None, None),
+        };
         let cmd = match e.get_entry_type() {
             EntryType::EntryNormal if e.data.is_empty() => None,
             // From the entry's `Bytes`: a put's key and value stay slices
             // of the entry's data.
+            // A client write proposed here comes with its command decoded
+            // (the kinds the raft core handles itself, below, never do).
+            EntryType::EntryNormal if given.as_ref().is_some_and(is_client_write) => given,
             EntryType::EntryNormal => match RaftCommand::decode(e.data.clone()) {
                 Ok(c) => {
                     use crate::proto::keelson::raft_command::Cmd;
@@ -1873,6 +1893,16 @@ fn hand_off(
         });
     }
     router.applier.send(ApplierMsg::Committed(out));
+}
+
+/// A command clients' writes make (what `Proposal::cmd` may hold), as
+/// opposed to those the raft core handles itself in `hand_off`.
+fn is_client_write(c: &RaftCommand) -> bool {
+    use crate::proto::keelson::raft_command::Cmd;
+    !matches!(
+        c.cmd,
+        None | Some(Cmd::MemberAttributes(_)) | Some(Cmd::Auth(_)) | Some(Cmd::Alarm(_))
+    )
 }
 
 /// Proposes one of the raft core's own commands (alarms, auth) with this

@@ -330,12 +330,16 @@ async fn defragment(core: &Core) -> Result<(), Status> {
 /// Proposes a command and waits until it is applied.
 async fn propose(core: &Core, cmd: RaftCommand) -> Result<WriteResult, Status> {
     check_alarms(core, &cmd)?;
-    propose_encoded(core, cmd.encode_to_vec()).await
+    propose_encoded(core, cmd.encode_to_vec(), cmd).await
 }
 
 /// Proposes an encoded `RaftCommand` (its alarms checked) and waits until
-/// it is applied.
-async fn propose_encoded(core: &Core, data: Vec<u8>) -> Result<WriteResult, Status> {
+/// it is applied. `cmd` is what `data` decodes to (`raftcore::Proposal`).
+async fn propose_encoded(
+    core: &Core,
+    data: Vec<u8>,
+    cmd: RaftCommand,
+) -> Result<WriteResult, Status> {
     if data.len() > core.router.member.max_request_bytes {
         return Err(error::request_too_large());
     }
@@ -343,7 +347,7 @@ async fn propose_encoded(core: &Core, data: Vec<u8>) -> Result<WriteResult, Stat
     // times the write out; dropping this future gives the slot up.
     let slot = core.writes.begin();
     let wait = core.writes.wait(slot);
-    core.writes.propose(data, slot);
+    core.writes.propose(data, Some(cmd), slot);
     let res = wait.await?;
     core.view
         .revision
@@ -469,10 +473,11 @@ pub(super) async fn put(core: &Core, req: PutRequest, raw: &[u8]) -> Result<PutR
     // etcd's quota check comes before the request's own checks.
     check_quota(core, quota_cost_put(&req)).await?;
     kv::check_put(&req)?;
-    if core.view.alarms.get() != 0 {
-        check_alarms(core, &single_op_txn(request_op::Request::RequestPut(req)))?;
-    }
-    let res = propose_encoded(core, put_command(raw)).await?;
+    // `raw` is what `req` was decoded from, so the command is what the
+    // wrapped bytes decode to.
+    let cmd = single_op_txn(request_op::Request::RequestPut(req));
+    check_alarms(core, &cmd)?;
+    let res = propose_encoded(core, put_command(raw), cmd).await?;
     let prev_kv = match res
         .txn
         .responses
@@ -1089,7 +1094,8 @@ mod tests {
     use super::*;
 
     /// A put proposed around its own encoding decodes to the command a
-    /// decode-and-encode round would propose, for puts with and without
+    /// decode-and-encode round would propose, and to the command `put`
+    /// hands the raft core decoded, for puts with and without
     /// options, empty and long values (lengths of one and two varint bytes).
     #[test]
     fn a_put_command_built_around_the_request_is_the_encoded_txn() {
@@ -1119,7 +1125,12 @@ mod tests {
             let built = put_command(&raw);
             let want = single_op_txn(request_op::Request::RequestPut(p)).encode_to_vec();
             assert_eq!(built, want);
-            assert!(RaftCommand::decode(&built[..]).is_ok());
+            // What `put` gives the raft core decoded (`Proposal::cmd`) is
+            // what the entry's data decodes to.
+            let given = single_op_txn(request_op::Request::RequestPut(
+                PutRequest::decode(&raw[..]).unwrap(),
+            ));
+            assert_eq!(RaftCommand::decode(&built[..]).unwrap(), given);
         }
     }
 }

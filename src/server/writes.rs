@@ -24,7 +24,8 @@
 
 use crate::apply::{Reply, WriteResult};
 use crate::error::{self, Status};
-use crate::raftcore::RaftMsg;
+use crate::proto::keelson::RaftCommand;
+use crate::raftcore::{Proposal, RaftMsg};
 use std::cell::{Cell, RefCell};
 use std::collections::VecDeque;
 use std::future::Future;
@@ -62,7 +63,7 @@ pub struct Writes {
     sweeper: Cell<Option<Waker>>,
     /// Proposals not yet sent to the raft core, in the order they were
     /// made, with the slot each answer goes to.
-    outbox: RefCell<Vec<(Vec<u8>, WriteSlot)>>,
+    outbox: RefCell<Vec<(Vec<u8>, Option<RaftCommand>, WriteSlot)>>,
     /// The sender (`send_proposals`), parked while the outbox is empty.
     sender: Cell<Option<Waker>>,
 }
@@ -80,11 +81,13 @@ impl Writes {
         }
     }
 
-    /// Queues the proposal of the write that took `slot`; it goes to the
-    /// raft core with the others of this executor turn (`send_proposals`).
-    pub fn propose(&self, data: Vec<u8>, slot: WriteSlot) {
+    /// Queues the proposal of the write that took `slot` (`data`, and the
+    /// same command decoded if at hand: `raftcore::Proposal`); it goes to
+    /// the raft core with the others of this executor turn
+    /// (`send_proposals`).
+    pub fn propose(&self, data: Vec<u8>, cmd: Option<RaftCommand>, slot: WriteSlot) {
         let mut out = self.outbox.borrow_mut();
-        out.push((data, slot));
+        out.push((data, cmd, slot));
         if out.len() == 1 {
             if let Some(w) = self.sender.take() {
                 w.wake();
@@ -111,7 +114,11 @@ impl Writes {
                 .outbox
                 .borrow_mut()
                 .drain(..)
-                .map(|(data, slot)| (data, Reply::Core { core, slot }))
+                .map(|(data, cmd, slot)| Proposal {
+                    data,
+                    cmd,
+                    reply: Reply::Core { core, slot },
+                })
                 .collect();
             if !raft.send(RaftMsg::ProposeMany(batch)) {
                 return;
@@ -414,7 +421,7 @@ mod tests {
             };
             let slots: Vec<_> = (0..3).map(|_| w.begin()).collect();
             for (i, &s) in slots.iter().enumerate() {
-                w.propose(vec![i as u8], s);
+                w.propose(vec![i as u8], None, s);
             }
             assert!(rx.try_recv().is_none(), "sent before the turn ended");
             let mut got = Vec::new();
@@ -424,8 +431,8 @@ mod tests {
             };
             let seen: Vec<_> = batch
                 .iter()
-                .map(|(d, r)| match r {
-                    Reply::Core { core: 3, slot } => (d.clone(), *slot),
+                .map(|p| match &p.reply {
+                    Reply::Core { core: 3, slot } => (p.data.clone(), *slot),
                     _ => panic!("a reply to this core's slot expected"),
                 })
                 .collect();
@@ -438,11 +445,11 @@ mod tests {
                 ]
             );
             let late = w.begin();
-            w.propose(vec![9], late);
+            w.propose(vec![9], None, late);
             got.clear();
             assert!(rx.recv_batch(&mut got, 16).await);
             assert!(
-                matches!(&got[..], [RaftMsg::ProposeMany(b)] if b.len() == 1 && b[0].0 == vec![9])
+                matches!(&got[..], [RaftMsg::ProposeMany(b)] if b.len() == 1 && b[0].data == vec![9])
             );
             drop(sender);
         });
