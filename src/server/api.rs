@@ -230,12 +230,19 @@ pub async fn call(m: Method, body: &bytes::Bytes, core: &Core) -> Result<Framed,
         Method::LeaseTimeToLive => lease_time_to_live(core, decode(body)?).await?.framed(),
         Method::LeaseLeases => lease_leases(core, decode(body)?).await?.framed(),
         Method::MoveLeader => move_leader(core, decode(body)?).await?.framed(),
-        Method::Lock => coord::lock(core, decode(body)?).await?.framed(),
-        Method::Unlock => coord::unlock(core, decode(body)?).await?.framed(),
-        Method::Campaign => coord::campaign(core, decode(body)?).await?.framed(),
-        Method::Proclaim => coord::proclaim(core, decode(body)?).await?.framed(),
-        Method::Leader => coord::leader(core, decode(body)?).await?.framed(),
-        Method::Resign => coord::resign(core, decode(body)?).await?.framed(),
+        // Lock and Election calls are boxed: their futures are the largest
+        // (up to 1.2 KB), and every call's task, a Put's too, is as large
+        // as this function's largest branch and is moved whole when spawned.
+        Method::Lock => Box::pin(coord::lock(core, decode(body)?)).await?.framed(),
+        Method::Unlock => Box::pin(coord::unlock(core, decode(body)?)).await?.framed(),
+        Method::Campaign => Box::pin(coord::campaign(core, decode(body)?))
+            .await?
+            .framed(),
+        Method::Proclaim => Box::pin(coord::proclaim(core, decode(body)?))
+            .await?
+            .framed(),
+        Method::Leader => Box::pin(coord::leader(core, decode(body)?)).await?.framed(),
+        Method::Resign => Box::pin(coord::resign(core, decode(body)?)).await?.framed(),
         Method::HealthCheck => {
             let _: crate::proto::health::HealthCheckRequest = decode(body)?;
             crate::proto::health::HealthCheckResponse {
