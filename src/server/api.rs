@@ -187,7 +187,7 @@ pub async fn call(m: Method, body: &bytes::Bytes, core: &Core) -> Result<Framed,
     }
     Ok(match m {
         Method::Range => range(core, decode(body)?).await?.framed(),
-        Method::Put => put(core, decode(body)?, body).await?.framed(),
+        Method::Put => framed_put(&put(core, decode(body)?, body).await?),
         Method::DeleteRange => delete_range(core, decode(body)?).await?.framed(),
         Method::Txn => txn(core, decode(body)?).await?.framed(),
         Method::Compact => compact(core, decode(body)?).await?.framed(),
@@ -294,6 +294,52 @@ impl<M: Message> EncodeFramed for M {
         self.encode_raw(&mut v);
         Framed(v)
     }
+}
+
+/// A put's answer, framed. One without a previous value (nearly every
+/// put) is written by hand: prost writes a varint a byte at a time through
+/// `BufMut`, and the header's four (cluster and member IDs take ten bytes
+/// each) were most of the encoding's cost. The bytes are prost's.
+fn framed_put(r: &PutResponse) -> Framed {
+    let (Some(h), None) = (&r.header, &r.prev_kv) else {
+        return r.framed();
+    };
+    // Tag and ten varint bytes for each of the header's four fields.
+    let mut head = [0u8; 44];
+    let mut n = 0;
+    for (tag, v) in [
+        (0x08, h.cluster_id),
+        (0x10, h.member_id),
+        (0x18, h.revision as u64),
+        (0x20, h.raft_term),
+    ] {
+        if v != 0 {
+            head[n] = tag;
+            n += 1;
+            n += put_varint(&mut head[n..], v);
+        }
+    }
+    let len = 2 + n;
+    let mut v = Vec::with_capacity(GRPC_PREFIX_BYTES + len);
+    v.push(0);
+    v.extend_from_slice(&(len as u32).to_be_bytes());
+    // PutResponse.header = 1, length-delimited; n < 128: a one-byte length.
+    v.extend_from_slice(&[0x0a, n as u8]);
+    v.extend_from_slice(&head[..n]);
+    Framed(v)
+}
+
+/// Writes `v` as a protobuf varint at the start of `out` (room for ten
+/// bytes); returns the bytes written.
+fn put_varint(out: &mut [u8], mut v: u64) -> usize {
+    let mut i = 0;
+    while v >= 0x80 {
+        out[i] = (v as u8) | 0x80;
+        v >>= 7;
+        i += 1;
+    }
+    out[i] = v as u8;
+    i + 1
 }
 
 pub(crate) fn header(core: &Core, revision: i64) -> Option<ResponseHeader> {
@@ -1099,6 +1145,43 @@ async fn lease_keep_alive(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A put's answer written by hand is byte for byte prost's, for
+    /// zero, small, large and negative header values, with and without a
+    /// previous value.
+    #[test]
+    fn a_put_answer_written_by_hand_is_what_prost_writes() {
+        let values: [u64; 7] = [0, 1, 127, 128, 300, 1 << 35, u64::MAX];
+        let mut n = 0;
+        for &a in &values {
+            for &b in &values {
+                for &c in &values {
+                    for &d in &[0u64, 1, 1 << 40] {
+                        let mut r = PutResponse {
+                            header: Some(ResponseHeader {
+                                cluster_id: a,
+                                member_id: b,
+                                revision: c as i64,
+                                raft_term: d,
+                            }),
+                            prev_kv: None,
+                        };
+                        assert_eq!(framed_put(&r).0, r.framed().0, "{r:?}");
+                        if n % 7 == 0 {
+                            r.prev_kv = Some(crate::proto::mvccpb::KeyValue {
+                                key: b"k".to_vec().into(),
+                                ..Default::default()
+                            });
+                            assert_eq!(framed_put(&r).0, r.framed().0, "{r:?}");
+                        }
+                        n += 1;
+                    }
+                }
+            }
+        }
+        let none = PutResponse::default();
+        assert_eq!(framed_put(&none).0, none.framed().0);
+    }
 
     /// A put proposed around its own encoding decodes to the command a
     /// decode-and-encode round would propose, and to the command `put`
