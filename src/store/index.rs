@@ -143,9 +143,48 @@ impl From<&[u8]> for Key {
     }
 }
 
-impl std::borrow::Borrow<[u8]> for Key {
-    fn borrow(&self) -> &[u8] {
-        self.as_slice()
+/// A key as the tree looks it up: bytes, ordered as `[u8]` is, but
+/// compared by `cmp_keys` (a lookup compares about 20 keys on its way down
+/// a tree of 100k, and `[u8]`'s comparison is a `memcmp` call each).
+#[repr(transparent)]
+#[derive(PartialEq, Eq)]
+struct KeyQ([u8]);
+
+impl KeyQ {
+    fn new(k: &[u8]) -> &KeyQ {
+        // SAFETY: `KeyQ` is `repr(transparent)` over `[u8]`.
+        unsafe { &*(k as *const [u8] as *const KeyQ) }
+    }
+}
+
+impl PartialOrd for KeyQ {
+    fn partial_cmp(&self, other: &KeyQ) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+impl Ord for KeyQ {
+    fn cmp(&self, other: &KeyQ) -> std::cmp::Ordering {
+        cmp_keys(&self.0, &other.0)
+    }
+}
+
+/// `a.cmp(b)` for byte strings, with the first 8 bytes of two keys at
+/// least that long compared as one big-endian integer.
+#[inline]
+fn cmp_keys(a: &[u8], b: &[u8]) -> std::cmp::Ordering {
+    if let (Some(x), Some(y)) = (a.first_chunk::<8>(), b.first_chunk::<8>()) {
+        let (x, y) = (u64::from_be_bytes(*x), u64::from_be_bytes(*y));
+        if x != y {
+            return x.cmp(&y);
+        }
+        return a[8..].cmp(&b[8..]);
+    }
+    a.cmp(b)
+}
+
+impl std::borrow::Borrow<KeyQ> for Key {
+    fn borrow(&self) -> &KeyQ {
+        KeyQ::new(self.as_slice())
     }
 }
 
@@ -162,7 +201,7 @@ impl PartialOrd for Key {
 }
 impl Ord for Key {
     fn cmp(&self, other: &Key) -> std::cmp::Ordering {
-        self.as_slice().cmp(other.as_slice())
+        cmp_keys(self.as_slice(), other.as_slice())
     }
 }
 
@@ -255,7 +294,9 @@ impl<V> Index<V> {
 
     /// The newest version of `key` at or below `rev`, if it is live.
     pub fn get(&self, key: &[u8], rev: Rev) -> Option<&Version<V>> {
-        self.keys.get(key).and_then(|h| visible(h.as_slice(), rev))
+        self.keys
+            .get(KeyQ::new(key))
+            .and_then(|h| visible(h.as_slice(), rev))
     }
 
     /// The newest live version now (what a write in progress sees).
@@ -281,13 +322,16 @@ impl<V> Index<V> {
     /// The histories of the keys in `[key, end)`, in key order (no
     /// allocation: reads of one key are the hot path).
     fn histories<'a>(&'a self, key: &'a [u8], end: End<'a>) -> Histories<'a, V> {
-        let upper: Bound<&[u8]> = match end {
-            End::Single => return Histories::One(self.keys.get_key_value(key)),
+        let upper: Bound<&KeyQ> = match end {
+            End::Single => return Histories::One(self.keys.get_key_value(KeyQ::new(key))),
             End::Unbounded => Bound::Unbounded,
             End::Before(e) if e <= key => return Histories::One(None),
-            End::Before(e) => Bound::Excluded(e),
+            End::Before(e) => Bound::Excluded(KeyQ::new(e)),
         };
-        Histories::Many(self.keys.range::<[u8], _>((Bound::Included(key), upper)))
+        Histories::Many(
+            self.keys
+                .range::<KeyQ, _>((Bound::Included(KeyQ::new(key)), upper)),
+        )
     }
 
     /// Records a put of `key` at `rev` and returns the new version.
@@ -316,18 +360,18 @@ impl<V> Index<V> {
             lease,
             value: Some(value(create_rev, version)),
         };
-        if self.keys.get(key).is_none() {
+        if self.keys.get(KeyQ::new(key)).is_none() {
             let v = make((rev, 1));
             self.keys.insert(key.into(), Hist::One(v));
             self.live += 1;
-        } else if let Some(hist) = self.keys.get_mut(key) {
+        } else if let Some(hist) = self.keys.get_mut(KeyQ::new(key)) {
             let was_live = hist.as_slice().last().is_some_and(|v| !v.is_tombstone());
             let v = make(next(hist.as_slice(), rev));
             hist.push(v);
             self.live += usize::from(!was_live);
         }
         self.keys
-            .get(key)
+            .get(KeyQ::new(key))
             .and_then(|h| h.as_slice().last())
             .expect("just put")
     }
@@ -367,7 +411,7 @@ impl<V> Index<V> {
             }
             (prev, v)
         }
-        if let Some(hist) = self.keys.get_mut(key) {
+        if let Some(hist) = self.keys.get_mut(KeyQ::new(key)) {
             let out = push(Some(hist), rev, f);
             self.live += usize::from(out.0.is_none());
             return out;
@@ -393,7 +437,7 @@ impl<V> Index<V> {
     /// Restores a version read back from a segment (recovery).
     pub fn restore(&mut self, key: &[u8], v: Version<V>) {
         let now_live = !v.is_tombstone();
-        let was_live = match self.keys.get_mut(key) {
+        let was_live = match self.keys.get_mut(KeyQ::new(key)) {
             Some(h) => {
                 let was = h.as_slice().last().is_some_and(|v| !v.is_tombstone());
                 h.push(v);
@@ -413,7 +457,7 @@ impl<V> Index<V> {
 
     /// Records a delete of `key` at `rev`; false if the key was not live.
     pub fn tombstone(&mut self, key: &[u8], rev: Rev) -> bool {
-        match self.keys.get_mut(key) {
+        match self.keys.get_mut(KeyQ::new(key)) {
             Some(h)
                 if h.as_slice()
                     .last()
@@ -452,7 +496,7 @@ impl<V> Index<V> {
     /// before it (for a watch event's prev_kv), if `rev` is still in the
     /// index.
     pub fn version_at(&self, key: &[u8], rev: Rev) -> Option<(&Version<V>, Option<&Version<V>>)> {
-        let hist = self.keys.get(key)?.as_slice();
+        let hist = self.keys.get(KeyQ::new(key))?.as_slice();
         let i = hist.binary_search_by_key(&rev, |v| v.mod_rev).ok()?;
         let prev = i
             .checked_sub(1)
@@ -493,7 +537,10 @@ impl<V> Index<V> {
 
     /// Every version of `key`, oldest first (tests and tools).
     pub fn history(&self, key: &[u8]) -> &[Version<V>] {
-        self.keys.get(key).map(|h| h.as_slice()).unwrap_or(&[])
+        self.keys
+            .get(KeyQ::new(key))
+            .map(|h| h.as_slice())
+            .unwrap_or(&[])
     }
 }
 
@@ -528,6 +575,54 @@ fn visible<V>(hist: &[Version<V>], rev: Rev) -> Option<&Version<V>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The tree's key order is `[u8]`'s: over every pair of a set of keys
+    /// around the 8-byte fast path (shorter, longer, equal first 8 bytes,
+    /// bytes above 0x7f, zero bytes), and a tree of them iterates sorted.
+    #[test]
+    fn keys_compare_as_byte_strings() {
+        let mut keys: Vec<Vec<u8>> = vec![vec![]];
+        for base in [
+            &b"abcdefgh"[..],
+            b"abcdefgi",
+            b"\xffbcdefgh",
+            b"abc",
+            b"\0\0\0\0\0\0\0\0",
+        ] {
+            for extra in [&b""[..], b"\0", b"a", b"\xff", b"zz"] {
+                let mut k = base.to_vec();
+                k.extend_from_slice(extra);
+                keys.push(k.clone());
+                k.truncate(k.len().saturating_sub(1));
+                keys.push(k);
+            }
+        }
+        keys.push(vec![b'x'; 40]);
+        keys.push(vec![b'x'; 41]);
+        for a in &keys {
+            for b in &keys {
+                assert_eq!(cmp_keys(a, b), a.cmp(b), "{a:?} {b:?}");
+                assert_eq!(KeyQ::new(a).cmp(KeyQ::new(b)), a.cmp(b));
+                assert_eq!(Key::from(&a[..]).cmp(&Key::from(&b[..])), a.cmp(b));
+            }
+        }
+        let mut ix = Ix::new();
+        for (i, k) in keys.iter().enumerate() {
+            ix.put(k, 2 + i as Rev, b"v".to_vec().into(), 0);
+        }
+        let mut want = keys.clone();
+        want.sort();
+        want.dedup();
+        let mut got = Vec::new();
+        ix.range(b"", End::Unbounded, Rev::MAX, |k, _| {
+            got.push(k.to_vec());
+            true
+        });
+        assert_eq!(got, want);
+        for k in &want {
+            assert!(ix.latest(k).is_some());
+        }
+    }
 
     /// The tests keep the bytes in the index: what it stores does not
     /// change how it answers.
@@ -750,13 +845,13 @@ mod tests {
             },
         );
         for key in [&b"once"[..], b"restored"] {
-            assert!(matches!(ix.keys[key], Hist::One(_)), "{key:?}");
+            assert!(matches!(ix.keys[KeyQ::new(key)], Hist::One(_)), "{key:?}");
         }
         ix.put(b"once", 3, val("c"), 0);
         assert_eq!(ix.history(b"once").len(), 2);
-        assert!(matches!(ix.keys[&b"once"[..]], Hist::Many(_)));
+        assert!(matches!(ix.keys[KeyQ::new(b"once")], Hist::Many(_)));
         ix.compact(3);
-        assert!(matches!(ix.keys[&b"once"[..]], Hist::One(_)));
+        assert!(matches!(ix.keys[KeyQ::new(b"once")], Hist::One(_)));
         assert_eq!(ix.history(b"once")[0].mod_rev, 3);
         assert_eq!(ix.get(b"once", 3).map(|v| v.version), Some(2));
     }
