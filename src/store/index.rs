@@ -411,6 +411,24 @@ impl<V> Index<V> {
             }
             (prev, v)
         }
+        // A key kept inline costs nothing to make: one walk down the tree
+        // finds its place whether it is there or not.
+        if key.len() <= KEY_INLINE_MAX {
+            use std::collections::btree_map::Entry;
+            return match self.keys.entry(Key::from(key)) {
+                Entry::Occupied(mut o) => {
+                    let out = push(Some(o.get_mut()), rev, f);
+                    self.live += usize::from(out.0.is_none());
+                    out
+                }
+                Entry::Vacant(slot) => {
+                    let out = push(None, rev, f);
+                    slot.insert(Hist::One(out.1));
+                    self.live += 1;
+                    out
+                }
+            };
+        }
         if let Some(hist) = self.keys.get_mut(KeyQ::new(key)) {
             let out = push(Some(hist), rev, f);
             self.live += usize::from(out.0.is_none());
