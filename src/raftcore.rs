@@ -47,13 +47,13 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-/// A client's write on its way to the log: the encoded command and, when
-/// the proposing core has it at hand, the same command decoded, so that
-/// the member that proposed it need not decode its own entry again
-/// (`hand_off`). *Invariant:* `cmd`, when given, is what `data` decodes to.
+/// A client's write on its way to the log: the encoded command and the
+/// same command decoded, so that the member that proposed it need not
+/// decode its own entry again (`hand_off`). *Invariant:* `cmd` is what
+/// `data` decodes to.
 pub struct Proposal {
     pub data: Vec<u8>,
-    pub cmd: Option<RaftCommand>,
+    pub cmd: RaftCommand,
     pub reply: Reply,
 }
 
@@ -925,7 +925,7 @@ pub async fn run_raft(
     let waiter_ticks_max = 2 * transfer_ticks.max(1);
     let mut reads: Vec<ReadReply> = Vec::new();
     // Writes that arrived while this member knew no leader: (tick, data,
-    // reply), oldest first.
+    // reply, decoded command), oldest first.
     let mut leaderless: std::collections::VecDeque<(u64, Vec<u8>, Reply, Option<RaftCommand>)> =
         std::collections::VecDeque::new();
     // Read batches waiting for their ReadIndex: id → (tick it was last
@@ -1272,7 +1272,7 @@ pub async fn run_raft(
                 RaftMsg::Propose { data, reply } => propose!(data, reply, None),
                 RaftMsg::ProposeMany(writes) => {
                     for p in writes {
-                        propose!(p.data, p.reply, p.cmd);
+                        propose!(p.data, p.reply, Some(p.cmd));
                     }
                 }
                 RaftMsg::ReadIndex { reply } => reads.push(reply),
@@ -1559,10 +1559,9 @@ fn answer_after<T: 'static>(
 /// etcd's "no leader".
 const LEADERLESS_MAX: usize = 10_000;
 
-/// Client writes waiting for their entries, by proposal sequence number.
-/// Writes proposed here, by sequence number: the tick they were proposed
-/// at, where the answer goes, and the command decoded if the proposer gave
-/// it (`Proposal`).
+/// Client writes waiting for their entries, by proposal sequence number:
+/// the tick they were proposed at, where the answer goes, and the command
+/// decoded if the proposer gave it (`Proposal`).
 type Waiters =
     HashMap<u64, (u64, Reply, Option<RaftCommand>), std::hash::BuildHasherDefault<SeqHasher>>;
 
@@ -1807,11 +1806,11 @@ fn hand_off(
         };
         let cmd = match e.get_entry_type() {
             EntryType::EntryNormal if e.data.is_empty() => None,
-            // From the entry's `Bytes`: a put's key and value stay slices
-            // of the entry's data.
             // A client write proposed here comes with its command decoded
             // (the kinds the raft core handles itself, below, never do).
             EntryType::EntryNormal if given.as_ref().is_some_and(is_client_write) => given,
+            // From the entry's `Bytes`: a put's key and value stay slices
+            // of the entry's data.
             EntryType::EntryNormal => match RaftCommand::decode(e.data.clone()) {
                 Ok(c) => {
                     use crate::proto::keelson::raft_command::Cmd;

@@ -400,7 +400,7 @@ async fn propose_encoded(
     // times the write out; dropping this future gives the slot up.
     let slot = core.writes.begin();
     let wait = core.writes.wait(slot);
-    core.writes.propose(data, Some(cmd), slot);
+    core.writes.propose(data, cmd, slot);
     let res = wait.await?;
     core.view
         .revision

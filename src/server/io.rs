@@ -47,14 +47,17 @@ impl<S> TokioIo<S> {
 }
 
 /// A stream that reads into a `ReadBuf`; `read_ask` is the reader's state
-/// for streams that must be given initialized memory.
-pub trait ReadInto {
+/// for streams that must be given initialized memory. By default a read
+/// goes into zeroed memory (`poll_read_zeroed`).
+pub trait ReadInto: futures::io::AsyncRead {
     fn poll_read_into(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &mut tokio::io::ReadBuf<'_>,
         read_ask: &mut usize,
-    ) -> Poll<io::Result<()>>;
+    ) -> Poll<io::Result<()>> {
+        poll_read_zeroed(self, cx, buf, read_ask)
+    }
 }
 
 impl ReadInto for glommio::net::TcpStream {
@@ -77,14 +80,6 @@ impl ReadInto for glommio::net::TcpStream {
 impl<S: futures::io::AsyncRead + futures::io::AsyncWrite + Unpin> ReadInto
     for futures_rustls::server::TlsStream<S>
 {
-    fn poll_read_into(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut tokio::io::ReadBuf<'_>,
-        read_ask: &mut usize,
-    ) -> Poll<io::Result<()>> {
-        poll_read_zeroed(self, cx, buf, read_ask)
-    }
 }
 
 /// Reads into zeroed memory, as much as recent reads needed (`read_ask`).
@@ -198,16 +193,7 @@ mod tests {
         }
     }
 
-    impl ReadInto for Recorder {
-        fn poll_read_into(
-            self: Pin<&mut Self>,
-            cx: &mut Context<'_>,
-            buf: &mut tokio::io::ReadBuf<'_>,
-            read_ask: &mut usize,
-        ) -> Poll<io::Result<()>> {
-            poll_read_zeroed(self, cx, buf, read_ask)
-        }
-    }
+    impl ReadInto for Recorder {}
 
     impl futures::io::AsyncWrite for Recorder {
         fn poll_write(

@@ -460,30 +460,6 @@ impl Core {
     }
 }
 
-/// FNV-1a, for the small maps the request path hashes into on every call
-/// (method paths: short, few, not chosen by an attacker to collide in a
-/// way that matters: the map holds only the known methods).
-#[derive(Default)]
-pub struct Fnv(u64);
-
-impl std::hash::Hasher for Fnv {
-    fn finish(&self) -> u64 {
-        self.0
-    }
-    fn write(&mut self, bytes: &[u8]) {
-        let mut h = if self.0 == 0 {
-            0xcbf2_9ce4_8422_2325
-        } else {
-            self.0
-        };
-        for b in bytes {
-            h ^= *b as u64;
-            h = h.wrapping_mul(0x0000_0100_0000_01b3);
-        }
-        self.0 = h;
-    }
-}
-
 /// etcd's ID recipe: the first 8 bytes of the SHA-1 of `bytes`, big
 /// endian.
 pub fn sha1_id(bytes: &[u8]) -> u64 {

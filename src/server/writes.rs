@@ -63,7 +63,7 @@ pub struct Writes {
     sweeper: Cell<Option<Waker>>,
     /// Proposals not yet sent to the raft core, in the order they were
     /// made, with the slot each answer goes to.
-    outbox: RefCell<Vec<(Vec<u8>, Option<RaftCommand>, WriteSlot)>>,
+    outbox: RefCell<Vec<(Vec<u8>, RaftCommand, WriteSlot)>>,
     /// The sender (`send_proposals`), parked while the outbox is empty.
     sender: Cell<Option<Waker>>,
 }
@@ -82,10 +82,9 @@ impl Writes {
     }
 
     /// Queues the proposal of the write that took `slot` (`data`, and the
-    /// same command decoded if at hand: `raftcore::Proposal`); it goes to
-    /// the raft core with the others of this executor turn
-    /// (`send_proposals`).
-    pub fn propose(&self, data: Vec<u8>, cmd: Option<RaftCommand>, slot: WriteSlot) {
+    /// command it decodes to: `raftcore::Proposal`); it goes to the raft
+    /// core with the others of this executor turn (`send_proposals`).
+    pub fn propose(&self, data: Vec<u8>, cmd: RaftCommand, slot: WriteSlot) {
         let mut out = self.outbox.borrow_mut();
         out.push((data, cmd, slot));
         if out.len() == 1 {
@@ -101,15 +100,7 @@ impl Writes {
     /// is gone (shutting down).
     pub async fn send_proposals(&self, core: usize, raft: &crate::mailbox::Sender<RaftMsg>) {
         loop {
-            std::future::poll_fn(|cx| {
-                if self.outbox.borrow().is_empty() {
-                    self.sender.set(Some(cx.waker().clone()));
-                    Poll::Pending
-                } else {
-                    Poll::Ready(())
-                }
-            })
-            .await;
+            parked_while(&self.sender, || self.outbox.borrow().is_empty()).await;
             let batch: Vec<_> = self
                 .outbox
                 .borrow_mut()
@@ -241,20 +232,24 @@ impl Writes {
                 Some(at) => {
                     glommio::timer::sleep(at.saturating_duration_since(Instant::now())).await
                 }
-                None => {
-                    std::future::poll_fn(|cx| {
-                        if self.deadlines.borrow().is_empty() {
-                            self.sweeper.set(Some(cx.waker().clone()));
-                            Poll::Pending
-                        } else {
-                            Poll::Ready(())
-                        }
-                    })
-                    .await
-                }
+                None => parked_while(&self.sweeper, || self.deadlines.borrow().is_empty()).await,
             }
         }
     }
+}
+
+/// Waits while `idle()` holds, parked with its waker in `parked`; whoever
+/// ends the idleness takes that waker and wakes it.
+async fn parked_while(parked: &Cell<Option<Waker>>, idle: impl Fn() -> bool) {
+    std::future::poll_fn(|cx| {
+        if idle() {
+            parked.set(Some(cx.waker().clone()));
+            Poll::Pending
+        } else {
+            Poll::Ready(())
+        }
+    })
+    .await
 }
 
 /// The answer to one write (see `Writes::wait`).
@@ -421,7 +416,7 @@ mod tests {
             };
             let slots: Vec<_> = (0..3).map(|_| w.begin()).collect();
             for (i, &s) in slots.iter().enumerate() {
-                w.propose(vec![i as u8], None, s);
+                w.propose(vec![i as u8], RaftCommand::default(), s);
             }
             assert!(rx.try_recv().is_none(), "sent before the turn ended");
             let mut got = Vec::new();
@@ -445,7 +440,7 @@ mod tests {
                 ]
             );
             let late = w.begin();
-            w.propose(vec![9], None, late);
+            w.propose(vec![9], RaftCommand::default(), late);
             got.clear();
             assert!(rx.recv_batch(&mut got, 16).await);
             assert!(
