@@ -872,3 +872,131 @@ async fn grpc_keepalive_pings_and_closes_a_connection_that_does_not_answer() {
     assert!(kept.0 >= 2 && !kept.1, "answering client: {kept:?}");
     assert!(gone.0 >= 1 && gone.1, "silent client: {gone:?}");
 }
+
+/// Header blocks a connection sends again byte for byte are answered from
+/// the HPACK decoder's last block (a keelson patch to h2), but only while
+/// the dynamic table they refer to is unchanged: the same bytes after an
+/// insert, or after a table size update, mean what they mean then. A bare
+/// HTTP/2 client sends one block, `again`, whose `:path` is dynamic index
+/// 62 (the newest entry): first Put's path, then Range's, then an emptied
+/// table. Each request's body is a PutRequest for `hk`, which a Range reads
+/// as a range `[hk, vN)`; only real Puts may change `hk`.
+#[tokio::test]
+async fn a_repeated_header_block_means_what_the_current_table_says() {
+    use std::io::{Read, Write};
+    use std::time::{Duration, Instant};
+    let (_m, mut c) = started(&[]).await;
+    let addr = _m.endpoint().trim_start_matches("http://").to_string();
+
+    fn frame(ty: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
+        let len = payload.len() as u32;
+        let mut f = vec![(len >> 16) as u8, (len >> 8) as u8, len as u8, ty, flags];
+        f.extend_from_slice(&stream.to_be_bytes());
+        f.extend_from_slice(payload);
+        f
+    }
+    fn put_body(value: &str) -> Vec<u8> {
+        let mut msg = vec![0x0a, 2, b'h', b'k', 0x12, value.len() as u8];
+        msg.extend_from_slice(value.as_bytes());
+        let mut body = vec![0];
+        body.extend_from_slice(&(msg.len() as u32).to_be_bytes());
+        body.extend_from_slice(&msg);
+        body
+    }
+    // content-type: application/grpc, a literal without indexing (static
+    // name 31), so it changes no table.
+    let content_type: Vec<u8> = [&[0x0f, 0x10, 0x10][..], b"application/grpc"].concat();
+    // :method POST, :scheme http, then :path.
+    let head = |path: &[u8]| -> Vec<u8> { [&[0x83, 0x86][..], path, &content_type].concat() };
+    // The blocks that change the table are made too long to be kept, so
+    // that the block kept when they arrive is `again`: a literal without
+    // indexing, `x-pad`, of 64 bytes.
+    let padded = |block: Vec<u8>| -> Vec<u8> {
+        [&block[..], &[0x00, 5], b"x-pad", &[64], &[b'a'; 64]].concat()
+    };
+    // :path as a literal with incremental indexing (static name 4).
+    let indexed_path = |p: &str| -> Vec<u8> { [&[0x44, p.len() as u8][..], p.as_bytes()].concat() };
+    let again = head(&[0x80 | 62]);
+
+    let (mut answered, mut reset, mut goaway) = (Vec::new(), Vec::new(), false);
+    let mut s = std::net::TcpStream::connect(&addr).unwrap();
+    s.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\0\0\0\x04\0\0\0\0\0")
+        .unwrap();
+    let mut buf = Vec::new();
+    // Sends one request and reads until its stream ends, is reset, or the
+    // connection goes away.
+    let mut call = |stream: u32, block: &[u8], body: Vec<u8>| {
+        s.write_all(&frame(1, 0x4, stream, block)).unwrap();
+        s.write_all(&frame(0, 0x1, stream, &body)).unwrap();
+        let start = Instant::now();
+        loop {
+            while buf.len() >= 9 {
+                let len = u32::from_be_bytes([0, buf[0], buf[1], buf[2]]) as usize;
+                if buf.len() < 9 + len {
+                    break;
+                }
+                let (ty, flags) = (buf[3], buf[4]);
+                let id = u32::from_be_bytes([buf[5], buf[6], buf[7], buf[8]]) & 0x7fff_ffff;
+                buf.drain(..9 + len);
+                match ty {
+                    4 if flags & 1 == 0 => s.write_all(&frame(4, 1, 0, &[])).unwrap(),
+                    1 if flags & 1 == 1 && id == stream => {
+                        answered.push(stream);
+                        return;
+                    }
+                    3 if id == stream => {
+                        reset.push(stream);
+                        return;
+                    }
+                    7 => {
+                        goaway = true;
+                        return;
+                    }
+                    _ => {}
+                }
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(10),
+                "no answer on stream {stream}"
+            );
+            s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+            let mut chunk = [0u8; 4096];
+            match s.read(&mut chunk) {
+                Ok(0) | Err(_) => {
+                    goaway = true;
+                    return;
+                }
+                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            }
+        }
+    };
+    call(
+        1,
+        &padded(head(&indexed_path("/etcdserverpb.KV/Put"))),
+        put_body("v1"),
+    );
+    call(3, &again, put_body("v2")); // decoded, then kept
+    call(5, &again, put_body("v3")); // answered from the kept block: a Put
+    call(
+        7,
+        &padded(head(&indexed_path("/etcdserverpb.KV/Range"))),
+        put_body("r"),
+    );
+    call(9, &again, put_body("v4")); // index 62 is Range's path now
+    call(11, &again, put_body("v5")); // and still is
+                                      // A size update to 0 empties the table: index 62 is gone.
+    call(
+        13,
+        &padded([&[0x20][..], &head(&[0x84])].concat()),
+        put_body("x"),
+    );
+    call(15, &again, put_body("v6"));
+    assert_eq!(answered, vec![1, 3, 5, 7, 9, 11, 13], "reset: {reset:?}");
+    assert!(
+        goaway,
+        "a block naming an index past the emptied table must end the connection"
+    );
+    let g = c.get("hk", None).await.unwrap();
+    let kv = &g.kvs()[0];
+    assert_eq!((kv.value_str().unwrap(), kv.version()), ("v3", 3));
+}

@@ -20,6 +20,13 @@ pub struct Decoder {
     last_max_update: usize,
     table: Table,
     buffer: BytesMut,
+    /// keelson patch: counts changes of the dynamic table (an insert, a
+    /// size update), so that a header block decoded earlier is known to
+    /// decode the same way again (`frame::headers::CachedBlock`).
+    table_changes: u64,
+    /// keelson patch: the last header block that decoded without changing
+    /// the table, with what it decoded to.
+    pub(crate) block_cache: Option<Box<crate::frame::CachedBlock>>,
 }
 
 /// Represents all errors that can be encountered while performing the decoding
@@ -159,6 +166,19 @@ impl Decoder {
             last_max_update: size,
             table: Table::new(size),
             buffer: BytesMut::with_capacity(4096),
+            table_changes: 0,
+            block_cache: None,
+        }
+    }
+
+    /// keelson patch: the state a header block is decoded against, as long
+    /// as no table size update is pending (a pending one changes how the
+    /// next block decodes): equal states and equal bytes decode to equal
+    /// headers.
+    pub(crate) fn table_state(&self) -> Option<u64> {
+        match self.max_size_update {
+            None => Some(self.table_changes),
+            Some(_) => None,
         }
     }
 
@@ -216,6 +236,7 @@ impl Decoder {
 
                     // Insert the header into the table
                     self.table.insert(entry.clone());
+                    self.table_changes += 1;
                     consume(src);
 
                     if f(entry).is_break() {
@@ -250,6 +271,7 @@ impl Decoder {
                     }
 
                     // Handle the dynamic table size update
+                    self.table_changes += 1;
                     self.process_size_update(src)?;
                     consume(src);
                 }

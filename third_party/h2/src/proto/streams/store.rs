@@ -11,7 +11,54 @@ use std::ops;
 #[derive(Debug)]
 pub(super) struct Store {
     slab: slab::Slab<Stream>,
-    ids: IndexMap<StreamId, SlabIndex>,
+    // keelson patch: stream IDs hashed by a seeded mix, not SipHash.
+    ids: IndexMap<StreamId, SlabIndex, StreamIdState>,
+}
+
+/// keelson patch: the hasher of the stream ID map. SipHash cost about 400
+/// instructions per unary call (an insert, lookups and a removal, each a
+/// full SipHash of 4 bytes); a stream ID is one `u32`, so it is mixed with
+/// a per-process random seed by splitmix64's finalizer instead. The seed
+/// keeps a peer, which picks its stream IDs, from choosing colliding ones.
+#[derive(Clone, Debug)]
+struct StreamIdState(u64);
+
+impl StreamIdState {
+    fn new() -> Self {
+        use std::hash::BuildHasher;
+        static SEED: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+        StreamIdState(*SEED.get_or_init(|| {
+            std::collections::hash_map::RandomState::new().hash_one(0x5eed_u64)
+        }))
+    }
+}
+
+impl std::hash::BuildHasher for StreamIdState {
+    type Hasher = StreamIdHasher;
+    fn build_hasher(&self) -> StreamIdHasher {
+        StreamIdHasher(self.0)
+    }
+}
+
+struct StreamIdHasher(u64);
+
+impl std::hash::Hasher for StreamIdHasher {
+    fn write(&mut self, bytes: &[u8]) {
+        for b in bytes {
+            self.0 = (self.0 ^ u64::from(*b)).wrapping_mul(0x100_0000_01b3);
+        }
+    }
+
+    fn write_u32(&mut self, n: u32) {
+        self.0 = (self.0 ^ u64::from(n)).wrapping_mul(0x100_0000_01b3);
+    }
+
+    fn finish(&self) -> u64 {
+        let mut z = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
 }
 
 /// "Pointer" to an entry in the store
@@ -82,7 +129,7 @@ impl Store {
     pub fn new() -> Self {
         Store {
             slab: slab::Slab::new(),
-            ids: IndexMap::new(),
+            ids: IndexMap::with_hasher(StreamIdState::new()),
         }
     }
 
