@@ -200,7 +200,22 @@ impl PartialOrd for Key {
     }
 }
 impl Ord for Key {
+    #[inline]
     fn cmp(&self, other: &Key) -> std::cmp::Ordering {
+        if let (Key::Inline { len: la, bytes: a }, Key::Inline { len: lb, bytes: b }) =
+            (self, other)
+        {
+            // Two zero-padded arrays compare as the keys do, except a key
+            // and itself followed by zeros, which the lengths tell apart;
+            // the first 8 bytes go as one big-endian integer, whatever the
+            // keys' lengths.
+            let x = u64::from_be_bytes(a[..8].try_into().expect("8 bytes"));
+            let y = u64::from_be_bytes(b[..8].try_into().expect("8 bytes"));
+            if x != y {
+                return x.cmp(&y);
+            }
+            return a[8..].cmp(&b[8..]).then(la.cmp(lb));
+        }
         cmp_keys(self.as_slice(), other.as_slice())
     }
 }
@@ -617,6 +632,14 @@ mod tests {
         }
         keys.push(vec![b'x'; 40]);
         keys.push(vec![b'x'; 41]);
+        // Around the longest key kept inline (22 bytes), with and without
+        // trailing zeros, which an inline key's padding also holds.
+        for n in [21, 22, 23] {
+            keys.push(vec![b'x'; n]);
+            let mut z = vec![b'x'; n - 1];
+            z.push(0);
+            keys.push(z);
+        }
         for a in &keys {
             for b in &keys {
                 assert_eq!(cmp_keys(a, b), a.cmp(b), "{a:?} {b:?}");
