@@ -1811,7 +1811,7 @@ fn hand_off(
             EntryType::EntryNormal if given.as_ref().is_some_and(is_client_write) => given,
             // From the entry's `Bytes`: a put's key and value stay slices
             // of the entry's data.
-            EntryType::EntryNormal => match RaftCommand::decode(e.data.clone()) {
+            EntryType::EntryNormal => match crate::server::api::decode_command(e.data.clone()) {
                 Ok(c) => {
                     use crate::proto::keelson::raft_command::Cmd;
                     if let Some(Cmd::MemberAttributes(a)) = &c.cmd {
