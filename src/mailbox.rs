@@ -56,6 +56,11 @@ impl<T> Sender<T> {
 }
 
 impl<T> Receiver<T> {
+    /// True if no message waits.
+    pub fn is_empty(&self) -> bool {
+        self.rx.is_empty()
+    }
+
     /// Waits for at least one message, then moves up to `max` of them into
     /// `out`. Returns false when every sender is gone and the queue is empty.
     pub async fn recv_batch(&self, out: &mut Vec<T>, max: usize) -> bool {

@@ -683,16 +683,17 @@ impl Proposals {
     }
 
     /// Steps the batch (what `RawNode::propose` does for one entry): each
-    /// write waits for its entry, or all get raft's refusal.
+    /// write waits for its entry, or all get raft's refusal. True if raft
+    /// took a batch (and, as leader, sent its followers appends).
     fn step(
         &mut self,
         node: &mut RawNode<MemStorage>,
         waiters: &mut Waiters,
         ticks: u64,
         router: &Router,
-    ) {
+    ) -> bool {
         if self.entries.is_empty() {
-            return;
+            return false;
         }
         self.bytes = 0;
         let mut m = raft::eraftpb::Message::default();
@@ -704,12 +705,14 @@ impl Proposals {
                 for (id, reply, cmd) in self.replies.drain(..) {
                     waiters.insert(id, (ticks, reply, cmd));
                 }
+                true
             }
             Err(e) => {
                 let st = raft_refused(e);
                 for (_, reply, _) in self.replies.drain(..) {
                     reply.send(Err(st.clone()), router);
                 }
+                false
             }
         }
     }
@@ -791,6 +794,12 @@ fn build_node(boot: &RaftBoot) -> Result<RawNode<MemStorage>, String> {
         max_inflight_msgs: 256,
         check_quorum: true,
         pre_vote: boot.cfg.pre_vote,
+        // raft-rs sends every follower an append as soon as the commit
+        // advances, and the batch of writes that follows sends another:
+        // two appends (and two answers) per follower per batch. The raft
+        // loop sends the commit itself, with that next batch's appends when
+        // there is one in the same turn, or else on its own (run_raft).
+        skip_bcast_commit: true,
         ..Default::default()
     };
     if let Some(t) = boot.election_tick {
@@ -935,6 +944,8 @@ pub async fn run_raft(
     let mut published = (0u64, 0u64, 0u64, false, 0u8);
     let mut msgs = Vec::with_capacity(256);
     let mut proposals = Proposals::default();
+    // A commit the leader learned that its followers have not been sent.
+    let mut commit_unsent = false;
     // Term and vote as last synced to the WAL (recovered ones are durable).
     let mut durable_vote = {
         let hs = node.raft.hard_state();
@@ -989,6 +1000,7 @@ pub async fn run_raft(
                 msgs.push(m);
             }
         }
+        let commit_before = node.raft.raft_log.committed;
         for m in msgs.drain(..) {
             match m {
                 RaftMsg::Tick => {
@@ -1305,7 +1317,19 @@ pub async fn run_raft(
             }
         }
         // Client writes of this turn: one MsgPropose for them all.
-        proposals.step(&mut node, &mut waiters, ticks, &router);
+        // (A batch stepped before the end of the turn, when full, may have
+        // gone before the commit advanced: only this last one counts.)
+        let stepped = proposals.step(&mut node, &mut waiters, ticks, &router);
+        // A commit this turn's messages advanced reaches the followers with
+        // this turn's appends, or else with appends of its own (see
+        // `skip_bcast_commit` in build_node).
+        if node.raft.state == StateRole::Leader {
+            let advanced = node.raft.raft_log.committed > commit_before;
+            if (advanced || commit_unsent) && !stepped {
+                node.raft.bcast_append();
+            }
+            commit_unsent = false;
+        }
         if !reads.is_empty() {
             if node.raft.state == StateRole::Leader {
                 // raft-rs drops a ReadIndex until the leader has committed an
@@ -1438,6 +1462,7 @@ pub async fn run_raft(
             &mut snaps,
         );
         // 5. Advance.
+        let commit_before = node.raft.raft_log.committed;
         let mut light = node.advance(ready);
         if let Some(commit) = light.commit_index() {
             node.mut_store().wl().mut_hard_state().set_commit(commit);
@@ -1447,6 +1472,20 @@ pub async fn run_raft(
             wal.push_hard_state(&hs);
         }
         send_messages(&mut node, peers, light.take_messages(), &mut snaps);
+        // The leader's own sync may have advanced the commit (rarely: its
+        // followers' answers are stepped in the turns around its sync, and
+        // the commit then moves there): its followers hear of it with the
+        // next turn's appends if writes wait in the mailbox (that turn
+        // comes at once), or else now.
+        if node.raft.state == StateRole::Leader && node.raft.raft_log.committed > commit_before {
+            if rx.is_empty() {
+                node.raft.bcast_append();
+                let msgs = std::mem::take(&mut node.raft.msgs);
+                send_messages(&mut node, peers, msgs, &mut snaps);
+            } else {
+                commit_unsent = true;
+            }
+        }
         hand_off(
             &mut node,
             nonce,

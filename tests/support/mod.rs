@@ -306,6 +306,14 @@ pub fn cluster(n: usize, extra: &[&str]) -> Vec<Member> {
     ms
 }
 
+/// Like `cluster`, each member with flags of its own.
+#[allow(dead_code)]
+pub fn cluster_each(extras: &[&[&str]]) -> Vec<Member> {
+    let mut ms: Vec<Member> = extras.iter().map(|e| Member::new(e)).collect();
+    set_initial_cluster(&mut ms);
+    ms
+}
+
 /// Gives every member of `ms` its name and the `--initial-cluster` that
 /// lists them all at their advertised peer ports.
 fn set_initial_cluster(ms: &mut [Member]) {
