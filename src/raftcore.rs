@@ -1837,6 +1837,21 @@ fn get_len(b: &[u8], at: &mut usize) -> Option<std::ops::Range<usize>> {
     Some(start..end)
 }
 
+/// A proto3 enum value as rust-protobuf reads one it knows; None for any
+/// other (rust-protobuf keeps those as unknown fields).
+fn get_enum<E: protobuf::ProtobufEnum>(b: &[u8], at: &mut usize) -> Option<E> {
+    E::from_i32(i32::try_from(get_varint(b, at)?).ok()?)
+}
+
+/// A bool as rust-protobuf writes one (0 or 1); None for any other varint.
+fn get_bool(b: &[u8], at: &mut usize) -> Option<bool> {
+    match get_varint(b, at)? {
+        0 => Some(false),
+        1 => Some(true),
+        _ => None,
+    }
+}
+
 /// A raft message decoded by hand, as rust-protobuf's
 /// `parse_from_carllerche_bytes` decodes it (bytes fields are slices of
 /// `b`), in one pass without its reader's per-field calls: about 1,000
@@ -1845,18 +1860,11 @@ fn get_len(b: &[u8], at: &mut usize) -> Option<std::ops::Range<usize>> {
 /// does not know, a wire type that does not match, an enum value or a bool
 /// not written as rust-protobuf writes them, a length past the end.
 fn decode_raft_message(b: &bytes::Bytes) -> Option<raft::eraftpb::Message> {
-    use raft::eraftpb::{EntryType, Message, MessageType};
-    let mut m = Message::default();
+    let mut m = raft::eraftpb::Message::default();
     let mut at = 0;
     while at < b.len() {
-        let key = get_varint(b, &mut at)?;
-        match key {
-            0x08 => {
-                let v = get_varint(b, &mut at)?;
-                m.set_msg_type(<MessageType as protobuf::ProtobufEnum>::from_i32(
-                    i32::try_from(v).ok()?,
-                )?);
-            }
+        match get_varint(b, &mut at)? {
+            0x08 => m.set_msg_type(get_enum(b, &mut at)?),
             0x10 => m.to = get_varint(b, &mut at)?,
             0x18 => m.from = get_varint(b, &mut at)?,
             0x20 => m.term = get_varint(b, &mut at)?,
@@ -1864,43 +1872,12 @@ fn decode_raft_message(b: &bytes::Bytes) -> Option<raft::eraftpb::Message> {
             0x30 => m.index = get_varint(b, &mut at)?,
             0x3a => {
                 let r = get_len(b, &mut at)?;
-                let mut e = Entry::default();
-                let mut i = r.start;
-                while i < r.end {
-                    let body = &b[..r.end];
-                    match get_varint(body, &mut i)? {
-                        0x08 => {
-                            let v = get_varint(body, &mut i)?;
-                            e.set_entry_type(<EntryType as protobuf::ProtobufEnum>::from_i32(
-                                i32::try_from(v).ok()?,
-                            )?);
-                        }
-                        0x10 => e.term = get_varint(body, &mut i)?,
-                        0x18 => e.index = get_varint(body, &mut i)?,
-                        0x22 => e.data = b.slice(get_len(body, &mut i)?),
-                        0x32 => e.context = b.slice(get_len(body, &mut i)?),
-                        0x28 => {
-                            e.sync_log = match get_varint(body, &mut i)? {
-                                0 => false,
-                                1 => true,
-                                _ => return None,
-                            }
-                        }
-                        _ => return None,
-                    }
-                }
-                m.entries.push(e);
+                m.entries.push(decode_raft_entry(b, r)?);
             }
             0x40 => m.commit = get_varint(b, &mut at)?,
             0x78 => m.commit_term = get_varint(b, &mut at)?,
             0x68 => m.request_snapshot = get_varint(b, &mut at)?,
-            0x50 => {
-                m.reject = match get_varint(b, &mut at)? {
-                    0 => false,
-                    1 => true,
-                    _ => return None,
-                }
-            }
+            0x50 => m.reject = get_bool(b, &mut at)?,
             0x58 => m.reject_hint = get_varint(b, &mut at)?,
             0x62 => m.context = b.slice(get_len(b, &mut at)?),
             0x70 => m.deprecated_priority = get_varint(b, &mut at)?,
@@ -1909,6 +1886,25 @@ fn decode_raft_message(b: &bytes::Bytes) -> Option<raft::eraftpb::Message> {
         }
     }
     Some(m)
+}
+
+/// The entry in `b[r]`, for `decode_raft_message`.
+fn decode_raft_entry(b: &bytes::Bytes, r: std::ops::Range<usize>) -> Option<Entry> {
+    let body = &b[..r.end];
+    let mut e = Entry::default();
+    let mut i = r.start;
+    while i < r.end {
+        match get_varint(body, &mut i)? {
+            0x08 => e.set_entry_type(get_enum(body, &mut i)?),
+            0x10 => e.term = get_varint(body, &mut i)?,
+            0x18 => e.index = get_varint(body, &mut i)?,
+            0x22 => e.data = b.slice(get_len(body, &mut i)?),
+            0x32 => e.context = b.slice(get_len(body, &mut i)?),
+            0x28 => e.sync_log = get_bool(body, &mut i)?,
+            _ => return None,
+        }
+    }
+    Some(e)
 }
 
 fn put_varint(out: &mut Vec<u8>, mut v: u64) {
