@@ -2462,14 +2462,11 @@ pub fn request_timeout(cfg: &Config) -> Duration {
 mod tests {
     use super::*;
 
-    /// Raft messages encoded by hand are what rust-protobuf writes, byte
-    /// for byte, over every message type, every field at zero and not,
-    /// values that take one to ten varint bytes, entries of every type and
-    /// lengths past one and two varint bytes; a message with a snapshot is
-    /// left to rust-protobuf.
-    #[test]
-    fn raft_messages_encoded_by_hand_are_what_rust_protobuf_writes() {
-        use raft::eraftpb::{EntryType, Message, MessageType, Snapshot};
+    /// Messages of every type, with every field at zero and not, values
+    /// that take one to ten varint bytes, entries of every type and data
+    /// past one and two varint bytes of length.
+    fn sample_raft_messages() -> Vec<raft::eraftpb::Message> {
+        use raft::eraftpb::{EntryType, Message, MessageType};
         let values = [0u64, 1, 127, 128, 300, 1 << 35, u64::MAX];
         let entry = |i: usize| {
             let mut e = Entry::default();
@@ -2485,7 +2482,7 @@ mod tests {
             e.sync_log = i % 2 == 1;
             e
         };
-        let mut checked = 0;
+        let mut out = Vec::new();
         for t in 0..19 {
             for (i, &v) in values.iter().enumerate() {
                 let mut m = Message::default();
@@ -2504,19 +2501,31 @@ mod tests {
                 m.deprecated_priority = values[(i + 1) % values.len()];
                 m.priority = [0i64, 1, -1, i64::MAX, i64::MIN][i % 5];
                 m.set_entries((0..(i + t as usize) % 6).map(entry).collect());
-                let want = [
-                    &[PAYLOAD_RAFT][..],
-                    &protobuf::Message::write_to_bytes(&m).unwrap(),
-                ]
-                .concat();
-                let mut got = Vec::new();
-                assert!(encode_raft_message(&m, &mut got));
-                assert_eq!(got, want, "{m:?}");
-                assert_eq!(got.capacity(), got.len(), "sized exactly");
-                checked += 1;
+                out.push(m);
             }
         }
-        assert_eq!(checked, 19 * values.len());
+        out
+    }
+
+    /// Raft messages encoded by hand are what rust-protobuf writes, byte
+    /// for byte (`sample_raft_messages`); a message with a snapshot is
+    /// left to rust-protobuf.
+    #[test]
+    fn raft_messages_encoded_by_hand_are_what_rust_protobuf_writes() {
+        use raft::eraftpb::{Message, Snapshot};
+        let samples = sample_raft_messages();
+        assert_eq!(samples.len(), 19 * 7);
+        for m in &samples {
+            let want = [
+                &[PAYLOAD_RAFT][..],
+                &protobuf::Message::write_to_bytes(m).unwrap(),
+            ]
+            .concat();
+            let mut got = Vec::new();
+            assert!(encode_raft_message(m, &mut got));
+            assert_eq!(got, want, "{m:?}");
+            assert_eq!(got.capacity(), got.len(), "sized exactly");
+        }
         let mut m = Message::default();
         m.set_snapshot(Snapshot::default());
         let mut got = Vec::new();
@@ -2528,52 +2537,18 @@ mod tests {
     }
 
     /// Raft messages decoded by hand are what rust-protobuf decodes: for
-    /// messages of every shape, and for every truncation and many one-byte
+    /// `sample_raft_messages`, and for every truncation and many one-byte
     /// changes of some, the hand decoder gives rust-protobuf's message or
     /// leaves the bytes to it (never a different message, never one where
     /// rust-protobuf refuses).
     #[test]
     fn raft_messages_decoded_by_hand_are_what_rust_protobuf_decodes() {
-        use raft::eraftpb::{Message, MessageType};
-        let values = [0u64, 1, 127, 128, 1 << 35, u64::MAX];
-        let mut cases: Vec<Vec<u8>> = Vec::new();
-        for t in 0..19 {
-            for (i, &v) in values.iter().enumerate() {
-                let mut m = Message::default();
-                m.set_msg_type(<MessageType as protobuf::ProtobufEnum>::from_i32(t).unwrap());
-                m.to = v;
-                m.from = values[(i + 1) % values.len()];
-                m.term = values[(i + 2) % values.len()];
-                m.log_term = v;
-                m.index = values[(i + 4) % values.len()];
-                m.commit = values[(i + 5) % values.len()];
-                m.commit_term = v;
-                m.request_snapshot = values[(i + 3) % values.len()];
-                m.reject = i % 2 == 0;
-                m.reject_hint = v;
-                m.context = vec![1u8; [0, 8, 130][i % 3]].into();
-                m.deprecated_priority = v;
-                m.priority = [0i64, 1, -1, i64::MAX, i64::MIN][i % 5];
-                let entries = (0..(i + t as usize) % 5)
-                    .map(|j| {
-                        let mut e = Entry::default();
-                        e.set_entry_type(if j % 2 == 0 {
-                            raft::eraftpb::EntryType::EntryNormal
-                        } else {
-                            raft::eraftpb::EntryType::EntryConfChange
-                        });
-                        e.term = values[j % values.len()];
-                        e.index = values[(j + 1) % values.len()];
-                        e.data = vec![j as u8; [0, 1, 200][j % 3]].into();
-                        e.context = vec![3u8; [16, 0][j % 2]].into();
-                        e.sync_log = j % 3 == 1;
-                        e
-                    })
-                    .collect();
-                m.set_entries(entries);
-                cases.push(protobuf::Message::write_to_bytes(&m).unwrap());
-            }
-        }
+        use raft::eraftpb::Message;
+        let mut cases: Vec<Vec<u8>> = sample_raft_messages()
+            .iter()
+            .map(|m| protobuf::Message::write_to_bytes(m).unwrap())
+            .collect();
+        let samples = cases.len();
         for k in [7, 50, 100] {
             let base = cases[k].clone();
             for n in 0..base.len() {
@@ -2601,7 +2576,7 @@ mod tests {
                 None => {}
             }
         }
-        assert!(by_hand > 19 * values.len(), "{by_hand}");
+        assert!(by_hand > samples, "{by_hand}");
     }
 
     #[test]
