@@ -39,6 +39,7 @@ use crate::membership::{quorum, Membership};
 use crate::proto::keelson::{member_change::Kind, MemberChange, RaftCommand};
 use crate::server::{CoreMsg, Router};
 use crate::wal::{Recovered, Wal};
+use prost::encoding::{encode_varint, encoded_len_varint as varint_len};
 use prost::Message as _;
 use raft::eraftpb::{Entry, EntryType, Snapshot};
 use raft::storage::MemStorage;
@@ -1907,34 +1908,32 @@ fn decode_raft_entry(b: &bytes::Bytes, r: std::ops::Range<usize>) -> Option<Entr
     Some(e)
 }
 
-fn put_varint(out: &mut Vec<u8>, mut v: u64) {
-    while v >= 0x80 {
-        out.push(v as u8 | 0x80);
-        v >>= 7;
+/// The bytes a varint field takes (tag of one byte), none when 0.
+fn varint_field_len(v: u64) -> usize {
+    if v != 0 {
+        1 + varint_len(v)
+    } else {
+        0
     }
-    out.push(v as u8);
 }
 
-fn varint_len(v: u64) -> usize {
-    (64 - (v | 1).leading_zeros() as usize).div_ceil(7)
+/// The bytes a bytes field takes (tag of one byte), none when empty.
+fn bytes_field_len(b: &[u8]) -> usize {
+    if b.is_empty() {
+        0
+    } else {
+        1 + varint_len(b.len() as u64) + b.len()
+    }
 }
 
 /// The bytes of an entry's fields, as rust-protobuf writes them.
 fn raft_entry_len(e: &Entry) -> usize {
-    let field = |v: u64| if v != 0 { 1 + varint_len(v) } else { 0 };
-    let bytes = |b: &[u8]| {
-        if b.is_empty() {
-            0
-        } else {
-            1 + varint_len(b.len() as u64) + b.len()
-        }
-    };
-    field(e.get_entry_type() as u64)
-        + field(e.term)
-        + field(e.index)
-        + bytes(&e.data)
-        + bytes(&e.context)
-        + if e.sync_log { 2 } else { 0 }
+    varint_field_len(e.get_entry_type() as u64)
+        + varint_field_len(e.term)
+        + varint_field_len(e.index)
+        + bytes_field_len(&e.data)
+        + bytes_field_len(&e.context)
+        + varint_field_len(e.sync_log as u64)
 }
 
 /// Writes `PAYLOAD_RAFT` and `m` into `out` (empty) byte for byte as
@@ -1954,7 +1953,7 @@ fn encode_raft_message(m: &raft::eraftpb::Message, out: &mut Vec<u8>) -> bool {
     {
         return false;
     }
-    let field = |v: u64| if v != 0 { 1 + varint_len(v) } else { 0 };
+    let field = varint_field_len;
     // PAYLOAD_RAFT, then the fields; the last one's tag takes two bytes.
     let mut len = 1
         + field(m.get_msg_type() as u64)
@@ -1968,11 +1967,7 @@ fn encode_raft_message(m: &raft::eraftpb::Message, out: &mut Vec<u8>) -> bool {
         + field(m.request_snapshot)
         + field(m.reject as u64)
         + field(m.reject_hint)
-        + if m.context.is_empty() {
-            0
-        } else {
-            1 + varint_len(m.context.len() as u64) + m.context.len()
-        }
+        + bytes_field_len(&m.context)
         + field(m.deprecated_priority)
         + if m.priority != 0 {
             2 + varint_len(m.priority as u64)
@@ -1988,13 +1983,13 @@ fn encode_raft_message(m: &raft::eraftpb::Message, out: &mut Vec<u8>) -> bool {
     let put = |out: &mut Vec<u8>, tag: u8, v: u64| {
         if v != 0 {
             out.push(tag);
-            put_varint(out, v);
+            encode_varint(v, out);
         }
     };
     let put_bytes = |out: &mut Vec<u8>, tag: u8, b: &[u8]| {
         if !b.is_empty() {
             out.push(tag);
-            put_varint(out, b.len() as u64);
+            encode_varint(b.len() as u64, out);
             out.extend_from_slice(b);
         }
     };
@@ -2007,7 +2002,7 @@ fn encode_raft_message(m: &raft::eraftpb::Message, out: &mut Vec<u8>) -> bool {
     put(out, 6 << 3, m.index);
     for e in m.entries.iter() {
         out.push(7 << 3 | 2);
-        put_varint(out, raft_entry_len(e) as u64);
+        encode_varint(raft_entry_len(e) as u64, out);
         put(out, 1 << 3, e.get_entry_type() as u64);
         put(out, 2 << 3, e.term);
         put(out, 3 << 3, e.index);
@@ -2026,7 +2021,7 @@ fn encode_raft_message(m: &raft::eraftpb::Message, out: &mut Vec<u8>) -> bool {
     if m.priority != 0 {
         // Field 16 takes two bytes of tag.
         out.extend_from_slice(&[0x80, 0x01]);
-        put_varint(out, m.priority as u64);
+        encode_varint(m.priority as u64, out);
     }
     true
 }
