@@ -642,16 +642,15 @@ impl Reactor {
         }
     }
 
-    /// keelson: a DMA write and an fdatasync of `raw`, linked so the
-    /// kernel syncs once the write completes; `None` (nothing queued) when
-    /// the two cannot be linked.
-    pub(crate) fn write_dma_then_fdatasync(
+    /// keelson: a DMA write of `raw` with `RWF_DSYNC` (durable when it
+    /// completes); the buffer back, nothing queued, on a pollable file.
+    pub(crate) fn write_dma_dsync(
         &self,
         raw: RawFd,
         buf: DmaSource,
         pos: u64,
         pollable: PollableStatus,
-    ) -> Result<(Source, Source), DmaSource> {
+    ) -> Result<Source, DmaSource> {
         if let PollableStatus::Pollable = pollable {
             return Err(buf);
         }
@@ -670,9 +669,8 @@ impl Reactor {
             SourceType::Write(pollable, IoBuffer::DmaSource(buf)),
             Some(stats),
         );
-        let sync = self.new_source(raw, SourceType::FdataSync, None);
-        if self.sys.write_dma_then_fdatasync(&write, pos, &sync) {
-            Ok((write, sync))
+        if self.sys.write_dma_dsync(&write, pos) {
+            Ok(write)
         } else {
             match write.extract_source_type() {
                 SourceType::Write(_, IoBuffer::DmaSource(buf)) => Err(buf),

@@ -515,27 +515,19 @@ impl DmaFile {
         self.file.fdatasync().await.map_err(Into::into)
     }
 
-    /// keelson: [`DmaFile::write_at`] and then [`DmaFile::fdatasync`],
-    /// submitted together as a linked pair, so the kernel starts the sync
-    /// as soon as the write completes (no round trip through the executor
-    /// in between). Returns what the write wrote; the sync has succeeded
-    /// when this returns `Ok`. A failed or short write cancels the sync.
-    /// On a device polled for completions (where the two go to different
-    /// rings) it does the two one after the other.
-    pub async fn write_at_then_fdatasync(&self, buf: DmaBuffer, pos: u64) -> Result<usize> {
+    /// keelson: [`DmaFile::write_at`] with `RWF_DSYNC`: the write
+    /// completes once what it wrote is durable, as if an fdatasync had
+    /// followed it, in one request (no sync submitted after the write's
+    /// completion, and no io_uring worker thread to run an `FSYNC`).
+    /// Returns what the write wrote. On a device polled for completions it
+    /// writes and then syncs.
+    pub async fn write_at_dsync(&self, buf: DmaBuffer, pos: u64) -> Result<usize> {
         let reactor = self.file.reactor.upgrade().unwrap();
-        match reactor.write_dma_then_fdatasync(
-            self.as_raw_fd(),
-            DmaSource::Owned(buf),
-            pos,
-            self.pollable,
-        ) {
-            Ok((write, sync)) => {
+        match reactor.write_dma_dsync(self.as_raw_fd(), DmaSource::Owned(buf), pos, self.pollable)
+        {
+            Ok(write) => {
                 let written = write.collect_rw().await;
-                let synced = sync.collect_rw().await;
-                let written = enhanced_try!(written, "Writing", self.file)?;
-                enhanced_try!(synced, "Syncing", self.file)?;
-                Ok(written)
+                enhanced_try!(written, "Writing", self.file)
             }
             Err(DmaSource::Owned(buf)) => {
                 let written = self.write_at(buf, pos).await?;

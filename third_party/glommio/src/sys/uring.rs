@@ -61,6 +61,9 @@ enum UringOpDescriptor {
     Cancel(u64),
     Write(*const u8, usize, u64),
     WriteFixed(*const u8, usize, u64, u32),
+    /// keelson: a write with `RWF_DSYNC` (from a registered buffer when
+    /// the index is given).
+    WriteDsync(*const u8, usize, u64, Option<u32>),
     ReadFixed(u64, usize),
     Read(u64, usize),
     Open(*const u8, libc::c_int, u32),
@@ -377,6 +380,14 @@ fn fill_sqe<F>(
             UringOpDescriptor::WriteFixed(ptr, len, pos, buf_index) => {
                 let buf = std::slice::from_raw_parts(ptr, len);
                 sqe.prep_write_fixed(op.fd, buf, pos, buf_index as _);
+            }
+            UringOpDescriptor::WriteDsync(ptr, len, pos, buf_index) => {
+                let buf = std::slice::from_raw_parts(ptr, len);
+                match buf_index {
+                    Some(i) => sqe.prep_write_fixed(op.fd, buf, pos, i as _),
+                    None => sqe.prep_write(op.fd, buf, pos),
+                }
+                sqe.raw_mut().cmd_flags.rw_flags = libc::RWF_DSYNC;
             }
 
             UringOpDescriptor::SockSend(ptr, len, flags) => {
@@ -1635,51 +1646,27 @@ impl Reactor {
         );
     }
 
-    /// keelson: a DMA write and an fdatasync of the same file, linked
-    /// (`IOSQE_IO_LINK`) in the main ring, so the kernel starts the sync
-    /// when the write completes and the executor is woken once, for the
-    /// sync. Returns false, queueing nothing, when the write would go to
-    /// another ring (a pollable device) and so cannot be linked.
-    pub(crate) fn write_dma_then_fdatasync(
-        &self,
-        write: &Source,
-        pos: u64,
-        sync: &Source,
-    ) -> bool {
-        let op = match &*write.source_type() {
+    /// keelson: a DMA write with `RWF_DSYNC`: it completes once the data
+    /// (and what is needed to read it back) is durable, as a write and an
+    /// fdatasync would, in one request. Returns false, queueing nothing,
+    /// for a write that is not a DMA write to a non-pollable file.
+    pub(crate) fn write_dma_dsync(&self, source: &Source, pos: u64) -> bool {
+        let op = match &*source.source_type() {
             SourceType::Write(
                 PollableStatus::NonPollable(DirectIo::Disabled),
                 IoBuffer::DmaSource(buf),
-            ) => UringOpDescriptor::Write(buf.as_ptr(), buf.len(), pos),
+            ) => UringOpDescriptor::WriteDsync(buf.as_ptr(), buf.len(), pos, None),
             SourceType::Write(PollableStatus::NonPollable(_), IoBuffer::DmaSource(buf)) => {
-                match buf.uring_buffer_id() {
-                    Some(id) => UringOpDescriptor::WriteFixed(buf.as_ptr(), buf.len(), pos, id),
-                    None => UringOpDescriptor::Write(buf.as_ptr(), buf.len(), pos),
-                }
+                UringOpDescriptor::WriteDsync(buf.as_ptr(), buf.len(), pos, buf.uring_buffer_id())
             }
             _ => return false,
         };
-        let ring = &mut *self.main_ring.borrow_mut();
-        let source_map = &mut self.source_map.borrow_mut();
-        let now = io_stamp();
-        write.inner.borrow_mut().wakers.queued_at = now;
-        sync.inner.borrow_mut().wakers.queued_at = now;
-        let q = ring.submission_queue();
-        let wid = source_map.add_source(write, Rc::clone(&q));
-        let sid = source_map.add_source(sync, Rc::clone(&q));
-        let mut queue = q.borrow_mut();
-        queue.submissions.push_back(UringDescriptor {
-            args: op,
-            fd: write.raw(),
-            flags: SubmissionFlags::IO_LINK,
-            user_data: to_user_data(wid),
-        });
-        queue.submissions.push_back(UringDescriptor {
-            args: UringOpDescriptor::FDataSync,
-            fd: sync.raw(),
-            flags: SubmissionFlags::empty(),
-            user_data: to_user_data(sid),
-        });
+        queue_request_into_ring(
+            &mut *self.ring_for_source(source),
+            source,
+            op,
+            &mut self.source_map.borrow_mut(),
+        );
         true
     }
 
