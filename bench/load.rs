@@ -205,6 +205,43 @@ fn cpu_us(pid: &str) -> Option<u64> {
     Some(ticks_us(ticks))
 }
 
+/// utime + stime of every kernel worker thread (`kworker/...`) by pid, in
+/// microseconds. Whoever they work for: direct-I/O completions, the block
+/// layer's flushes, writeback. Work the kernel does for a server there is
+/// not in the server's own CPU.
+fn kworkers_cpu_us() -> std::collections::HashMap<u32, u64> {
+    let mut out = std::collections::HashMap::new();
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return out;
+    };
+    for e in dir.flatten() {
+        let name = e.file_name();
+        let Some(pid) = name.to_str().and_then(|n| n.parse::<u32>().ok()) else {
+            continue;
+        };
+        let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+        if !comm.starts_with("kworker") {
+            continue;
+        }
+        if let Some(c) = cpu_us(&pid.to_string()) {
+            out.insert(pid, c);
+        }
+    }
+    out
+}
+
+/// The kernel workers' CPU between two `kworkers_cpu_us` readings: those
+/// present at both count their difference, new ones all of theirs.
+fn kworkers_cpu_since(
+    before: &std::collections::HashMap<u32, u64>,
+    after: &std::collections::HashMap<u32, u64>,
+) -> u64 {
+    after
+        .iter()
+        .map(|(pid, a)| a.saturating_sub(before.get(pid).copied().unwrap_or(0)))
+        .sum()
+}
+
 /// Clock ticks (`/proc`'s unit of CPU time) in microseconds.
 fn ticks_us(ticks: u64) -> u64 {
     let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as u64;
@@ -916,6 +953,7 @@ fn main() {
     let server_before = servers_cpu_us(&o.server_pids);
     let self_before = cpu_us("self");
     let steal_before = host_steal_us();
+    let kworkers_before = kworkers_cpu_us();
     let put_start_ns = now_ns();
     let (r, elapsed) = phase(&o, &o.workload, o.total);
     // For watch, CPU counts until the events are drained.
@@ -925,6 +963,7 @@ fn main() {
         _ => None,
     };
     let self_cpu = cpu_us("self").zip(self_before).map(|(a, b)| a - b);
+    let kworkers_cpu = kworkers_cpu_since(&kworkers_before, &kworkers_cpu_us());
     let steal_ms = host_steal_us()
         .zip(steal_before)
         .map(|(a, b)| a.saturating_sub(b) / 1000);
@@ -951,6 +990,9 @@ fn main() {
     }
     if let Some(c) = per_op(self_cpu) {
         println!("bench_cpu_us_per_op={c:.1}");
+    }
+    if let Some(c) = per_op(Some(kworkers_cpu)) {
+        println!("kworker_cpu_us_per_op={c:.1}");
     }
     if let Some(st) = steal_ms {
         println!("host_steal_ms={st}");
@@ -1027,7 +1069,7 @@ fn main() {
     }
     if o.json {
         println!(
-            "{{\"workload\":\"{}\",\"ops\":{},\"errors\":{},\"elapsed_s\":{:.3},\"ops_per_s\":{:.1},\"p50_us\":{},\"p99_us\":{},\"p999_us\":{},\"max_us\":{},\"server_cpu_us_per_op\":{},\"bench_cpu_us_per_op\":{},\"host_steal_ms\":{}{json_watch}}}",
+            "{{\"workload\":\"{}\",\"ops\":{},\"errors\":{},\"elapsed_s\":{:.3},\"ops_per_s\":{:.1},\"p50_us\":{},\"p99_us\":{},\"p999_us\":{},\"max_us\":{},\"server_cpu_us_per_op\":{},\"bench_cpu_us_per_op\":{},\"kworker_cpu_us_per_op\":{},\"host_steal_ms\":{}{json_watch}}}",
             o.workload,
             ops,
             r.errors,
@@ -1039,6 +1081,7 @@ fn main() {
             max,
             per_op(server_cpu).map(|c| format!("{c:.2}")).unwrap_or_else(|| "null".into()),
             per_op(self_cpu).map(|c| format!("{c:.2}")).unwrap_or_else(|| "null".into()),
+            per_op(Some(kworkers_cpu)).map(|c| format!("{c:.2}")).unwrap_or_else(|| "null".into()),
             steal_ms.map(|s| s.to_string()).unwrap_or_else(|| "null".into()),
         );
     }
@@ -1049,7 +1092,7 @@ fn main() {
 
 #[cfg(test)]
 mod tests {
-    use super::steal_ticks;
+    use super::{kworkers_cpu_since, steal_ticks};
 
     #[test]
     fn steal_is_the_eighth_number_of_the_all_cpu_line() {
@@ -1067,5 +1110,17 @@ mod tests {
         for (stat, want) in cases {
             assert_eq!(steal_ticks(stat), *want, "{stat:?}");
         }
+    }
+
+    #[test]
+    fn kernel_workers_count_what_they_ran_between_readings() {
+        let before = std::collections::HashMap::from([(10, 500), (11, 70), (12, 9)]);
+        // 10 ran 40 µs, 11 did not run, 12 is gone, 13 is new.
+        let after = std::collections::HashMap::from([(10, 540), (11, 70), (13, 25)]);
+        assert_eq!(kworkers_cpu_since(&before, &after), 65);
+        // A pid reused by a new worker with less CPU than the old one had
+        // counts nothing rather than wrapping around.
+        let after = std::collections::HashMap::from([(10, 3)]);
+        assert_eq!(kworkers_cpu_since(&before, &after), 0);
     }
 }
