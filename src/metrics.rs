@@ -70,8 +70,8 @@ pub struct Counts {
     /// /health answers (`etcd_server_health_success` and `_failures`).
     pub health_ok: u64,
     pub health_failed: u64,
-    /// The WAL's batch writes with their fdatasync
-    /// (`etcd_disk_wal_fsync_duration_seconds`).
+    /// The WAL's durable batch writes (`RWF_DSYNC`), as etcd times its
+    /// fdatasync (`etcd_disk_wal_fsync_duration_seconds`).
     pub wal_fsync: Histogram,
 }
 

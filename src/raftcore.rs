@@ -7,7 +7,8 @@
 //! 1. messages to peers (through `peer::Peers`; a full queue or a dead
 //!    connection is reported to raft as an unreachable peer),
 //! 2. committed entries → applier (already durable),
-//! 3. new entries and hard state → WAL, then **one fdatasync** for the whole
+//! 3. new entries and hard state → WAL, made durable by **one write**
+//!    (`RWF_DSYNC`, a write and an fdatasync in one request) for the whole
 //!    batch (group commit; proposals that arrive meanwhile form the next one),
 //! 4. read states → applier (linearizable reads wait there for apply),
 //! 5. advance; the light ready's commit index and committed entries.
@@ -458,7 +459,7 @@ pub trait LogStore {
     fn push_entries(&mut self, entries: &[Entry]);
     fn push_hard_state(&mut self, hs: &raft::eraftpb::HardState);
     fn has_pending(&self) -> bool;
-    /// Writes what was pushed and makes it durable (one fdatasync).
+    /// Writes what was pushed and makes it durable (one durable write).
     fn sync<'a>(
         &'a mut self,
         last: (u64, u64),
@@ -1422,11 +1423,11 @@ pub async fn run_raft(
             // own configuration (etcd's server stops here too).
             return stop_removed(exit_on_removal);
         }
-        // 3. Append and hard state, then one fdatasync — when durability
+        // 3. Append and hard state, then one sync — when durability
         // needs one (etcd's raft.MustSync): new entries, or a new term or
         // vote. A hard state that only moves the commit index is written
         // with the next synced batch; recovery does not depend on it (see
-        // build_node), and an fdatasync for it alone (each commit a leader
+        // build_node), and a sync for it alone (each commit a leader
         // learns, each commit a follower hears) would double the syncs.
         let must_sync = !ready.entries().is_empty()
             || ready

@@ -435,7 +435,7 @@ impl Wal {
         Ok(wal)
     }
 
-    /// Writes `data` at `pos`, and fdatasyncs it when `sync`: one aligned
+    /// Writes `data` at `pos`, durably when `sync`: one aligned
     /// direct write of the partial block kept in `tail`, then `data`, then
     /// zeros up to the next block boundary, or up to the next
     /// `PREALLOC_BYTES` boundary when the write reaches past what the file
@@ -506,7 +506,7 @@ impl Wal {
         self.no_fsync = on;
     }
 
-    /// Writes what was pushed and fdatasyncs it: one batch, one sync.
+    /// Writes what was pushed, durably: one batch, one sync.
     /// `last` is (index, term) of the last entry in the log afterwards,
     /// used as the base of the next segment when this one is full.
     pub async fn sync(&mut self, last: (u64, u64), hs: &HardState) -> Result<(), String> {
